@@ -1,0 +1,336 @@
+"""Experiment configuration: pydantic models, YAML composition and dotted overrides.
+
+An experiment is one YAML file. It may start with a ``defaults:`` list naming other YAML files
+relative to the ``configs/`` root (``data/embedded_brats``) or to the file itself (``./base.yaml``).
+An entry whose first path component is a section name (``data``, ``model``, ``loss``, ``optim``,
+``train``, ``tracking``, ``sweep``, ``cv``) is placed under that section; any other entry is merged at
+the top level. The file's own keys are deep-merged last, then command-line overrides
+(``loss.gamma=2.0``) are applied, then the result is validated. Every error names the key, the bad
+value and the file it came from.
+
+Sections keep the ``name`` + parameters shape: ``loss: {name: focal, gamma: 2.0}``. Loss parameters
+are free-form here (the loss registry checks them against the loss's signature when the pipeline
+builds it, before any run starts); every other section forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
+SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the data comes from, how it is cached, split, bagged and sampled."""
+
+    source: str = "brats"
+    root: str = "data/embedded_brats"
+    generate: str | None = "embedded_brats"  # generator used when `root` is missing; None = never
+    generator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    source_kwargs: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str = "cache/embedded_brats"
+    class_names: list[str] | None = None  # default: the source's class names
+    num_folds: int = Field(5, ge=2)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    fold: int = Field(0, ge=0)
+    image_size: int = Field(64, ge=8)
+    bag_size: int = Field(16, ge=1)
+    bag_sampling: Literal["random", "evenly_spaced", "all"] = "random"
+    sampler: Literal["none", "weighted_random", "sqrt_weighted_random", "class_balanced_batch"] = "none"
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(0, ge=0)
+    augment: dict[str, Any] = Field(default_factory=dict)
+    salt: str | None = None  # salt for patient hashes; default: $LOSSLAB_SALT or a per-cache random salt
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    """A model: a 2D backbone shared over the instances of a bag plus a MIL head, and friends."""
+
+    kind: Literal["mil", "slices25d", "volume3d", "multimodal"] = "mil"
+    backbone: str = "resnet18"
+    in_chans: int = Field(4, ge=1)
+    pretrained: bool = False
+    weights_path: str | None = None  # local weights file (no download at run time)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    head: str = "attention"
+    head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(BaseModel):
+    """A loss from the registry: ``name`` plus that loss's own parameters (checked at build time)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ce"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    backbone_lr: float | None = None  # default: same as lr
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    grad_clip: float | None = 1.0
+    monitor: str = "val/balanced_accuracy"
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping_patience: int | None = None
+    checkpoint_dir: str = "outputs/checkpoints"
+    dead_class_patience: int = Field(1, ge=1)
+    max_train_batches: int | None = None  # for smoke tests
+    ema_decay: float | None = None
+    deterministic: bool = True
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "losslab"
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    artifact_location: str | None = None  # default: ./mlartifacts next to a sqlite store
+    registered_model_name: str | None = "losslab-mil"
+    alias: str = "candidate"
+    log_model: bool = True
+    run_name: str | None = None
+
+
+class CVConfig(_Strict):
+    folds: int | list[int] | None = None  # None: train one fold (data.fold)
+
+
+class ExperimentConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    sweep: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+    distill: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return data
+
+
+# --------------------------------------------------------------------------------------- loading
+def config_root() -> Path:
+    """The ``configs/`` folder: $LOSSLAB_CONFIG_ROOT, else ./configs, else the repository's."""
+    import os
+
+    env = os.environ.get(CONFIG_ROOT_ENV)
+    if env:
+        return Path(env)
+    cwd = Path.cwd() / "configs"
+    if cwd.is_dir():
+        return cwd
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``update`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_default(entry: str, current: Path, root: Path) -> Path:
+    name = entry if entry.endswith((".yaml", ".yml")) else entry + ".yaml"
+    candidates = [current.parent / name] if name.startswith(".") else [root / name, current.parent / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{current}: defaults entry {entry!r} not found (looked in {', '.join(map(str, candidates))})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _compose(path: Path, root: Path, origins: dict[str, str], prefix: str, stack: tuple[Path, ...]) -> dict[str, Any]:
+    """Load ``path`` with its defaults; record in ``origins`` which file set each dotted key."""
+    if path in stack:
+        raise ConfigError(f"{path}: circular defaults: {' -> '.join(map(str, stack + (path,)))}")
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: 'defaults' must be a list of file names, got {defaults!r}")
+    merged: dict[str, Any] = {}
+    for entry in defaults:
+        if not isinstance(entry, str):
+            raise ConfigError(f"{path}: defaults entry must be a string, got {entry!r}")
+        child = _resolve_default(entry, path, root)
+        group = Path(entry).parts[0] if not entry.startswith(".") else None
+        if group in SECTIONS and not prefix:
+            sub = _compose(child, root, origins, group, stack + (path,))
+            merged = deep_merge(merged, {group: sub})
+        else:
+            merged = deep_merge(merged, _compose(child, root, origins, prefix, stack + (path,)))
+    _record_origins(data, str(path), origins, prefix)
+    return deep_merge(merged, data)
+
+
+def _record_origins(data: Any, source: str, origins: dict[str, str], prefix: str) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            origins[dotted] = source
+            _record_origins(value, source, origins, dotted)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``loss.gamma=2.0`` -> (["loss", "gamma"], 2.0); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. loss.gamma=2.0")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Accept a list, or one string of space-separated overrides (the MLproject parameter)."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        import shlex
+
+        return shlex.split(overrides)
+    out: list[str] = []
+    for item in overrides:
+        out.extend(split_overrides(item) if " " in item.strip() else [item])
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[str, str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for part in keys[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+        origins[".".join(keys)] = f"command-line override {text!r}"
+    return out
+
+
+def _format_validation_error(exc: ValidationError, origins: dict[str, str], path: str | None, data: dict) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        source = origins.get(loc) or _nearest_origin(loc, origins) or path or "<defaults>"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r} (value {value!r}) in {source}")
+        else:
+            lines.append(f"{loc} = {value!r} in {source}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _nearest_origin(loc: str, origins: dict[str, str]) -> str | None:
+    parts = loc.split(".")
+    while parts:
+        parts.pop()
+        hit = origins.get(".".join(parts))
+        if hit:
+            return hit
+    return None
+
+
+def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None, path: str | None = None) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origins or {}, path, data)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: str | list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when ``path`` is None), apply overrides, validate."""
+    origins: dict[str, str] = {}
+    if path is None or str(path) == "":
+        data: dict[str, Any] = {}
+        shown = None
+    else:
+        p = Path(path)
+        if not p.is_file():
+            alt = config_root() / p
+            alt = alt if alt.suffix else alt.with_suffix(".yaml")
+            if alt.is_file():
+                p = alt
+            else:
+                raise ConfigError(f"config file {path} not found (also looked for {alt})")
+        p = p.resolve()
+        data = _compose(p, config_root().resolve(), origins, "", ())
+        shown = str(p)
+    data = apply_overrides(data, split_overrides(overrides), origins)
+    return validate_config(data, origins, shown)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
