@@ -1,0 +1,409 @@
+"""Classification metrics for imbalanced problems, dead-class detection and training alarms.
+
+Shapes at this module's boundary:
+    y_true  ``(N,)`` int class indices in ``[0, K)``
+    probs   ``(N, K)`` float class probabilities (rows are renormalised to sum to 1)
+    y_pred  ``(N,)`` int class indices
+
+Inputs may be numpy arrays, lists or torch tensors (converted with ``.detach().cpu().numpy()``).
+Everything returned is a plain python ``float``/``int``/``list`` so it can go straight to MLflow.
+The module is MLflow-free (``engine`` never imports ``mlflow``).
+
+Numbers come from scikit-learn wherever it has the metric; the exceptions (ECE and the
+balanced-accuracy variance alarm) are hand-written and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+__all__ = [
+    "Alarm",
+    "Alarms",
+    "DeadClassMonitor",
+    "RSNA_SEVERITY_WEIGHTS",
+    "classification_metrics",
+    "confusion_matrix",
+    "dead_classes",
+    "expected_calibration_error",
+    "rsna_weighted_log_loss",
+    "to_numpy",
+]
+
+#: Sample weights of the RSNA 2024 lumbar spine competition: normal/mild, moderate, severe.
+RSNA_SEVERITY_WEIGHTS: tuple[float, float, float] = (1.0, 2.0, 4.0)
+
+
+# --------------------------------------------------------------------------- input helpers
+def to_numpy(x: Any) -> np.ndarray:
+    """Return ``x`` as a numpy array; torch tensors are detached and moved to the CPU."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor without importing torch
+        x = x.detach().cpu()
+        if str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _labels(y: Any, name: str = "y_true") -> np.ndarray:
+    arr = to_numpy(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must have shape (N,), got {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.mod(arr, 1) == 0):
+            raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _probabilities(probs: Any, n_samples: int | None = None) -> np.ndarray:
+    """``(N, K)`` float64 probabilities with rows renormalised to sum to one."""
+    p = to_numpy(probs).astype(np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must have shape (N, K), got {p.shape}")
+    if n_samples is not None and p.shape[0] != n_samples:
+        raise ValueError(f"probs has {p.shape[0]} rows but y_true has {n_samples} samples")
+    if np.any(p < 0):
+        raise ValueError("probs must be non-negative (pass probabilities, not logits)")
+    row_sum = p.sum(axis=1, keepdims=True)
+    return np.divide(p, row_sum, out=np.full_like(p, 1.0 / max(p.shape[1], 1)), where=row_sum > 0)
+
+
+# --------------------------------------------------------------------------- metrics
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """``(K, K)`` confusion matrix, rows = true class, columns = predicted class.
+
+    scikit-learn's ``confusion_matrix`` with ``labels=range(K)``, so absent classes keep their
+    row and column.
+    """
+    return skm.confusion_matrix(
+        _labels(y_true), _labels(y_pred, "y_pred"), labels=list(range(int(num_classes)))
+    )
+
+
+def dead_classes(y_pred: Any, num_classes: int) -> list[int]:
+    """Classes in ``range(num_classes)`` that are never predicted in ``y_pred`` ``(N,)``."""
+    counts = np.bincount(_labels(y_pred, "y_pred"), minlength=int(num_classes))
+    return [int(c) for c in range(int(num_classes)) if counts[c] == 0]
+
+
+def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (Guo et al., ICML 2017, "On Calibration of Modern
+    Neural Networks", arXiv:1706.04599).
+
+    .. math:: \\mathrm{ECE} = \\sum_b \\frac{|B_b|}{N} \\left|\\mathrm{acc}(B_b) - \\mathrm{conf}(B_b)\\right|
+
+    where the confidence of a sample is its maximum probability, its prediction the argmax, and
+    ``B_b`` the samples whose confidence falls in the ``b``-th of ``n_bins`` equal-width bins
+    ``(b/n_bins, (b+1)/n_bins]`` (the first bin also takes confidence 0).
+
+    Hand-written: scikit-learn has no ECE (``calibration_curve`` drops empty bins and does
+    not return the bin weights).
+
+    Args:
+        y_true: ``(N,)`` int labels.
+        probs: ``(N, K)`` probabilities.
+        n_bins: number of equal-width bins on ``[0, 1]``, default 15, must be >= 1.
+
+    Returns:
+        ECE in ``[0, 1]``; NaN for an empty input.
+    """
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    y = _labels(y_true)
+    p = _probabilities(probs, len(y))
+    if len(y) == 0:
+        return float("nan")
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    inner_edges = np.linspace(0.0, 1.0, int(n_bins) + 1)[1:-1]
+    # side="left": a confidence equal to an edge belongs to the bin that edge closes
+    bin_index = np.searchsorted(inner_edges, confidence, side="left")
+    count = np.bincount(bin_index, minlength=n_bins)
+    conf_sum = np.bincount(bin_index, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(bin_index, weights=correct, minlength=n_bins)
+    return float(np.sum(np.abs(acc_sum - conf_sum)) / len(y))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    # second positional argument: `y_pred` in sklearn < 1.9, `y_proba` from 1.9 on
+    return float(
+        skm.log_loss(y, p, labels=list(range(p.shape[1])), sample_weight=sample_weight)
+    )
+
+
+def rsna_weighted_log_loss(
+    y_true: Any, probs: Any, weights: Sequence[float] = RSNA_SEVERITY_WEIGHTS
+) -> float:
+    """Sample-weighted log loss of the RSNA 2024 Lumbar Spine Degenerative Classification
+    competition (Kaggle, 2024) for one condition.
+
+    .. math:: L = -\\frac{\\sum_i w_{y_i} \\log \\hat p_{i, y_i}}{\\sum_i w_{y_i}}
+
+    with ``w = (1, 2, 4)`` for normal/mild, moderate, severe. As in the competition's scorer,
+    each row is first renormalised to sum to one, then probabilities are clipped to
+    ``[eps, 1 - eps]`` (``eps`` = machine epsilon of float64) by ``sklearn.metrics.log_loss``.
+
+    Args:
+        y_true: ``(N,)`` int labels in ``[0, K)``.
+        probs: ``(N, K)`` non-negative scores (renormalised per row).
+        weights: ``(K,)`` weight of each class, default ``(1.0, 2.0, 4.0)``.
+
+    Raises:
+        ValueError: if ``len(weights)`` differs from ``K`` or a label is out of range.
+    """
+    y = _labels(y_true)
+    p = _probabilities(probs, len(y))
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (p.shape[1],):
+        raise ValueError(f"weights must have one entry per class ({p.shape[1]}), got {w.shape}")
+    if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true must lie in [0, {p.shape[1]}), got [{y.min()}, {y.max()}]")
+    return _log_loss(y, p, sample_weight=w[y])
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Binary: ROC AUC of class 1. K > 2: one-vs-rest macro AUC over classes present in y.
+
+    The one-vs-rest average is taken class by class with ``sklearn.metrics.roc_auc_score`` so
+    that a class missing from ``y`` is skipped rather than raising (equals sklearn's
+    ``multi_class="ovr", average="macro"`` when every class is present).
+    """
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    k = p.shape[1]
+    if k == 2:
+        return float(skm.roc_auc_score(y == 1, p[:, 1]))
+    per_class = [skm.roc_auc_score(y == c, p[:, c]) for c in present]
+    return float(np.mean(per_class))
+
+
+def classification_metrics(
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    y_pred: Any | None = None,
+) -> dict[str, float]:
+    """All per-epoch classification metrics as a flat dict of python floats.
+
+    Args:
+        y_true: ``(N,)`` int labels in ``[0, K)``.
+        probs: ``(N, K)`` class probabilities (rows renormalised to sum to one).
+        class_names: ``K`` names; used in the per-class keys.
+        y_pred: ``(N,)`` predictions; default ``argmax(probs)``. Pass calibrated predictions
+            (threshold / logit offsets) here; ``auc``, ``ece`` and ``log_loss`` always use
+            ``probs``.
+
+    Returns:
+        ``auc`` (binary: ROC AUC of class 1; K > 2: one-vs-rest macro over the classes present;
+        NaN with fewer than two classes in ``y_true``), ``f1_macro`` (over all K labels,
+        zero_division=0), ``balanced_accuracy`` (mean recall over classes present in
+        ``y_true``), ``accuracy``, ``recall_<c>``, ``precision_<c>`` (zero_division=0),
+        ``pred_count_<c>``, ``min_class_recall`` (over classes present in ``y_true``),
+        ``dead_class_count`` (classes never predicted), ``ece`` (15 bins, top label) and
+        ``log_loss`` (``labels=range(K)``). Empty input gives NaN for every rate.
+
+    Raises:
+        ValueError: on inconsistent shapes or ``len(class_names) != K``.
+    """
+    y = _labels(y_true)
+    p = _probabilities(probs, len(y))
+    k = p.shape[1]
+    names = [str(c) for c in class_names]
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} names but probs has {k} columns")
+    if len(set(names)) != k:
+        raise ValueError(f"class_names must be unique, got {names}")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"y_true must lie in [0, {k}), got [{y.min()}, {y.max()}]")
+    pred = p.argmax(axis=1) if y_pred is None else _labels(y_pred, "y_pred")
+    if pred.shape != y.shape:
+        raise ValueError(f"y_pred has shape {pred.shape}, expected {y.shape}")
+
+    labels = list(range(k))
+    counts = np.bincount(pred, minlength=k)[:k] if pred.size else np.zeros(k, dtype=int)
+    out: dict[str, float] = {}
+    if len(y) == 0:
+        nan = float("nan")
+        out.update(auc=nan, f1_macro=nan, balanced_accuracy=nan, accuracy=nan)
+        for name in names:
+            out[f"recall_{name}"] = nan
+            out[f"precision_{name}"] = nan
+            out[f"pred_count_{name}"] = 0.0
+        out.update(min_class_recall=nan, dead_class_count=float(k), ece=nan, log_loss=nan)
+        return out
+
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true" and friends: expected on imbalanced epochs
+        warnings.simplefilter("ignore")
+        precision, recall, _, _ = skm.precision_recall_fscore_support(
+            y, pred, labels=labels, zero_division=0
+        )
+        out["auc"] = _auc(y, p)
+        out["f1_macro"] = float(
+            skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)
+        )
+        out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
+    out["accuracy"] = float(skm.accuracy_score(y, pred))
+    for c, name in enumerate(names):
+        out[f"recall_{name}"] = float(recall[c])
+        out[f"precision_{name}"] = float(precision[c])
+        out[f"pred_count_{name}"] = float(counts[c])
+    present = np.unique(y)
+    out["min_class_recall"] = float(np.min(recall[present]))
+    out["dead_class_count"] = float(np.sum(counts == 0))
+    out["ece"] = expected_calibration_error(y, p, n_bins=15)
+    out["log_loss"] = _log_loss(y, p)
+    return out
+
+
+# --------------------------------------------------------------------------- monitors
+class DeadClassMonitor:
+    """Tracks classes that the model stops predicting.
+
+    A class is *dead* once it has had zero predictions for ``patience`` consecutive updates
+    (one update per validation epoch). A single prediction resets its streak.
+
+    Args:
+        patience: consecutive zero-count updates before a class is reported, default 2, >= 1.
+
+    Example:
+        >>> monitor = DeadClassMonitor(patience=2)
+        >>> monitor.update([10, 0, 3])
+        []
+        >>> monitor.update([12, 0, 1])
+        [1]
+    """
+
+    def __init__(self, patience: int = 2) -> None:
+        if not isinstance(patience, (int, np.integer)) or isinstance(patience, bool):
+            raise TypeError(f"patience must be an int, got {type(patience).__name__}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = int(patience)
+        self.streaks: list[int] = []
+
+    def update(self, pred_counts: Sequence[int]) -> list[int]:
+        """Record one epoch's prediction count per class; return the dead classes (sorted)."""
+        counts = [int(c) for c in to_numpy(pred_counts).ravel()]
+        if self.streaks and len(counts) != len(self.streaks):
+            raise ValueError(
+                f"pred_counts has {len(counts)} classes, previous updates had {len(self.streaks)}"
+            )
+        if not self.streaks:
+            self.streaks = [0] * len(counts)
+        self.streaks = [s + 1 if c == 0 else 0 for s, c in zip(self.streaks, counts)]
+        return [c for c, s in enumerate(self.streaks) if s >= self.patience]
+
+    def reset(self) -> None:
+        """Forget all streaks."""
+        self.streaks = []
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One training alarm: ``name`` is ``"dead_class"``, ``"overfitting"`` or ``"unstable"``."""
+
+    name: str
+    message: str
+    epoch: int
+
+
+class Alarms:
+    """Rule-based alarms over the per-epoch metric dict (keys as logged to MLflow).
+
+    Rules (each configurable):
+
+    - ``dead_class``: some class has had ``val/pred_count_<c> == 0`` for
+      ``dead_class_patience`` consecutive epochs (via :class:`DeadClassMonitor`).
+    - ``overfitting``: ``val/loss - train/loss > loss_gap_threshold`` (default 0.5, the
+      RSNA plan's table).
+    - ``unstable``: the population variance (``ddof=0``) of ``val/balanced_accuracy`` over the
+      last ``bal_acc_var_window`` epochs exceeds ``bal_acc_var_threshold`` (default 0.01, i.e.
+      a standard deviation of 0.1); checked once the window is full. Hand-written rolling
+      variance (a deque and ``np.var``).
+
+    Each kind fires **at most once per run**: after it fires its name is kept in ``fired`` and
+    later epochs never report it again (so a run logs one tag / one warning per problem, not
+    one per epoch). Use a fresh ``Alarms`` per run. Missing keys simply skip a rule.
+
+    Args:
+        dead_class_patience: epochs of zero predictions, default 2.
+        loss_gap_threshold: default 0.5.
+        bal_acc_var_window: default 5, >= 2.
+        bal_acc_var_threshold: default 0.01.
+        prefix: metric-key prefix for validation metrics, default ``"val/"``; training loss
+            is read from ``train/loss``.
+    """
+
+    def __init__(
+        self,
+        dead_class_patience: int = 2,
+        loss_gap_threshold: float = 0.5,
+        bal_acc_var_window: int = 5,
+        bal_acc_var_threshold: float = 0.01,
+        prefix: str = "val/",
+    ) -> None:
+        if int(bal_acc_var_window) < 2:
+            raise ValueError(f"bal_acc_var_window must be >= 2, got {bal_acc_var_window}")
+        self.dead_class_monitor = DeadClassMonitor(dead_class_patience)
+        self.loss_gap_threshold = float(loss_gap_threshold)
+        self.bal_acc_var_window = int(bal_acc_var_window)
+        self.bal_acc_var_threshold = float(bal_acc_var_threshold)
+        self.prefix = prefix
+        self.fired: set[str] = set()
+        self._bal_acc: deque[float] = deque(maxlen=self.bal_acc_var_window)
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> list[Alarm]:
+        """Feed one epoch's metrics; return the alarms that fire for the first time now."""
+        new: list[Alarm] = []
+        count_prefix = f"{self.prefix}pred_count_"
+        count_keys = [key for key in metrics if key.startswith(count_prefix)]
+        if count_keys:
+            dead = self.dead_class_monitor.update([int(metrics[key]) for key in count_keys])
+            if dead:
+                names = [count_keys[c][len(count_prefix) :] for c in dead]
+                new.append(
+                    Alarm(
+                        "dead_class",
+                        f"class(es) {', '.join(names)} predicted 0 times for "
+                        f"{self.dead_class_monitor.patience} consecutive epochs",
+                        int(epoch),
+                    )
+                )
+        val_loss, train_loss = metrics.get(f"{self.prefix}loss"), metrics.get("train/loss")
+        if val_loss is not None and train_loss is not None:
+            gap = float(val_loss) - float(train_loss)
+            if gap > self.loss_gap_threshold:
+                new.append(
+                    Alarm(
+                        "overfitting",
+                        f"val/loss - train/loss = {gap:.3f} > {self.loss_gap_threshold}",
+                        int(epoch),
+                    )
+                )
+        bal_acc = metrics.get(f"{self.prefix}balanced_accuracy")
+        if bal_acc is not None and not math.isnan(float(bal_acc)):
+            self._bal_acc.append(float(bal_acc))
+            if len(self._bal_acc) == self.bal_acc_var_window:
+                variance = float(np.var(np.asarray(self._bal_acc)))
+                if variance > self.bal_acc_var_threshold:
+                    new.append(
+                        Alarm(
+                            "unstable",
+                            f"variance of balanced accuracy over the last "
+                            f"{self.bal_acc_var_window} epochs = {variance:.4f} > "
+                            f"{self.bal_acc_var_threshold}",
+                            int(epoch),
+                        )
+                    )
+        fresh = [alarm for alarm in new if alarm.name not in self.fired]
+        self.fired.update(alarm.name for alarm in fresh)
+        return fresh
