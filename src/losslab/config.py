@@ -258,6 +258,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] in SECTIONS and isinstance(value, str):
+            # `loss=focal` selects the file configs/loss/focal.yaml for the whole section
+            section_file = config_root() / keys[0] / f"{value}.yaml"
+            if section_file.is_file():
+                sub = _compose(section_file.resolve(), config_root().resolve(), origins, keys[0], ())
+                out[keys[0]] = sub
+                continue
+            if keys[0] != "loss":
+                raise ConfigError(f"override {text!r}: no file {section_file}")
         node = out
         for part in keys[:-1]:
             if not isinstance(node.get(part, {}), dict):

@@ -1,0 +1,1 @@
+"""losslab.data."""

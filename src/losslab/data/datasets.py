@@ -1,0 +1,130 @@
+"""Torch datasets over the case cache.
+
+* :class:`BagDataset` — MIL bags of 2D instances (slices). Item: ``image (N, C, H, W)`` float32,
+  ``mask (N,)`` bool (False = padding), ``label`` long, ``index`` (row in the index table) and
+  ``instance_index (N,)`` (position of each instance in the case, -1 for padding).
+  Bag sampling: ``random`` (a new sorted subset every epoch; reproducible from the torch RNG),
+  ``evenly_spaced`` (deterministic: for validation), ``all`` (every instance; padded per batch).
+* :class:`SliceStackDataset` — 2.5D stacks ``(S, C, H, W)`` with their ``level`` index.
+
+Arrays are memory-mapped (``np.load(mmap_mode="r")``) and normalised per case and channel with the
+statistics stored in the index (z-score over non-zero voxels; background stays 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+class _CaseArrays(Dataset):
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, normalize: bool = True,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.index = index.reset_index(drop=True)
+        self.cache_dir = Path(cache_dir)
+        self.normalize = normalize
+        self.transform = transform
+        self.labels = self.index["label"].to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _load(self, i: int) -> np.ndarray:
+        row = self.index.iloc[i]
+        return np.load(self.cache_dir / row["array_path"], mmap_mode="r")
+
+    def _normalise(self, i: int, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr, dtype=np.float32)
+        if not self.normalize:
+            return arr.copy()
+        row = self.index.iloc[i]
+        mean = np.asarray(row["channel_mean"], dtype=np.float32)[None, :, None, None]
+        std = np.asarray(row["channel_std"], dtype=np.float32)[None, :, None, None]
+        return np.where(arr != 0, (arr - mean) / std, 0.0).astype(np.float32)
+
+
+class BagDataset(_CaseArrays):
+    """MIL bags of instances from the cache (shapes in the module docstring)."""
+
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, bag_size: int = 16,
+                 sampling: str = "random", normalize: bool = True,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        super().__init__(index, cache_dir, normalize, transform)
+        if sampling not in ("random", "evenly_spaced", "all"):
+            raise ValueError(f"bag sampling {sampling!r} not in random, evenly_spaced, all")
+        self.bag_size = int(bag_size)
+        self.sampling = sampling
+
+    def _choose(self, n: int) -> np.ndarray:
+        if self.sampling == "all" or n <= self.bag_size:
+            return np.arange(n)
+        if self.sampling == "evenly_spaced":
+            return _evenly_spaced(n, self.bag_size)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # follows torch's (saved) RNG state
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(n, size=self.bag_size, replace=False))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        arr = self._load(i)
+        chosen = self._choose(arr.shape[0])
+        image = self._normalise(i, arr[chosen])
+        if self.transform is not None:
+            image = self.transform(image)
+        size = len(chosen) if self.sampling == "all" else self.bag_size
+        out = np.zeros((size,) + image.shape[1:], dtype=np.float32)
+        out[: len(chosen)] = image
+        mask = np.zeros(size, dtype=bool)
+        mask[: len(chosen)] = True
+        instance_index = np.full(size, -1, dtype=np.int64)
+        instance_index[: len(chosen)] = chosen
+        return {
+            "image": torch.from_numpy(out),
+            "mask": torch.from_numpy(mask),
+            "label": torch.tensor(self.labels[i]),
+            "index": torch.tensor(i),
+            "instance_index": torch.from_numpy(instance_index),
+        }
+
+
+class SliceStackDataset(_CaseArrays):
+    """2.5D stacks ``(S, C, H, W)`` with ``level`` (from the case's meta, default 0)."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self._normalise(i, self._load(i))
+        if self.transform is not None:
+            image = self.transform(image)
+        meta = json.loads(self.index.iloc[i]["meta"] or "{}")
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "mask": torch.ones(image.shape[0], dtype=torch.bool),
+            "level": torch.tensor(int(meta.get("level", 0))),
+            "label": torch.tensor(self.labels[i]),
+            "index": torch.tensor(i),
+        }
+
+
+def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items, padding the instance axis to the longest bag of the batch (mask = False)."""
+    n_max = max(item["image"].shape[0] for item in batch)
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key in ("image", "mask", "instance_index") and any(v.shape[0] != n_max for v in values):
+            fill = -1 if key == "instance_index" else 0
+            padded = []
+            for v in values:
+                pad = torch.full((n_max - v.shape[0],) + tuple(v.shape[1:]), fill, dtype=v.dtype)
+                padded.append(torch.cat([v, pad], dim=0))
+            values = padded
+        out[key] = torch.stack(values)
+    return out

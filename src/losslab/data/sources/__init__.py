@@ -1,0 +1,17 @@
+"""Data sources (one module per public layout). Importing a module registers its source."""
+
+from losslab.data.sources.base import (  # noqa: F401
+    Case,
+    SkipReport,
+    Source,
+    UnknownSourceError,
+    build_source,
+    list_generators,
+    list_sources,
+    register_generator,
+    register_source,
+    run_generator,
+)
+
+# one import per source module (each registers itself)
+from losslab.data.sources import brats  # noqa: F401,E402

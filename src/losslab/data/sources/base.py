@@ -1,0 +1,134 @@
+"""The Case record every source yields, the source registry and the skip report.
+
+A source turns one public data layout into :class:`Case` records. It never writes files and never
+lets an identifier out: ``case_id`` and ``patient_id`` are already salted hashes
+(:func:`losslab.data.deid.salted_hash`). A bad file or case is not an exception that stops the
+run: the source calls ``report.skip(item, reason)`` and goes on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    """One training example.
+
+    Attributes:
+        case_id: salted hash that names the case in the cache (never a raw identifier).
+        patient_id: salted hash of the patient (groups for patient-level splits).
+        label: integer class index (``-1`` only for unlabelled data, which the cache refuses).
+        image: ``float32`` array ``(N, C, H, W)``: N instances (slices of a bag, or of a 2.5D stack)
+            with C channels (modalities or windows). A single 2D image is ``(1, C, H, W)``; a
+            volume for 3D models is stored as ``(D, C, H, W)`` too and transposed by the dataset.
+        meta: small JSON-able extras stored as index columns (e.g. ``level``, ``text``, extra task
+            labels, ``spacing``); never identifiers.
+    """
+
+    case_id: str
+    patient_id: str
+    label: int
+    image: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SkipReport:
+    """Cases and files read, skipped and why (written to ``report.json`` and logged to MLflow)."""
+
+    read: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped.append({"item": str(item), "reason": str(reason)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "skipped_count": len(self.skipped), "skipped": self.skipped, "notes": self.notes}
+
+
+class Source:
+    """Base class of data sources. Subclasses set ``class_names`` and implement ``iter_cases``."""
+
+    name: str = "source"
+    class_names: list[str] = []
+
+    def __init__(self, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> None:
+        self.root = root
+        self.salt = salt
+        self.report = report or SkipReport()
+        self.kwargs = kwargs
+
+    def iter_cases(self) -> Iterator[Case]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fingerprint_files(self) -> list[str]:
+        """Files whose content defines the cache (for cache reuse); default: every file under root."""
+        from pathlib import Path
+
+        return sorted(str(p) for p in Path(self.root).rglob("*") if p.is_file())
+
+
+_sources: dict[str, Callable[..., Source]] = {}
+
+
+class UnknownSourceError(KeyError):
+    pass
+
+
+def register_source(arg: Any = None, *, key: str | None = None) -> Any:
+    """Register a Source class under ``key`` (default: its ``name``); bare or ``key=`` form."""
+
+    def _register(cls: Any) -> Any:
+        name = key or getattr(cls, "name", None) or cls.__name__
+        if name in _sources:
+            raise ValueError(f"data source {name!r} is already registered")
+        _sources[name] = cls
+        return cls
+
+    if callable(arg):
+        return _register(arg)
+    return _register
+
+
+def build_source(name: str, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> Source:
+    if name not in _sources:
+        raise UnknownSourceError(f"unknown data source {name!r}; known: {', '.join(sorted(_sources))}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return _sources[name](root=root, salt=salt, report=report, **kwargs)
+
+
+def list_sources(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _sources if fnmatch.fnmatch(n, pattern))
+
+
+# ----------------------------------------------------------------------------- data generators
+# Generators write an offline dataset in a public layout (so that the real reader is exercised).
+_generators: dict[str, Callable[..., Any]] = {}
+
+
+def register_generator(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(root: str, seed: int = 0, **kwargs) -> None`` under ``name``."""
+
+    def _register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _generators:
+            raise ValueError(f"data generator {name!r} is already registered")
+        _generators[name] = fn
+        return fn
+
+    return _register
+
+
+def run_generator(name: str, root: str, seed: int = 0, **kwargs: Any) -> None:
+    if name not in _generators:
+        raise UnknownSourceError(f"unknown data generator {name!r}; known: {', '.join(sorted(_generators))}")
+    _generators[name](root, seed=seed, **kwargs)
+
+
+def list_generators() -> list[str]:
+    return sorted(_generators)

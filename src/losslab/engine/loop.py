@@ -1,0 +1,369 @@
+"""fit(): the training loop. Knows nothing of MLflow; reports through callbacks.
+
+Batches are dicts from :mod:`losslab.data.datasets`: ``image`` ``(B, N, C, H, W)``, ``mask``
+``(B, N)``, ``label`` ``(B,)`` and optionally ``level`` ``(B,)``. Models return ``(logits, attention)``
+or ``(logits, attention, aux)``; when ``aux`` holds ``stream_logits`` (DSMIL) the loss is the mean of
+the loss on each stream, as in Li et al. 2021.
+
+Features: bf16 autocast on CUDA (off on CPU), gradient clipping, cosine decay with linear warm-up
+(per step, no restarts), early stopping on any logged metric, deterministic seeding, atomic
+checkpoints (temp file + ``os.replace``) holding model, optimiser, scheduler, epoch, history and RNG
+states, resume from a checkpoint, and a stop with the epoch and batch in the message when the loss
+becomes NaN/inf (the last good checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from losslab.engine.callbacks import Callback, CallbackList
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the message names the epoch and batch."""
+
+
+@dataclass
+class FitState:
+    epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    stopped_early: bool = False
+    checkpoint_dir: Path | None = None
+    last_val_outputs: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any, dict]:
+    """Run the model on a batch; return ``(logits (B, K), attention (B, N) | None, aux dict)``."""
+    image = batch["image"].to(device, non_blocking=True)
+    mask = batch.get("mask")
+    mask = mask.to(device, non_blocking=True) if mask is not None else None
+    kwargs = {}
+    if "level" in batch:
+        kwargs["level"] = batch["level"].to(device, non_blocking=True)
+    out = model(image, mask, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out, None, {}
+    logits, attention = out[0], out[1]
+    aux = out[2] if len(out) > 2 else {}
+    return logits, attention, aux
+
+
+def compute_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor, aux: dict) -> torch.Tensor:
+    streams = aux.get("stream_logits") if aux else None
+    if streams:
+        return sum(loss_fn(s.float(), target) for s in streams) / len(streams)
+    return loss_fn(logits.float(), target)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, loss_fn: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD with a backbone parameter group (``optim.backbone_lr``) and the loss's own
+    learnable parameters (e.g. compound weights) in the head group."""
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    backbone_params = [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad]
+    head_params = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
+    head_params += [p for p in loss_fn.parameters() if p.requires_grad]
+    groups = []
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": optim_cfg.backbone_lr or optim_cfg.lr, "name": "backbone"})
+    groups.append({"params": head_params, "lr": optim_cfg.lr, "name": "head"})
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temp file in the same folder, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code on load)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+            amp: bool = False) -> dict[str, Any]:
+    """Run the model over a loader; return logits, probabilities, labels, attention, mean loss."""
+    model.eval()
+    logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
+    loss_sum, n = 0.0, 0
+    for batch in loader:
+        with _autocast(device, amp):
+            logits, attention, aux = forward_batch(model, batch, device)
+        target = batch["label"].to(device)
+        logits = logits.float()
+        if loss_fn is not None:
+            loss_sum += float(compute_loss(loss_fn, logits, target, aux)) * len(target)
+        n += len(target)
+        logits_all.append(logits.cpu())
+        labels_all.append(batch["label"])
+        index_all.append(batch["index"])
+        if attention is not None:
+            attn_all.append(attention.float().cpu())
+            masks_all.append(batch["mask"])
+    logits = torch.cat(logits_all)
+    if loss_fn is not None and hasattr(loss_fn, "probabilities"):
+        probs = loss_fn.probabilities(logits)
+    else:
+        probs = torch.softmax(logits, dim=1)
+    out = {
+        "logits": logits.numpy(),
+        "probs": probs.detach().numpy(),
+        "labels": torch.cat(labels_all).numpy(),
+        "index": torch.cat(index_all).numpy(),
+        "loss": loss_sum / max(n, 1),
+    }
+    if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
+        out["attention"] = torch.cat(attn_all).numpy()
+        out["mask"] = torch.cat(masks_all).numpy()
+    return out
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
+    """``val/*`` metrics from predict() outputs (classification metrics + MIL attention stats)."""
+    from losslab.engine.metrics import classification_metrics
+
+    y_pred = None
+    if loss_fn is not None and hasattr(loss_fn, "predict"):
+        y_pred = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
+    metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
+    out = {f"val/{k}": float(v) for k, v in metrics.items()}
+    out["val/loss"] = float(outputs["loss"])
+    if "attention" in outputs:
+        from losslab.engine.diagnostics import attention_statistics
+
+        for k, v in attention_statistics(outputs["attention"], outputs["mask"]).items():
+            out[f"val/{k}"] = float(v)
+    return out
+
+
+# ------------------------------------------------------------------------------ fit
+def fit(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_loader,
+    val_loader,
+    train_cfg: Any,
+    optim_cfg: Any,
+    class_names: list[str],
+    callbacks: list[Callback] | None = None,
+    resume_from: str | Path | None = None,
+) -> FitState:
+    """Train ``model`` with ``loss_fn``; validate every epoch; checkpoint ``best`` and ``last``.
+
+    Args:
+        model: returns ``(logits (B, K), attention, [aux])`` from ``(image, mask[, level])``.
+        loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``, ``terms``,
+            ``weights``) or any ``nn.Module`` loss.
+        train_cfg / optim_cfg: :class:`losslab.config.TrainConfig` / ``OptimConfig``.
+        resume_from: a ``last.pt`` checkpoint to continue from (same config and data).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (epoch and batch in the message).
+    """
+    from losslab.engine.metrics import Alarms
+
+    cbs = CallbackList(callbacks)
+    device = resolve_device(train_cfg.device)
+    model.to(device)
+    loss_fn.to(device)
+    optimizer = build_optimizer(model, loss_fn, optim_cfg)
+    steps_per_epoch = len(train_loader) if train_cfg.max_train_batches is None else min(len(train_loader), train_cfg.max_train_batches)
+    total_steps = steps_per_epoch * train_cfg.epochs
+    if optim_cfg.scheduler == "cosine":
+        factor = cosine_with_warmup(total_steps, optim_cfg.warmup_epochs * steps_per_epoch, optim_cfg.min_lr_ratio)
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir))
+    alarms = Alarms(dead_class_patience=train_cfg.dead_class_patience)
+    sign = 1.0 if train_cfg.monitor_mode == "max" else -1.0
+    patience_left = train_cfg.early_stopping_patience
+    start_epoch = 0
+
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("loss") is not None:
+            loss_fn.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state.epoch = ckpt["epoch"]
+        state.global_step = ckpt["global_step"]
+        state.best_metric = ckpt["best_metric"]
+        state.best_epoch = ckpt["best_epoch"]
+        state.history = {k: list(v) for k, v in ckpt["history"].items()}
+        patience_left = ckpt.get("patience_left", patience_left)
+        _set_rng_state(ckpt["rng"])
+        start_epoch = ckpt["epoch"] + 1
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    try:
+        cbs.on_fit_start(state)
+        for epoch in range(start_epoch, train_cfg.epochs):
+            state.epoch = epoch
+            if hasattr(loss_fn, "on_epoch_start"):
+                loss_fn.on_epoch_start(epoch)
+            cbs.on_epoch_start(state)
+            model.train()
+            loss_fn.train()
+            t0 = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            term_sums: dict[str, float] = {}
+            for b, batch in enumerate(train_loader):
+                if train_cfg.max_train_batches is not None and b >= train_cfg.max_train_batches:
+                    break
+                target = batch["label"].to(device, non_blocking=True)
+                with _autocast(device, train_cfg.amp):
+                    logits, _, aux = forward_batch(model, batch, device)
+                loss = compute_loss(loss_fn, logits, target, aux)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) at epoch {epoch}, batch {b}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train_cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                state.global_step += 1
+                loss_sum += float(loss.detach()) * len(target)
+                seen += len(target)
+                if hasattr(loss_fn, "terms"):
+                    for k, v in loss_fn.terms().items():
+                        term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(target)
+            train_time = time.perf_counter() - t0
+            outputs = predict(model, val_loader, device, loss_fn, train_cfg.amp)
+            metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time,
+                       "train/lr": optimizer.param_groups[-1]["lr"]}
+            metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
+            if hasattr(loss_fn, "weights"):
+                metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
+            metrics.update(validation_metrics(outputs, class_names, loss_fn))
+            for k, v in metrics.items():
+                state.history.setdefault(k, []).append(float(v))
+            state.last_val_outputs = outputs
+            for alarm in alarms.update(epoch, metrics):
+                log.warning("epoch %d: %s", epoch, alarm.message)
+                cbs.on_alarm(state, alarm)
+
+            monitored = metrics.get(train_cfg.monitor)
+            if monitored is None:
+                raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
+            improved = monitored == monitored and (state.best_metric is None or sign * monitored > sign * state.best_metric)
+            if improved:
+                state.best_metric, state.best_epoch = float(monitored), epoch
+                patience_left = train_cfg.early_stopping_patience
+            elif patience_left is not None:
+                patience_left -= 1
+            payload = {
+                "model": model.state_dict(),
+                "loss": loss_fn.state_dict() if any(True for _ in loss_fn.state_dict()) else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "global_step": state.global_step,
+                "best_metric": state.best_metric,
+                "best_epoch": state.best_epoch,
+                "history": state.history,
+                "patience_left": patience_left,
+                "rng": _rng_state(),
+            }
+            if improved:
+                save_checkpoint(state.checkpoint_dir / "best.pt", payload)
+                cbs.on_checkpoint(state, state.checkpoint_dir / "best.pt", "best")
+            save_checkpoint(state.checkpoint_dir / "last.pt", payload)
+            cbs.on_checkpoint(state, state.checkpoint_dir / "last.pt", "last")
+            metrics["epoch"] = epoch
+            cbs.on_epoch_end(state, metrics)
+            if not improved and patience_left is not None and patience_left <= 0:
+                state.stopped_early = True
+                log.info("early stopping at epoch %d (best %s=%.4f at epoch %s)", epoch, train_cfg.monitor,
+                         state.best_metric, state.best_epoch)
+                break
+        cbs.on_fit_end(state)
+    except BaseException as exc:
+        cbs.on_exception(state, exc)
+        raise
+    return state

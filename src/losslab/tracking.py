@@ -1,0 +1,259 @@
+"""Everything that talks to MLflow: store set-up, managed runs, the engine callback, the registry.
+
+* :func:`setup_tracking` — tracking URI (config, else ``$MLFLOW_TRACKING_URI``, else
+  ``sqlite:///mlflow.db``) and the experiment, with an explicit artifact root next to a SQLite store.
+* :func:`managed_run` — a run that ends ``FAILED`` with the reason in the tag ``losslab.error`` when
+  its body raises (Exception or KeyboardInterrupt); what it logged before stays.
+* :class:`MLflowCallback` — per-epoch metrics cast to float and sent in one ``log_batch`` per epoch,
+  checkpoints as artifacts, alarms as tags. Tracking failures only warn, except under
+  ``LOSSLAB_TRACKING_STRICT=1`` (set by the tests) where they raise.
+* :func:`log_and_register_model` — ``mlflow.pytorch.log_model`` with a signature, registered with an
+  alias (aliases, not stages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from losslab.config import ExperimentConfig, dump_yaml, flatten
+from losslab.engine.callbacks import Callback
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STRICT_ENV = "LOSSLAB_TRACKING_STRICT"
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Next to a SQLite store: ``<store dir>/mlartifacts/<experiment>`` (never the cwd's ./mlruns)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None  # a server assigns its own artifact root
+
+
+def setup_tracking(tracking_cfg: Any) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    uri = resolve_tracking_uri(tracking_cfg.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(tracking_cfg.experiment)
+    if exp is None:
+        location = tracking_cfg.artifact_location or default_artifact_location(uri, tracking_cfg.experiment)
+        exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def _safe(fn):
+    """Tracking problems must not kill a training run: warn (raise under the strict test flag)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if _strict():
+                raise
+            warnings.warn(f"MLflow tracking failed in {fn.__name__}: {exc}", stacklevel=2)
+            return None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None, nested: bool = False,
+                run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume, with ``run_id``) a run; end it FAILED with the reason on any error."""
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
+    try:
+        yield run
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            client = MlflowClient()
+            client.set_tag(run.info.run_id, "losslab.error", reason[:5000])
+            client.set_tag(run.info.run_id, "losslab.traceback", "".join(traceback.format_exc())[-5000:])
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_config(cfg: ExperimentConfig) -> None:
+    """The resolved config: flattened as params and whole as ``config.yaml``."""
+    params = {}
+    for key, value in flatten(cfg.to_dict()).items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        params[key] = text[:MAX_PARAM_LENGTH]
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i : i + 90])
+    mlflow.log_text(dump_yaml(cfg), "config.yaml")
+
+
+def log_metrics_batch(run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
+    """One ``log_batch`` call for a dict of metrics (NaN kept as NaN: missing, not 0)."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
+    client = MlflowClient()
+    for i in range(0, len(items), 900):
+        client.log_batch(run_id, metrics=items[i : i + 900], synchronous=synchronous)
+
+
+def log_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+class MLflowCallback(Callback):
+    """Engine → MLflow: per-epoch metric batches, checkpoints, alarms and plots.
+
+    Args:
+        run_id: the run to log to (the pipeline owns and ends it).
+        class_names: for the per-class plots.
+        plot_every: log plots every this many epochs (and at the end); 0 = only at the end.
+        log_checkpoints: upload ``best``/``last`` checkpoints under ``checkpoints/``.
+    """
+
+    def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True) -> None:
+        self.run_id = run_id
+        self.class_names = class_names
+        self.plot_every = plot_every
+        self.log_checkpoints = log_checkpoints
+        self.client = MlflowClient()
+        self.alarm_tags: dict[str, str] = {}
+
+    @_safe
+    def on_epoch_end(self, state, metrics):
+        step = int(metrics.get("epoch", state.epoch))
+        log_metrics_batch(self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step)
+        if self.plot_every and (step + 1) % self.plot_every == 0:
+            self._plots(state, final=False)
+
+    @_safe
+    def on_checkpoint(self, state, path, kind):
+        if self.log_checkpoints:
+            self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
+
+    @_safe
+    def on_alarm(self, state, alarm):
+        self.client.set_tag(self.run_id, f"losslab.alarm.{alarm.name}", alarm.message[:5000])
+
+    @_safe
+    def on_fit_end(self, state):
+        self._plots(state, final=True)
+
+    def _plots(self, state, final: bool) -> None:
+        from losslab import plots
+        from losslab.engine.metrics import confusion_matrix
+
+        hist = state.history
+        log_figure(plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist]), "plots/loss_curves.png")
+        log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
+        out = state.last_val_outputs
+        if out is not None:
+            y_pred = out["probs"].argmax(1)
+            cm = confusion_matrix(out["labels"], y_pred, len(self.class_names))
+            log_figure(plots.plot_confusion_matrix(cm, self.class_names), "plots/confusion_matrix.png")
+            if "attention" in out:
+                attn = [a[m] for a, m in zip(out["attention"][:4], out["mask"][:4])]
+                log_figure(plots.plot_attention(attn, [f"val bag {i} (label {self.class_names[int(l)]})"
+                                                       for i, l in enumerate(out["labels"][:4])]),
+                           "plots/attention.png")
+
+
+def log_and_register_model(model, input_example, registered_model_name: str | None, alias: str | None,
+                           version_tags: dict[str, str] | None = None, name: str = "model") -> Any:
+    """Log the model (pickle format: loads back as the original class; only load your own models)
+    with a signature inferred from ``input_example`` (a numpy batch ``(B, N, C, H, W)``), register
+    it, set ``alias`` on the new version and tag the version. Returns the ModelVersion or None.
+
+    We choose ``serialization_format="pickle"`` deliberately: torch.export (``pt2``) fixes the bag
+    size at export time, while MIL bags vary in size.
+    """
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(input_example))
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    signature = infer_signature(input_example, logits.numpy().astype(np.float32))
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=input_example,
+        registered_model_name=registered_model_name,
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "losslab"],
+    )
+    if not registered_model_name:
+        return None
+    client = MlflowClient()
+    version = info.registered_model_version
+    if version is None:
+        versions = client.search_model_versions(f"name='{registered_model_name}' and run_id='{mlflow.active_run().info.run_id}'")
+        version = max(int(v.version) for v in versions)
+    if alias:
+        client.set_registered_model_alias(registered_model_name, alias, f"{version}")
+    for k, v in (version_tags or {}).items():
+        client.set_model_version_tag(registered_model_name, f"{version}", k, str(v))
+    return client.get_model_version(registered_model_name, f"{version}")
+
+
+def log_dict_artifact(data: dict, path: str) -> None:
+    mlflow.log_dict(data, path)
+
+
+def log_table_artifacts(df, stem: str) -> None:
+    """A pandas table as CSV and markdown artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / f"{stem}.csv"
+        md_path = Path(tmp) / f"{stem}.md"
+        df.to_csv(csv_path, index=False)
+        md_path.write_text(df.to_markdown(index=False) if _has_tabulate() else df.to_string(index=False))
+        mlflow.log_artifact(str(csv_path))
+        mlflow.log_artifact(str(md_path))
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
