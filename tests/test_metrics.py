@@ -232,3 +232,10 @@ def test_alarm_unstable_balanced_accuracy():
 
 def test_alarms_skip_missing_keys():
     assert Alarms().update(0, {"val/balanced_accuracy": 0.5}) == []
+
+
+def test_probs_rejects_logits_but_tolerates_round_off():
+    with pytest.raises(ValueError, match="non-negative"):
+        classification_metrics([0, 1], [[2.0, -1.0], [0.5, 0.5]], ["a", "b"])
+    m = classification_metrics([0, 1], [[1.0 + 1e-9, -1e-9], [0.2, 0.8]], ["a", "b"])
+    assert m["accuracy"] == 1.0

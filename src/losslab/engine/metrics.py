@@ -69,8 +69,9 @@ def _probabilities(probs: Any, n_samples: int | None = None) -> np.ndarray:
         raise ValueError(f"probs must have shape (N, K), got {p.shape}")
     if n_samples is not None and p.shape[0] != n_samples:
         raise ValueError(f"probs has {p.shape[0]} rows but y_true has {n_samples} samples")
-    if np.any(p < 0):
+    if np.any(p < -1e-6):
         raise ValueError("probs must be non-negative (pass probabilities, not logits)")
+    p = np.clip(p, 0.0, None)  # round-off negatives (e.g. ordinal heads' differences)
     row_sum = p.sum(axis=1, keepdims=True)
     return np.divide(p, row_sum, out=np.full_like(p, 1.0 / max(p.shape[1], 1)), where=row_sum > 0)
 
