@@ -15,3 +15,5 @@ from losslab.data.sources.base import (  # noqa: F401
 
 # one import per source module (each registers itself)
 from losslab.data.sources import brats  # noqa: F401,E402
+from losslab.data.sources import embedded_lumbar  # noqa: F401,E402
+from losslab.data.sources import rsna_lumbar  # noqa: F401,E402

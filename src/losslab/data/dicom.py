@@ -1,0 +1,600 @@
+"""DICOM series reading, windowing and de-identification (pydicom + numpy; no torch, no MLflow).
+
+Reading
+    :func:`find_series` groups the files of a folder by ``SeriesInstanceUID``;
+    :func:`read_series` turns the files of one series into a ``float32`` volume ``(D, H, W)``:
+
+    * slices are ordered by ``ImagePositionPatient`` projected on the slice normal
+      ``row x col`` of ``ImageOrientationPatient`` — never by ``InstanceNumber`` or file name;
+    * ``RescaleSlope`` / ``RescaleIntercept`` are applied (top level, or the shared / per-frame
+      ``PixelValueTransformationSequence`` of enhanced multi-frame objects);
+    * ``MONOCHROME1`` is inverted to the ``MONOCHROME2`` convention (bright = high) with
+      ``x' = K - x``, ``K = min + max`` of the volume; the file's window centre becomes ``K - c``;
+    * multi-frame files contribute one slice per frame, positioned from the per-frame functional
+      groups or ``GridFrameOffsetVector``; without either, frame order is kept (and noted).
+
+Bad input never raises out of these functions: each problem is a ``report.skip(item, reason)``
+(the file or series is dropped) or a ``report.notes`` line (the series is kept, and its ``meta``
+says so). Decisions:
+
+    =====================================  =======================================================
+    not a DICOM file                       skip file: ``not a DICOM file``
+    truncated / unreadable header          skip file: ``unreadable or truncated DICOM``
+    no pixel data                          skip file: ``no pixel data``
+    truncated pixel data                   skip file: ``truncated or undecodable pixel data``
+    slice of another size                  skip file: ``slice size ... differs from the series``
+    two series in one folder               :func:`find_series` returns both; the caller picks
+    several series given to read_series    keep the largest, skip the others' files
+    inconsistent orientation               skip series: ``inconsistent ImageOrientationPatient``
+    missing position/orientation           skip series (order unknown) unless a single slice
+    duplicate slice positions              skip the duplicate file
+    missing slice (gap > 1.5 x median)     note (``missing slice``); ``meta["missing_slices"]``
+                                           (``on_gap="skip"`` skips the series instead)
+    other non-uniform spacing              note (``inconsistent slice spacing``)
+    NaN / inf voxels                       replaced by the minimum finite value and noted when at
+                                           most ``max_nonfinite_fraction`` (1 %) of voxels;
+                                           otherwise skip series: ``non-finite voxels``
+    constant (empty / all-background)      skip series: ``empty or all-background volume``
+    =====================================  =======================================================
+
+De-identification
+    Readers never return the PS3.15 basic-profile identifiers in :data:`PHI_KEYWORDS`;
+    :func:`safe_metadata` keeps only the technical fields in :data:`SAFE_KEYWORDS`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+try:  # pydicom is a hard dependency of losslab; the import is here so the error is clear
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("losslab.data.dicom needs pydicom>=3.0 (pip install pydicom)") from exc
+
+if TYPE_CHECKING:  # runtime import would load every source module
+    from losslab.data.sources.base import SkipReport
+
+# ----------------------------------------------------------------------------- de-identification
+#: PS3.15 Annex E basic application level confidentiality profile: the attribute keywords that
+#: identify a patient, a visit or staff (plus UIDs, which link records). None is ever returned.
+PHI_KEYWORDS: frozenset[str] = frozenset(
+    {
+        "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+        "PatientAge", "PatientSize", "PatientWeight", "PatientAddress", "PatientTelephoneNumbers",
+        "PatientMotherBirthName", "PatientBirthName", "PatientComments", "PatientInsurancePlanCodeSequence",
+        "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "IssuerOfPatientID",
+        "MilitaryRank", "BranchOfService", "MedicalRecordLocator", "EthnicGroup", "Occupation",
+        "AdditionalPatientHistory", "CountryOfResidence", "RegionOfResidence", "PregnancyStatus",
+        "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
+        "AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime", "AcquisitionDateTime",
+        "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+        "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+        "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName",
+        "PhysiciansOfRecord", "RequestingPhysician", "ScheduledPerformingPhysicianName",
+        "StationName", "DeviceSerialNumber", "StudyDescription", "SeriesDescription",
+        "ImageComments", "RequestAttributesSequence", "RequestedProcedureID",
+        "PerformedProcedureStepID", "PerformedProcedureStepDescription",
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+        "MediaStorageSOPInstanceUID", "ReferencedSOPInstanceUID", "InstanceCreatorUID",
+        "IrradiationEventUID", "StorageMediaFileSetUID", "SynchronizationFrameOfReferenceUID",
+        "PatientState", "ResponsiblePerson", "ResponsibleOrganization", "ProtocolName",
+        "DerivationDescription", "ContentCreatorName", "VerifyingObserverName",
+    }
+)
+
+#: Technical fields :func:`safe_metadata` may return (whitelist: anything else is dropped).
+SAFE_KEYWORDS: tuple[str, ...] = (
+    "Modality", "Rows", "Columns", "NumberOfFrames", "PixelSpacing", "SliceThickness",
+    "SpacingBetweenSlices", "ImageOrientationPatient", "PhotometricInterpretation",
+    "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
+    "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "MagneticFieldStrength",
+    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence",
+    "SequenceVariant", "MRAcquisitionType", "KVP", "ConvolutionKernel", "BodyPartExamined",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    try:
+        return float(value)  # DS / IS
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def safe_metadata(ds: Any) -> dict[str, Any]:
+    """The whitelisted technical fields of a dataset as a JSON-able dict (never an identifier).
+
+    >>> safe_metadata(pydicom.Dataset())
+    {}
+    """
+    out: dict[str, Any] = {}
+    for keyword in SAFE_KEYWORDS:
+        if keyword in PHI_KEYWORDS:  # pragma: no cover - defensive: the lists must stay disjoint
+            continue
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        out[keyword] = _jsonable(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+def _rel(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:  # pragma: no cover - other drive on Windows
+        return str(path)
+
+
+def _read_file(path: str, report: SkipReport, root: str | None, header_only: bool) -> Any | None:
+    """dcmread with every failure turned into a skip; ``None`` when skipped."""
+    item = _rel(path, root)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        report.skip(item, "not a DICOM file (no DICM preamble)")
+        return None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
+        report.skip(item, f"unreadable or truncated DICOM: {type(exc).__name__}: {exc}")
+        return None
+    if "SOPClassUID" not in ds and "Rows" not in ds and "SeriesInstanceUID" not in ds:
+        report.skip(item, "not a DICOM file (no image attributes)")
+        return None
+    return ds
+
+
+def find_series(
+    folder: str | os.PathLike[str], report: SkipReport, *, root: str | os.PathLike[str] | None = None
+) -> dict[str, list[str]]:
+    """Group the DICOM files under ``folder`` (recursively) by ``SeriesInstanceUID``.
+
+    Reads headers only. Non-DICOM and unreadable files are skipped and reported (paths relative
+    to ``root``, default ``folder``). Returns ``{series_uid: [path, ...]}`` with paths sorted by
+    name (which says nothing about slice order). Series UIDs are for grouping only: never store
+    them (they are PS3.15 identifiers; hash them if a name is needed).
+    """
+    folder = str(folder)
+    root_s = str(root) if root is not None else folder
+    series: dict[str, list[str]] = {}
+    for path in sorted(str(p) for p in Path(folder).rglob("*") if p.is_file()):
+        ds = _read_file(path, report, root_s, header_only=True)
+        if ds is None:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            uid = "no-series-uid"
+        series.setdefault(uid, []).append(path)
+    return series
+
+
+def _float_list(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+def _functional(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
+    """A value from the per-frame, then the shared functional groups of an enhanced object."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is None or len(seq) <= index:
+            continue
+        inner = seq[index].get(sequence)
+        if inner is not None and len(inner) and keyword in inner[0]:
+            return inner[0].get(keyword)
+    return None
+
+
+def _rescale(ds: Any, frame: int) -> tuple[float, float]:
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    if slope is None and intercept is None:
+        slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    slope_f = 1.0 if slope in (None, "") else float(slope)
+    intercept_f = 0.0 if intercept in (None, "") else float(intercept)
+    return slope_f, intercept_f
+
+
+class _Slice:
+    __slots__ = ("pixels", "position", "orientation", "instance", "path", "slope", "intercept", "ds")
+
+    def __init__(self, pixels: np.ndarray, position: list[float] | None, orientation: list[float] | None,
+                 instance: int | None, path: str, slope: float, intercept: float, ds: Any) -> None:
+        self.pixels = pixels
+        self.position = position
+        self.orientation = orientation
+        self.instance = instance
+        self.path = path
+        self.slope = slope
+        self.intercept = intercept
+        self.ds = ds
+
+
+def _slices_of(ds: Any, path: str) -> tuple[list[_Slice], bool]:
+    """One ``_Slice`` per frame; the flag says the frames had no position of their own."""
+    pixels = ds.pixel_array
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if samples > 1:  # colour: keep luminance (medical colour images are rare in this package)
+        pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if frames == 1 or pixels.ndim == 2:
+        pixels = pixels.reshape((1,) + pixels.shape[-2:])
+    instance = ds.get("InstanceNumber")
+    instance_i = int(instance) if instance not in (None, "") else None
+    orientation = _float_list(ds.get("ImageOrientationPatient"))
+    position = _float_list(ds.get("ImagePositionPatient"))
+    offsets = _float_list(ds.get("GridFrameOffsetVector"))
+    out: list[_Slice] = []
+    unpositioned = False
+    for frame in range(pixels.shape[0]):
+        frame_orientation = orientation or _float_list(
+            _functional(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
+        frame_position = None
+        if pixels.shape[0] == 1:
+            frame_position = position
+        else:
+            frame_position = _float_list(_functional(ds, frame, "PlanePositionSequence", "ImagePositionPatient"))
+            if frame_position is None and position is not None and frame_orientation and offsets \
+                    and len(offsets) == pixels.shape[0]:
+                normal = np.cross(frame_orientation[:3], frame_orientation[3:])
+                frame_position = list(np.asarray(position) + offsets[frame] * normal)
+            if frame_position is None:
+                unpositioned = True
+        slope, intercept = _rescale(ds, frame)
+        out.append(_Slice(pixels[frame], frame_position, frame_orientation, instance_i, path, slope, intercept, ds))
+    return out, unpositioned
+
+
+def _file_window(ds: Any) -> tuple[float, float] | None:
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        centre = _functional(ds, 0, "FrameVOILUTSequence", "WindowCenter")
+        width = _functional(ds, 0, "FrameVOILUTSequence", "WindowWidth")
+    if centre is None or width is None:
+        return None
+    if isinstance(centre, pydicom.multival.MultiValue):
+        centre = centre[0]
+    if isinstance(width, pydicom.multival.MultiValue):
+        width = width[0]
+    try:
+        c, w = float(centre), float(width)
+    except (TypeError, ValueError):
+        return None
+    return (c, w) if w > 0 else None
+
+
+def check_volume(volume: np.ndarray, item: str, report: SkipReport,
+                 max_nonfinite_fraction: float = 0.01) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """NaN/inf and empty-volume policy shared by every reader (see the module docstring).
+
+    Returns ``(volume or None, extra meta)``; ``None`` means the item was skipped and reported.
+    """
+    extra: dict[str, Any] = {}
+    finite = np.isfinite(volume)
+    if not finite.all():
+        bad = int(volume.size - np.count_nonzero(finite))
+        fraction = bad / volume.size
+        if fraction > max_nonfinite_fraction or bad == volume.size:
+            report.skip(item, f"non-finite voxels: {bad} NaN/inf voxels ({fraction:.1%}) exceed the "
+                              f"{max_nonfinite_fraction:.1%} allowed")
+            return None, extra
+        fill = float(volume[finite].min())
+        volume = np.where(finite, volume, np.float32(fill)).astype(np.float32, copy=False)
+        report.notes.append(f"{item}: non-finite voxels: {bad} NaN/inf voxels replaced by the minimum {fill:g}")
+        extra["nonfinite_replaced"] = bad
+    if volume.size == 0 or float(volume.max()) == float(volume.min()):
+        value = float(volume.flat[0]) if volume.size else float("nan")
+        report.skip(item, f"empty or all-background volume: every voxel equals {value:g}")
+        return None, extra
+    return volume, extra
+
+
+def read_series(
+    paths: Sequence[str | os.PathLike[str]],
+    report: SkipReport,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    item: str | None = None,
+    on_gap: str = "keep",
+    max_nonfinite_fraction: float = 0.01,
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Read one series into a volume.
+
+    Args:
+        paths: the files of one series, in any order (single- or multi-frame).
+        report: where skips and notes go (items are paths relative to ``root``).
+        root: data root for report items (default: the common parent of ``paths``).
+        item: the name of the series in the report (default: its folder relative to ``root``).
+        on_gap: ``"keep"`` (default) keeps a series with missing slices and notes it;
+            ``"skip"`` skips it.
+        max_nonfinite_fraction: NaN/inf voxels up to this fraction are replaced, above it the
+            series is skipped.
+
+    Returns:
+        ``(volume, meta)``: ``volume`` is ``float32 (D, H, W)`` ordered along the slice normal,
+        or ``None`` when the series was skipped (the reason is in ``report``). ``meta`` holds
+        :func:`safe_metadata` of the first slice plus ``spacing`` ``[dz, dy, dx]``,
+        ``orientation``, ``window`` (the file's ``[centre, width]`` or ``None``),
+        ``instance_numbers`` (per slice, in volume order), ``missing_slices``, ``n_slices``.
+        No identifier is in it.
+
+    Raises:
+        ValueError: only for a bad ``on_gap`` argument; bad files are reported, not raised.
+    """
+    if on_gap not in ("keep", "skip"):
+        raise ValueError(f"on_gap must be 'keep' or 'skip', got {on_gap!r}")
+    paths = [str(p) for p in paths]
+    if root is None:  # default: the parent of the series folder
+        root = os.path.dirname(os.path.dirname(os.path.abspath(paths[0]))) if paths else "."
+    root = str(root)
+    if item is None:
+        item = _rel(os.path.dirname(paths[0]), root) if paths else "<empty series>"
+    meta: dict[str, Any] = {}
+    if not paths:
+        report.skip(item, "empty series: no files")
+        return None, meta
+
+    by_series: dict[str, list[tuple[Any, str]]] = {}
+    for path in paths:
+        ds = _read_file(path, report, root, header_only=False)
+        if ds is None:
+            continue
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            report.skip(_rel(path, root), "no pixel data")
+            continue
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((ds, path))
+    if not by_series:
+        report.skip(item, "no readable DICOM slice with pixel data")
+        return None, meta
+    if len(by_series) > 1:
+        keep = max(by_series, key=lambda uid: len(by_series[uid]))
+        for uid, members in by_series.items():
+            if uid != keep:
+                for _, path in members:
+                    report.skip(_rel(path, root), "belongs to another series than the one read "
+                                                  f"({len(by_series)} series mixed; kept the largest)")
+        by_series = {keep: by_series[keep]}
+
+    slices: list[_Slice] = []
+    unpositioned = False
+    for ds, path in next(iter(by_series.values())):
+        try:
+            file_slices, no_position = _slices_of(ds, path)
+        except Exception as exc:  # noqa: BLE001 - truncated/undecodable pixel data
+            report.skip(_rel(path, root), f"truncated or undecodable pixel data: {type(exc).__name__}: {exc}")
+            continue
+        unpositioned |= no_position
+        slices.extend(file_slices)
+    if not slices:
+        report.skip(item, "no readable DICOM slice with pixel data")
+        return None, meta
+
+    shape_counts = Counter(s.pixels.shape for s in slices)
+    shape = shape_counts.most_common(1)[0][0]
+    if len(shape_counts) > 1:
+        for s in slices:
+            if s.pixels.shape != shape:
+                report.skip(_rel(s.path, root), f"slice size {s.pixels.shape} differs from the series {shape}")
+        slices = [s for s in slices if s.pixels.shape == shape]
+
+    first = slices[0].ds
+    meta.update(safe_metadata(first))
+    missing = 0
+    if len(slices) > 1 and not unpositioned:
+        if any(s.orientation is None or len(s.orientation) != 6 or s.position is None or len(s.position) != 3
+               for s in slices):
+            report.skip(item, "no ImagePositionPatient/ImageOrientationPatient: slice order unknown")
+            return None, meta
+        orientations = np.asarray([s.orientation for s in slices], dtype=np.float64)
+        if np.abs(orientations - orientations[0]).max() > 1e-3:
+            n_distinct = len({tuple(np.round(o, 3)) for o in orientations})
+            report.skip(item, f"inconsistent ImageOrientationPatient: {n_distinct} different orientations "
+                              "in one series")
+            return None, meta
+        normal = np.cross(orientations[0, :3], orientations[0, 3:])
+        along = np.asarray([s.position for s in slices], dtype=np.float64) @ normal
+        order = np.argsort(along, kind="stable")
+        slices = [slices[i] for i in order]
+        along = along[order]
+        steps = np.diff(along)
+        duplicates = np.flatnonzero(np.abs(steps) < 1e-4)
+        if len(duplicates):
+            for i in duplicates[::-1]:
+                report.skip(_rel(slices[i + 1].path, root), "duplicate slice position "
+                                                           f"{along[i + 1]:.3f} mm along the normal")
+                del slices[i + 1]
+            along = np.delete(along, duplicates + 1)
+            steps = np.diff(along)
+        if len(steps):
+            spacing_z = float(np.median(steps))
+            gaps = np.flatnonzero(steps > 1.5 * spacing_z)
+            if len(gaps):
+                missing = int(sum(round(steps[g] / spacing_z) - 1 for g in gaps))
+                where = ", ".join(f"{steps[g]:.2f} mm after slice {g}" for g in gaps)
+                reason = (f"missing slice: {missing} slice(s) missing (gap of {where}; "
+                          f"expected {spacing_z:.2f} mm)")
+                if on_gap == "skip":
+                    report.skip(item, reason)
+                    return None, meta
+                report.notes.append(f"{item}: {reason}")
+            elif np.abs(steps - spacing_z).max() > max(0.01 * spacing_z, 1e-3):
+                report.notes.append(f"{item}: inconsistent slice spacing: steps from {steps.min():.3f} to "
+                                    f"{steps.max():.3f} mm (median {spacing_z:.3f})")
+                meta["inconsistent_spacing"] = True
+        else:
+            spacing_z = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    else:
+        if unpositioned and len(slices) > 1:
+            report.notes.append(f"{item}: multi-frame without per-frame positions: frame order kept")
+        spacing_z = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+
+    volume = np.empty((len(slices),) + shape, dtype=np.float32)
+    for i, s in enumerate(slices):
+        if s.slope == 1.0 and s.intercept == 0.0:
+            volume[i] = s.pixels
+        else:
+            np.multiply(s.pixels, s.slope, out=volume[i], casting="unsafe")
+            volume[i] += s.intercept
+    window = _file_window(first)
+    volume, extra = check_volume(volume, item, report, max_nonfinite_fraction)
+    if volume is None:
+        return None, meta
+    meta.update(extra)
+    if str(first.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        k = float(volume.min()) + float(volume.max())
+        volume = np.float32(k) - volume
+        if window is not None:
+            window = (k - window[0], window[1])
+        meta["inverted_monochrome1"] = True
+    spacing_xy = _float_list(first.get("PixelSpacing")) or _float_list(
+        _functional(first, 0, "PixelMeasuresSequence", "PixelSpacing")) or [1.0, 1.0]
+    meta.update(
+        spacing=[abs(spacing_z), float(spacing_xy[0]), float(spacing_xy[1])],
+        orientation=slices[0].orientation,
+        window=list(window) if window else None,
+        instance_numbers=[s.instance for s in slices],
+        missing_slices=missing,
+        n_slices=len(slices),
+    )
+    return volume, meta
+
+
+def read_image_file(path: str, report: SkipReport, *, root: str | None = None) -> tuple[np.ndarray | None, dict]:
+    """A single DICOM file (2D or multi-frame) as ``float32 (D, H, W)``; same policy as series."""
+    return read_series([path], report, root=root, item=_rel(path, root))
+
+
+# ----------------------------------------------------------------------------- windowing
+SOFT_TISSUE = (50.0, 350.0)
+BONE = (400.0, 2000.0)
+DEFAULT_WINDOWS: tuple[Any, ...] = (SOFT_TISSUE, BONE, "file")
+
+
+def apply_window(volume: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """Linear window to ``[0, 1]``: ``clip((x - (c - w/2)) / w, 0, 1)``, ``float32``.
+
+    >>> apply_window(np.array([0., 50., 100.]), 50, 100).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    low = centre - width / 2.0
+    out = (np.asarray(volume, dtype=np.float32) - np.float32(low)) * np.float32(1.0 / width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _auto_window(volume: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(volume[:: max(1, volume.shape[0] // 8)], (0.5, 99.5))
+    if high <= low:
+        low, high = float(volume.min()), float(volume.max())
+    width = max(float(high - low), 1e-6)
+    return float(low) + width / 2.0, width
+
+
+def multi_window(
+    volume: np.ndarray,
+    windows: Iterable[Any] = DEFAULT_WINDOWS,
+    file_window: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Stack windows of ``volume (D, H, W)`` as channels: ``float32 (D, C, H, W)`` in ``[0, 1]``.
+
+    Each entry of ``windows`` is ``(centre, width)``, ``"file"`` (the file's own window,
+    ``file_window``; the automatic window when the file has none) or ``"auto"`` (0.5–99.5
+    percentile of the volume). The default is soft tissue 50/350, bone 400/2000 and the file's
+    window: the three channels of an RGB image for 2D backbones.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    specs = list(windows)
+    if not specs:
+        raise ValueError("windows must name at least one window")
+    out = np.empty((volume.shape[0], len(specs)) + volume.shape[1:], dtype=np.float32)
+    for channel, spec in enumerate(specs):
+        if isinstance(spec, str):
+            if spec == "file" and file_window is not None:
+                centre, width = float(file_window[0]), float(file_window[1])
+            elif spec in ("file", "auto"):
+                centre, width = _auto_window(volume)
+            else:
+                raise ValueError(f"unknown window {spec!r}; use (centre, width), 'file' or 'auto'")
+        else:
+            centre, width = float(spec[0]), float(spec[1])
+        out[:, channel] = apply_window(volume, centre, width)
+    return out
+
+
+def clahe(stack: np.ndarray, clip_limit: float = 0.01, kernel_size: int | None = None) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation per 2D image of ``(..., H, W)`` in [0, 1]."""
+    from skimage.exposure import equalize_adapthist
+
+    stack = np.asarray(stack, dtype=np.float32)
+    flat = stack.reshape((-1,) + stack.shape[-2:])
+    out = np.empty_like(flat)
+    for i, image in enumerate(flat):
+        out[i] = equalize_adapthist(np.clip(image, 0.0, 1.0), kernel_size=kernel_size, clip_limit=clip_limit)
+    return out.reshape(stack.shape)
+
+
+def crop_around(stack: np.ndarray, x: float, y: float, radius_factor: float = 0.75) -> np.ndarray:
+    """Square crop of ``(..., H, W)`` centred on pixel ``(x, y)`` (column, row).
+
+    The crop's half-side is ``radius_factor * min(H, W) / 2`` (the default keeps a square 0.75
+    of the image side). Where the crop leaves the image it is padded with the stack's minimum.
+    """
+    if radius_factor <= 0:
+        raise ValueError(f"radius_factor must be > 0, got {radius_factor}")
+    height, width = stack.shape[-2:]
+    half = max(1, int(round(radius_factor * min(height, width) / 2.0)))
+    cx, cy = int(round(x)), int(round(y))
+    top, left = cy - half, cx - half
+    size = 2 * half
+    out = np.full(stack.shape[:-2] + (size, size), stack.min(), dtype=stack.dtype)
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + size, height), min(left + size, width)
+    if src_bottom > src_top and src_right > src_left:
+        out[..., src_top - top:src_bottom - top, src_left - left:src_right - left] = \
+            stack[..., src_top:src_bottom, src_left:src_right]
+    return out
+
+
+def resize(stack: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize the last two axes of ``stack`` to ``size = (H, W)`` (bilinear, anti-aliased)."""
+    from skimage.transform import resize as sk_resize
+
+    size = (int(size[0]), int(size[1]))
+    if tuple(stack.shape[-2:]) == size:
+        return np.asarray(stack, dtype=np.float32)
+    out_shape = stack.shape[:-2] + size
+    return sk_resize(stack, out_shape, order=1, preserve_range=True,
+                     anti_aliasing=size[0] < stack.shape[-2]).astype(np.float32)
+
+
+def normalise(stack: np.ndarray, mode: str = "minmax") -> np.ndarray:
+    """``"minmax"`` to [0, 1], ``"zscore"`` (zero mean, unit std) or ``"none"``; ``float32``."""
+    stack = np.asarray(stack, dtype=np.float32)
+    if mode == "none":
+        return stack
+    if mode == "minmax":
+        low, high = float(stack.min()), float(stack.max())
+        return (stack - low) / (high - low) if high > low else np.zeros_like(stack)
+    if mode == "zscore":
+        std = float(stack.std())
+        return (stack - float(stack.mean())) / std if std > 0 else np.zeros_like(stack)
+    raise ValueError(f"normalise mode must be 'minmax', 'zscore' or 'none', got {mode!r}")
