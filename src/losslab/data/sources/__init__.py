@@ -17,3 +17,7 @@ from losslab.data.sources.base import (  # noqa: F401
 from losslab.data.sources import brats  # noqa: F401,E402
 from losslab.data.sources import embedded_lumbar  # noqa: F401,E402
 from losslab.data.sources import rsna_lumbar  # noqa: F401,E402
+from losslab.data.sources import manifest  # noqa: F401,E402
+from losslab.data.sources import medmnist  # noqa: F401,E402
+from losslab.data.sources import mnist_bags  # noqa: F401,E402
+from losslab.data.sources import msd  # noqa: F401,E402

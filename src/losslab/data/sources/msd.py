@@ -1,0 +1,217 @@
+"""``msd``: a Medical Segmentation Decathlon task folder (``dataset.json``, NIfTI via nibabel).
+
+Layout under ``root`` (one task, e.g. ``Task01_BrainTumour``)::
+
+    dataset.json      {"name", "labels": {"0": "background", ...}, "modality": {...},
+                       "training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]}
+    imagesTr/*.nii.gz (X, Y, Z) or (X, Y, Z, C)
+    labelsTr/*.nii.gz (X, Y, Z) integer label map
+
+One :class:`Case` per training image: ``image`` ``float32 (Z, C, Y, X)`` (axial slices as
+instances, modalities as channels), optionally resized per slice and normalised. The class label
+is configurable:
+
+    * ``label_mode="presence"`` (default): 1 when the label map holds at least ``min_voxels``
+      voxels of ``label_class`` (default 1), else 0; ``class_names`` ``["absent", "present"]``.
+    * ``label_mode="csv"``: ``labels_csv`` (relative to root) with columns ``case,label`` where
+      ``case`` is the image file name without extension; labels map through ``class_names`` or
+      the sorted unique values.
+
+``meta``: ``spacing`` (from the NIfTI header, ``[dz, dy, dx]``), ``modalities``, ``voxels_<class>``
+(presence mode). ``case_id`` and ``patient_id`` are salted hashes of the image name (one image a
+patient in MSD). Missing files, unreadable NIfTI, paths outside the root, shape mismatches,
+NaN/inf and all-background images are skips with reasons (see :mod:`losslab.data.dicom`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from losslab.data import dicom
+from losslab.data.deid import salted_hash
+from losslab.data.sources.base import Case, SkipReport, Source, register_generator, register_source
+from losslab.data.sources.manifest import nifti_to_stack, resolve_under, sorted_labels
+
+
+def case_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@register_source
+class MsdSource(Source):
+    """Medical Segmentation Decathlon task as a classification source.
+
+    Args (source kwargs):
+        label_mode: ``"presence"`` (default) or ``"csv"``.
+        label_class: label-map value whose presence makes a case positive (default 1).
+        min_voxels: voxels of ``label_class`` needed for "present" (default 1).
+        labels_csv: CSV ``case,label`` for ``label_mode="csv"``.
+        class_names: class order for csv labels (default sorted unique).
+        image_size: resize each slice to ``(image_size, image_size)`` (default: keep).
+        normalise: ``"zscore"`` (default), ``"minmax"`` or ``"none"`` per case.
+
+    Raises:
+        FileNotFoundError / ValueError: no or malformed ``dataset.json`` / labels CSV (names the
+        file and the key or column).
+    """
+
+    name = "msd"
+
+    def __init__(self, root: str, salt: str, report: SkipReport | None = None, label_mode: str = "presence",
+                 label_class: int = 1, min_voxels: int = 1, labels_csv: str | None = None,
+                 class_names: Sequence[str] | None = None, image_size: int | None = None,
+                 normalise: str = "zscore") -> None:
+        super().__init__(root, salt, report)
+        if label_mode not in ("presence", "csv"):
+            raise ValueError(f"label_mode must be 'presence' or 'csv', got {label_mode!r}")
+        self.label_mode = label_mode
+        self.label_class = int(label_class)
+        self.min_voxels = int(min_voxels)
+        self.image_size = image_size
+        self.normalise = normalise
+        path = Path(root) / "dataset.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: dataset.json not found (not an MSD task folder)")
+        self.dataset = json.loads(path.read_text())
+        if not isinstance(self.dataset.get("training"), list):
+            raise ValueError("dataset.json: missing key 'training' (a list of {image, label})")
+        self.csv_labels: dict[str, str] = {}
+        if label_mode == "csv":
+            if not labels_csv:
+                raise ValueError("labels_csv is required with label_mode='csv'")
+            csv_path = Path(root) / labels_csv
+            if not csv_path.is_file():
+                raise FileNotFoundError(f"{csv_path}: labels CSV not found")
+            with open(csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = [h.strip() for h in (reader.fieldnames or [])]
+                for column in ("case", "label"):
+                    if column not in header:
+                        raise ValueError(f"{labels_csv}: missing column {column!r} (found columns: {', '.join(header)})")
+                self.csv_labels = {r["case"].strip(): (r["label"] or "").strip() for r in reader}
+            self.class_names = ([str(c) for c in class_names] if class_names
+                                else sorted_labels([v for v in self.csv_labels.values() if v]))
+        else:
+            self.class_names = [str(c) for c in class_names] if class_names else ["absent", "present"]
+
+    def iter_cases(self) -> Iterator[Case]:
+        import nibabel as nib
+
+        report = self.report
+        modalities = [str(v) for _, v in sorted((self.dataset.get("modality") or {}).items())]
+        index = {name: i for i, name in enumerate(self.class_names)}
+        for entry in self.dataset["training"]:
+            image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
+            if not image_rel:
+                report.skip("dataset.json", f"training entry without 'image': {entry!r}"[:200])
+                continue
+            item = image_rel[2:] if image_rel.startswith("./") else image_rel
+            name = case_name(image_rel)
+            image_path = resolve_under(self.root, image_rel)
+            if image_path is None:
+                report.skip(item, "path escapes the data root (refused)")
+                continue
+            meta: dict[str, Any] = {"modalities": modalities}
+            # ---- label
+            label_map = None
+            if self.label_mode == "csv":
+                value = self.csv_labels.get(name, "")
+                if not value:
+                    report.skip(item, "no label (case not in the labels CSV or empty)")
+                    continue
+                if value not in index:
+                    report.skip(item, f"unknown label value {value!r}; known: {self.class_names}")
+                    continue
+                label = index[value]
+            else:
+                label_rel = str(entry.get("label", "") or "")
+                label_path = resolve_under(self.root, label_rel) if label_rel else None
+                if not label_rel or label_path is None or not Path(label_path).is_file():
+                    report.skip(item, "no label: label map missing" if label_path is not None or not label_rel
+                                else "no label: label path escapes the data root (refused)")
+                    continue
+                try:
+                    label_map = np.asanyarray(nib.load(label_path).dataobj)
+                except Exception as exc:  # noqa: BLE001
+                    report.skip(label_rel, f"unreadable NIfTI label map: {type(exc).__name__}: {exc}")
+                    continue
+                voxels = int(np.count_nonzero(np.rint(label_map) == self.label_class))
+                meta[f"voxels_{self.label_class}"] = voxels
+                label = int(voxels >= self.min_voxels)
+            # ---- image
+            if not Path(image_path).is_file():
+                report.skip(item, "image file missing")
+                continue
+            try:
+                nifti = nib.load(image_path)
+                data = np.asanyarray(nifti.dataobj)
+                zooms = [float(z) for z in nifti.header.get_zooms()[:3]]
+            except Exception as exc:  # noqa: BLE001
+                report.skip(item, f"unreadable NIfTI: {type(exc).__name__}: {exc}")
+                continue
+            if label_map is not None and tuple(label_map.shape[:3]) != tuple(data.shape[:3]):
+                report.skip(item, f"label map shape {label_map.shape[:3]} differs from the image {data.shape[:3]}")
+                continue
+            try:
+                stack = nifti_to_stack(data)
+            except ValueError as exc:
+                report.skip(item, str(exc))
+                continue
+            stack, extra = dicom.check_volume(stack, item, report)
+            if stack is None:
+                continue
+            meta.update(extra)
+            if self.image_size:
+                stack = dicom.resize(stack, (self.image_size, self.image_size))
+            stack = dicom.normalise(stack, self.normalise)
+            while len(zooms) < 3:
+                zooms.append(1.0)
+            meta["spacing"] = [zooms[2], zooms[1], zooms[0]]
+            report.read += 1
+            case_hash = salted_hash(f"msd:{self.dataset.get('name', '')}:{name}", self.salt)
+            yield Case(case_id=case_hash, patient_id=case_hash, label=label,
+                       image=np.ascontiguousarray(stack, dtype=np.float32), meta=meta)
+
+
+@register_generator("msd")
+def generate_msd(root: str, seed: int = 0, cases: int = 12, size: int = 16, depth: int = 8, channels: int = 2,
+                 positive_fraction: float = 0.3) -> None:
+    """Write a tiny MSD task (``dataset.json``, ``imagesTr``, ``labelsTr``) with a blob in positives."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    out = Path(root)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    positives = set(rng.choice(cases, size=max(1, int(round(cases * positive_fraction))), replace=False).tolist())
+    training = []
+    zz, yy, xx = np.mgrid[0:size, 0:size, 0:depth]
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    for n in range(cases):
+        image = rng.normal(100.0, 10.0, (size, size, depth, channels)).astype(np.float32)
+        label = np.zeros((size, size, depth), dtype=np.uint8)
+        if n in positives:
+            centre = rng.integers(4, size - 4, size=2)
+            blob = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - depth // 2) ** 2) <= 9
+            label[blob] = 1
+            image[blob] += 80.0
+        name = f"synth_{n:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image if channels > 1 else image[..., 0], affine), out / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    dataset = {
+        "name": "Synthetic", "description": "losslab msd generator", "tensorImageSize": "4D",
+        "modality": {str(c): f"mod{c}" for c in range(channels)},
+        "labels": {"0": "background", "1": "lesion"},
+        "numTraining": cases, "numTest": 0, "training": training, "test": [],
+    }
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
