@@ -248,10 +248,7 @@ def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list
         import shlex
 
         return shlex.split(overrides)
-    out: list[str] = []
-    for item in overrides:
-        out.extend(split_overrides(item) if " " in item.strip() else [item])
-    return out
+    return [item for item in overrides if item.strip()]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[str, str]) -> dict[str, Any]:

@@ -195,7 +195,7 @@ class MLflowCallback(Callback):
 
 def log_and_register_model(model, input_example, registered_model_name: str | None, alias: str | None,
                            version_tags: dict[str, str] | None = None, name: str = "model") -> Any:
-    """Log the model (pickle format: loads back as the original class; only load your own models)
+    """Log the model wrapped in :class:`LogitsOnly` (pickle format: loads back as the original class; only load your own models)
     with a signature inferred from ``input_example`` (a numpy batch ``(B, N, C, H, W)``), register
     it, set ``alias`` on the new version and tag the version. Returns the ModelVersion or None.
 
@@ -207,10 +207,11 @@ def log_and_register_model(model, input_example, registered_model_name: str | No
     import torch
     from mlflow.models import infer_signature
 
-    model = model.cpu().eval()
+    from losslab.models.export import LogitsOnly
+
+    model = LogitsOnly(model.cpu().eval()).eval()
     with torch.no_grad():
-        out = model(torch.as_tensor(input_example))
-    logits = out[0] if isinstance(out, (tuple, list)) else out
+        logits = model(torch.as_tensor(input_example))
     signature = infer_signature(input_example, logits.numpy().astype(np.float32))
     info = mlflow.pytorch.log_model(
         model,

@@ -300,7 +300,7 @@ def fit(
                     logits, _, aux = forward_batch(model, batch, device)
                 loss = compute_loss(loss_fn, logits, target, aux)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) at epoch {epoch}, batch {b}")
+                    raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if train_cfg.grad_clip:

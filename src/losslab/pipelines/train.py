@@ -1,0 +1,245 @@
+"""train: one fold (or k folds as child runs of one parent) of a classifier, logged to MLflow.
+
+Run naming: ``<loss>-f<fold>``; tags ``losslab.loss``, ``losslab.fold``, ``losslab.dataset``,
+``losslab.entry_point``. Every epoch: ``train/loss``, ``val/loss``, ``val/auc``, ``val/f1_macro``,
+``val/balanced_accuracy``, ``val/recall_<class>``, ``val/pred_count_<class>`` (and more). The best
+model is logged with a signature and registered with an alias.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from losslab.config import ExperimentConfig
+from losslab.data.cache import CacheInfo, build_cache
+from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
+from losslab.data.samplers import build_sampler
+from losslab.engine.loop import fit, load_checkpoint, predict, resolve_device, seed_everything, validation_metrics
+from losslab.pipelines.common import base_tags
+from losslab.tracking import MLflowCallback, log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_version: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class TrainResult:
+    folds: list[FoldResult]
+    parent_run_id: str | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.parent_run_id or self.folds[0].run_id
+
+
+def build_components(cfg: ExperimentConfig, class_counts: list[int]):
+    """The loss and the model for ``cfg`` (the loss decides the output size, e.g. K-1 for CORAL)."""
+    from losslab.losses import build_loss
+    from losslab.models import build_model
+
+    num_classes = len(class_counts)
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params, class_counts=list(class_counts), num_classes=num_classes)
+    num_outputs = loss_fn.output_dim(num_classes) if hasattr(loss_fn, "output_dim") else num_classes
+    total = float(sum(class_counts))
+    priors = [max(c, 1) / total for c in class_counts]
+    model = build_model(cfg.model, num_outputs=num_outputs, class_priors=priors if num_outputs == num_classes else None)
+    return loss_fn, model
+
+
+def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
+    index = info.index
+    train_df = index[(index["fold"] != fold) & (index["fold"] >= 0)]
+    val_df = index[index["fold"] == fold]
+    if len(val_df) == 0:
+        raise ValueError(f"data.fold={fold} has no cases; the cache has folds {sorted(index['fold'].unique().tolist())}")
+    transform = None
+    if cfg.data.augment:
+        from losslab.data.transforms import build_transforms
+
+        transform = build_transforms(cfg.data.augment, train=True)
+    if cfg.model.kind == "slices25d":
+        train_ds = SliceStackDataset(train_df, info.cache_dir, transform=transform)
+        val_ds = SliceStackDataset(val_df, info.cache_dir)
+    else:
+        train_ds = BagDataset(train_df, info.cache_dir, cfg.data.bag_size, cfg.data.bag_sampling, transform=transform)
+        val_sampling = "all" if cfg.data.bag_sampling == "all" else "evenly_spaced"
+        val_ds = BagDataset(val_df, info.cache_dir, cfg.data.bag_size, val_sampling)
+    return train_ds, val_ds
+
+
+def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
+    sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size)
+    common = dict(num_workers=cfg.data.num_workers, collate_fn=collate_padded,
+                  persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
+    if batch_sampler is not None:
+        train_loader = DataLoader(train_ds, batch_sampler=batch_sampler, **common)
+    else:
+        train_loader = DataLoader(train_ds, batch_size=cfg.data.batch_size, sampler=sampler,
+                                  shuffle=sampler is None, drop_last=False, **common)
+    val_loader = DataLoader(val_ds, batch_size=cfg.data.batch_size, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def _checkpoint_dir(cfg: ExperimentConfig, run_id: str) -> Path:
+    return Path(cfg.train.checkpoint_dir) / run_id
+
+
+def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool = False,
+               resume_run_id: str | None = None, extra_callbacks: list | None = None,
+               extra_tags: dict[str, str] | None = None) -> FoldResult:
+    """Train one fold in its own MLflow run; the run is FAILED (with the reason) on any error."""
+    seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
+    class_names = info.class_names
+    train_ds, val_ds = make_datasets(cfg, info, fold)
+    class_counts = np.bincount(train_ds.labels, minlength=len(class_names)).tolist()
+    loss_fn, model = build_components(cfg, class_counts)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
+
+    run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}"
+    tags = base_tags(cfg, "train", fold) | (extra_tags or {})
+    with managed_run(run_name=run_name, tags=tags, nested=nested, run_id=resume_run_id) as run:
+        run_id = run.info.run_id
+        resume_from = None
+        if resume_run_id is None:
+            log_config(cfg)
+            mlflow.log_params({"data.class_counts_train": str(class_counts), "data.n_train": len(train_ds),
+                               "data.n_val": len(val_ds), "loss.formula": str(loss_fn)[:6000]})
+            mlflow.set_tag("losslab.class_names", ",".join(class_names))
+        else:
+            resume_from = _find_resume_checkpoint(cfg, run_id)
+            mlflow.set_tag("losslab.resumed_from", str(resume_from))
+        train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
+        callbacks = [MLflowCallback(run_id, class_names, plot_every=0)] + list(extra_callbacks or [])
+        state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
+                    callbacks=callbacks, resume_from=resume_from)
+
+        dead = [c for c in class_names if state.history.get(f"val/pred_count_{c}", [1])[-1] == 0]
+        if dead:
+            log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
+            mlflow.set_tag("losslab.dead_classes", ",".join(dead))
+
+        # the best weights: summary metrics and the registered model
+        best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
+        model.load_state_dict(best["model"])
+        device = resolve_device(cfg.train.device)
+        outputs = predict(model.to(device), val_loader, device, loss_fn)
+        best_metrics = validation_metrics(outputs, class_names, loss_fn)
+        summary = {f"best_{k}": v for k, v in best_metrics.items()}
+        summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
+        log_metrics_batch(run_id, summary, step=int(state.epoch))
+        version = None
+        if cfg.tracking.log_model:
+            example = _input_example(val_ds)
+            mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
+                                        cfg.tracking.alias if not nested else None,
+                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id})
+            version = f"{mv.version}" if mv is not None else None
+        return FoldResult(fold, run_id, "FINISHED", best_metrics, version)
+
+
+def _input_example(val_ds) -> np.ndarray:
+    item = val_ds[0]
+    return item["image"].unsqueeze(0).numpy()
+
+
+def _find_resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
+    local = _checkpoint_dir(cfg, run_id) / "last.pt"
+    if local.is_file():
+        return local
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt")
+    except Exception as exc:
+        raise FileNotFoundError(f"run {run_id} has no last checkpoint locally ({local}) or as an artifact: {exc}") from exc
+    return Path(path)
+
+
+def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: CacheInfo | None = None,
+              extra_callbacks: list | None = None) -> TrainResult:
+    """Train ``data.fold``, or every fold in ``cv.folds`` as children of one parent run."""
+    setup_tracking(cfg.tracking)
+    info = info or build_cache(cfg.data)
+    nested = mlflow.active_run() is not None
+    if cfg.cv.folds is None:
+        result = train_fold(cfg, info, cfg.data.fold, nested=nested, resume_run_id=resume_run_id,
+                            extra_callbacks=extra_callbacks)
+        return TrainResult([result], None, info.class_names)
+    return run_cv(cfg, info, extra_callbacks)
+
+
+def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:
+    """k folds: one parent run, one child run per fold; the parent logs mean ± std of every
+    validation metric and a per-fold table; a failing fold is FAILED alone and named by the parent.
+    Each fold's best model is a registered version tagged with its fold; the alias ``champion``
+    goes to the best fold by the monitored metric."""
+    folds = cfg.cv.folds
+    fold_list = list(range(folds)) if isinstance(folds, int) else list(folds)
+    tags = base_tags(cfg, "train") | {"losslab.cv": "true"}
+    results: list[FoldResult] = []
+    nested = mlflow.active_run() is not None
+    with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-cv", tags=tags, nested=nested) as parent:
+        log_config(cfg)
+        for fold in fold_list:
+            try:
+                results.append(train_fold(cfg, info, fold, nested=True, extra_callbacks=extra_callbacks))
+            except Exception as exc:  # the fold's run is already FAILED with its reason
+                log.error("fold %d failed: %s", fold, exc)
+                results.append(FoldResult(fold, "", "FAILED", error=f"{type(exc).__name__}: {exc}"))
+        _log_cv_summary(cfg, results)
+        ok = [r for r in results if r.status == "FINISHED"]
+        failed = [r for r in results if r.status != "FINISHED"]
+        if failed:
+            mlflow.set_tag("losslab.failed_folds", ",".join(str(r.fold) for r in failed))
+            for r in failed:
+                mlflow.set_tag(f"losslab.fold_{r.fold}_error", (r.error or "")[:5000])
+        if ok and cfg.tracking.registered_model_name and cfg.tracking.log_model:
+            key = cfg.train.monitor
+            sign = 1 if cfg.train.monitor_mode == "max" else -1
+            scored = [r for r in ok if not math.isnan(r.metrics.get(key, float("nan")))]
+            if scored:
+                best = max(scored, key=lambda r: sign * r.metrics[key])
+                client = mlflow.tracking.MlflowClient()
+                client.set_registered_model_alias(cfg.tracking.registered_model_name, "champion", f"{best.model_version}")
+                mlflow.set_tag("losslab.champion_fold", str(best.fold))
+        if not ok:
+            raise RuntimeError(f"every fold failed: {[r.error for r in failed]}")
+    return TrainResult(results, parent.info.run_id, info.class_names)
+
+
+def _log_cv_summary(cfg: ExperimentConfig, results: list[FoldResult]) -> None:
+    from losslab.tracking import log_table_artifacts
+
+    ok = [r for r in results if r.status == "FINISHED"]
+    rows = [{"fold": r.fold, "status": r.status, "run_id": r.run_id, **r.metrics} for r in results]
+    table = pd.DataFrame(rows)
+    if ok:
+        keys = sorted({k for r in ok for k in r.metrics})
+        summary = {}
+        for k in keys:
+            values = np.array([r.metrics.get(k, np.nan) for r in ok], dtype=float)
+            values = values[~np.isnan(values)]
+            if len(values):
+                summary[f"{k}_mean"] = float(values.mean())
+                summary[f"{k}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        mlflow.log_metrics({k.replace("val/", "cv/"): v for k, v in summary.items()})
+    log_table_artifacts(table, "cv_folds")
