@@ -9,7 +9,12 @@ from .base import LossBase, LossReduction, class_weights_from_counts
 from .registry import UnknownLossError, build_loss, get_loss_class, list_losses, register_loss
 
 from . import classification  # noqa: E402,F401  (registers ce, focal, ldam, ...)
+from . import ordinal  # noqa: E402,F401  (coral, corn)
+from . import segmentation  # noqa: E402,F401  (dice, dice_ce, tversky, focal_tversky, focal_seg, boundary, ...)
+from . import compound  # noqa: E402,F401  (compound)
+from . import distillation  # noqa: E402,F401  (kd, combined, rkd, crd, mmd)
 from .classification import NormedLinear
+from .segmentation import signed_distance_map
 
 __all__ = [
     "LossBase",
@@ -21,4 +26,5 @@ __all__ = [
     "get_loss_class",
     "list_losses",
     "register_loss",
+    "signed_distance_map",
 ]
