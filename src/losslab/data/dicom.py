@@ -151,7 +151,10 @@ def _read_file(path: str, report: SkipReport, root: str | None, header_only: boo
         report.skip(item, f"unreadable or truncated DICOM: {type(exc).__name__}: {exc}")
         return None
     if "SOPClassUID" not in ds and "Rows" not in ds and "SeriesInstanceUID" not in ds:
-        report.skip(item, "not a DICOM file (no image attributes)")
+        if getattr(ds, "preamble", None) is not None or len(getattr(ds, "file_meta", None) or ()):
+            report.skip(item, "unreadable or truncated DICOM: the file ends before the image attributes")
+        else:
+            report.skip(item, "not a DICOM file (no image attributes)")
         return None
     return ds
 
