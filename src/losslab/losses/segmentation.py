@@ -325,10 +325,12 @@ def signed_distance_map(
     """Signed distance maps ``(K, *spatial)`` float32 of an integer label map ``(*spatial)``.
 
     For each class c with mask ``G`` (Kervadec et al.'s ``one_hot2dist``, with voxel spacing):
-    ``φ_c = d(x, G) · 1[x ∉ G] − (d(x, ∁G) − 1) · 1[x ∈ G]`` where ``d`` is the Euclidean distance
+    ``φ_c = d(x, G) · 1[x ∉ G] − (d(x, ∁G) − h) · 1[x ∈ G]`` where ``d`` is the Euclidean distance
     (``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``) to the nearest voxel of the
-    set. So φ is positive outside, ≤ 0 inside (the innermost layer of the boundary is 0 at unit spacing,
-    as in the reference code). A class absent from the map, or filling it, gets all zeros.
+    set and ``h = min(spacing)``. So φ ≥ h > 0 outside and φ ≤ 0 inside, the inner boundary layer
+    being 0. At unit spacing this is exactly the reference code (which subtracts 1 whatever the
+    spacing, making some inside voxels positive when a spacing is below 1; ``h`` avoids that).
+    A class absent from the map, or filling it, gets all zeros.
     Call it once per case in the data pipeline and pass the stacked maps as ``dist_maps``.
 
     Args:
@@ -346,6 +348,7 @@ def signed_distance_map(
     if spacing is not None and label_map.ndim == len(spacing) + 1 and label_map.shape[0] == 1:
         label_map = label_map[0]
     out = np.zeros((num_classes,) + label_map.shape, dtype=np.float32)
+    offset = 1.0 if spacing is None else float(min(spacing))
     for c in range(num_classes):
         pos = label_map == c
         if not pos.any() or pos.all():
@@ -353,7 +356,7 @@ def signed_distance_map(
         neg = ~pos
         outside = distance_transform_edt(neg, sampling=spacing)  # distance of outside voxels to G
         inside = distance_transform_edt(pos, sampling=spacing)  # distance of inside voxels to the outside
-        out[c] = outside * neg - (inside - 1) * pos
+        out[c] = outside * neg - (inside - offset) * pos
     return out
 
 
