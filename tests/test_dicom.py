@@ -150,3 +150,29 @@ def test_crop_around_resize_normalise_clahe():
     rng = np.random.default_rng(0)
     equalised = dicom.clahe(rng.random((2, 32, 32)).astype(np.float32) * 0.3)
     assert equalised.shape == (2, 32, 32) and equalised.max() > 0.3
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
+                                  "rtdose.dcm", "emri_small.dcm", "MR_small_RLE.dcm"])
+def test_native_fast_path_equals_pixel_array(name):
+    path = _testdata(name)
+    if path is None:
+        pytest.skip(f"{name} needs the pydicom-data package")
+    ds = pydicom.dcmread(path)
+    fast = dicom.native_pixels(ds)
+    if name.endswith("RLE.dcm"):
+        assert fast is None  # compressed: falls back to pixel_array
+        return
+    np.testing.assert_array_equal(fast, ds.pixel_array.reshape(fast.shape))
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_native_fast_path_masks_bits_stored(tmp_path, signed):
+    from losslab.data.sources.embedded_lumbar import make_dataset
+
+    ds = make_dataset(np.array([[0xF123, 5], [0x0800, 0x0FFF]], dtype=np.uint16), series_uid="1.2",
+                      study_uid="1.3", position=(0, 0, 0))
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+    ds.save_as(tmp_path / "b12.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(tmp_path / "b12.dcm")
+    np.testing.assert_array_equal(dicom.native_pixels(ds)[0], ds.pixel_array)

@@ -231,9 +231,53 @@ class _Slice:
         self.ds = ds
 
 
+_NATIVE_BYTE_ORDER = {
+    "1.2.840.10008.1.2": "<",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1": "<",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.2": ">",  # Explicit VR Big Endian (retired)
+}
+
+
+def native_pixels(ds: Any) -> np.ndarray | None:
+    """Uncompressed monochrome pixel data as ``(frames, rows, cols)`` straight from the bytes.
+
+    The fast path of the reader (``pixel_array`` costs about as much again as parsing the file
+    for small images): the same values as pydicom's ``pixel_array`` (masked to ``BitsStored``,
+    sign-extended when signed). ``None`` when the data is compressed, colour, of another bit
+    depth or short; the caller then falls back to ``pixel_array``.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    order = _NATIVE_BYTE_ORDER.get(str(file_meta.get("TransferSyntaxUID", ""))) if file_meta is not None else None
+    if order is None or "PixelData" not in ds:
+        return None
+    bits_allocated = ds.get("BitsAllocated")
+    if bits_allocated not in (8, 16, 32) or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    bits_stored = int(ds.get("BitsStored", bits_allocated) or bits_allocated)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    raw = ds.PixelData
+    dtype = np.dtype(f"{order}{'i' if signed else 'u'}{bits_allocated // 8}")
+    count = rows * cols * frames
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) < count * dtype.itemsize:
+        return None
+    pixels = np.frombuffer(raw, dtype=dtype, count=count).reshape(frames, rows, cols)
+    if bits_stored < bits_allocated:
+        native = pixels.astype(dtype.newbyteorder("="))
+        unsigned = native.view(native.dtype.str.replace("i", "u")) & ((1 << bits_stored) - 1)
+        if not signed:
+            return unsigned
+        sign_bit = 1 << (bits_stored - 1)
+        return (unsigned.astype(np.int64) ^ sign_bit) - sign_bit  # sign extension
+    return pixels
+
+
 def _slices_of(ds: Any, path: str) -> tuple[list[_Slice], bool]:
     """One ``_Slice`` per frame; the flag says the frames had no position of their own."""
-    pixels = ds.pixel_array
+    pixels = native_pixels(ds)
+    if pixels is None:
+        pixels = ds.pixel_array
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if samples > 1:  # colour: keep luminance (medical colour images are rare in this package)
