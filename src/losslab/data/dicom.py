@@ -329,14 +329,16 @@ def _file_window(ds: Any) -> tuple[float, float] | None:
 
 
 def check_volume(volume: np.ndarray, item: str, report: SkipReport,
-                 max_nonfinite_fraction: float = 0.01) -> tuple[np.ndarray | None, dict[str, Any]]:
+                 max_nonfinite_fraction: float = 0.01, assume_finite: bool = False
+                 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """NaN/inf and empty-volume policy shared by every reader (see the module docstring).
 
+    ``assume_finite`` skips the NaN/inf scan (integer pixels with a finite rescale).
     Returns ``(volume or None, extra meta)``; ``None`` means the item was skipped and reported.
     """
     extra: dict[str, Any] = {}
-    finite = np.isfinite(volume)
-    if not finite.all():
+    finite = None if assume_finite else np.isfinite(volume)
+    if finite is not None and not finite.all():
         bad = int(volume.size - np.count_nonzero(finite))
         fraction = bad / volume.size
         if fraction > max_nonfinite_fraction or bad == volume.size:
@@ -501,7 +503,9 @@ def read_series(
             np.multiply(s.pixels, s.slope, out=volume[i], casting="unsafe")
             volume[i] += s.intercept
     window = _file_window(first)
-    volume, extra = check_volume(volume, item, report, max_nonfinite_fraction)
+    integer_source = all(s.pixels.dtype.kind in "iu" and np.isfinite(s.slope) and np.isfinite(s.intercept)
+                         for s in slices)
+    volume, extra = check_volume(volume, item, report, max_nonfinite_fraction, assume_finite=integer_source)
     if volume is None:
         return None, meta
     meta.update(extra)
@@ -541,10 +545,15 @@ def apply_window(volume: np.ndarray, centre: float, width: float) -> np.ndarray:
     >>> apply_window(np.array([0., 50., 100.]), 50, 100).tolist()
     [0.0, 0.5, 1.0]
     """
+    return _window_into(np.asarray(volume, dtype=np.float32), centre, width, None)
+
+
+def _window_into(volume: np.ndarray, centre: float, width: float, out: np.ndarray | None) -> np.ndarray:
     if width <= 0:
         raise ValueError(f"window width must be > 0, got {width}")
-    low = centre - width / 2.0
-    out = (np.asarray(volume, dtype=np.float32) - np.float32(low)) * np.float32(1.0 / width)
+    scale = np.float32(1.0 / width)
+    out = np.multiply(volume, scale, out=out)
+    np.subtract(out, np.float32((centre - width / 2.0) / width), out=out)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -583,7 +592,7 @@ def multi_window(
                 raise ValueError(f"unknown window {spec!r}; use (centre, width), 'file' or 'auto'")
         else:
             centre, width = float(spec[0]), float(spec[1])
-        out[:, channel] = apply_window(volume, centre, width)
+        _window_into(volume, centre, width, out[:, channel])
     return out
 
 
