@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from pydicom.uid import generate_uid
 
-from losslab.data.sources.embedded_lumbar import SAGITTAL_ORIENTATION, make_dataset
+from losslab.data.sources.embedded_lumbar import make_dataset
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

@@ -12,7 +12,7 @@ import pytest
 from losslab.data import dicom
 from losslab.data.sources.base import SkipReport
 
-from _data_factories import AXIAL, ramp_volume, write_series
+from _data_factories import ramp_volume, write_series
 
 
 def _testdata(name: str) -> str | None:
