@@ -51,8 +51,8 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
 
     Arrays are ``(X, Y, Z)`` like BraTS NIfTI volumes (axial slices along Z). The grade signal:
     HGG lesions have a necrotic core with an enhancing rim on t1ce, present in only a few central
-    slices of the lesion; LGG lesions are homogeneous and do not enhance. Lesion size, position,
-    oedema and noise overlap between grades, and about 15 % of each grade carry a confound (faint
+    slices of the lesion (1 or 3 slices); LGG lesions are homogeneous and do not enhance. Lesion size, position,
+    oedema and noise overlap between grades, and about 20 % of each grade carry a confound (faint
     patchy enhancement in LGG, a weak rim in HGG), so the task is learnable but not trivial.
     """
     sx, sy, sz = shape
@@ -73,11 +73,11 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
     seg = np.zeros(shape, dtype=np.uint8)
     seg[oedema] = 2
     enhancing = np.zeros(shape, dtype=bool)
-    confound = rng.uniform() < 0.15
+    confound = rng.uniform() < 0.2
     if grade == "HGG":
-        # rim and necrosis only in the central slices of the lesion (1-2 slices each side)
+        # rim and necrosis only in the central slices of the lesion (0 or 1 slice each side)
         z0 = int(round(centre[2]))
-        half = int(rng.integers(1, 3))
+        half = int(rng.integers(0, 2))
         zmask = np.zeros(shape, dtype=bool)
         zmask[:, :, max(z0 - half, 0) : z0 + half + 1] = True
         rim = tumour & (d > 0.45) & zmask
@@ -86,12 +86,12 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
         seg[rim] = 4
         seg[necrosis] = 1
         enhancing = rim
-        rim_gain = 0.25 if confound else rng.uniform(0.5, 0.9)
+        rim_gain = 0.2 if confound else rng.uniform(0.3, 0.7)
     else:
         seg[tumour] = 1
         if confound:  # faint patchy enhancement
             enhancing = tumour & (rng.uniform(size=shape) < 0.25)
-        rim_gain = 0.3
+        rim_gain = 0.35
 
     base = {"t1": 420.0, "t1ce": 450.0, "t2": 380.0, "flair": 400.0}
     volumes: dict[str, np.ndarray] = {}
@@ -100,7 +100,7 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
         v[brain] = base[name]
         v[wm] += 60.0 if name in ("t1", "t1ce") else -40.0
         v += _smooth_noise(rng, shape, 25.0)
-        v += rng.normal(0.0, 15.0, shape).astype(np.float32)
+        v += rng.normal(0.0, 30.0, shape).astype(np.float32)
         if name == "t1":
             v[tumour] -= 120.0
         elif name == "t1ce":
