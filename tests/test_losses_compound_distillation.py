@@ -278,17 +278,18 @@ def test_crd_in_batch_matches_numpy(kd_batch):
     assert torch.isfinite(fsg.grad).all() and loss.embed_teacher.weight.grad is not None
 
 
-def test_crd_memory_bank_value_and_update(kd_batch):
+@pytest.mark.parametrize("num_data", [20, 500])  # whole-bank matmul path / gathered-rows path
+def test_crd_memory_bank_value_and_update(kd_batch, num_data):
     s, t, y, fs, ft = kd_batch
     loss = build_loss("crd", student_dim=5, teacher_dim=7, embed_dim=4, temperature=0.07, mode="memory_bank",
-                      num_data=20, num_negatives=5, momentum=0.5, ce_weight=1.0, crd_weight=0.8).double()
+                      num_data=num_data, num_negatives=5, momentum=0.5, ce_weight=1.0, crd_weight=0.8).double()
     index = torch.tensor([3, 7, 11, 0, 19, 5])
     mem_s = loss.memory_student.clone().numpy()
     mem_t = loss.memory_teacher.clone().numpy()
     with torch.no_grad():
         es, et = (e.numpy() for e in loss.embed(fs, ft))
     torch.manual_seed(123)
-    neg = torch.randint(0, 20, (6, 5)).numpy()
+    neg = torch.randint(0, num_data, (6, 5)).numpy()
     torch.manual_seed(123)
     value = loss(s, t, y, fs, ft, index=index)
 
@@ -303,7 +304,7 @@ def test_crd_memory_bank_value_and_update(kd_batch):
     new_s = 0.5 * mem_s[index.numpy()] + 0.5 * es
     new_s /= np.linalg.norm(new_s, axis=1, keepdims=True)
     np.testing.assert_allclose(loss.memory_student[index].numpy(), new_s, atol=1e-6)
-    untouched = [i for i in range(20) if i not in index.tolist()]
+    untouched = [i for i in range(num_data) if i not in index.tolist()]
     np.testing.assert_allclose(loss.memory_teacher[untouched].numpy(), mem_t[untouched])
     loss.eval()
     before = loss.memory_student.clone()
