@@ -291,7 +291,10 @@ def test_crd_memory_bank_value_and_update(kd_batch, num_data):
     torch.manual_seed(123)
     neg = torch.randint(0, num_data, (6, 5)).numpy()
     torch.manual_seed(123)
-    value = loss(s, t, y, fs, ft, index=index)
+    fsg = fs.clone().requires_grad_(True)
+    value = loss(s, t, y, fsg, ft, index=index)
+    value.backward()  # after the in-forward memory update
+    assert torch.isfinite(fsg.grad).all() and fsg.grad.abs().sum() > 0
 
     def nce(anchor, memory):
         cand = np.concatenate([index.numpy()[:, None], neg], axis=1)

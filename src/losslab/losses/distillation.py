@@ -397,10 +397,12 @@ class CRDLoss(_DistillationLoss):
             crd = self._bank_nce(e_s, self.memory_teacher, index, negatives) \
                 + self._bank_nce(e_t, self.memory_student, index, negatives)
             if self.training:
+                # out of place: the scores above may have saved the old bank for the backward pass
                 with torch.no_grad():
-                    for memory, e in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
+                    for name, e in (("memory_student", e_s), ("memory_teacher", e_t)):
+                        memory = getattr(self, name)
                         updated = memory[index] * self.momentum + e.detach().to(memory.dtype) * (1 - self.momentum)
-                        memory[index] = F.normalize(updated, dim=1)
+                        setattr(self, name, memory.index_copy(0, index, F.normalize(updated, dim=1)))
         total = self.crd_weight * crd
         if self.ce_weight > 0:
             ce = _ce(student_logits, target)
