@@ -64,7 +64,24 @@ def build_components(cfg: ExperimentConfig, class_counts: list[int]):
     total = float(sum(class_counts))
     priors = [max(c, 1) / total for c in class_counts]
     model = build_model(cfg.model, num_outputs=num_outputs, class_priors=priors if num_outputs == num_classes else None)
+    if getattr(loss_fn, "head", "linear") == "normed_linear":
+        _use_cosine_classifier(model, cfg.loss.name)
     return loss_fn, model
+
+
+def _use_cosine_classifier(model, loss_name: str) -> None:
+    """Losses such as LDAM expect cosine logits in [-1, 1]: swap the model's linear classifier for
+    :class:`losslab.losses.NormedLinear` of the same size."""
+    from torch import nn
+
+    from losslab.losses import NormedLinear
+
+    owner = getattr(model, "head", model)
+    classifier = getattr(owner, "classifier", None)
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(f"loss {loss_name!r} needs a cosine (normed_linear) classifier, but model "
+                         f"{type(model).__name__} has no linear `classifier` to replace")
+    owner.classifier = NormedLinear(classifier.in_features, classifier.out_features)
 
 
 def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
