@@ -320,6 +320,11 @@ def fit(
             metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
             if hasattr(loss_fn, "weights"):
                 metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
+            cw = getattr(loss_fn, "class_weights", "absent")
+            if cw is None or isinstance(cw, torch.Tensor):
+                # class weights in effect this epoch (e.g. LDAM-DRW switching on); 1.0 = unweighted
+                for c, name in enumerate(class_names):
+                    metrics[f"loss_class_weight/{name}"] = float(cw[c]) if cw is not None and c < len(cw) else 1.0
             metrics.update(validation_metrics(outputs, class_names, loss_fn))
             for k, v in metrics.items():
                 state.history.setdefault(k, []).append(float(v))
