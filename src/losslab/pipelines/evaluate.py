@@ -1,0 +1,558 @@
+"""evaluate: score a trained model on a split, with calibration, TTA and latency, in a new MLflow run.
+
+Sources (``evaluate.source``)::
+
+    models:/<name>@<alias>      a registered model version (the LogitsOnly wrapper; ``.model`` is used)
+    models:/<name>/<version>
+    <run id> | runs:/<run id>   a train run: its ``config.yaml`` + ``checkpoints/best.pt`` artifacts
+    <path>.pt                   a checkpoint file, rebuilt from the *given* config (``--config``)
+
+The model, loss and data come from the source run's ``config.yaml`` (for a registered model: the run
+that logged the version). Probabilities always go through the loss's ``probabilities()`` (CORAL has
+K-1 outputs), and predictions through its ``predict()``, exactly as in training's validation.
+
+Data (``evaluate.split``): ``val`` (the validation split of ``evaluate.fold``, default the source's
+``data.fold``, built with :func:`losslab.pipelines.train.make_datasets` so the numbers equal the train
+run's ``best_val/*``), ``test`` (the held-out cases, ``fold == -1`` in the cache index) or ``cache``
+(every case of another preprocessed cache at ``evaluate.cache_dir``).
+
+Settings: the ``evaluate:`` section of the config (a free dict, validated here), e.g.::
+
+    evaluate:
+      source: models:/losslab-mil@candidate
+      split: test                  # val | test | cache
+      fold: null                   # validation fold for split=val and for calibration; default data.fold
+      cache_dir: null              # split=cache: the other cache
+      experiment: null             # default: the source run's experiment, else tracking.experiment
+      batch_size: null             # default: the source's data.batch_size
+      device: auto
+      run_name: null               # default: eval-<loss>-<split>
+      rsna_metric: auto            # auto: on for 3 classes with an ordinal loss or the rsna_lumbar source
+      calibration: {enabled: true, threshold_method: youden, objective: balanced_accuracy}
+      tta: {enabled: true, passes: 4, seed: 0, augment: {brightness: 0.1, scale: 0.1, prob: 1.0}}
+      latency: {enabled: true, warmup: 5, repeats: 30}
+
+Logged metrics (one run, tag ``losslab.entry_point=evaluate``): ``test/*`` (the evaluated split,
+whatever it is; the tag ``losslab.eval_split`` names it), ``test_calibrated/*`` (temperature + threshold
+or per-class logit offsets fitted on the validation split only), ``test_tta/*`` (logits averaged over
+the identity pass and ``passes`` augmented passes), ``calibration/*`` (temperature, threshold, and
+the before/after gaps ``calibration/gain_balanced_accuracy`` and ``calibration/gain_min_class_recall``
+— a collapsed model, e.g. AUC 0.97 with every prediction in one class, shows up as a large gain and as
+``test/dead_class_count > 0``), ``latency/p50_ms``, ``latency/p95_ms`` (batch size 1, after warm-up)
+and ``latency/throughput_per_s`` (at the batch size). Artifacts: ``predictions.csv`` (case hash,
+patient hash, label, probabilities, prediction, calibrated and TTA predictions), ``calibration.json``,
+``evaluate_settings.json``, ``plots/{roc,precision_recall,reliability,confusion_matrix,
+confusion_matrix_calibrated}.png``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.data import DataLoader
+
+from losslab.config import ExperimentConfig, load_config
+from losslab.data.cache import CacheInfo, build_cache, load_cache
+from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
+from losslab.data.splits import TEST_FOLD
+from losslab.engine.calibration import Calibrator
+from losslab.engine.loop import forward_batch, load_checkpoint, predict, resolve_device, validation_metrics
+from losslab.engine.metrics import confusion_matrix, rsna_weighted_log_loss
+from losslab.pipelines.common import base_tags
+from losslab.pipelines.train import build_components, make_datasets
+from losslab.tracking import log_figure, log_metrics_batch, managed_run, resolve_tracking_uri, setup_tracking
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class SourceNotFoundError(LookupError):
+    """The model, alias, version, run, experiment or checkpoint to evaluate does not exist."""
+
+    def __str__(self) -> str:  # LookupError quotes its message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------- settings
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSettings(_Strict):
+    enabled: bool = True
+    threshold_method: Literal["youden", "f1"] = "youden"
+    objective: Literal["balanced_accuracy", "f1_macro"] = "balanced_accuracy"
+
+
+class TTASettings(_Strict):
+    enabled: bool = True
+    passes: int = Field(4, ge=1)
+    seed: int = 0
+    augment: dict[str, Any] = Field(default_factory=lambda: {"brightness": 0.1, "scale": 0.1, "prob": 1.0})
+
+
+class LatencySettings(_Strict):
+    enabled: bool = True
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(30, ge=2)
+
+
+class EvaluateSettings(_Strict):
+    """The ``evaluate:`` config section (see the module docstring)."""
+
+    source: str | None = None
+    split: Literal["val", "test", "cache"] = "test"
+    fold: int | None = Field(None, ge=0)
+    cache_dir: str | None = None
+    experiment: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    device: str = "auto"
+    run_name: str | None = None
+    rsna_metric: bool | Literal["auto"] = "auto"
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    tta: TTASettings = Field(default_factory=TTASettings)
+    latency: LatencySettings = Field(default_factory=LatencySettings)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, **overrides: Any) -> "EvaluateSettings":
+        data = dict(cfg.evaluate)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"evaluate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"bad evaluate settings: {problems}") from None
+
+
+# --------------------------------------------------------------------------- the source
+@dataclass
+class LoadedSource:
+    """What was resolved from ``evaluate.source``: the model, its config and provenance tags."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    class_names: list[str]
+    run_id: str | None
+    experiment_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _client_call(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower() \
+                or "does not exist" in str(exc).lower():
+            raise SourceNotFoundError(f"{what} not found in the tracking store {mlflow.get_tracking_uri()}: "
+                                      f"{exc.message}") from None
+        raise
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    body = uri[len("models:/"):].strip("/")
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(f"model URI {uri!r} is neither models:/<name>@<alias> nor models:/<name>/<version>")
+
+
+def _class_counts(run, cfg: ExperimentConfig, class_names: list[str]) -> list[int]:
+    """The training class counts the model was built with (run param, else the cache's train split)."""
+    if run is not None and "data.class_counts_train" in run.data.params:
+        return [int(c) for c in ast.literal_eval(run.data.params["data.class_counts_train"])]
+    info = _load_source_cache(cfg)
+    index = info.index
+    train = index[(index["fold"] != cfg.data.fold) & (index["fold"] >= 0)]
+    return np.bincount(train["label"].to_numpy(), minlength=len(class_names)).tolist()
+
+
+def _load_source_cache(cfg: ExperimentConfig) -> CacheInfo:
+    if (Path(cfg.data.cache_dir) / "index.parquet").is_file():
+        return load_cache(cfg.data.cache_dir)
+    return build_cache(cfg.data)
+
+
+def _run_config(run_id: str) -> ExperimentConfig:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise SourceNotFoundError(f"run {run_id} has no config.yaml artifact: {exc}") from None
+        return load_config(path)
+
+
+def _rebuild(cfg: ExperimentConfig, class_counts: list[int]):
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
+    return build_components(cfg, class_counts)
+
+
+def load_source(source: str, cfg: ExperimentConfig) -> LoadedSource:
+    """Resolve ``source`` (see the module docstring) into a model in eval mode plus its config.
+
+    Raises:
+        SourceNotFoundError: the registered model, alias, version, run or checkpoint file is missing.
+        ValueError: ``source`` is none of the accepted forms.
+    """
+    client = MlflowClient()
+    if source.startswith("models:/"):
+        import mlflow.pytorch as mlflow_pytorch  # slow import: only for registered models
+
+        name, alias, version = parse_model_uri(source)
+        _client_call(f"registered model {name!r}", client.get_registered_model, name)
+        if alias is not None:
+            mv = _client_call(f"alias {alias!r} of registered model {name!r}", client.get_model_version_by_alias,
+                              name, alias)
+        else:
+            mv = _client_call(f"version {version} of registered model {name!r}", client.get_model_version,
+                              name, version)
+        if not mv.run_id:
+            raise SourceNotFoundError(f"model version {name}/{mv.version} has no source run")
+        run = _client_call(f"run {mv.run_id} (source of {name}/{mv.version})", client.get_run, mv.run_id)
+        run_cfg = _run_config(mv.run_id)
+        wrapper = mlflow_pytorch.load_model(f"models:/{name}/{mv.version}")
+        model = getattr(wrapper, "model", wrapper)
+        class_names = _class_names(run, run_cfg)
+        loss_fn, _ = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
+        tags = {"losslab.source_model": source, "losslab.source_model_name": name,
+                "losslab.source_model_version": f"{mv.version}", "losslab.source_run_id": mv.run_id}
+        return LoadedSource(run_cfg, model, loss_fn, class_names, mv.run_id, run.info.experiment_id,
+                            tags | _provenance(run))
+
+    path = Path(source)
+    if source.endswith((".pt", ".pth")) or path.is_file():
+        if not path.is_file():
+            raise SourceNotFoundError(f"checkpoint file {source} not found")
+        class_names = _cache_class_names(cfg)
+        loss_fn, model = _rebuild(cfg, _class_counts(None, cfg, class_names))
+        model.load_state_dict(load_checkpoint(path)["model"])
+        tags = {"losslab.source_checkpoint": str(path.resolve()), "losslab.loss": cfg.loss.name,
+                "losslab.dataset": cfg.data.source}
+        return LoadedSource(cfg, model, loss_fn, class_names, None, None, tags)
+
+    run_id = source[len("runs:/"):].strip("/").split("/")[0] if source.startswith("runs:/") else source
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"evaluate.source {source!r} is not a models:/ URI, a run id or an existing checkpoint file")
+    run = _client_call(f"run {run_id}", client.get_run, run_id)
+    run_cfg = _run_config(run_id)
+    class_names = _class_names(run, run_cfg)
+    loss_fn, model = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            ckpt = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise SourceNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {exc}") from None
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    tags = {"losslab.source_run_id": run_id}
+    return LoadedSource(run_cfg, model, loss_fn, class_names, run_id, run.info.experiment_id,
+                        tags | _provenance(run))
+
+
+def _provenance(run) -> dict[str, str]:
+    tags = run.data.tags
+    out = {k: tags[k] for k in ("losslab.loss", "losslab.dataset", "losslab.model") if k in tags}
+    if "losslab.fold" in tags:
+        out["losslab.source_fold"] = tags["losslab.fold"]
+    return out
+
+
+def _class_names(run, cfg: ExperimentConfig) -> list[str]:
+    names = run.data.tags.get("losslab.class_names")
+    return names.split(",") if names else _cache_class_names(cfg)
+
+
+def _cache_class_names(cfg: ExperimentConfig) -> list[str]:
+    return list(cfg.data.class_names or _load_source_cache(cfg).class_names)
+
+
+# --------------------------------------------------------------------------- data
+def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, transform=None):
+    """Same construction as training's validation set (evenly spaced bags), optionally augmented."""
+    if cfg.model.kind == "slices25d":
+        return SliceStackDataset(rows, info.cache_dir, transform=transform)
+    sampling = "all" if cfg.data.bag_sampling == "all" else "evenly_spaced"
+    return BagDataset(rows, info.cache_dir, cfg.data.bag_size, sampling, transform=transform)
+
+
+def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str]):
+    """``(calibration dataset, evaluated dataset, evaluated cache, evaluated index rows)``.
+
+    The calibration dataset is always a validation split of the source's cache: it is the evaluated
+    dataset only with ``split=val`` (in-sample calibration, tagged as such)."""
+    fold = settings.fold if settings.fold is not None else cfg.data.fold
+    info = _load_source_cache(cfg)
+    _, val_ds = make_datasets(cfg, info, fold)
+    if settings.split == "val":
+        return val_ds, val_ds, info, val_ds.index
+    if settings.split == "test":
+        rows = info.index[info.index["fold"] == TEST_FOLD]
+        if len(rows) == 0:
+            raise ValueError(f"the cache {info.cache_dir} has no held-out test split (fold {TEST_FOLD}); "
+                             "set data.test_fraction > 0 when preprocessing, or use evaluate.split=val")
+        eval_info = info
+    else:
+        if not settings.cache_dir:
+            raise ValueError("evaluate.split=cache needs evaluate.cache_dir")
+        eval_info = load_cache(settings.cache_dir)
+        if eval_info.class_names and list(eval_info.class_names) != list(class_names):
+            raise ValueError(f"the cache {settings.cache_dir} has classes {eval_info.class_names}, "
+                             f"the model was trained on {class_names}")
+        rows = eval_info.index
+    return val_ds, _eval_dataset(cfg, eval_info, rows), eval_info, rows.reset_index(drop=True)
+
+
+def _loader(ds, batch_size: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_padded)
+
+
+# --------------------------------------------------------------------------- numbers
+def log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """``log p`` ``(N, K)``, clipped away from ``log 0``: the calibrator's input for every loss (for a
+    softmax head this differs from the logits by a per-row constant, which softmax ignores)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
+
+
+def fit_calibrator(val_outputs: dict[str, Any], num_classes: int, settings: CalibrationSettings) -> Calibrator:
+    """Temperature and threshold (K = 2) or per-class offsets (K > 2) from validation outputs only."""
+    return Calibrator().fit(val_outputs["labels"], log_probabilities(val_outputs["probs"]), num_classes,
+                            threshold_method=settings.threshold_method, objective=settings.objective)
+
+
+def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str,
+                  rsna: bool) -> dict[str, float]:
+    """The metrics of training's validation, renamed ``<prefix>/*``, plus the RSNA metric when asked."""
+    metrics = {f"{prefix}/{k[len('val/'):]}": v for k, v in validation_metrics(outputs, class_names, loss_fn).items()}
+    if rsna:
+        metrics[f"{prefix}/rsna_weighted_log_loss"] = rsna_weighted_log_loss(outputs["labels"], outputs["probs"])
+    return metrics
+
+
+def calibrated_metrics(calibrator: Calibrator, outputs: dict[str, Any], class_names: list[str],
+                       prefix: str, rsna: bool) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    from losslab.engine.metrics import classification_metrics
+
+    logp = log_probabilities(outputs["probs"])
+    probs = calibrator.transform_probs(logp)
+    y_pred = calibrator.predict(logp)
+    metrics = {f"{prefix}/{k}": float(v)
+               for k, v in classification_metrics(outputs["labels"], probs, class_names, y_pred=y_pred).items()}
+    if rsna:
+        metrics[f"{prefix}/rsna_weighted_log_loss"] = rsna_weighted_log_loss(outputs["labels"], probs)
+    return metrics, probs, y_pred
+
+
+def calibration_summary(calibrator: Calibrator, before: dict[str, float], after: dict[str, float],
+                        before_prefix: str = "test", after_prefix: str = "test_calibrated") -> dict[str, float]:
+    out = {"calibration/temperature": float(calibrator.temperature)}
+    if calibrator.threshold is not None:
+        out["calibration/threshold"] = float(calibrator.threshold)
+    for key in ("balanced_accuracy", "min_class_recall", "f1_macro", "dead_class_count", "ece"):
+        b, a = before.get(f"{before_prefix}/{key}"), after.get(f"{after_prefix}/{key}")
+        if b is not None and a is not None:
+            out[f"calibration/gain_{key}"] = float(a) - float(b)
+    return out
+
+
+def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings, batch_size: int,
+                 plain: dict[str, Any]) -> dict[str, Any]:
+    """Logits averaged over the identity pass and ``passes`` augmented passes (seeded)."""
+    from losslab.data.transforms import build_transforms
+
+    logits_sum = np.asarray(plain["logits"], dtype=np.float64).copy()
+    losses = [plain["loss"]]
+    for i in range(settings.passes):
+        transform = build_transforms(settings.augment, train=True, seed=settings.seed + i)
+        out = predict(model, _loader(_eval_dataset(cfg, info, rows, transform), batch_size), device, loss_fn)
+        logits_sum += out["logits"]
+        losses.append(out["loss"])
+    logits = torch.as_tensor(logits_sum / (settings.passes + 1), dtype=torch.float32)
+    probs = loss_fn.probabilities(logits) if hasattr(loss_fn, "probabilities") else torch.softmax(logits, 1)
+    return {"logits": logits.numpy(), "probs": probs.detach().numpy(), "labels": plain["labels"],
+            "index": plain["index"], "loss": float(np.mean(losses))}
+
+
+def measure_latency(model, dataset, device: torch.device, batch_size: int, warmup: int = 5,
+                    repeats: int = 30) -> dict[str, float]:
+    """Per-sample latency at batch size 1 (p50, p95 in ms, after ``warmup`` calls) and throughput
+    (samples/s) of the model alone at ``batch_size`` (data loading excluded)."""
+    model.eval()
+    one = collate_padded([dataset[0]])
+    batch = collate_padded([dataset[i % len(dataset)] for i in range(batch_size)])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timings(b, n) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for _ in range(warmup):
+                forward_batch(model, b, device)
+            sync()
+            for _ in range(n):
+                start = time.perf_counter()
+                forward_batch(model, b, device)
+                sync()
+                out.append(time.perf_counter() - start)
+        return out
+
+    single = np.asarray(timings(one, repeats)) * 1000.0
+    batched = np.asarray(timings(batch, max(2, repeats // 4)))
+    return {"latency/p50_ms": float(np.percentile(single, 50)), "latency/p95_ms": float(np.percentile(single, 95)),
+            "latency/throughput_per_s": float(batch_size * len(batched) / batched.sum()),
+            "latency/batch_size": float(batch_size)}
+
+
+def _use_rsna(setting, cfg: ExperimentConfig, loss_fn, num_classes: int) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    ordinal = getattr(loss_fn, "task", "") == "ordinal" or cfg.data.source == "rsna_lumbar"
+    return num_classes == 3 and ordinal
+
+
+# --------------------------------------------------------------------------- the pipeline
+@dataclass
+class EvaluateResult:
+    run_id: str
+    metrics: dict[str, float]
+    calibrator: Calibrator
+    predictions: pd.DataFrame
+    tags: dict[str, str]
+
+
+def _experiment_for(settings: EvaluateSettings, loaded: LoadedSource, cfg: ExperimentConfig) -> None:
+    tracking = cfg.tracking
+    if settings.experiment:
+        setup_tracking(tracking.model_copy(update={"experiment": settings.experiment}))
+    elif loaded.experiment_id is not None:
+        mlflow.set_experiment(experiment_id=loaded.experiment_id)
+    else:
+        setup_tracking(tracking)
+
+
+def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: Any) -> EvaluateResult:
+    """Evaluate ``source`` (or ``cfg.evaluate.source``) and log everything to a new run.
+
+    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``.
+    """
+    settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
+    if not settings.source:
+        raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "
+                         "a run id or a checkpoint file)")
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    loaded = load_source(settings.source, cfg)
+    src_cfg, class_names, loss_fn = loaded.cfg, loaded.class_names, loaded.loss_fn
+    device = resolve_device(settings.device)
+    model = loaded.model.to(device).eval()
+    loss_fn = loss_fn.to(device)
+    batch_size = settings.batch_size or src_cfg.data.batch_size
+    rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
+
+    val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names)
+    outputs = predict(model, _loader(eval_ds, batch_size), device, loss_fn)
+    metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna)
+
+    calibrator = Calibrator()
+    cal_probs, cal_pred = outputs["probs"], None
+    if settings.calibration.enabled:
+        val_outputs = outputs if settings.split == "val" else predict(model, _loader(val_ds, batch_size), device, loss_fn)
+        calibrator = fit_calibrator(val_outputs, len(class_names), settings.calibration)
+        after, cal_probs, cal_pred = calibrated_metrics(calibrator, outputs, class_names, "test_calibrated", rsna)
+        metrics |= after | calibration_summary(calibrator, metrics, after)
+
+    tta_pred = None
+    if settings.tta.enabled:
+        tta = _tta_outputs(model, src_cfg, eval_info, rows, loss_fn, device, settings.tta, batch_size, outputs)
+        metrics |= split_metrics(tta, class_names, loss_fn, "test_tta", rsna)
+        tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
+    if settings.latency.enabled:
+        metrics |= measure_latency(model, eval_ds, device, batch_size, settings.latency.warmup,
+                                   settings.latency.repeats)
+
+    predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
+    dead = [c for c in class_names if metrics.get(f"test/pred_count_{c}", 1) == 0]
+    if dead:
+        log.warning("uncalibrated predictions never name class(es) %s; see test_calibrated/*", ", ".join(dead))
+
+    _experiment_for(settings, loaded, cfg)
+    loss_name = loaded.tags.get("losslab.loss", src_cfg.loss.name)
+    tags = base_tags(src_cfg, "evaluate") | loaded.tags | {
+        "losslab.entry_point": "evaluate", "losslab.loss": loss_name, "losslab.eval_split": settings.split,
+        "losslab.class_names": ",".join(class_names),
+        "losslab.calibration_in_sample": str(settings.split == "val" and settings.calibration.enabled).lower()}
+    if settings.split == "cache":
+        tags["losslab.eval_cache"] = str(Path(settings.cache_dir).resolve())
+    if dead:
+        tags["losslab.dead_classes"] = ",".join(dead)
+    run_name = settings.run_name or f"eval-{loss_name}-{settings.split}"
+    with managed_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as run:
+        run_id = run.info.run_id
+        log_metrics_batch(run_id, metrics, step=0)
+        mlflow.log_params({"evaluate.source": settings.source, "evaluate.split": settings.split,
+                           "evaluate.n_cases": len(rows), "evaluate.batch_size": batch_size})
+        mlflow.log_dict(settings.model_dump(), "evaluate_settings.json")
+        mlflow.log_dict(calibrator.to_dict(), "calibration.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            csv_path = Path(tmp) / "predictions.csv"
+            predictions.to_csv(csv_path, index=False)
+            mlflow.log_artifact(str(csv_path))
+        _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn)
+    return EvaluateResult(run_id, metrics, calibrator, predictions, tags)
+
+
+def _predictions_table(rows: pd.DataFrame, outputs, class_names, loss_fn, cal_pred, tta_pred) -> pd.DataFrame:
+    order = np.asarray(outputs["index"], dtype=int)
+    table = pd.DataFrame({
+        "case_id": rows["case_id"].to_numpy()[order],
+        "patient_id": rows["patient_id"].to_numpy()[order] if "patient_id" in rows else None,
+        "label": outputs["labels"].astype(int),
+        "label_name": [class_names[int(y)] for y in outputs["labels"]],
+    })
+    for c, name in enumerate(class_names):
+        table[f"prob_{name}"] = outputs["probs"][:, c]
+    table["prediction"] = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
+    if cal_pred is not None:
+        table["prediction_calibrated"] = cal_pred
+    if tta_pred is not None:
+        table["prediction_tta"] = tta_pred
+    return table
+
+
+def _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn) -> None:
+    from losslab import plots
+
+    y, probs = outputs["labels"], outputs["probs"]
+    y_pred = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
+    log_figure(plots.plot_roc(y, probs, class_names), "plots/roc.png")
+    log_figure(plots.plot_precision_recall(y, probs, class_names), "plots/precision_recall.png")
+    log_figure(plots.plot_reliability(y, probs), "plots/reliability.png")
+    log_figure(plots.plot_confusion_matrix(confusion_matrix(y, y_pred, len(class_names)), class_names),
+               "plots/confusion_matrix.png")
+    if cal_pred is not None:
+        log_figure(plots.plot_reliability(y, cal_probs), "plots/reliability_calibrated.png")
+        log_figure(plots.plot_confusion_matrix(confusion_matrix(y, cal_pred, len(class_names)), class_names),
+                   "plots/confusion_matrix_calibrated.png")
+
+
+__all__ = ["EvaluateResult", "EvaluateSettings", "LoadedSource", "SourceNotFoundError", "calibrated_metrics",
+           "calibration_summary", "fit_calibrator", "load_source", "measure_latency", "parse_model_uri",
+           "run_evaluate", "select_datasets", "split_metrics"]
