@@ -1,0 +1,515 @@
+"""sweep: Optuna drives ``train`` over a search space of config overrides; everything lands in MLflow.
+
+A trial samples values for dotted config keys (``loss.gamma``, ``optim.lr``, ``data.bag_size``) or a
+whole section (``loss`` -> ``loss=<choice>`` selects ``configs/loss/<choice>.yaml``), trains the
+resulting config on one fold (``data.fold``) or on several (``sweep.folds``) and returns the mean of the
+monitored metric at each fold's best epoch. Every epoch reports the monitored metric to Optuna
+(step = fold position x ``train.epochs`` + epoch), so a pruner can stop a poor trial early.
+
+Settings live in the config's ``sweep`` section (``configs/sweep/*.yaml``, selected with
+``-o sweep=<name>``); see :class:`SweepSettings`. The search space::
+
+    space:
+      loss: {type: categorical, choices: [ce, focal]}                # section override loss=<choice>
+      loss.gamma: {type: float, low: 0.0, high: 5.0, when: {loss: focal}}   # conditional
+      optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+      data.bag_size: {type: categorical, choices: [8, 16, 24, 32]}
+
+MLflow: one parent run per study (shared by all workers; its id is the study's user attribute
+``mlflow_parent_run_id``), one child run per trial, the trial's train run(s) under it; trial states
+map to run states as described in :mod:`losslab.tracking` (PRUNED -> KILLED + tag
+``losslab.trial_state=PRUNED``). Storage: any Optuna RDB URL (SQLite by default, PostgreSQL for many
+machines); the same command re-run continues the study; a trial whose worker dies is failed by the
+heartbeat check of another worker (or of the next run) and retried with the same params.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from losslab.config import SECTIONS, ConfigError, ExperimentConfig, apply_overrides, dump_yaml, validate_config
+from losslab.engine.callbacks import Callback
+
+log = logging.getLogger(__name__)
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+class SpaceParam(BaseModel):
+    """One searched config key: ``float``/``int`` in ``[low, high]`` (``log``, ``step``) or
+    ``categorical`` over ``choices``; ``when`` samples it only if earlier params have given values
+    (``{loss: focal}`` or ``{loss: [focal, ldam]}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpaceParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            bad = [c for c in self.choices if not (c is None or isinstance(c, (bool, int, float, str)))]
+            if bad:
+                raise ValueError(f"choices must be None/bool/int/float/str, got {bad!r}")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low}) > high ({self.high})")
+            if self.log and (self.low <= 0 or self.step is not None):
+                raise ValueError("log=true needs low > 0 and no step")
+        return self
+
+
+class SweepSettings(BaseModel):
+    """The ``sweep`` section. Command-line options (``--study``, ``--storage``, ...) override it."""
+
+    model_config = ConfigDict(extra="forbid")
+    study: str | None = None  # default: "<tracking.experiment>-sweep"
+    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL Optuna takes: postgresql://user:pw@host/db
+    n_trials: int | None = Field(20, ge=1)  # trials this worker runs (Optuna's n_trials)
+    max_trials: int | None = Field(None, ge=1)  # stop when the study has this many COMPLETE+PRUNED trials
+    timeout: float | None = Field(None, gt=0)  # seconds for this worker
+    metric: str | None = None  # default: train.monitor
+    direction: Literal["maximize", "minimize"] | None = None  # default: from train.monitor_mode
+    folds: int | list[int] | None = None  # None: data.fold; k: folds 0..k-1; or a list
+    sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})  # name + kwargs (seed, ...)
+    pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})  # median|hyperband|threshold|none
+    heartbeat_interval: int | None = Field(60, ge=1)  # seconds; None disables the dead-worker check
+    grace_period: int | None = Field(None, ge=1)  # seconds without heartbeat -> FAIL; default 2 x interval
+    max_retry: int | None = Field(2, ge=0)  # retries of a trial whose worker died
+    catch_errors: bool = True  # a trial that raises is FAIL and the sweep goes on
+    log_model: bool = False  # log/register the model of every trial (off: a registry entry per trial is noise)
+    num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads in this worker
+    parent_wait_s: float = Field(30.0, ge=0)  # how long a worker waits for the study creator's parent run
+    space: dict[str, SpaceParam] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_when(self) -> "SweepSettings":
+        seen: list[str] = []
+        for key, param in self.space.items():
+            for cond in (param.when or {}):
+                if cond not in seen:
+                    raise ValueError(f"space.{key}.when refers to {cond!r}, which is not a space key listed before it")
+            seen.append(key)
+        return self
+
+
+def sweep_settings(cfg: ExperimentConfig, **cli: Any) -> SweepSettings:
+    """``cfg.sweep`` validated, with non-None command-line values on top; errors name the key."""
+    data = dict(cfg.sweep) | {k: v for k, v in cli.items() if v is not None}
+    try:
+        settings = SweepSettings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"sweep.{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid sweep settings:\n  " + "\n  ".join(lines)) from None
+    if not settings.space:
+        raise ConfigError("sweep.space is empty: nothing to search (e.g. -o sweep=focal_gamma)")
+    return settings
+
+
+def study_name(cfg: ExperimentConfig, settings: SweepSettings) -> str:
+    return settings.study or f"{cfg.tracking.experiment}-sweep"
+
+
+def metric_and_direction(cfg: ExperimentConfig, settings: SweepSettings) -> tuple[str, str]:
+    metric = settings.metric or cfg.train.monitor
+    direction = settings.direction or ("maximize" if cfg.train.monitor_mode == "max" else "minimize")
+    return metric, direction
+
+
+# ---------------------------------------------------------------------------------- overrides
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that ``parse_override`` reads it back unchanged."""
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
+def _ordered(overrides: dict[str, Any]) -> list[str]:
+    """Section selections (``loss=focal``) first, so that dotted keys (``loss.gamma``) apply on top."""
+    sections = [format_override(k, v) for k, v in overrides.items() if k in SECTIONS]
+    dotted = [format_override(k, v) for k, v in overrides.items() if k not in SECTIONS]
+    return sections + dotted
+
+
+def apply_trial_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    return validate_config(apply_overrides(cfg.to_dict(), overrides, {}), {}, "sweep overrides")
+
+
+def _active(param: SpaceParam, sampled: dict[str, Any]) -> bool:
+    for key, wanted in (param.when or {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if key not in sampled or sampled[key] not in allowed:
+            return False
+    return True
+
+
+def sample_params(trial: Any, space: dict[str, SpaceParam]) -> dict[str, Any]:
+    """Define-by-run sampling of the space (conditional params only when their ``when`` holds)."""
+    sampled: dict[str, Any] = {}
+    for key, p in space.items():
+        if not _active(p, sampled):
+            continue
+        if p.type == "categorical":
+            sampled[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            sampled[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            sampled[key] = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
+    return sampled
+
+
+def check_space(cfg: ExperimentConfig, settings: SweepSettings, num_classes: int) -> None:
+    """Fail before any trial runs if a space key or value makes an invalid config or loss: each
+    choice and each bound is applied (with the values its ``when`` needs) and the loss is built."""
+    from losslab.losses import build_loss
+
+    for key, p in settings.space.items():
+        values = p.choices if p.type == "categorical" else [p.low, p.high]
+        if p.type == "int":
+            values = [int(v) for v in values]
+        conditions = {k: (v[0] if isinstance(v, list) else v) for k, v in (p.when or {}).items()}
+        for value in values:
+            overrides = _ordered(conditions | {key: value})
+            try:
+                trial_cfg = apply_trial_overrides(cfg, overrides)
+                build_loss(trial_cfg.loss.name, **trial_cfg.loss.params, class_counts=[1] * num_classes,
+                           num_classes=num_classes)
+            except Exception as exc:
+                raise ConfigError(f"sweep.space.{key} = {value!r} (with {overrides}) makes an invalid config: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- Optuna objects
+_SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "qmc": "QMCSampler"}
+_PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "threshold": "ThresholdPruner",
+            "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner", "none": "NopPruner"}
+
+
+def _build(kind: str, table: dict[str, str], spec: dict[str, Any], module: Any) -> Any:
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in table:
+        raise ConfigError(f"sweep.{kind}.name = {name!r}: expected one of {sorted(table)}")
+    try:
+        return getattr(module, table[name])(**spec)
+    except TypeError as exc:
+        raise ConfigError(f"sweep.{kind} = {dict(name=name, **spec)!r}: {exc}") from None
+
+
+def build_sampler(spec: dict[str, Any]) -> Any:
+    import optuna
+
+    return _build("sampler", _SAMPLERS, spec, optuna.samplers)
+
+
+def build_pruner(spec: dict[str, Any]) -> Any:
+    """``median`` (default: ``MedianPruner``), ``hyperband``, ``threshold``, ``percentile``,
+    ``successive_halving`` or ``none``; other keys are the pruner's keyword arguments."""
+    import optuna
+
+    return _build("pruner", _PRUNERS, spec, optuna.pruners)
+
+
+class _StaleTrialHandler:
+    """Called by Optuna in a live worker for a trial whose worker stopped sending heartbeats: end the
+    trial's MLflow runs FAILED, then queue a retry with the same params (``max_retry`` times)."""
+
+    def __init__(self, name: str, max_retry: int | None) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.name = name
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        from losslab.tracking import fail_dead_trial_runs
+
+        reason = f"worker {trial.user_attrs.get('worker', '?')} stopped sending heartbeats (trial {trial.number})"
+        try:
+            fail_dead_trial_runs(self.name, trial.number, reason)
+        except Exception as exc:  # the retry matters more than the bookkeeping
+            log.warning("could not mark the MLflow runs of dead trial %d: %s", trial.number, exc)
+        self.retry(study, trial)
+        log.warning("trial %d: %s; retry queued", trial.number, reason)
+
+
+def make_storage(settings: SweepSettings, name: str) -> Any:
+    import optuna
+
+    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}} if not settings.storage.startswith("sqlite") else {}
+    if settings.heartbeat_interval:
+        kwargs.update(heartbeat_interval=settings.heartbeat_interval,
+                      grace_period=settings.grace_period or 2 * settings.heartbeat_interval,
+                      heartbeat_stale_trial_callback=_StaleTrialHandler(name, settings.max_retry))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(settings.storage, **kwargs)
+
+
+def open_study(cfg: ExperimentConfig, settings: SweepSettings, load_only: bool = False) -> tuple[Any, bool]:
+    """Create the study, or load it if it exists (``load_if_exists`` semantics, but we learn which
+    happened: only the creator opens the MLflow parent run). Returns ``(study, created)``."""
+    import optuna
+
+    name = study_name(cfg, settings)
+    storage = make_storage(settings, name)
+    sampler = build_sampler(settings.sampler)
+    pruner = build_pruner(settings.pruner)
+    _, direction = metric_and_direction(cfg, settings)
+    if not load_only:
+        try:
+            return optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
+                                       pruner=pruner, load_if_exists=False), True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {redact(settings.storage)}") from None
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study {name!r} optimises {study.direction.name.lower()}, the config says {direction}")
+    return study, False
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password (for logs and params)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+# ---------------------------------------------------------------------------------- the objective
+class OptunaReporter(Callback):
+    """Engine callback: every epoch, log the epoch's metrics to the trial run, report the monitored
+    metric to Optuna and raise ``optuna.TrialPruned`` when the pruner says so."""
+
+    def __init__(self, trial: Any, metric: str, step_offset: int, trial_run_id: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.step_offset = step_offset
+        self.trial_run_id = trial_run_id
+        self.fold_run_id: str | None = None
+        self.epochs_run = 0
+
+    def on_fit_start(self, state):
+        import mlflow
+
+        run = mlflow.active_run()
+        self.fold_run_id = run.info.run_id if run else None
+
+    def on_epoch_end(self, state, metrics):
+        import optuna
+
+        from losslab.tracking import log_metrics_batch
+
+        step = self.step_offset + int(metrics.get("epoch", state.epoch))
+        self.epochs_run += 1
+        log_metrics_batch(self.trial_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step)
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            return
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            exc = optuna.TrialPruned(f"pruned at step {step} ({self.metric}={float(value):.4f})")
+            exc.step = step
+            raise exc
+
+
+def _fold_list(cfg: ExperimentConfig, settings: SweepSettings) -> list[int]:
+    if settings.folds is None:
+        return [cfg.data.fold]
+    return list(range(settings.folds)) if isinstance(settings.folds, int) else list(settings.folds)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_objective(cfg: ExperimentConfig, settings: SweepSettings, info: Any, name: str):
+    import mlflow
+    import optuna
+
+    from losslab.pipelines.train import train_fold
+    from losslab.tracking import mark_trial_run, trial_run
+
+    metric, _ = metric_and_direction(cfg, settings)
+    folds = _fold_list(cfg, settings)
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = sample_params(trial, settings.space)
+        overrides = _ordered(sampled)
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("worker", worker_id())
+        forced = [f"tracking.log_model={str(settings.log_model).lower()}"]
+        trial_cfg = apply_trial_overrides(cfg, overrides + forced)
+        epochs_run = 0
+        with trial_run(trial.number, name, sampled, tags={"losslab.worker": worker_id()},
+                       pruned=(optuna.TrialPruned,)) as run:
+            run_id = run.info.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            mlflow.log_param("overrides", " ".join(overrides)[:6000])
+            values = []
+            try:
+                for position, fold in enumerate(folds):
+                    reporter = OptunaReporter(trial, metric, position * trial_cfg.train.epochs, run_id)
+                    try:
+                        result = train_fold(trial_cfg, info, fold, nested=True, extra_callbacks=[reporter],
+                                            extra_tags={"losslab.sweep_role": "fold", "losslab.study": name})
+                    except optuna.TrialPruned as exc:
+                        if reporter.fold_run_id:  # managed_run ended it FAILED; pruning is not a failure
+                            mark_trial_run(reporter.fold_run_id, "PRUNED", step=getattr(exc, "step", None))
+                        raise
+                    finally:
+                        epochs_run += reporter.epochs_run
+                    values.append(float(result.metrics.get(metric, float("nan"))))
+            finally:
+                trial.set_user_attr("epochs_run", epochs_run)
+            value = float(sum(values) / len(values))
+            if not math.isfinite(value):
+                raise ValueError(f"objective {metric} is {value} (per fold: {values})")
+            mlflow.log_metric("objective", value)
+            for fold, v in zip(folds, values):
+                mlflow.log_metric(f"objective_fold{fold}", v)
+        return value
+
+    return objective
+
+
+# ---------------------------------------------------------------------------------- the pipeline
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    trials_run: int
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _parent_run_id(study: Any, created: bool, settings: SweepSettings) -> str | None:
+    """The study's parent run id; a worker that did not create the study waits for the creator's."""
+    deadline = time.monotonic() + (0 if created or study.get_trials(deepcopy=False) else settings.parent_wait_s)
+    while True:
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id or time.monotonic() >= deadline:
+            return run_id
+        time.sleep(0.5)
+
+
+def _parent_exists(run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except Exception:
+        return False
+
+
+def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) -> SweepResult:
+    """Run this worker's trials of the study (create it or continue it)."""
+    import warnings
+
+    import mlflow
+    import optuna
+
+    from losslab.data.cache import build_cache
+    from losslab.pipelines.common import base_tags
+    from losslab.tracking import SWEEP_ROLE_TAG, STUDY_TAG, log_config, log_sweep_summary, managed_run, setup_tracking
+
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    setup_tracking(cfg.tracking)
+    info = info or build_cache(cfg.data)
+    check_space(cfg, settings, len(info.class_names))
+    name = study_name(cfg, settings)
+    study, created = open_study(cfg, settings)
+    parent_id = _parent_run_id(study, created, settings)
+    nested = mlflow.active_run() is not None
+    tags = base_tags(cfg, "sweep") | {SWEEP_ROLE_TAG: "parent", STUDY_TAG: name}
+    if _parent_exists(parent_id):
+        ctx = managed_run(run_id=parent_id, nested=nested)
+        new_parent = False
+    else:
+        ctx = managed_run(run_name=f"sweep-{name}", tags=tags, nested=nested)
+        new_parent = True
+    n_before = len(study.trials)
+    with ctx as parent:
+        parent_id = parent.info.run_id
+        if new_parent:
+            study.set_user_attr(PARENT_ATTR, parent_id)
+            shown = settings.model_dump(mode="json") | {"storage": redact(settings.storage)}
+            log_config(cfg.model_copy(update={"sweep": shown}))  # no password in params
+            mlflow.log_params({"sweep.storage_url": redact(settings.storage), "sweep.study_name": name})
+            mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in settings.space.items()}, "sweep_space.json")
+        callbacks = []
+        if settings.max_trials:
+            from optuna.study import MaxTrialsCallback
+
+            callbacks.append(MaxTrialsCallback(settings.max_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                            optuna.trial.TrialState.PRUNED)))
+        log.info("study %r in %s: %d trials so far; this worker (%s) runs up to %s more", name,
+                 redact(settings.storage), n_before, worker_id(), settings.n_trials)
+        study.optimize(make_objective(cfg, settings, info, name), n_trials=settings.n_trials, timeout=settings.timeout,
+                       catch=(Exception,) if settings.catch_errors else (), callbacks=callbacks, gc_after_trial=True)
+        best_yaml = None
+        try:
+            best_yaml = dump_yaml(best_config(cfg, study))
+        except ValueError:
+            pass
+        log_sweep_summary(parent_id, study, best_yaml)
+    mine = [t for t in study.trials if t.user_attrs.get("worker") == worker_id()]
+    result = SweepResult(name, parent_id, len(mine))
+    try:
+        result.best_value, result.best_params = study.best_value, study.best_params
+    except ValueError:
+        pass
+    return result
+
+
+def best_config(cfg: ExperimentConfig, study: Any) -> ExperimentConfig:
+    """The base config with the best trial's overrides applied (``sweep`` cleared): ready to ``train``.
+
+    Raises:
+        ValueError: the study has no complete trial yet.
+    """
+    best = study.best_trial
+    overrides = best.user_attrs.get("overrides") or _ordered(best.params)
+    out = apply_trial_overrides(cfg, list(overrides))
+    return out.model_copy(update={"sweep": {}})
+
+
+def best_config_yaml(cfg: ExperimentConfig, settings: SweepSettings) -> str:
+    """``losslab sweep --best``: the YAML of :func:`best_config` for the configured study."""
+    study, _ = open_study(cfg, settings, load_only=True)
+    try:
+        best_cfg = best_config(cfg, study)
+    except ValueError:
+        raise ConfigError(f"study {study.study_name!r} has no complete trial yet") from None
+    header = (f"# best trial {study.best_trial.number} of study {study.study_name!r}: "
+              f"{metric_and_direction(cfg, settings)[0]} = {study.best_value:.6g}\n")
+    return header + dump_yaml(best_cfg)
