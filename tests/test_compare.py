@@ -140,3 +140,16 @@ def test_format_mean_std():
     assert format_mean_std(float("nan"), float("nan"), 0, 3) == MISSING
     assert format_mean_std(0.5, float("nan"), 1, 1) == "0.500"
     assert format_mean_std(0.5, 0.25, 2, 3) == "0.500 ± 0.250 (2/3)"
+
+
+def test_cli_compare_prints_the_table_and_names_a_missing_experiment(experiment):
+    from typer.testing import CliRunner
+
+    from losslab.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", "--experiment", experiment, "--metric", "auc", "--no-log"])
+    assert result.exit_code == 0, result.output
+    assert "0.800 ± 0.100" in result.output and "focal" in result.output
+    missing = runner.invoke(app, ["compare", "--experiment", "no-such-experiment-xyz"])
+    assert missing.exit_code == 2 and "no-such-experiment-xyz" in missing.output

@@ -207,3 +207,13 @@ def test_bad_source_settings_and_a_missing_test_split_are_clear_errors(trained):
     _, name, _ = trained
     with pytest.raises(ValueError, match="no held-out test split"):
         run_evaluate(_eval_cfg(trained, split="test"), source=f"models:/{name}@candidate")
+
+
+def test_cli_evaluate_names_a_missing_alias(trained):
+    from typer.testing import CliRunner
+
+    from losslab.cli import app
+
+    _, name, _ = trained
+    result = CliRunner().invoke(app, ["evaluate", "--model", f"models:/{name}@nope"])
+    assert result.exit_code == 2 and f"alias 'nope' of registered model '{name}' not found" in result.output
