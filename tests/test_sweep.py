@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from losslab.config import ConfigError, load_config
+from losslab.config import ConfigError, dump_yaml, load_config
 from losslab.pipelines.sweep import (
     best_config,
     best_config_yaml,
@@ -75,8 +78,14 @@ def test_sweep_prunes_reports_best_and_continues(make_config, small_cache, tmp_p
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/optimization_history.png", "plots/param_importances.png"}
 
-    # --best: YAML that loads with load_config and carries the best trial's params
-    text = best_config_yaml(cfg, sweep_settings(cfg))
+    # `losslab sweep --best`: YAML that loads with load_config and carries the best trial's params
+    config_file = tmp_path / "sweep_experiment.yaml"
+    config_file.write_text(dump_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "losslab.cli", "sweep", "-c", str(config_file), "--best"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text == best_config_yaml(cfg, sweep_settings(cfg))
     path = tmp_path / "best.yaml"
     path.write_text(text)
     loaded = load_config(path)
