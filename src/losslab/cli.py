@@ -92,6 +92,61 @@ def main(config: Optional[str] = typer.Option("configs/experiment/demo.yaml", "-
 
 
 @app.command()
+def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = OverrideOpt,
+             overrides: str = OverridesOpt,
+             model: Optional[str] = typer.Option(None, "--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, "
+                                                 "a run id or a checkpoint file (evaluate.source)."),
+             split: Optional[str] = typer.Option(None, help="val | test | cache (evaluate.split; default test)."),
+             fold: Optional[int] = typer.Option(None, help="Validation fold (evaluate.fold; default the source's data.fold)."),
+             cache_dir: Optional[str] = typer.Option(None, help="Another preprocessed cache, with --split cache.")) -> None:
+    """Score a model (calibrated on validation, with TTA and latency) in a new MLflow run."""
+    _setup_logging()
+    cfg = _load(config, override, overrides)
+    from losslab.pipelines.common import entry_point_run
+    from losslab.pipelines.evaluate import SourceNotFoundError, run_evaluate
+
+    try:
+        with entry_point_run("evaluate"):
+            result = run_evaluate(cfg, source=model or None, split=split or None, fold=fold, cache_dir=cache_dir or None)
+    except SourceNotFoundError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    m = result.metrics
+    typer.echo(f"evaluate run {result.run_id}: " + ", ".join(
+        f"{k}={m[k]:.4f}" for k in ("test/auc", "test/balanced_accuracy", "test_calibrated/balanced_accuracy",
+                                    "test/dead_class_count", "latency/p50_ms") if k in m))
+
+
+@app.command()
+def compare(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = OverrideOpt,
+            overrides: str = OverridesOpt,
+            experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment name (default tracking.experiment)."),
+            filter_string: Optional[str] = typer.Option(None, "--filter", help="MLflow search filter, e.g. \"tags.`losslab.dataset` = 'brats'\"."),
+            metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to compare (repeatable); a bare name gets --prefix."),
+            metrics: str = typer.Option("", "--metrics", help="Space-separated metrics in one string (used by MLproject)."),
+            group_by: str = typer.Option("losslab.loss", "--group-by", help="Tag to group runs by."),
+            prefix: str = typer.Option("best_val/", help="Prefix of bare metric names (train's summary metrics)."),
+            log_run: bool = typer.Option(True, "--log/--no-log", help="Log the table and plots as a compare run.")) -> None:
+    """Mean ± std over folds per loss (or any tag), read back from MLflow; table + plots in a compare run."""
+    _setup_logging()
+    cfg = _load(config, override, overrides)
+    from losslab.pipelines.common import entry_point_run
+    from losslab.pipelines.compare import DEFAULT_METRICS, ExperimentNotFoundError, run_compare
+
+    chosen = list(metric or []) + metrics.split() or list(DEFAULT_METRICS)
+    try:
+        with entry_point_run("compare"):
+            result = run_compare(experiment or cfg.tracking.experiment, filter_string or None, chosen, group_by,
+                                 prefix, cfg.tracking.tracking_uri, log_run=log_run)
+    except ExperimentNotFoundError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.markdown())
+    if result.run_id:
+        typer.echo(f"compare run {result.run_id}")
+
+
+@app.command()
 def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = OverrideOpt,
           overrides: str = OverridesOpt,
           study: Optional[str] = typer.Option(None, help="Study name (sweep.study; default <tracking.experiment>-sweep)."),
