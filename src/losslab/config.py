@@ -104,9 +104,18 @@ class TrainConfig(_Strict):
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping_patience: int | None = None
     checkpoint_dir: str = "outputs/checkpoints"
-    dead_class_patience: int = Field(1, ge=1)
+    dead_class_patience: int = Field(2, ge=1)  # alarm after this many epochs with 0 predictions of a class
+    loss_gap_threshold: float = Field(0.5, gt=0)  # overfitting alarm: val/loss - train/loss above this
+    bal_acc_var_window: int = Field(5, ge=2)  # unstable alarm: window of epochs ...
+    bal_acc_var_threshold: float = Field(0.01, gt=0)  # ... whose val/balanced_accuracy variance exceeds this
     max_train_batches: int | None = None  # for smoke tests
-    ema_decay: float | None = None
+    ema_decay: float | None = Field(None, ge=0.0, le=1.0)  # EMA of the weights; validation and best.pt use it
+    swa_epochs: int = Field(0, ge=0)  # SWA over the last N epochs (constant swa_lr, BN re-estimated)
+    swa_lr: float | None = Field(None, gt=0)  # default: half of optim.lr
+    freeze_backbone_epochs: int = Field(0, ge=0)  # backbone frozen (no grad, eval-mode BN) for the first N epochs
+    mixup_alpha: float = Field(0.0, ge=0.0)  # 0 = off; lambda ~ Beta(alpha, alpha), whole bags mixed
+    plot_every: int = Field(0, ge=0)  # figures every N epochs; 0 = only at the end
+    progress: bool = True  # progress bars (only when stderr is a terminal)
     deterministic: bool = True
 
 

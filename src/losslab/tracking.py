@@ -144,20 +144,43 @@ class MLflowCallback(Callback):
         class_names: for the per-class plots.
         plot_every: log plots every this many epochs (and at the end); 0 = only at the end.
         log_checkpoints: upload ``best``/``last`` checkpoints under ``checkpoints/``.
+        synchronous: False = MLflow's async logging for the per-epoch batches (flushed at the end).
+
+    Every epoch where a class gets no validation prediction sets the tag
+    ``losslab.zero_predictions.epoch_<k>`` to those classes (at once; the ``dead_class`` alarm
+    waits for ``train.dead_class_patience`` epochs). On a resumed fit, epochs that are in the
+    checkpoint's history but not in the run (killed between checkpoint and logging) are logged.
     """
 
-    def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True) -> None:
+    def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True,
+                 synchronous: bool = True) -> None:
         self.run_id = run_id
         self.class_names = class_names
         self.plot_every = plot_every
         self.log_checkpoints = log_checkpoints
+        self.synchronous = synchronous
         self.client = MlflowClient()
         self.alarm_tags: dict[str, str] = {}
 
     @_safe
+    def on_fit_start(self, state):
+        history = state.history
+        n = max((len(v) for v in history.values()), default=0)
+        if not n:
+            return
+        logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "train/loss")}
+        for epoch in range(n):
+            if epoch not in logged:
+                log_metrics_batch(self.run_id, {k: v[epoch] for k, v in history.items() if len(v) == n}, epoch)
+
+    @_safe
     def on_epoch_end(self, state, metrics):
         step = int(metrics.get("epoch", state.epoch))
-        log_metrics_batch(self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step)
+        log_metrics_batch(self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step,
+                          synchronous=self.synchronous)
+        zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
+        if zero:
+            self.client.set_tag(self.run_id, f"losslab.zero_predictions.epoch_{step}", ",".join(zero))
         if self.plot_every and (step + 1) % self.plot_every == 0:
             self._plots(state, final=False)
 
@@ -172,20 +195,32 @@ class MLflowCallback(Callback):
 
     @_safe
     def on_fit_end(self, state):
+        self._flush()
         self._plots(state, final=True)
+
+    @_safe
+    def on_exception(self, state, exc):
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.synchronous:
+            mlflow.flush_async_logging()
 
     def _plots(self, state, final: bool) -> None:
         from losslab import plots
         from losslab.engine.metrics import confusion_matrix
 
         hist = state.history
+        curves = [k for k in ("train/loss", "val/loss", "val/balanced_accuracy", "val/min_class_recall") if k in hist]
+        log_figure(plots.plot_curves(hist, curves), "plots/curves.png")
         log_figure(plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist]), "plots/loss_curves.png")
         log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
         out = state.last_val_outputs
         if out is not None:
             y_pred = out["probs"].argmax(1)
             cm = confusion_matrix(out["labels"], y_pred, len(self.class_names))
-            log_figure(plots.plot_confusion_matrix(cm, self.class_names), "plots/confusion_matrix.png")
+            name = "plots/confusion_matrix.png" if final else f"plots/confusion_matrix_epoch_{state.epoch:03d}.png"
+            log_figure(plots.plot_confusion_matrix(cm, self.class_names), name)
             if "attention" in out:
                 attn = [a[m] for a, m in zip(out["attention"][:4], out["mask"][:4])]
                 log_figure(plots.plot_attention(attn, [f"val bag {i} (label {self.class_names[int(l)]})"

@@ -22,6 +22,9 @@ class Callback:
     def on_epoch_start(self, state: Any) -> None:
         """Called when a training epoch begins."""
 
+    def on_train_batch_end(self, state: Any, batch_index: int, loss: float) -> None:
+        """Called after each optimiser step with the batch's training loss."""
+
     def on_epoch_end(self, state: Any, metrics: dict[str, float]) -> None:
         """Called when an epoch's training and validation end, with that epoch's metrics."""
 
@@ -51,6 +54,9 @@ class CallbackList(Callback):
 
     def on_epoch_start(self, state):
         self._call("on_epoch_start", state)
+
+    def on_train_batch_end(self, state, batch_index, loss):
+        self._call("on_train_batch_end", state, batch_index, loss)
 
     def on_epoch_end(self, state, metrics):
         self._call("on_epoch_end", state, metrics)

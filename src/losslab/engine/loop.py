@@ -6,10 +6,18 @@ or ``(logits, attention, aux)``; when ``aux`` holds ``stream_logits`` (DSMIL) th
 the loss on each stream, as in Li et al. 2021.
 
 Features: bf16 autocast on CUDA (off on CPU), gradient clipping, cosine decay with linear warm-up
-(per step, no restarts), early stopping on any logged metric, deterministic seeding, atomic
-checkpoints (temp file + ``os.replace``) holding model, optimiser, scheduler, epoch, history and RNG
-states, resume from a checkpoint, and a stop with the epoch and batch in the message when the loss
-becomes NaN/inf (the last good checkpoint stays).
+(per step, no restarts), separate backbone/head learning rates, a frozen-backbone phase
+(``train.freeze_backbone_epochs``: no gradients and eval-mode BN in ``model.backbone``), EMA weights
+(``train.ema_decay``), SWA over the last ``train.swa_epochs`` epochs at a constant ``train.swa_lr``
+with BN re-estimation, optional mixup of whole bags (``train.mixup_alpha``), early stopping on any
+logged metric, deterministic seeding, atomic checkpoints (temp file + ``os.replace``) holding model,
+EMA/SWA, optimiser, schedulers, epoch, history and RNG states, resume from a checkpoint, and a stop
+with the epoch and batch in the message when the loss becomes NaN/inf (the last good checkpoint
+stays).
+
+Which weights are validated: the SWA average during the SWA epochs, else the EMA when enabled,
+else the trained weights. The checkpoint records that choice in ``eval_source``;
+:func:`evaluation_weights` returns those weights from a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +37,10 @@ import torch
 from torch import nn
 
 from losslab.engine.callbacks import Callback, CallbackList
+from losslab.engine.ema import averaged_weights, build_ema, build_swa, mixup_batch, update_bn
 
 log = logging.getLogger(__name__)
+SLEEP_ENV = "LOSSLAB_TEST_SLEEP_PER_BATCH"  # tests only: seconds to sleep after each training batch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +95,15 @@ def compute_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor,
     if streams:
         return sum(loss_fn(s.float(), target) for s in streams) / len(streams)
     return loss_fn(logits.float(), target)
+
+
+def compute_mixed_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None,
+                       lam: float, aux: dict) -> torch.Tensor:
+    """Mixup loss ``lam * L(y_a) + (1 - lam) * L(y_b)``; plain ``L(y_a)`` when ``target_b`` is None."""
+    loss = compute_loss(loss_fn, logits, target, aux)
+    if target_b is None:
+        return loss
+    return lam * loss + (1.0 - lam) * compute_loss(loss_fn, logits, target_b, aux)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -155,19 +175,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def evaluation_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint was validated with: SWA, EMA or the trained model (``eval_source``)."""
+    source = ckpt.get("eval_source", "model")
+    if source == "model":
+        return ckpt["model"]
+    return averaged_weights(ckpt[source])
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
+    """Freeze (``requires_grad=False``, BN in eval mode) or unfreeze ``model.backbone``.
+
+    Returns False when the model has no ``backbone`` attribute (nothing to do). Call it after
+    ``model.train()``: freezing puts the backbone back in eval mode."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return False
+    for p in backbone.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        backbone.eval()
+    return True
+
+
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
             amp: bool = False) -> dict[str, Any]:
     """Run the model over a loader; return logits, probabilities, labels, attention, mean loss."""
     model.eval()
+    from losslab.engine.diagnostics import selection_confidence
+
     logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
     loss_sum, n = 0.0, 0
+    selection_sum, selection_n = 0.0, 0
     for batch in loader:
         with _autocast(device, amp):
             logits, attention, aux = forward_batch(model, batch, device)
         target = batch["label"].to(device)
         logits = logits.float()
+        if aux and aux.get("instance_logits") is not None:
+            instance_probs = torch.softmax(aux["instance_logits"].float(), dim=-1).cpu()
+            value = selection_confidence(instance_probs, batch.get("mask"))
+            if value == value:
+                selection_sum += value * len(target)
+                selection_n += len(target)
         if loss_fn is not None:
             loss_sum += float(compute_loss(loss_fn, logits, target, aux)) * len(target)
         n += len(target)
@@ -189,6 +241,8 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
         "index": torch.cat(index_all).numpy(),
         "loss": loss_sum / max(n, 1),
     }
+    if selection_n:
+        out["selection_confidence"] = selection_sum / selection_n
     if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
         out["attention"] = torch.cat(attn_all).numpy()
         out["mask"] = torch.cat(masks_all).numpy()
@@ -202,7 +256,8 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
-    """``val/*`` metrics from predict() outputs (classification metrics + MIL attention stats)."""
+    """``val/*`` metrics from predict() outputs (classification metrics, MIL attention statistics and,
+    for DSMIL, the selection confidence of the critical instance)."""
     from losslab.engine.metrics import classification_metrics
 
     y_pred = None
@@ -211,6 +266,8 @@ def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn:
     metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
     out = {f"val/{k}": float(v) for k, v in metrics.items()}
     out["val/loss"] = float(outputs["loss"])
+    if "selection_confidence" in outputs:
+        out["val/selection_confidence"] = float(outputs["selection_confidence"])
     if "attention" in outputs:
         from losslab.engine.diagnostics import attention_statistics
 
@@ -234,14 +291,17 @@ def fit(
     """Train ``model`` with ``loss_fn``; validate every epoch; checkpoint ``best`` and ``last``.
 
     Args:
-        model: returns ``(logits (B, K), attention, [aux])`` from ``(image, mask[, level])``.
+        model: returns ``(logits (B, K), attention, [aux])`` from ``(image, mask[, level])``; an
+            optional ``backbone`` attribute gets ``optim.backbone_lr`` and the frozen phase.
         loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``, ``terms``,
             ``weights``) or any ``nn.Module`` loss.
         train_cfg / optim_cfg: :class:`losslab.config.TrainConfig` / ``OptimConfig``.
-        resume_from: a ``last.pt`` checkpoint to continue from (same config and data).
+        resume_from: a ``last.pt`` checkpoint to continue from (same config and data); the run then
+            ends with the same weights and metrics as an uninterrupted one.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (epoch and batch in the message).
+        KeyError: ``train.monitor`` is not a logged metric.
     """
     from losslab.engine.metrics import Alarms
 
@@ -251,17 +311,26 @@ def fit(
     loss_fn.to(device)
     optimizer = build_optimizer(model, loss_fn, optim_cfg)
     steps_per_epoch = len(train_loader) if train_cfg.max_train_batches is None else min(len(train_loader), train_cfg.max_train_batches)
-    total_steps = steps_per_epoch * train_cfg.epochs
+    swa_epochs = min(train_cfg.swa_epochs, train_cfg.epochs)
+    swa_start = train_cfg.epochs - swa_epochs if swa_epochs else None
+    # the cosine decays over the epochs before SWA; SWA runs at a constant swa_lr
+    total_steps = steps_per_epoch * max(1, train_cfg.epochs - swa_epochs)
     if optim_cfg.scheduler == "cosine":
         factor = cosine_with_warmup(total_steps, optim_cfg.warmup_epochs * steps_per_epoch, optim_cfg.min_lr_ratio)
     else:
         factor = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ema = build_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay is not None else None
+    swa_model = build_swa(model) if swa_epochs else None
+    swa_scheduler = None
     state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir))
-    alarms = Alarms(dead_class_patience=train_cfg.dead_class_patience)
+    alarms = Alarms(dead_class_patience=train_cfg.dead_class_patience, loss_gap_threshold=train_cfg.loss_gap_threshold,
+                    bal_acc_var_window=train_cfg.bal_acc_var_window, bal_acc_var_threshold=train_cfg.bal_acc_var_threshold)
     sign = 1.0 if train_cfg.monitor_mode == "max" else -1.0
     patience_left = train_cfg.early_stopping_patience
     start_epoch = 0
+    sleep_per_batch = float(os.environ.get(SLEEP_ENV) or 0.0)
+    show_progress = bool(getattr(train_cfg, "progress", False)) and sys.stderr.isatty()
 
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -270,12 +339,23 @@ def fit(
             loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        if swa_model is not None and ckpt.get("swa") is not None:
+            swa_model.load_state_dict(ckpt["swa"])
+        if ckpt.get("swa_scheduler") is not None:
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            swa_scheduler = _build_swalr(optimizer, train_cfg, optim_cfg)  # its first step moves the lr ...
+            swa_scheduler.load_state_dict(ckpt["swa_scheduler"])
+            for group, lr in zip(optimizer.param_groups, lrs):  # ... so put back the saved one
+                group["lr"] = lr
         state.epoch = ckpt["epoch"]
         state.global_step = ckpt["global_step"]
         state.best_metric = ckpt["best_metric"]
         state.best_epoch = ckpt["best_epoch"]
         state.history = {k: list(v) for k, v in ckpt["history"].items()}
         patience_left = ckpt.get("patience_left", patience_left)
+        _replay_alarms(alarms, state.history)
         _set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
@@ -284,51 +364,75 @@ def fit(
         cbs.on_fit_start(state)
         for epoch in range(start_epoch, train_cfg.epochs):
             state.epoch = epoch
+            in_swa = swa_start is not None and epoch >= swa_start
+            if in_swa and swa_scheduler is None:
+                swa_scheduler = _build_swalr(optimizer, train_cfg, optim_cfg)
+            frozen = epoch < train_cfg.freeze_backbone_epochs
             if hasattr(loss_fn, "on_epoch_start"):
                 loss_fn.on_epoch_start(epoch)
             cbs.on_epoch_start(state)
             model.train()
             loss_fn.train()
+            set_backbone_frozen(model, frozen)
             t0 = time.perf_counter()
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, lr = 0.0, 0, optimizer.param_groups[-1]["lr"]
             term_sums: dict[str, float] = {}
-            for b, batch in enumerate(train_loader):
+            batches = _progress(train_loader, steps_per_epoch, f"epoch {epoch}", show_progress)
+            for b, batch in enumerate(batches):
                 if train_cfg.max_train_batches is not None and b >= train_cfg.max_train_batches:
                     break
+                lam, target_b = 1.0, None
+                if train_cfg.mixup_alpha > 0:
+                    batch, target_b, lam = mixup_batch(batch, train_cfg.mixup_alpha)
+                    target_b = target_b.to(device, non_blocking=True)
                 target = batch["label"].to(device, non_blocking=True)
                 with _autocast(device, train_cfg.amp):
                     logits, _, aux = forward_batch(model, batch, device)
-                loss = compute_loss(loss_fn, logits, target, aux)
+                loss = compute_mixed_loss(loss_fn, logits, target, target_b, lam, aux)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                lr = optimizer.param_groups[-1]["lr"]  # logged: the head lr of the epoch's last step
                 optimizer.step()
-                scheduler.step()
+                if not in_swa:
+                    scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 state.global_step += 1
-                loss_sum += float(loss.detach()) * len(target)
+                batch_loss = float(loss.detach())
+                loss_sum += batch_loss * len(target)
                 seen += len(target)
                 if hasattr(loss_fn, "terms"):
                     for k, v in loss_fn.terms().items():
                         term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(target)
+                cbs.on_train_batch_end(state, b, batch_loss)
+                if sleep_per_batch:
+                    time.sleep(sleep_per_batch)
             train_time = time.perf_counter() - t0
-            outputs = predict(model, val_loader, device, loss_fn, train_cfg.amp)
-            metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time,
-                       "train/lr": optimizer.param_groups[-1]["lr"]}
+            if in_swa:
+                swa_model.update_parameters(model)
+                swa_scheduler.step()
+                update_bn(train_loader, swa_model.module, device, train_cfg.max_train_batches)
+                eval_model, eval_source = swa_model.module, "swa"
+            elif ema is not None:
+                eval_model, eval_source = ema.module, "ema"
+            else:
+                eval_model, eval_source = model, "model"
+            outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp)
+            metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time, "train/lr": lr}
             metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
             if hasattr(loss_fn, "weights"):
                 metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
-            cw = getattr(loss_fn, "class_weights", "absent")
-            if cw is None or isinstance(cw, torch.Tensor):
-                # class weights in effect this epoch (e.g. LDAM-DRW switching on); 1.0 = unweighted
-                for c, name in enumerate(class_names):
-                    metrics[f"loss_class_weight/{name}"] = float(cw[c]) if cw is not None and c < len(cw) else 1.0
             metrics.update(validation_metrics(outputs, class_names, loss_fn))
             for k, v in metrics.items():
                 state.history.setdefault(k, []).append(float(v))
             state.last_val_outputs = outputs
+            zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
+            if zero:
+                log.warning("epoch %d: class(es) %s predicted 0 times on validation", epoch, ", ".join(zero))
             for alarm in alarms.update(epoch, metrics):
                 log.warning("epoch %d: %s", epoch, alarm.message)
                 cbs.on_alarm(state, alarm)
@@ -344,9 +448,13 @@ def fit(
                 patience_left -= 1
             payload = {
                 "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "swa": swa_model.state_dict() if swa_model is not None and in_swa else None,
+                "eval_source": eval_source,
                 "loss": loss_fn.state_dict() if any(True for _ in loss_fn.state_dict()) else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
                 "epoch": epoch,
                 "global_step": state.global_step,
                 "best_metric": state.best_metric,
@@ -372,3 +480,29 @@ def fit(
         cbs.on_exception(state, exc)
         raise
     return state
+
+
+def _build_swalr(optimizer: torch.optim.Optimizer, train_cfg: Any, optim_cfg: Any):
+    """SWALR at a constant ``train.swa_lr`` (default ``optim.lr / 2``) from the first SWA epoch on;
+    the backbone group keeps its ratio ``backbone_lr / lr``."""
+    from torch.optim.swa_utils import SWALR
+
+    swa_lr = train_cfg.swa_lr or 0.5 * optim_cfg.lr
+    ratio = (optim_cfg.backbone_lr or optim_cfg.lr) / optim_cfg.lr
+    lrs = [swa_lr * ratio if group.get("name") == "backbone" else swa_lr for group in optimizer.param_groups]
+    return SWALR(optimizer, swa_lr=lrs, anneal_epochs=0)
+
+
+def _replay_alarms(alarms: Any, history: dict[str, list[float]]) -> None:
+    """Feed the epochs before a resume to fresh alarms (silently: they fired in the first process)."""
+    n = max((len(v) for v in history.values()), default=0)
+    for epoch in range(n):
+        alarms.update(epoch, {k: v[epoch] for k, v in history.items() if len(v) == n})
+
+
+def _progress(loader, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -25,7 +25,8 @@ from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
 from losslab.data.samplers import build_sampler
-from losslab.engine.loop import fit, load_checkpoint, predict, resolve_device, seed_everything, validation_metrics
+from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
+                                 validation_metrics)
 from losslab.pipelines.common import base_tags
 from losslab.tracking import MLflowCallback, log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
 
@@ -125,18 +126,22 @@ def _checkpoint_dir(cfg: ExperimentConfig, run_id: str) -> Path:
 def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool = False,
                resume_run_id: str | None = None, extra_callbacks: list | None = None,
                extra_tags: dict[str, str] | None = None) -> FoldResult:
-    """Train one fold in its own MLflow run; the run is FAILED (with the reason) on any error."""
+    """Train one fold in its own MLflow run; the run is FAILED (with the reason) on any error,
+    including a fold that cannot be built (e.g. no validation cases).
+
+    With ``resume_run_id`` the same run continues from its last checkpoint (a local
+    ``<checkpoint_dir>/<run_id>/last.pt``, else the run's ``checkpoints/last.pt`` artifact) and ends
+    FINISHED; a run left RUNNING by a killed process can be resumed this way."""
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     class_names = info.class_names
-    train_ds, val_ds = make_datasets(cfg, info, fold)
-    class_counts = np.bincount(train_ds.labels, minlength=len(class_names)).tolist()
-    loss_fn, model = build_components(cfg, class_counts)
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
-
     run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}"
     tags = base_tags(cfg, "train", fold) | (extra_tags or {})
     with managed_run(run_name=run_name, tags=tags, nested=nested, run_id=resume_run_id) as run:
         run_id = run.info.run_id
+        train_ds, val_ds = make_datasets(cfg, info, fold)
+        class_counts = np.bincount(train_ds.labels, minlength=len(class_names)).tolist()
+        loss_fn, model = build_components(cfg, class_counts)
+        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
         resume_from = None
         if resume_run_id is None:
             log_config(cfg)
@@ -147,7 +152,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             resume_from = _find_resume_checkpoint(cfg, run_id)
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
-        callbacks = [MLflowCallback(run_id, class_names, plot_every=0)] + list(extra_callbacks or [])
+        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every)] + list(extra_callbacks or [])
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
                     callbacks=callbacks, resume_from=resume_from)
 
@@ -156,9 +161,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
             mlflow.set_tag("losslab.dead_classes", ",".join(dead))
 
-        # the best weights: summary metrics and the registered model
+        # the best weights (EMA/SWA when those were validated): summary metrics and the registered model
         best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
-        model.load_state_dict(best["model"])
+        model.load_state_dict(evaluation_weights(best))
         device = resolve_device(cfg.train.device)
         outputs = predict(model.to(device), val_loader, device, loss_fn)
         best_metrics = validation_metrics(outputs, class_names, loss_fn)
@@ -211,7 +216,7 @@ def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None 
     goes to the best fold by the monitored metric."""
     folds = cfg.cv.folds
     fold_list = list(range(folds)) if isinstance(folds, int) else list(folds)
-    tags = base_tags(cfg, "train") | {"losslab.cv": "true"}
+    tags = base_tags(cfg, "train") | {"losslab.cv": "true", "losslab.fold": ",".join(str(f) for f in fold_list)}
     results: list[FoldResult] = []
     nested = mlflow.active_run() is not None
     with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-cv", tags=tags, nested=nested) as parent:
@@ -221,7 +226,8 @@ def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None 
                 results.append(train_fold(cfg, info, fold, nested=True, extra_callbacks=extra_callbacks))
             except Exception as exc:  # the fold's run is already FAILED with its reason
                 log.error("fold %d failed: %s", fold, exc)
-                results.append(FoldResult(fold, "", "FAILED", error=f"{type(exc).__name__}: {exc}"))
+                results.append(FoldResult(fold, _child_run_id(parent.info.run_id, fold), "FAILED",
+                                          error=f"{type(exc).__name__}: {exc}"))
         _log_cv_summary(cfg, results)
         ok = [r for r in results if r.status == "FINISHED"]
         failed = [r for r in results if r.status != "FINISHED"]
@@ -241,6 +247,16 @@ def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None 
         if not ok:
             raise RuntimeError(f"every fold failed: {[r.error for r in failed]}")
     return TrainResult(results, parent.info.run_id, info.class_names)
+
+
+def _child_run_id(parent_run_id: str, fold: int) -> str:
+    """The run id of ``fold``'s child run under ``parent_run_id`` ('' if none was created)."""
+    client = mlflow.tracking.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`losslab.fold` = '{fold}'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else ""
 
 
 def _log_cv_summary(cfg: ExperimentConfig, results: list[FoldResult]) -> None:
