@@ -248,6 +248,17 @@ class _StaleTrialHandler:
         log.warning("trial %d: %s; retry queued", trial.number, reason)
 
 
+def storage_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; without it installed, use psycopg2
+    (the ``postgres`` extra) so that the plain URL works."""
+    import importlib.util
+
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix) and importlib.util.find_spec("psycopg") is None:
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def make_storage(settings: SweepSettings, name: str) -> Any:
     import optuna
 
@@ -256,11 +267,25 @@ def make_storage(settings: SweepSettings, name: str) -> Any:
         kwargs.update(heartbeat_interval=settings.heartbeat_interval,
                       grace_period=settings.grace_period or 2 * settings.heartbeat_interval,
                       heartbeat_stale_trial_callback=_StaleTrialHandler(name, settings.max_retry))
+    url = storage_url(settings.storage)
+    return _retry(lambda: optuna.storages.RDBStorage(url, **kwargs), "open the Optuna storage")
+
+
+def _retry(fn, what: str, attempts: int = 4):
+    """Workers that start together race to create the same tables / experiment: the loser of
+    such a race only has to try again (the second time the object exists)."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(settings.storage, **kwargs)
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*experimental.*")
+                return fn()
+        except Exception as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("could not %s (%s); retrying", what, exc)
+            time.sleep(0.5 + attempt)
 
 
 def open_study(cfg: ExperimentConfig, settings: SweepSettings, load_only: bool = False) -> tuple[Any, bool]:
@@ -443,7 +468,7 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
 
         torch.set_num_threads(settings.num_threads)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    setup_tracking(cfg.tracking)
+    _retry(lambda: setup_tracking(cfg.tracking), "set up the MLflow experiment")  # two workers may create it at once
     info = info or build_cache(cfg.data)
     check_space(cfg, settings, len(info.class_names))
     name = study_name(cfg, settings)
