@@ -1,0 +1,134 @@
+"""Resume: an interrupted fit continued from ``last.pt`` ends exactly like an uninterrupted one —
+in process (EMA, SWA, frozen phase and mixup all on), and for real through the CLI after SIGKILL,
+continuing the same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from losslab.config import dump_yaml
+from losslab.engine.callbacks import Callback
+from losslab.engine.loop import fit, load_checkpoint, seed_everything
+from losslab.pipelines.train import build_components, make_datasets, make_loaders, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.epoch:
+            raise _Interrupt(f"stopped at epoch {self.epoch}")
+
+
+def _fresh_fit(cfg, info, ckpt_dir, callbacks=None, resume_from=None):
+    seed_everything(cfg.train.seed, True)
+    train_ds, val_ds = make_datasets(cfg, info, 0)
+    loss_fn, model = build_components(cfg, torch.bincount(torch.as_tensor(train_ds.labels), minlength=2).tolist())
+    tl, vl = make_loaders(cfg, train_ds, val_ds)
+    train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(ckpt_dir)})
+    return fit(model, loss_fn, tl, vl, train_cfg, cfg.optim, info.class_names, callbacks=callbacks,
+               resume_from=resume_from)
+
+
+def test_resume_in_process_with_ema_swa_freeze_mixup_matches_uninterrupted(make_config, small_cache, tmp_path):
+    cfg = make_config("train.device=cpu", "train.epochs=3", "train.max_train_batches=2", "train.ema_decay=0.9",
+                      "train.swa_epochs=2", "train.swa_lr=0.002", "train.freeze_backbone_epochs=1",
+                      "train.mixup_alpha=0.4", "optim.backbone_lr=0.001")
+    reference = _fresh_fit(cfg, small_cache, tmp_path / "ref")
+    with pytest.raises(_Interrupt):
+        _fresh_fit(cfg, small_cache, tmp_path / "cut", callbacks=[_StopAt(2)])
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1  # inside SWA, after the frozen phase
+    resumed = _fresh_fit(cfg, small_cache, tmp_path / "cut", resume_from=tmp_path / "cut" / "last.pt")
+
+    val_keys = [k for k in reference.history if k.startswith("val/")]
+    assert val_keys and set(val_keys) == {k for k in resumed.history if k.startswith("val/")}
+    for key in val_keys:
+        assert resumed.history[key] == pytest.approx(reference.history[key], abs=1e-6, nan_ok=True), key
+    a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for part in ("model", "ema", "swa"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=0, atol=1e-6, msg=f"{part}.{k}")
+    assert a["swa_scheduler"] == b["swa_scheduler"] and a["global_step"] == b["global_step"] == 6
+
+
+def _val_metrics_at(client, run_id, step):
+    run = client.get_run(run_id)
+    out = {}
+    for key in run.data.metrics:
+        if key.startswith("val/"):
+            hist = [m for m in client.get_metric_history(run_id, key) if m.step == step]
+            assert len(hist) == 1, (key, hist)
+            out[key] = hist[0].value
+    return out
+
+
+def _cli(config_path, *args, env=None, cwd=None):
+    return subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", "-c", str(config_path), *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, small_cache, tmp_path):
+    common = ("train.device=cpu", "train.epochs=3", "train.max_train_batches=3", "train.ema_decay=0.9",
+              "tracking.log_model=false")
+    killed_cfg = make_config(*common, experiment="resume-killed")
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(dump_yaml(killed_cfg))
+    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
+    proc = _cli(config_path, env=env, cwd=tmp_path)
+    client = MlflowClient()
+    try:
+        run_id, deadline = None, time.monotonic() + 150
+        while time.monotonic() < deadline:  # epoch 0 is checkpointed and logged: the process is in epoch 1
+            assert proc.poll() is None, proc.stdout.read()
+            exp = client.get_experiment_by_name("resume-killed")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs:
+                run_id = runs[0].info.run_id
+                if client.get_metric_history(run_id, "val/loss"):
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the training subprocess did not finish epoch 0 in time")
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt_dir = Path(killed_cfg.train.checkpoint_dir) / run_id
+    assert load_checkpoint(ckpt_dir / "last.pt")["epoch"] == 0  # killed inside epoch 1
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0]
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
+
+    resume = _cli(config_path, "--resume", run_id, env=dict(env, LOSSLAB_TEST_SLEEP_PER_BATCH="0"), cwd=tmp_path)
+    out, _ = resume.communicate(timeout=240)
+    assert resume.returncode == 0, out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["losslab.resumed_from"].endswith("last.pt")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1, 2]
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, no new one
+
+    reference = run_train(make_config(*common, experiment="resume-reference"), info=small_cache)
+    expected = _val_metrics_at(client, reference.folds[0].run_id, 2)
+    got = _val_metrics_at(client, run_id, 2)
+    assert expected.keys() == got.keys() and "val/balanced_accuracy" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
