@@ -12,7 +12,13 @@
 - ``"volume3d"``: :class:`VolumeClassifier` — a MONAI encoder (``cfg.backbone`` in
   :func:`list_volume_encoders`); ``forward(x (B, C, D, H, W)) -> (logits (B, K), None)``;
   ``head_kwargs``: ``dropout`` (``cfg.head`` is not used).
-- ``"multimodal"``: not implemented yet.
+- ``"multimodal"``: :class:`MultiModalClassifier` (:mod:`losslab.models.multimodal`) —
+  ``forward(image (B, C, H, W), input_ids (B, L), attention_mask (B, L)) -> ({task: (B, K_t)},
+  features (B, D))``. ``cfg.head`` is the fusion (``cross_attention``, ``concat``, ``image_only``,
+  ``text_only``); the backbone fields describe the image encoder; ``head_kwargs``: ``text`` (text
+  encoder spec), ``fusion_dim``, ``fusion_layers``, ``num_heads``, ``dropout``, ``tasks``
+  (``{task: [class names]}``, default one task ``label`` with ``num_outputs`` classes) and ``texts``
+  (captions the offline tokenizer learns its vocabulary from).
 
 ``backbone_kwargs`` go to the backbone constructor (timm or MONAI). ``class_priors`` (class
 frequencies, length ``K``) initialise every classifier bias to ``log(pi)``. Models never import
@@ -108,7 +114,7 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
         UnknownMILHeadError: (``KeyError``) unknown ``cfg.head``; lists known heads, sorted.
         UnknownBackboneError: (``KeyError``) unknown ``cfg.backbone``.
         TypeError: an unknown key in ``cfg.head_kwargs``; names the head (or kind) and the key.
-        NotImplementedError: ``cfg.kind == "multimodal"``.
+        ValueError: ``multimodal`` with a head that is not a fusion, or a bad multimodal spec.
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
@@ -141,8 +147,15 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
         return VolumeClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
 
     if cfg.kind == "multimodal":
-        raise NotImplementedError(
-            "model.kind='multimodal' (text encoder + cross-attention fusion) is not implemented yet; "
-            "use model.kind 'mil', 'slices25d' or 'volume3d'"
-        )
+        from losslab.models.multimodal import FUSIONS, build_multimodal_model
+
+        if cfg.head not in FUSIONS:
+            raise ValueError(f"model.kind='multimodal': model.head is the fusion, one of {', '.join(FUSIONS)}; "
+                             f"got {cfg.head!r}")
+        tasks = head_kwargs.pop("tasks", None) or {"label": [str(k) for k in range(num_outputs)]}
+        texts = head_kwargs.pop("texts", None)
+        image = {"backbone": cfg.backbone, "in_chans": cfg.in_chans, "pretrained": cfg.pretrained,
+                 "weights_path": cfg.weights_path, "drop_path_rate": cfg.drop_path_rate, "kwargs": dict(cfg.backbone_kwargs)}
+        return build_multimodal_model({"image": image, "fusion": cfg.head, **head_kwargs}, tasks, texts=texts,
+                                      in_chans=cfg.in_chans)
     raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal")

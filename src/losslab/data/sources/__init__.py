@@ -21,3 +21,4 @@ from losslab.data.sources import manifest  # noqa: F401,E402
 from losslab.data.sources import medmnist  # noqa: F401,E402
 from losslab.data.sources import mnist_bags  # noqa: F401,E402
 from losslab.data.sources import msd  # noqa: F401,E402
+from losslab.data.sources import embedded_medpix  # noqa: F401,E402

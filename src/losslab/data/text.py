@@ -1,0 +1,196 @@
+"""Image + caption datasets with several task labels, read from the case cache.
+
+A cache built from the ``manifest`` source keeps the caption in ``meta["text"]`` and each extra
+column ``c`` in ``meta["task_<c>"]`` (:mod:`losslab.data.sources.manifest`). :class:`ImageTextDataset`
+turns its rows into::
+
+    {"image": (C, H, W) float32, "input_ids": (L,) long, "attention_mask": (L,) long,
+     "labels": {task: () long}, "index": () long, "case_id": str}
+
+and :func:`collate_image_text` stacks them into ``image (B, C, H, W)``, ``input_ids (B, L)``,
+``attention_mask (B, L)``, ``labels {task: (B,)}``, ``index (B,)``, ``case_id [B]``.
+
+Problems are errors that name where they come from: :func:`check_image_text_manifest` checks the CSV
+itself (missing ``text`` or task column: the file and the column; an empty caption or task value:
+the file, the row and the column); the dataset checks the cache rows (the case id and the key).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from losslab.data.sources.manifest import sorted_labels
+
+__all__ = [
+    "ImageTextDataset",
+    "MissingTextError",
+    "check_image_text_manifest",
+    "collate_image_text",
+    "index_meta",
+    "task_classes_from_index",
+]
+
+Tokenizer = Callable[[Sequence[str], int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class MissingTextError(ValueError):
+    """A sample without a caption, or without a value for a task (the message says which)."""
+
+
+def check_image_text_manifest(path: str | Path, tasks: Sequence[str], text_column: str = "text") -> int:
+    """Check an image + text manifest CSV before it is cached; return its number of rows.
+
+    Raises:
+        FileNotFoundError: no such file.
+        MissingTextError: no ``text`` column or no column for a task (names the file and the column,
+            lists the columns found); an empty caption or task value (names the file, the row — 1 is
+            the header — the image path and the column).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        for column in (text_column, *tasks):
+            if column not in header:
+                what = "the caption column" if column == text_column else f"the column of task {column!r}"
+                raise MissingTextError(f"{path}: missing {what} {column!r} (found columns: {', '.join(header)})")
+        rows = 0
+        for line, row in enumerate(reader, start=2):
+            rows += 1
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            for column in (text_column, *tasks):
+                if not row.get(column):
+                    what = "caption" if column == text_column else "task value"
+                    raise MissingTextError(f"{path}: row {line} (path {row.get('path', '')!r}): empty {what} in "
+                                           f"column {column!r}")
+    return rows
+
+
+def index_meta(index: pd.DataFrame) -> list[dict[str, Any]]:
+    """The ``meta`` column of a cache index, decoded (one dict per row)."""
+    return [json.loads(m) if isinstance(m, str) and m else {} for m in index["meta"]]
+
+
+def _task_value(meta: dict[str, Any], task: str, case_id: str) -> str:
+    key = f"task_{task}"
+    if key not in meta or meta[key] is None or str(meta[key]).strip() == "":
+        found = sorted(k[len("task_"):] for k in meta if k.startswith("task_"))
+        raise MissingTextError(f"case {case_id}: no value for task {task!r} (meta key {key!r}); the cache has tasks "
+                               f"{found} — is {task!r} a column of the manifest?")
+    return str(meta[key])
+
+
+def task_classes_from_index(index: pd.DataFrame, tasks: Sequence[str] | dict[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``{task: class names}``: given explicitly (a dict), else the sorted values found in the index."""
+    if isinstance(tasks, dict):
+        return {str(t): [str(c) for c in cs] for t, cs in tasks.items()}
+    metas = index_meta(index)
+    out = {}
+    for task in tasks:
+        out[str(task)] = sorted_labels([_task_value(m, task, cid) for m, cid in zip(metas, index["case_id"])])
+    return out
+
+
+class ImageTextDataset(Dataset):
+    """Cached images with their captions (tokenized once) and one label per task.
+
+    Args:
+        index: rows of the cache index (``case_id``, ``array_path``, ``meta`` JSON with ``text`` and
+            ``task_<task>``).
+        cache_dir: the cache folder.
+        task_classes: ``{task: [class names]}``; a value outside the list is an error.
+        tokenizer: ``tokenizer(texts, max_length) -> (input_ids (B, L), attention_mask (B, L))``,
+            or ``None`` for image-only models (``input_ids`` is then ``(0,)``).
+        max_length: L.
+        image_mean / image_std: per-channel normalisation ``(C,)`` (e.g. from the training set);
+            default none.
+
+    Raises:
+        MissingTextError: a row without caption (``meta["text"]`` absent or empty) or without a task
+            value; names the case id and the key.
+        ValueError: a task value not in ``task_classes``.
+    """
+
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, task_classes: dict[str, Sequence[str]],
+                 tokenizer: Tokenizer | None = None, max_length: int = 64,
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
+        self.index = index.reset_index(drop=True)
+        self.cache_dir = Path(cache_dir)
+        self.task_classes = {t: list(cs) for t, cs in task_classes.items()}
+        metas = index_meta(self.index)
+        case_ids = self.index["case_id"].tolist()
+        texts = []
+        for meta, case_id in zip(metas, case_ids):
+            text = meta.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise MissingTextError(f"case {case_id}: no caption (meta key 'text' is "
+                                       f"{'missing' if 'text' not in meta else 'empty'}); every sample needs a "
+                                       f"text column value in the manifest")
+            texts.append(text)
+        self.texts = texts
+        self.labels: dict[str, np.ndarray] = {}
+        for task, classes in self.task_classes.items():
+            lookup = {c: i for i, c in enumerate(classes)}
+            values = []
+            for meta, case_id in zip(metas, case_ids):
+                value = _task_value(meta, task, case_id)
+                if value not in lookup:
+                    raise ValueError(f"case {case_id}: task {task!r} value {value!r} is not one of {classes}")
+                values.append(lookup[value])
+            self.labels[task] = np.asarray(values, dtype=np.int64)
+        if tokenizer is not None:
+            self.input_ids, self.attention_mask = tokenizer(texts, max_length)
+        else:
+            self.input_ids = torch.zeros(len(texts), 0, dtype=torch.long)
+            self.attention_mask = torch.zeros(len(texts), 0, dtype=torch.long)
+        self.image_mean = None if image_mean is None else np.asarray(image_mean, np.float32)[:, None, None]
+        self.image_std = None if image_std is None else np.asarray(image_std, np.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load_image(self, i: int) -> np.ndarray:
+        """The cached array of row ``i`` as ``(C, H, W)`` (the first instance of ``(N, C, H, W)``)."""
+        return np.array(np.load(self.cache_dir / self.index.at[i, "array_path"], mmap_mode="r")[0], dtype=np.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.load_image(i)
+        if self.image_mean is not None:
+            image = (image - self.image_mean) / self.image_std
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "labels": {task: torch.tensor(values[i]) for task, values in self.labels.items()},
+            "index": torch.tensor(i, dtype=torch.long),
+            "case_id": str(self.index.at[i, "case_id"]),
+        }
+
+    def channel_statistics(self) -> tuple[list[float], list[float]]:
+        """Mean and standard deviation per channel over every image of this dataset."""
+        stack = np.stack([self.load_image(i) for i in range(len(self))])
+        std = stack.std(axis=(0, 2, 3))
+        return stack.mean(axis=(0, 2, 3)).tolist(), np.where(std > 0, std, 1.0).tolist()
+
+
+def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack :class:`ImageTextDataset` items (see the module docstring for the shapes)."""
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "input_ids": torch.stack([b["input_ids"] for b in batch]),
+        "attention_mask": torch.stack([b["attention_mask"] for b in batch]),
+        "labels": {task: torch.stack([b["labels"][task] for b in batch]) for task in batch[0]["labels"]},
+        "index": torch.stack([b["index"] for b in batch]),
+        "case_id": [b["case_id"] for b in batch],
+    }
