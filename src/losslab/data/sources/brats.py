@@ -51,7 +51,7 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
 
     Arrays are ``(X, Y, Z)`` like BraTS NIfTI volumes (axial slices along Z). The grade signal:
     HGG lesions have a necrotic core with an enhancing rim on t1ce, present in only a few central
-    slices of the lesion (1 or 3 slices); LGG lesions are homogeneous and do not enhance. Lesion size, position,
+    slices of the lesion (3 or 5 slices); LGG lesions are homogeneous and do not enhance. Lesion size, position,
     oedema and noise overlap between grades, and about 20 % of each grade carry a confound (faint
     patchy enhancement in LGG, a weak rim in HGG), so the task is learnable but not trivial.
     """
@@ -75,9 +75,9 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
     enhancing = np.zeros(shape, dtype=bool)
     confound = rng.uniform() < 0.2
     if grade == "HGG":
-        # rim and necrosis only in the central slices of the lesion (0 or 1 slice each side)
+        # rim and necrosis only in the central slices of the lesion (1 or 2 slices each side)
         z0 = int(round(centre[2]))
-        half = int(rng.integers(0, 2))
+        half = int(rng.integers(1, 3))
         zmask = np.zeros(shape, dtype=bool)
         zmask[:, :, max(z0 - half, 0) : z0 + half + 1] = True
         rim = tumour & (d > 0.45) & zmask
@@ -86,7 +86,7 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
         seg[rim] = 4
         seg[necrosis] = 1
         enhancing = rim
-        rim_gain = 0.2 if confound else rng.uniform(0.3, 0.7)
+        rim_gain = 0.2 if confound else rng.uniform(0.35, 0.8)
     else:
         seg[tumour] = 1
         if confound:  # faint patchy enhancement
