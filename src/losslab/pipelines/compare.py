@@ -2,8 +2,8 @@
 
 Inputs (``mlflow.search_runs`` on one experiment, optionally narrowed by ``filter_string``):
 
-* fold runs: ``FINISHED`` runs with ``losslab.entry_point = train`` and a ``losslab.fold`` tag (CV
-  parents carry no fold tag and are left out); their summary metrics ``best_val/*`` (logged by train
+* fold runs: ``FINISHED`` runs with ``losslab.entry_point = train`` and a ``losslab.fold`` tag that
+  is one fold number (CV parents — ``losslab.cv = true``, ``losslab.fold = 0,1,2`` — are left out); their summary metrics ``best_val/*`` (logged by train
   at the end, on the best checkpoint) are the numbers compared. ``prefix`` picks another family.
 * evaluate runs (``losslab.entry_point = evaluate``, ``FINISHED``): their ``latency/p50_ms`` and
   ``latency/p95_ms``, averaged per group; missing when a group has none.
@@ -105,10 +105,13 @@ def _tag(runs: pd.DataFrame, tag: str) -> pd.Series:
 
 
 def select_fold_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """FINISHED train runs with a ``losslab.fold`` tag (never compare or evaluate runs)."""
+    """FINISHED train runs whose ``losslab.fold`` tag is one fold number (a CV parent, tagged
+    ``losslab.cv = true`` and ``losslab.fold = 0,1,2``, is not a fold run; nor are compare or
+    evaluate runs)."""
     if runs.empty:
         return runs
-    keep = (_tag(runs, "losslab.entry_point") == "train") & _tag(runs, "losslab.fold").notna() \
+    one_fold = _tag(runs, "losslab.fold").fillna("").astype(str).str.fullmatch(r"-?\d+")
+    keep = (_tag(runs, "losslab.entry_point") == "train") & one_fold & (_tag(runs, "losslab.cv") != "true") \
         & (runs["status"] == "FINISHED")
     return runs[keep]
 
