@@ -213,11 +213,11 @@ def test_manifest_check_names_file_row_and_column(tmp_path):
         check_image_text_manifest(path, TASKS)
     path = _write_manifest(tmp_path / "nocol", [{k: v for k, v in good.items() if k != "location"}],
                            [c for c in cols if c != "location"])
-    with pytest.raises(MissingTextError, match=r"manifest.csv: missing the column of task 'location' 'location'"):
+    with pytest.raises(MissingTextError, match=r"manifest.csv: missing column 'location' \(the labels of task 'location'"):
         check_image_text_manifest(path, TASKS)
     path = _write_manifest(tmp_path / "notextcol", [{k: v for k, v in good.items() if k != "text"}],
                            [c for c in cols if c != "text"])
-    with pytest.raises(MissingTextError, match="missing the caption column 'text'"):
+    with pytest.raises(MissingTextError, match="missing column 'text' \\(the captions"):
         check_image_text_manifest(path, TASKS)
 
 

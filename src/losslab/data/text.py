@@ -63,8 +63,8 @@ def check_image_text_manifest(path: str | Path, tasks: Sequence[str], text_colum
         header = [h.strip() for h in (reader.fieldnames or [])]
         for column in (text_column, *tasks):
             if column not in header:
-                what = "the caption column" if column == text_column else f"the column of task {column!r}"
-                raise MissingTextError(f"{path}: missing {what} {column!r} (found columns: {', '.join(header)})")
+                what = "the captions" if column == text_column else f"the labels of task {column!r}"
+                raise MissingTextError(f"{path}: missing column {column!r} ({what}; found columns: {', '.join(header)})")
         rows = 0
         for line, row in enumerate(reader, start=2):
             rows += 1
