@@ -178,6 +178,23 @@ def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
                f"best value {result.best_value} with {result.best_params}")
 
 
+@app.command()
+def distill(config: Optional[str] = typer.Option("configs/experiment/distill_medpix.yaml", "--config", "-c"),
+            override: Optional[list[str]] = OverrideOpt, overrides: str = OverridesOpt) -> None:
+    """Image+text teacher (trained or models:/...), cached teacher outputs, one student per loss + student alone."""
+    _setup_logging()
+    cfg = _load(config, override, overrides)
+    from losslab.pipelines.common import entry_point_run
+    from losslab.pipelines.distill import distillation_table, run_distill
+
+    with entry_point_run("distill"):
+        result = run_distill(cfg)
+    table = distillation_table(cfg.tracking.experiment, parent_run_id=result.parent_run_id)
+    typer.echo(table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"distill run {result.parent_run_id}; teacher {result.teacher_model_uri or result.teacher_run_id}; "
+               f"teacher outputs {result.teacher_cache_key} ({'reused' if result.teacher_cache_reused else 'computed'})")
+
+
 def run() -> None:  # pragma: no cover
     app()
 
