@@ -166,3 +166,19 @@ def test_bad_space_value_fails_before_any_trial(make_config, small_cache, tmp_pa
         optuna.load_study(study_name="sweep-bad-space", storage=cfg.sweep["storage"])
     with pytest.raises(ConfigError, match="no study 'sweep-bad-space'"):
         open_study(cfg, sweep_settings(cfg), load_only=True)
+
+
+def test_k_fold_trial_objective_is_the_mean_over_folds(make_config, small_cache, tmp_path):
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    cfg = _sweep_cfg(lambda **kw: make_config("train.epochs=1", **kw), tmp_path, "sweep-kfold",
+                     n_trials=1, folds=[0, 2], space=space)
+    run_sweep(cfg, sweep_settings(cfg), info=small_cache)
+    (trial,) = optuna.load_study(study_name="sweep-kfold", storage=cfg.sweep["storage"]).trials
+    client = MlflowClient()
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    folds = sorted(_children(client, run), key=lambda r: int(r.data.tags["losslab.fold"]))
+    assert [r.data.tags["losslab.fold"] for r in folds] == ["0", "2"]
+    per_fold = [r.data.metrics["best_val/balanced_accuracy"] for r in folds]
+    assert trial.value == pytest.approx(sum(per_fold) / 2)
+    assert run.data.metrics["objective_fold2"] == pytest.approx(per_fold[1])
+    assert sorted(trial.intermediate_values) == [0, 1]  # step = fold position x epochs + epoch

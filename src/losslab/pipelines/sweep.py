@@ -386,13 +386,13 @@ def make_objective(cfg: ExperimentConfig, settings: SweepSettings, info: Any, na
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("worker", worker_id())
         forced = [f"tracking.log_model={str(settings.log_model).lower()}"]
-        trial_cfg = apply_trial_overrides(cfg, overrides + forced)
         epochs_run = 0
         with trial_run(trial.number, name, sampled, tags={"losslab.worker": worker_id()},
                        pruned=(optuna.TrialPruned,)) as run:
             run_id = run.info.run_id
             trial.set_user_attr("mlflow_run_id", run_id)
             mlflow.log_param("overrides", " ".join(overrides)[:6000])
+            trial_cfg = apply_trial_overrides(cfg, overrides + forced)  # inside: a bad combination is a FAILED run
             values = []
             try:
                 for position, fold in enumerate(folds):
