@@ -22,6 +22,7 @@ else the trained weights. The checkpoint records that choice in ``eval_source``;
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -159,15 +160,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def save_checkpoint(path: Path, payload: dict[str, Any], copies: tuple[Path, ...] = ()) -> None:
+    """Write atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    ``copies``: more paths that get the same bytes (serialised once)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    for target in (Path(path), *map(Path, copies)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -463,11 +470,11 @@ def fit(
                 "patience_left": patience_left,
                 "rng": _rng_state(),
             }
+            best_path, last_path = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
+            save_checkpoint(last_path, payload, copies=(best_path,) if improved else ())
             if improved:
-                save_checkpoint(state.checkpoint_dir / "best.pt", payload)
-                cbs.on_checkpoint(state, state.checkpoint_dir / "best.pt", "best")
-            save_checkpoint(state.checkpoint_dir / "last.pt", payload)
-            cbs.on_checkpoint(state, state.checkpoint_dir / "last.pt", "last")
+                cbs.on_checkpoint(state, best_path, "best")
+            cbs.on_checkpoint(state, last_path, "last")
             metrics["epoch"] = epoch
             cbs.on_epoch_end(state, metrics)
             if not improved and patience_left is not None and patience_left <= 0:

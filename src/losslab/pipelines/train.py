@@ -152,7 +152,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             resume_from = _find_resume_checkpoint(cfg, run_id)
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
-        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every)] + list(extra_callbacks or [])
+        # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
+        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False)]
+        callbacks += list(extra_callbacks or [])
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
                     callbacks=callbacks, resume_from=resume_from)
 
