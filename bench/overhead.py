@@ -4,8 +4,9 @@ Variants (same model, data, batch size, optimiser, gradient clipping and LR sche
 
 * ``bare``: a hand-written PyTorch loop (train steps, then a forward pass over validation).
 * ``engine``: :func:`losslab.engine.loop.fit` with no callbacks (metrics, alarms, atomic checkpoints).
-* ``engine+mlflow``: ``fit`` with :class:`losslab.tracking.MLflowCallback` (one ``log_batch`` per
-  epoch, checkpoints as artifacts) on a local SQLite store, synchronous.
+* ``engine+mlflow``: ``fit`` with :class:`losslab.tracking.MLflowCallback` as ``train`` sets it up
+  (one ``log_batch`` per epoch; checkpoints uploaded every ``train.upload_checkpoint_every`` epochs,
+  default 5, and at the end) on a local SQLite store, synchronous.
 * ``engine+mlflow_async``: the same with ``synchronous=False``.
 
 An epoch is timed from ``on_epoch_start`` to the end of ``on_epoch_end`` (train + validation +
@@ -115,7 +116,8 @@ def run_engine(cfg, info, mlflow_mode: str | None) -> list[float]:
 
         setup_tracking(cfg.tracking)
         run = mlflow.start_run(run_name=f"bench-{mlflow_mode}")
-        cb = MLflowCallback(run.info.run_id, info.class_names, synchronous=mlflow_mode == "sync")
+        cb = MLflowCallback(run.info.run_id, info.class_names, synchronous=mlflow_mode == "sync",
+                            checkpoint_every=cfg.train.upload_checkpoint_every)
         cb.on_fit_end = lambda state: cb._flush()  # end-of-run plots are not per-epoch cost
         callbacks.append(cb)
     callbacks.append(timer)  # last: its on_epoch_end runs after the MLflow logging

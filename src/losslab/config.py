@@ -115,6 +115,7 @@ class TrainConfig(_Strict):
     freeze_backbone_epochs: int = Field(0, ge=0)  # backbone frozen (no grad, eval-mode BN) for the first N epochs
     mixup_alpha: float = Field(0.0, ge=0.0)  # 0 = off; lambda ~ Beta(alpha, alpha), whole bags mixed
     plot_every: int = Field(0, ge=0)  # figures every N epochs; 0 = only at the end
+    upload_checkpoint_every: int = Field(5, ge=0)  # checkpoints to MLflow every N epochs; 0 = at the end/failure only
     progress: bool = True  # progress bars (only when stderr is a terminal)
     deterministic: bool = True
 

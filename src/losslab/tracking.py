@@ -144,6 +144,9 @@ class MLflowCallback(Callback):
         class_names: for the per-class plots.
         plot_every: log plots every this many epochs (and at the end); 0 = only at the end.
         log_checkpoints: upload ``best``/``last`` checkpoints under ``checkpoints/``.
+        checkpoint_every: upload them every this many epochs (1 = every epoch); 0 = only when the fit
+            ends or fails (the local ``last.pt`` is what ``--resume`` uses first). Uploading a large
+            checkpoint every epoch is the main per-epoch cost of tracking.
         synchronous: False = MLflow's async logging for the per-epoch batches (flushed at the end).
 
     Every epoch where a class gets no validation prediction sets the tag
@@ -153,11 +156,13 @@ class MLflowCallback(Callback):
     """
 
     def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True,
-                 synchronous: bool = True) -> None:
+                 synchronous: bool = True, checkpoint_every: int = 1) -> None:
         self.run_id = run_id
         self.class_names = class_names
         self.plot_every = plot_every
         self.log_checkpoints = log_checkpoints
+        self.checkpoint_every = checkpoint_every
+        self._pending: dict[str, str] = {}  # kind -> path written but not uploaded yet
         self.synchronous = synchronous
         self.client = MlflowClient()
         self.alarm_tags: dict[str, str] = {}
@@ -186,8 +191,16 @@ class MLflowCallback(Callback):
 
     @_safe
     def on_checkpoint(self, state, path, kind):
-        if self.log_checkpoints:
-            self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
+        if not self.log_checkpoints:
+            return
+        self._pending[kind] = str(path)
+        if kind == "last" and self.checkpoint_every and (int(state.epoch) + 1) % self.checkpoint_every == 0:
+            self._upload_checkpoints()
+
+    def _upload_checkpoints(self) -> None:
+        for kind in sorted(self._pending):  # best, then last
+            self.client.log_artifact(self.run_id, self._pending[kind], artifact_path="checkpoints")
+        self._pending.clear()
 
     @_safe
     def on_alarm(self, state, alarm):
@@ -196,11 +209,13 @@ class MLflowCallback(Callback):
     @_safe
     def on_fit_end(self, state):
         self._flush()
+        self._upload_checkpoints()
         self._plots(state, final=True)
 
     @_safe
     def on_exception(self, state, exc):
         self._flush()
+        self._upload_checkpoints()
 
     def _flush(self) -> None:
         if not self.synchronous:

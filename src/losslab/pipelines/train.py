@@ -153,7 +153,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
         # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
-        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False)]
+        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False,
+                                    checkpoint_every=cfg.train.upload_checkpoint_every)]
         callbacks += list(extra_callbacks or [])
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
                     callbacks=callbacks, resume_from=resume_from)
