@@ -77,6 +77,8 @@ def bench_pruning(tmp: Path, info, args) -> None:
         seconds = time.perf_counter() - t0
         study = optuna.load_study(study_name=cfg.sweep["study"], storage=cfg.sweep["storage"])
         states = [t.state.name for t in study.trials]
+        if "COMPLETE" not in states:
+            raise RuntimeError(f"{label}: no trial completed ({states}); see the log above")
         results[label] = (_epochs(study), study.best_value, seconds, states.count("PRUNED"), study.best_trial.number)
     full = results["no pruning"]
     print(f"\n== pruning: {args.trials} trials x {args.epochs} epochs, maximise val/auc, RandomSampler(seed=0), "
