@@ -26,6 +26,7 @@ from losslab.pipelines.distill import MultiTaskDistillation, distillation_table,
 EXPERIMENT = "distill-tests"
 TEACHER_NAME = "test-distill-teacher"
 LOSSES = ["vanilla", "combined", "crd", "rkd", "mmd"]
+LOSS_SPECS = "[{name: vanilla, temperature: 2.0, distill_weight: 0.5}, combined, crd, rkd, mmd]"
 TASKS = ["modality", "location"]
 TEACHER = ("{image: {backbone: test_vit, kwargs: {img_size: 32, patch_size: 8}}, "
            "text: {dim: 64, depth: 2, max_length: 24}, fusion: cross_attention, fusion_dim: 64, fusion_layers: 2}")
@@ -40,7 +41,7 @@ def _config(root, cache_dir, *overrides, experiment=EXPERIMENT):
         "data.num_folds=3", "data.salt=test-salt", "data.batch_size=16", "data.seed=0",
         "train.epochs=2", "train.seed=0", "optim.lr=0.003", f"tracking.experiment={experiment}",
         "tracking.log_model=false", f"distill.tasks=[{', '.join(TASKS)}]",
-        f"distill.losses=[{', '.join(LOSSES)}]", f"distill.teacher.model={TEACHER}", "distill.teacher.epochs=8",
+        f"distill.losses={LOSS_SPECS}", f"distill.teacher.model={TEACHER}", "distill.teacher.epochs=8",
         f"distill.teacher.registered_model_name={TEACHER_NAME}", f"distill.student.model={STUDENT}",
         *overrides])
 
@@ -138,15 +139,18 @@ def test_teacher_cache_reused_on_second_run(distilled, second):
 def test_vanilla_student_matches_or_beats_student_alone(distilled):
     """On the task where the teacher is clearly better, vanilla KD (+CE) matches the student alone.
 
-    Measured on this module's setting (120 samples, 40 validation cases, so one case = 0.025;
-    teacher 8 epochs, students 2 epochs, same initial weights and batch order for every student),
-    teacher − alone / vanilla − alone in validation accuracy:
+    The outcome is deterministic (fixed seeds; same initial weights and batch order for every
+    student; a deterministic tokenizer vocabulary) and was measured on this module's setting
+    (120 samples, 40 validation cases so one case = 0.025; teacher 8 epochs; students 2 epochs).
+    The teacher beats the student alone on location by 0.125 (0.675 vs 0.550). Vanilla − alone on
+    location for temperature T and distill_weight w (same teacher, cached outputs):
 
-    * this fixture (salt test-salt, seed 0): location +0.125 / −0.05 (modality −0.075 / −0.075);
-    * other splits (salt s), seed 0: location +0.325 / +0.225; seed 1: modality +0.325 / −0.025.
+        T=1: 0.000 (w 0.5 and 1.0)    T=2: −0.025 (w 0.5 and 1.0)    T=4: −0.025 (w 0.5), −0.100 (w 1.0)
 
-    So at this scale vanilla KD does not reliably *beat* the student alone; the assertion is
-    "matches within 0.1" (4 validation cases), which every measured setting passes.
+    and with 3 student epochs −0.05, −0.10, −0.025, −0.025, −0.05, −0.15 in the same order. So on
+    data this small vanilla KD does not beat the student alone (the teacher's outputs on its own
+    training cases are nearly its labels); it matches it within 2 validation cases with T=2, w=0.5
+    (the setting used here), which is what is asserted.
     """
     _, result = distilled
     m = result.metrics
@@ -157,7 +161,7 @@ def test_vanilla_student_matches_or_beats_student_alone(distilled):
 
 
 TEACHER_LEAD = 0.1
-MARGIN = 0.1
+MARGIN = 0.05
 
 
 def test_multitask_distillation_objective_matches_hand_computation():

@@ -40,7 +40,11 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
 
 class WordPieceTokenizer:
-    """A lower-casing WordPiece tokenizer trained on captions (``tokenizers`` library), picklable.
+    """A lower-casing WordPiece tokenizer learnt from captions (``tokenizers`` library), picklable.
+
+    The vocabulary is deterministic: the ``vocab_size`` budget goes to the special tokens, every
+    character seen (alone and as a ``##`` continuation) and then the most frequent whole words
+    (frequency ≥ ``min_frequency``; ties alphabetical), so unseen words split into characters.
 
     ``[CLS] tokens… [SEP]`` then ``[PAD]`` (id 0) up to ``max_length``; longer captions are truncated.
 
@@ -64,13 +68,26 @@ class WordPieceTokenizer:
         if not texts:
             raise ValueError("WordPieceTokenizer.train: no non-empty caption to learn a vocabulary from")
         tk = _tokenizers()
-        tokenizer = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = tk.normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        normalizer = tk.normalizers.BertNormalizer(lowercase=True)
+        pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        # A deterministic WordPiece vocabulary: the most frequent whole words (ties alphabetical), then
+        # every character seen, alone and as a "##" continuation, so any word splits into known pieces.
+        # (The `tokenizers` WordPiece trainer breaks ties in hash order, which changes between processes.)
+        counts: dict[str, int] = {}
+        for text in texts:
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+                counts[word] = counts.get(word, 0) + 1
+        chars = sorted({c for word in counts for c in word})
+        pieces = [*chars, *(f"##{c}" for c in chars)]
+        budget = max(int(vocab_size) - len(SPECIAL_TOKENS) - len(pieces), 0)
+        words = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                 if n >= int(min_frequency) and len(w) > 1][:budget]
+        tokens = list(dict.fromkeys([*SPECIAL_TOKENS, *pieces, *words]))
+        tokenizer = tk.Tokenizer(tk.models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]",
+                                                     continuing_subword_prefix="##"))
+        tokenizer.normalizer = normalizer
+        tokenizer.pre_tokenizer = pre_tokenizer
         tokenizer.decoder = tk.decoders.WordPiece()
-        trainer = tk.trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
-                                               special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-        tokenizer.train_from_iterator(texts, trainer=trainer)
         cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = tk.processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
