@@ -68,11 +68,6 @@ def test_unknown_backbone_raises_key_error():
         build_model(ModelConfig(kind="volume3d", backbone="resnet10"), 2)
 
 
-def test_multimodal_not_implemented():
-    with pytest.raises(NotImplementedError, match="multimodal"):
-        build_model(ModelConfig(kind="multimodal"), 2)
-
-
 def test_build_slices_and_volume_kinds():
     priors = [0.9, 0.1]
     slices = build_model(ModelConfig(kind="slices25d", backbone="test_resnet", in_chans=1, head_kwargs={"num_slices": 3, "level_embed_dim": 8}), 2, priors)
