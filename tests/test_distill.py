@@ -117,6 +117,23 @@ def test_distillation_table_matches_the_runs(distilled):
 
 
 @pytest.mark.slow
+def test_compare_on_a_distillation_experiment_prints_the_seed_table(distilled):
+    from losslab.pipelines.compare import run_compare
+
+    _, result = distilled
+    compared = run_compare(EXPERIMENT)
+    expected = distillation_table(EXPERIMENT, parent_run_id=result.parent_run_id).set_index("loss")
+    assert compared.table.index.tolist() == ["teacher", *LOSSES, "none"]
+    for task in TASKS:
+        pd.testing.assert_series_equal(compared.table[f"{task}/accuracy"], expected[f"{task}/accuracy"])
+    markdown = compared.markdown()
+    assert "latency_ms_per_sample" in markdown and "teacher" in markdown and "location/auc" in markdown
+    run = MlflowClient().get_run(compared.run_id)
+    assert run.data.tags["losslab.compare.kind"] == "distillation"
+    assert {a.path for a in MlflowClient().list_artifacts(compared.run_id)} >= {"distillation_table.csv", "distillation_table.md"}
+
+
+@pytest.mark.slow
 def test_teacher_cache_reused_on_second_run(distilled, second):
     _, first = distilled
     result, cache_file, mtime = second
