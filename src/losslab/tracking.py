@@ -58,7 +58,14 @@ def setup_tracking(tracking_cfg: Any) -> str:
     exp = client.get_experiment_by_name(tracking_cfg.experiment)
     if exp is None:
         location = tracking_cfg.artifact_location or default_artifact_location(uri, tracking_cfg.experiment)
-        exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        try:
+            exp_id = client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # another worker created it between our lookup and create: read it back
+            exp = client.get_experiment_by_name(tracking_cfg.experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
