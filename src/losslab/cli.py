@@ -66,11 +66,17 @@ def train(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
     """Train one fold (data.fold) or k folds (cv.folds) and log everything to MLflow."""
     _setup_logging()
     cfg = _load(config, override, overrides)
+    import contextlib
+
+    from losslab.engine.distributed import is_main_process
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.train import run_train
 
-    with entry_point_run("train"):
+    # under torchrun only rank 0 touches MLflow (and prints the result)
+    with entry_point_run("train") if is_main_process() else contextlib.nullcontext():
         result = run_train(cfg, resume_run_id=resume or None)
+    if not is_main_process():
+        return
     for fold in result.folds:
         bal = fold.metrics.get("val/balanced_accuracy", float("nan"))
         typer.echo(f"fold {fold.fold}: {fold.status} run {fold.run_id} best val/balanced_accuracy={bal:.4f}"

@@ -66,3 +66,96 @@ def build_sampler(name: str, labels: np.ndarray, batch_size: int) -> tuple[Sampl
     if name == "class_balanced_batch":
         return None, ClassBalancedBatchSampler(labels, batch_size)
     raise ValueError(f"data.sampler {name!r} not in none, weighted_random, sqrt_weighted_random, class_balanced_batch")
+
+
+# ------------------------------------------------------------------------------ distributed (torchrun)
+# Each rank of a DDP run sees its own shard of every epoch, and the shards together follow the same
+# class sampling strategy as a single process. Every rank builds the *same* epoch from a generator
+# seeded by (seed, epoch) and keeps its strided share; ``set_epoch(epoch)`` must be called before
+# each epoch (fit() does), as with torch's DistributedSampler.
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1)
+
+
+class DistributedWeightedRandomSampler(Sampler[int]):
+    """Weighted sampling with replacement, sharded over ranks (``weighted_random`` /
+    ``sqrt_weighted_random`` under torchrun).
+
+    Hand-written (torch has no distributed weighted sampler): every rank draws the same multinomial
+    sample of ``len(weights)`` indices (rounded up to a multiple of ``num_replicas``) from a generator
+    seeded by ``(seed, epoch)``, then keeps ``draw[rank::num_replicas]``. The union of the shards is
+    that one single-process draw, so the class balance is the same as with one process.
+    """
+
+    def __init__(self, weights, num_replicas: int, rank: int, seed: int = 0, num_samples: int | None = None) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.weights = torch.as_tensor(np.asarray(weights), dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        total = num_samples or len(self.weights)
+        self.num_samples = int(np.ceil(total / num_replicas))  # per rank
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_draw(self) -> list[int]:
+        """The epoch's draw over all ranks (the same on every rank)."""
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        return torch.multinomial(self.weights, self.total_size, replacement=True, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_draw()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DistributedClassBalancedBatchSampler(Sampler[list[int]]):
+    """``class_balanced_batch`` under torchrun: an identically-seeded :class:`ClassBalancedBatchSampler`
+    yields ``num_replicas × ceil(len / (batch_size × num_replicas))`` class-balanced batches of
+    ``batch_size`` on every rank; rank ``r`` keeps batches ``r::num_replicas``. Every batch (hence every
+    rank's share) keeps the per-class quota, and each rank has the same number of batches."""
+
+    def __init__(self, labels: np.ndarray, batch_size: int, num_replicas: int, rank: int, seed: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_batches = int(np.ceil(len(labels) / (batch_size * num_replicas)))  # per rank
+        self.inner = ClassBalancedBatchSampler(labels, batch_size, num_batches=self.num_batches * num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's batches over all ranks (the same on every rank). The inner sampler seeds its
+        generator from the global torch RNG, so that RNG is forked and seeded by (seed, epoch)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_epoch_seed(self.seed, self.epoch))
+            return list(self.inner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.global_batches()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def build_distributed_sampler(name: str, labels: np.ndarray, batch_size: int, num_replicas: int, rank: int,
+                              seed: int = 0) -> tuple[Sampler | None, Sampler | None]:
+    """:func:`build_sampler` for one rank of ``num_replicas`` (``batch_size`` is per rank); returns
+    ``(sampler, batch_sampler)``, each with ``set_epoch``. ``none`` is torch's
+    ``DistributedSampler(shuffle=True)`` (pads by repeating a few indices so that ranks are equal)."""
+    if name == "none":
+        from torch.utils.data import DistributedSampler
+
+        return DistributedSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=True,
+                                  seed=seed, drop_last=False), None
+    if name in ("weighted_random", "sqrt_weighted_random"):
+        weights = sample_weights(labels, 1.0 if name == "weighted_random" else 0.5)
+        return DistributedWeightedRandomSampler(weights, num_replicas, rank, seed), None
+    if name == "class_balanced_batch":
+        return None, DistributedClassBalancedBatchSampler(labels, batch_size, num_replicas, rank, seed)
+    raise ValueError(f"data.sampler {name!r} not in none, weighted_random, sqrt_weighted_random, class_balanced_batch")

@@ -18,6 +18,11 @@ stays).
 Which weights are validated: the SWA average during the SWA epochs, else the EMA when enabled,
 else the trained weights. The checkpoint records that choice in ``eval_source``;
 :func:`evaluation_weights` returns those weights from a checkpoint.
+
+Under torchrun (:mod:`losslab.engine.distributed`) the model is wrapped in DistributedDataParallel for
+the training steps only; every rank trains its shard, rank 0 alone validates on the whole validation
+set, writes checkpoints (plain-module state dicts) and calls the callbacks, then broadcasts its
+early-stop decision. ``train.freeze_backbone_epochs`` is refused under DDP.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from losslab.engine import distributed as ddp
 from losslab.engine.callbacks import Callback, CallbackList
 from losslab.engine.ema import averaged_weights, build_ema, build_swa, mixup_batch, update_bn
 
@@ -313,7 +319,13 @@ def fit(
     from losslab.engine.metrics import Alarms
 
     cbs = CallbackList(callbacks)
-    device = resolve_device(train_cfg.device)
+    distributed = ddp.is_distributed()
+    is_main = ddp.is_main_process()
+    if distributed and train_cfg.freeze_backbone_epochs > 0:
+        # toggling requires_grad on a DDP-wrapped model breaks its gradient reduction
+        raise ValueError(f"train.freeze_backbone_epochs={train_cfg.freeze_backbone_epochs} is not supported under "
+                         "torchrun/DDP; set train.freeze_backbone_epochs=0 or train in one process")
+    device = ddp.distributed_device(train_cfg.device) if distributed else resolve_device(train_cfg.device)
     model.to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(model, loss_fn, optim_cfg)
@@ -367,6 +379,12 @@ def fit(
         start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
+    # DDP (torchrun): train_model averages gradients over ranks; `model` stays the plain module for
+    # EMA/SWA, state dicts (interchangeable with single-process checkpoints) and validation
+    train_model = ddp.wrap_model(model, device)
+    samplers = [s for s in (getattr(train_loader, "sampler", None), getattr(train_loader, "batch_sampler", None))
+                if hasattr(s, "set_epoch")]
+
     try:
         cbs.on_fit_start(state)
         for epoch in range(start_epoch, train_cfg.epochs):
@@ -378,7 +396,9 @@ def fit(
             if hasattr(loss_fn, "on_epoch_start"):
                 loss_fn.on_epoch_start(epoch)
             cbs.on_epoch_start(state)
-            model.train()
+            for sampler in samplers:  # distributed samplers: a new, rank-consistent epoch
+                sampler.set_epoch(epoch)
+            train_model.train()
             loss_fn.train()
             set_backbone_frozen(model, frozen)
             t0 = time.perf_counter()
@@ -394,12 +414,14 @@ def fit(
                     target_b = target_b.to(device, non_blocking=True)
                 target = batch["label"].to(device, non_blocking=True)
                 with _autocast(device, train_cfg.amp):
-                    logits, _, aux = forward_batch(model, batch, device)
+                    logits, _, aux = forward_batch(train_model, batch, device)
                 loss = compute_mixed_loss(loss_fn, logits, target, target_b, lam, aux)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if distributed:  # the loss's own learnable weights are outside DDP
+                    ddp.all_reduce_mean_grads([p for p in loss_fn.parameters() if p.requires_grad])
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
                 lr = optimizer.param_groups[-1]["lr"]  # logged: the head lr of the epoch's last step
@@ -419,68 +441,80 @@ def fit(
                 if sleep_per_batch:
                     time.sleep(sleep_per_batch)
             train_time = time.perf_counter() - t0
+            if distributed:  # train/loss over every rank's samples
+                term_keys = sorted(term_sums)
+                totals = ddp.all_reduce_sum([loss_sum, seen] + [term_sums[k] for k in term_keys])
+                loss_sum, seen = totals[0], int(totals[1])
+                term_sums = dict(zip(term_keys, totals[2:]))
             if in_swa:
                 swa_model.update_parameters(model)
                 swa_scheduler.step()
-                update_bn(train_loader, swa_model.module, device, train_cfg.max_train_batches)
+                if is_main:  # BN statistics from rank 0's shard: only rank 0 validates
+                    update_bn(train_loader, swa_model.module, device, train_cfg.max_train_batches)
                 eval_model, eval_source = swa_model.module, "swa"
             elif ema is not None:
                 eval_model, eval_source = ema.module, "ema"
             else:
                 eval_model, eval_source = model, "model"
-            outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp)
-            metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time, "train/lr": lr}
-            metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
-            if hasattr(loss_fn, "weights"):
-                metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
-            metrics.update(validation_metrics(outputs, class_names, loss_fn))
-            for k, v in metrics.items():
-                state.history.setdefault(k, []).append(float(v))
-            state.last_val_outputs = outputs
-            zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
-            if zero:
-                log.warning("epoch %d: class(es) %s predicted 0 times on validation", epoch, ", ".join(zero))
-            for alarm in alarms.update(epoch, metrics):
-                log.warning("epoch %d: %s", epoch, alarm.message)
-                cbs.on_alarm(state, alarm)
+            # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
+            # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
+            if is_main:
+                outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp)
+                metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time, "train/lr": lr}
+                metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
+                if hasattr(loss_fn, "weights"):
+                    metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
+                metrics.update(validation_metrics(outputs, class_names, loss_fn))
+                for k, v in metrics.items():
+                    state.history.setdefault(k, []).append(float(v))
+                state.last_val_outputs = outputs
+                zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
+                if zero:
+                    log.warning("epoch %d: class(es) %s predicted 0 times on validation", epoch, ", ".join(zero))
+                for alarm in alarms.update(epoch, metrics):
+                    log.warning("epoch %d: %s", epoch, alarm.message)
+                    cbs.on_alarm(state, alarm)
 
-            monitored = metrics.get(train_cfg.monitor)
-            if monitored is None:
-                raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
-            improved = monitored == monitored and (state.best_metric is None or sign * monitored > sign * state.best_metric)
-            if improved:
-                state.best_metric, state.best_epoch = float(monitored), epoch
-                patience_left = train_cfg.early_stopping_patience
-            elif patience_left is not None:
-                patience_left -= 1
-            payload = {
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "swa": swa_model.state_dict() if swa_model is not None and in_swa else None,
-                "eval_source": eval_source,
-                "loss": loss_fn.state_dict() if any(True for _ in loss_fn.state_dict()) else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
-                "epoch": epoch,
-                "global_step": state.global_step,
-                "best_metric": state.best_metric,
-                "best_epoch": state.best_epoch,
-                "history": state.history,
-                "patience_left": patience_left,
-                "rng": _rng_state(),
-            }
-            best_path, last_path = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
-            save_checkpoint(last_path, payload, copies=(best_path,) if improved else ())
-            if improved:
-                cbs.on_checkpoint(state, best_path, "best")
-            cbs.on_checkpoint(state, last_path, "last")
-            metrics["epoch"] = epoch
-            cbs.on_epoch_end(state, metrics)
-            if not improved and patience_left is not None and patience_left <= 0:
-                state.stopped_early = True
-                log.info("early stopping at epoch %d (best %s=%.4f at epoch %s)", epoch, train_cfg.monitor,
-                         state.best_metric, state.best_epoch)
+                monitored = metrics.get(train_cfg.monitor)
+                if monitored is None:
+                    raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
+                improved = monitored == monitored and (state.best_metric is None or sign * monitored > sign * state.best_metric)
+                if improved:
+                    state.best_metric, state.best_epoch = float(monitored), epoch
+                    patience_left = train_cfg.early_stopping_patience
+                elif patience_left is not None:
+                    patience_left -= 1
+                payload = {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "swa": swa_model.state_dict() if swa_model is not None and in_swa else None,
+                    "eval_source": eval_source,
+                    "loss": loss_fn.state_dict() if any(True for _ in loss_fn.state_dict()) else None,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
+                    "epoch": epoch,
+                    "global_step": state.global_step,
+                    "best_metric": state.best_metric,
+                    "best_epoch": state.best_epoch,
+                    "history": state.history,
+                    "patience_left": patience_left,
+                    "rng": _rng_state(),
+                }
+                best_path, last_path = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
+                save_checkpoint(last_path, payload, copies=(best_path,) if improved else ())
+                if improved:
+                    cbs.on_checkpoint(state, best_path, "best")
+                cbs.on_checkpoint(state, last_path, "last")
+                metrics["epoch"] = epoch
+                cbs.on_epoch_end(state, metrics)
+                if not improved and patience_left is not None and patience_left <= 0:
+                    state.stopped_early = True
+                    log.info("early stopping at epoch %d (best %s=%.4f at epoch %s)", epoch, train_cfg.monitor,
+                             state.best_metric, state.best_epoch)
+            if distributed:
+                state.stopped_early = bool(ddp.broadcast_object(state.stopped_early))
+            if state.stopped_early:
                 break
         cbs.on_fit_end(state)
     except BaseException as exc:

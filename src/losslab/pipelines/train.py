@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
-from losslab.data.samplers import build_sampler
+from losslab.data.samplers import build_distributed_sampler, build_sampler
+from losslab.engine import distributed as ddp
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
 from losslab.pipelines.common import base_tags
@@ -107,7 +108,14 @@ def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
 
 
 def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
-    sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size)
+    """Train and validation loaders. Under torchrun the training data is sharded over the ranks with
+    the same class sampling strategy (:func:`losslab.data.samplers.build_distributed_sampler`) and
+    ``data.batch_size`` is per rank; validation stays whole (rank 0 validates)."""
+    if ddp.world_size() > 1:
+        sampler, batch_sampler = build_distributed_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size,
+                                                           ddp.world_size(), ddp.rank(), seed=cfg.train.seed)
+    else:
+        sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size)
     common = dict(num_workers=cfg.data.num_workers, collate_fn=collate_padded,
                   persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
     if batch_sampler is not None:
@@ -131,8 +139,13 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
 
     With ``resume_run_id`` the same run continues from its last checkpoint (a local
     ``<checkpoint_dir>/<run_id>/last.pt``, else the run's ``checkpoints/last.pt`` artifact) and ends
-    FINISHED; a run left RUNNING by a killed process can be resumed this way."""
+    FINISHED; a run left RUNNING by a killed process can be resumed this way.
+
+    Under torchrun only rank 0 opens the run, logs, checkpoints and registers the model; the other
+    ranks train their shard (:func:`_train_fold_replica`) and never call MLflow."""
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
+    if not ddp.is_main_process():
+        return _train_fold_replica(cfg, info, fold)
     class_names = info.class_names
     run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}"
     tags = base_tags(cfg, "train", fold) | (extra_tags or {})
@@ -146,11 +159,15 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         if resume_run_id is None:
             log_config(cfg)
             mlflow.log_params({"data.class_counts_train": str(class_counts), "data.n_train": len(train_ds),
-                               "data.n_val": len(val_ds), "loss.formula": str(loss_fn)[:6000]})
+                               "data.n_val": len(val_ds), "loss.formula": str(loss_fn)[:6000],
+                               "ddp.world_size": ddp.world_size(),
+                               "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size})
             mlflow.set_tag("losslab.class_names", ",".join(class_names))
         else:
             resume_from = _find_resume_checkpoint(cfg, run_id)
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
+        # every rank resumes from the same file (a local path: one machine, or a shared disk)
+        ddp.broadcast_object(str(resume_from) if resume_from is not None else None)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
         # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
         callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False,
@@ -183,6 +200,18 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version)
 
 
+def _train_fold_replica(cfg: ExperimentConfig, info: CacheInfo, fold: int) -> FoldResult:
+    """A rank > 0 of a torchrun job: the same datasets, model and collectives as rank 0, no MLflow,
+    no callbacks, no checkpoints (rank 0 writes them); resumes from the checkpoint rank 0 names."""
+    train_ds, val_ds = make_datasets(cfg, info, fold)
+    class_counts = np.bincount(train_ds.labels, minlength=len(info.class_names)).tolist()
+    loss_fn, model = build_components(cfg, class_counts)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
+    resume_from = ddp.broadcast_object(None)
+    fit(model, loss_fn, train_loader, val_loader, cfg.train, cfg.optim, info.class_names, resume_from=resume_from)
+    return FoldResult(fold, "", "FINISHED")
+
+
 def _input_example(val_ds) -> np.ndarray:
     item = val_ds[0]
     return item["image"].unsqueeze(0).numpy()
@@ -201,15 +230,32 @@ def _find_resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
 
 def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: CacheInfo | None = None,
               extra_callbacks: list | None = None) -> TrainResult:
-    """Train ``data.fold``, or every fold in ``cv.folds`` as children of one parent run."""
-    setup_tracking(cfg.tracking)
-    info = info or build_cache(cfg.data)
-    nested = mlflow.active_run() is not None
-    if cfg.cv.folds is None:
-        result = train_fold(cfg, info, cfg.data.fold, nested=nested, resume_run_id=resume_run_id,
-                            extra_callbacks=extra_callbacks)
-        return TrainResult([result], None, info.class_names)
-    return run_cv(cfg, info, extra_callbacks)
+    """Train ``data.fold``, or every fold in ``cv.folds`` as children of one parent run.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) this initialises the process group (nccl on CUDA, gloo on
+    CPU) and destroys it at the end, also on error; each rank trains ``data.batch_size`` samples per
+    step (effective batch ``world_size × data.batch_size``, learning rate not scaled) and only rank 0
+    builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
+    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``)."""
+    with ddp.distributed_context(cfg.train.device) as distributed:
+        if distributed and cfg.cv.folds is not None:
+            raise ValueError("cv.folds is not supported under torchrun/DDP; run one torchrun job per fold "
+                             "with -o data.fold=<k> (and cv.folds=null)")
+        main = ddp.is_main_process()
+        if main:
+            setup_tracking(cfg.tracking)
+            info = info or build_cache(cfg.data)
+        ddp.barrier()  # the other ranks read the cache rank 0 built
+        if not main:
+            info = info or build_cache(cfg.data)
+            result = train_fold(cfg, info, cfg.data.fold)
+            return TrainResult([result], None, info.class_names)
+        nested = mlflow.active_run() is not None
+        if cfg.cv.folds is None:
+            result = train_fold(cfg, info, cfg.data.fold, nested=nested, resume_run_id=resume_run_id,
+                                extra_callbacks=extra_callbacks)
+            return TrainResult([result], None, info.class_names)
+        return run_cv(cfg, info, extra_callbacks)
 
 
 def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:
