@@ -14,10 +14,10 @@ Who does what (see :func:`losslab.engine.loop.fit`):
   (in the pipeline) talks to MLflow; the others wait and receive its early-stop decision.
 
 A failure on rank 0 ends its MLflow run FAILED (the pipeline's ``managed_run``). When another rank
-fails, its peers see the broken collective (gloo: "Connection closed by peer"; nccl: a timeout or an
-abort) or are stopped by torchrun, which terminates the whole group once one worker exits non-zero:
-rank 0 then ends the run FAILED when it gets to raise, and otherwise leaves it RUNNING (resumable
-with ``losslab train --resume <run id>``).
+fails, torchrun terminates the whole group (SIGTERM, then SIGKILL after its grace period): under
+:func:`distributed_context` SIGTERM raises :class:`TerminatedError` in each rank, so rank 0 ends the
+run FAILED with that reason as long as its Python code gets to run (a rank stuck inside a collective
+may be SIGKILLed first: the run then stays RUNNING and ``losslab train --resume <run id>`` continues it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 from typing import Any, Iterator
 
 import torch
@@ -34,8 +35,17 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["all_reduce_sum", "barrier", "broadcast_object", "distributed_context", "is_distributed",
+__all__ = ["TerminatedError", "all_reduce_sum", "barrier", "broadcast_object", "distributed_context", "is_distributed",
            "is_main_process", "local_rank", "rank", "unwrap", "world_size", "wrap_model"]
+
+
+class TerminatedError(RuntimeError):
+    """SIGTERM under torchrun: usually another rank failed and torchrun is stopping the group."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise TerminatedError(f"rank {rank()} got SIGTERM (torchrun stops every rank when one fails; "
+                          "see the failing rank's traceback in torchrun's output)")
 
 
 def world_size() -> int:
@@ -96,9 +106,11 @@ def distributed_context(device_name: str, timeout_s: float = 1800.0) -> Iterator
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("DDP: rank %d/%d (local %d), backend %s, device %s", rank(), world_size(), local_rank(), backend, device)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # so that rank 0 can end its run FAILED
     try:
         yield True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
