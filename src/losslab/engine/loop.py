@@ -289,6 +289,16 @@ def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn:
     return out
 
 
+def _class_weight_metrics(loss_fn: nn.Module, class_names: list[str]) -> dict[str, float]:
+    """The class weights in effect this epoch (e.g. LDAM-DRW switching on) as
+    ``loss_class_weight/<class>``; 1.0 = unweighted. Empty when the loss has no class weights."""
+    cw = getattr(loss_fn, "class_weights", "absent")
+    if not (cw is None or isinstance(cw, torch.Tensor)):
+        return {}
+    return {f"loss_class_weight/{name}": float(cw[c]) if cw is not None and c < len(cw) else 1.0
+            for c, name in enumerate(class_names)}
+
+
 # ------------------------------------------------------------------------------ fit
 def fit(
     model: nn.Module,
@@ -464,6 +474,7 @@ def fit(
                 metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
                 if hasattr(loss_fn, "weights"):
                     metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
+                metrics.update(_class_weight_metrics(loss_fn, class_names))
                 metrics.update(validation_metrics(outputs, class_names, loss_fn))
                 for k, v in metrics.items():
                     state.history.setdefault(k, []).append(float(v))
