@@ -73,3 +73,16 @@ def make_config(embedded_root, small_cache, tmp_path, mlflow_store):
         return load_config(None, base + list(overrides))
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _session_tracking_uri(mlflow_store):
+    """Every test starts on the session store: a test that points MLflow at a store of its own
+    (e.g. the de-identification scan) must not leak that global setting into the next test."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_store)
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store
+    yield
+    if mlflow.active_run() is not None:  # a failed test must not leave a run open for the next one
+        mlflow.end_run(status="FAILED")
