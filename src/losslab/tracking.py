@@ -239,7 +239,7 @@ class MLflowCallback(Callback):
         log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
         out = state.last_val_outputs
         if out is not None:
-            y_pred = out["probs"].argmax(1)
+            y_pred = out["pred"] if "pred" in out else out["probs"].argmax(1)
             cm = confusion_matrix(out["labels"], y_pred, len(self.class_names))
             name = "plots/confusion_matrix.png" if final else f"plots/confusion_matrix_epoch_{state.epoch:03d}.png"
             log_figure(plots.plot_confusion_matrix(cm, self.class_names), name)

@@ -250,6 +250,9 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
     out = {
         "logits": logits.numpy(),
         "probs": probs.detach().numpy(),
+        # the loss's own decision rule (e.g. CORAL counts thresholds), else argmax
+        "pred": (loss_fn.predict(logits) if callable(getattr(loss_fn, "predict", None))
+                 else probs.argmax(dim=1)).detach().numpy(),
         "labels": torch.cat(labels_all).numpy(),
         "index": torch.cat(index_all).numpy(),
         "loss": loss_sum / max(n, 1),
