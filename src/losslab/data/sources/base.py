@@ -9,6 +9,7 @@ run: the source calls ``report.skip(item, reason)`` and goes on.
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -72,6 +73,32 @@ class Source:
         from pathlib import Path
 
         return sorted(str(p) for p in Path(self.root).rglob("*") if p.is_file())
+
+
+def read_csv_table(path: "str | os.PathLike", required: "list[str] | tuple[str, ...]", shown: str | None = None
+                   ) -> tuple[list[str], list[dict[str, str]]]:
+    """``(header, rows)`` of a CSV with stripped keys and values.
+
+    Raises:
+        FileNotFoundError: the file is missing (message names it).
+        ValueError: a required column is missing; the message names the file (``shown``, default the
+            file name), the column and the columns found.
+    """
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    shown = shown or path.name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        for column in required:
+            if column not in header:
+                raise ValueError(f"{shown}: missing column {column!r} (found columns: {', '.join(header)})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    return header, rows
 
 
 _sources: dict[str, Callable[..., Source]] = {}

@@ -24,7 +24,6 @@ identifier (``patient_name``, ``birth_date``, ...), which are dropped and noted.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_source
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
 _PHI_COLUMN_NAMES = {re.sub(r"[^a-z]", "", k.lower()) for k in dicom.PHI_KEYWORDS} | {
@@ -148,13 +147,7 @@ class ManifestSource(Source):
         path = Path(root) / manifest
         if not path.is_file():
             raise FileNotFoundError(f"{path}: manifest not found")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            for column in REQUIRED_COLUMNS:
-                if column not in header:
-                    raise ValueError(f"{manifest}: missing column {column!r} (found columns: {', '.join(header)})")
-            self.rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        header, self.rows = read_csv_table(path, REQUIRED_COLUMNS, shown=str(manifest))
         self.extra_columns = [h for h in header if h not in REQUIRED_COLUMNS and h != "text"]
         self.dropped_columns = [h for h in self.extra_columns if re.sub(r"[^a-z]", "", h.lower()) in _PHI_COLUMN_NAMES]
         self.extra_columns = [h for h in self.extra_columns if h not in self.dropped_columns]

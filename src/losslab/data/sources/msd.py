@@ -25,7 +25,6 @@ NaN/inf and all-background images are skips with reasons (see :mod:`losslab.data
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, register_generator, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_generator, register_source
 from losslab.data.sources.manifest import nifti_to_stack, resolve_under, sorted_labels
 
 
@@ -91,13 +90,8 @@ class MsdSource(Source):
             csv_path = Path(root) / labels_csv
             if not csv_path.is_file():
                 raise FileNotFoundError(f"{csv_path}: labels CSV not found")
-            with open(csv_path, newline="") as f:
-                reader = csv.DictReader(f)
-                header = [h.strip() for h in (reader.fieldnames or [])]
-                for column in ("case", "label"):
-                    if column not in header:
-                        raise ValueError(f"{labels_csv}: missing column {column!r} (found columns: {', '.join(header)})")
-                self.csv_labels = {r["case"].strip(): (r["label"] or "").strip() for r in reader}
+            _, rows = read_csv_table(csv_path, ("case", "label"), shown=str(labels_csv))
+            self.csv_labels = {r["case"]: r["label"] for r in rows}
             self.class_names = ([str(c) for c in class_names] if class_names
                                 else sorted_labels([v for v in self.csv_labels.values() if v]))
         else:

@@ -28,7 +28,6 @@ series with most files and reports the others, ``"skip"`` skips the folder).
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -37,7 +36,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_source
 from losslab.data.sources.embedded_lumbar import CONDITIONS, LEVELS, column_name
 
 LABELS = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2}
@@ -52,13 +51,7 @@ def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV as dicts; ``ValueError`` naming the file and the first missing column."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (the RSNA lumbar layout needs it)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        for column in required:
-            if column not in header:
-                raise ValueError(f"{path.name}: missing column {column!r} (found columns: {', '.join(header)})")
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    return read_csv_table(path, list(required))[1]
 
 
 def _key(value: str) -> str:
