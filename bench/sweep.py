@@ -31,7 +31,7 @@ os.environ.setdefault("LOSSLAB_CONFIG_ROOT", str(REPO / "configs"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-DEFAULT_PRUNER = "name=median n_startup_trials=4 n_warmup_steps=0"
+DEFAULT_PRUNER = "name=median n_startup_trials=3 n_warmup_steps=2"
 SPACE = {
     "loss": {"type": "categorical", "choices": ["ce", "focal"]},
     "loss.gamma": {"type": "float", "low": 0.0, "high": 5.0, "when": {"loss": "focal"}},
