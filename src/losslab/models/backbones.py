@@ -222,6 +222,12 @@ def load_backbone_weights(
     if mismatched:
         _logger.warning("%s: skipped %d tensors with mismatched shapes: %s", weights_path, len(mismatched), "; ".join(mismatched))
 
+    return load_non_strict(model, state, weights_path)
+
+
+def load_non_strict(model: nn.Module, state: dict[str, torch.Tensor], weights_path: str | os.PathLike
+                    ) -> nn.modules.module._IncompatibleKeys:
+    """``load_state_dict(strict=False)`` and log the missing and unexpected keys (shared by 2D and 3D)."""
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:
         _logger.warning("%s: %d missing keys (left at init): %s", weights_path, len(result.missing_keys), ", ".join(result.missing_keys))

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from losslab.models.backbones import UnknownBackboneError, read_state_dict
+from losslab.models.backbones import UnknownBackboneError, load_non_strict, read_state_dict
 from losslab.models.mil import init_bias_from_priors
 
 __all__ = [
@@ -174,12 +174,7 @@ def load_encoder_weights(encoder: nn.Module, weights_path: str | os.PathLike) ->
         del state[key]
     if skipped:
         _logger.warning("%s: skipped %d tensors with mismatched shapes: %s", weights_path, len(skipped), ", ".join(skipped))
-    result = encoder.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        _logger.warning("%s: %d missing keys (left at init): %s", weights_path, len(result.missing_keys), ", ".join(result.missing_keys))
-    if result.unexpected_keys:
-        _logger.warning("%s: %d unexpected keys (ignored): %s", weights_path, len(result.unexpected_keys), ", ".join(result.unexpected_keys))
-    return result
+    return load_non_strict(encoder, state, weights_path)
 
 
 class VolumeClassifier(nn.Module):
