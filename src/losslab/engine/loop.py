@@ -276,8 +276,8 @@ def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn:
     for DSMIL, the selection confidence of the critical instance)."""
     from losslab.engine.metrics import classification_metrics
 
-    y_pred = None
-    if loss_fn is not None and hasattr(loss_fn, "predict"):
+    y_pred = outputs.get("pred")  # predict() already applied the loss's decision rule
+    if y_pred is None and loss_fn is not None and hasattr(loss_fn, "predict"):
         y_pred = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
     metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
     out = {f"val/{k}": float(v) for k, v in metrics.items()}
