@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError, dump_yaml, load_config
 from losslab.pipelines.sweep import (
+    OptunaReporter,
     best_config,
     best_config_yaml,
     build_pruner,
@@ -66,8 +67,11 @@ def test_sweep_prunes_reports_best_and_continues(make_config, small_cache, tmp_p
         assert ("loss.gamma" in t.params) == (t.params["loss"] == "focal")
         assert ("loss.label_smoothing" in t.params) == (t.params["loss"] == "ce")
         assert run.data.metrics["objective"] == pytest.approx(t.value)
-        history = client.get_metric_history(run.info.run_id, "val/balanced_accuracy")
-        assert sorted(m.step for m in history) == [0, 1]  # every epoch, on the trial run
+        history = sorted(client.get_metric_history(run.info.run_id, "val/balanced_accuracy"), key=lambda m: m.step)
+        assert [m.step for m in history] == [0, 1]  # every epoch, on the trial run
+        # the pruner saw the best value so far (sweep.report: best), the objective at each step
+        assert t.intermediate_values == pytest.approx({0: history[0].value, 1: max(history[0].value, history[1].value)})
+        assert t.value == pytest.approx(max(m.value for m in history))
         (fold_run,) = _children(client, run)  # the trial's train run nests under it
         assert fold_run.info.status == "FINISHED" and fold_run.data.params["loss.name"] == t.params["loss"]
         assert fold_run.data.params["optim.lr"] == str(t.params["optim.lr"])
@@ -128,6 +132,21 @@ def test_trial_that_raises_is_failed_in_both_and_the_sweep_goes_on(make_config, 
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FAILED" and run.data.tags["losslab.trial_state"] == "FAIL"
         assert "no_such_metric" in run.data.tags["losslab.error"]
+
+
+@pytest.mark.parametrize("direction, report, expected", [
+    ("maximize", "best", [0.5, 0.8, 0.8, 0.9]),
+    ("minimize", "best", [0.5, 0.5, 0.3, 0.3]),
+    ("maximize", "epoch", [0.5, 0.8, 0.3, 0.9]),
+])
+def test_reporter_reports_best_so_far_or_each_epoch(direction, report, expected):
+    study = optuna.create_study(direction=direction)  # in-memory storage, a real trial
+    trial = study.ask()
+    reporter = OptunaReporter(trial, "val/auc", step_offset=10, trial_run_id="", direction=direction, report=report)
+    for epoch, value in enumerate([0.5, 0.8, 0.3, 0.9]):
+        trial.report(reporter.value_to_report(value), 10 + epoch)
+    study.tell(trial, 0.0)
+    assert study.trials[0].intermediate_values == pytest.approx(dict(zip(range(10, 14), expected)))
 
 
 def test_conditional_sampling_and_section_overrides():

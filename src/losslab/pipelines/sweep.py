@@ -3,8 +3,9 @@
 A trial samples values for dotted config keys (``loss.gamma``, ``optim.lr``, ``data.bag_size``) or a
 whole section (``loss`` -> ``loss=<choice>`` selects ``configs/loss/<choice>.yaml``), trains the
 resulting config on one fold (``data.fold``) or on several (``sweep.folds``) and returns the mean of the
-monitored metric at each fold's best epoch. Every epoch reports the monitored metric to Optuna
-(step = fold position x ``train.epochs`` + epoch), so a pruner can stop a poor trial early.
+monitored metric at each fold's best epoch. Every epoch reports to Optuna the best monitored value
+so far in the fold (``sweep.report: best``, the objective if the trial stopped there; or ``epoch``)
+at step = fold position x ``train.epochs`` + epoch, so a pruner can stop a poor trial early.
 
 Settings live in the config's ``sweep`` section (``configs/sweep/*.yaml``, selected with
 ``-o sweep=<name>``); see :class:`SweepSettings`. The search space::
@@ -90,6 +91,10 @@ class SweepSettings(BaseModel):
     folds: int | list[int] | None = None  # None: data.fold; k: folds 0..k-1; or a list
     sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})  # name + kwargs (seed, ...)
     pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})  # median|hyperband|threshold|none
+    # what each epoch reports to the pruner: "best" = the best monitored value so far in this fold, i.e.
+    # the trial's objective if it stopped now (steadier than one epoch's value on a small validation
+    # set); "epoch" = that epoch's value
+    report: Literal["best", "epoch"] = "best"
     heartbeat_interval: int | None = Field(60, ge=1)  # seconds; None disables the dead-worker check
     grace_period: int | None = Field(None, ge=1)  # seconds without heartbeat -> FAIL; default 2 x interval
     max_retry: int | None = Field(2, ge=0)  # retries of a trial whose worker died
@@ -326,13 +331,22 @@ def redact(url: str) -> str:
 # ---------------------------------------------------------------------------------- the objective
 class OptunaReporter(Callback):
     """Engine callback: every epoch, log the epoch's metrics to the trial run, report the monitored
-    metric to Optuna and raise ``optuna.TrialPruned`` when the pruner says so."""
+    metric to Optuna and raise ``optuna.TrialPruned`` when the pruner says so.
 
-    def __init__(self, trial: Any, metric: str, step_offset: int, trial_run_id: str) -> None:
+    ``report="best"`` reports the best value so far in this fold (direction-aware): the objective is
+    the best epoch's value, so this is the objective the trial would have if it stopped at this step,
+    and one noisy epoch neither prunes a trial nor props up a poor one. ``"epoch"`` reports each
+    epoch's own value."""
+
+    def __init__(self, trial: Any, metric: str, step_offset: int, trial_run_id: str,
+                 direction: str = "maximize", report: str = "best") -> None:
         self.trial = trial
         self.metric = metric
         self.step_offset = step_offset
         self.trial_run_id = trial_run_id
+        self.direction = direction
+        self.report = report
+        self.best: float | None = None
         self.fold_run_id: str | None = None
         self.epochs_run = 0
 
@@ -341,6 +355,13 @@ class OptunaReporter(Callback):
 
         run = mlflow.active_run()
         self.fold_run_id = run.info.run_id if run else None
+
+    def value_to_report(self, value: float) -> float:
+        if self.report == "epoch":
+            return value
+        better = max if self.direction == "maximize" else min
+        self.best = value if self.best is None else better(self.best, value)
+        return self.best
 
     def on_epoch_end(self, state, metrics):
         import optuna
@@ -353,9 +374,10 @@ class OptunaReporter(Callback):
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(float(value)):
             return
-        self.trial.report(float(value), step)
+        reported = self.value_to_report(float(value))
+        self.trial.report(reported, step)
         if self.trial.should_prune():
-            exc = optuna.TrialPruned(f"pruned at step {step} ({self.metric}={float(value):.4f})")
+            exc = optuna.TrialPruned(f"pruned at step {step} ({self.metric}={float(value):.4f}, reported {reported:.4f})")
             exc.step = step
             raise exc
 
@@ -377,7 +399,7 @@ def make_objective(cfg: ExperimentConfig, settings: SweepSettings, info: Any, na
     from losslab.pipelines.train import train_fold
     from losslab.tracking import mark_trial_run, trial_run
 
-    metric, _ = metric_and_direction(cfg, settings)
+    metric, direction = metric_and_direction(cfg, settings)
     folds = _fold_list(cfg, settings)
 
     def objective(trial: optuna.Trial) -> float:
@@ -396,7 +418,8 @@ def make_objective(cfg: ExperimentConfig, settings: SweepSettings, info: Any, na
             values = []
             try:
                 for position, fold in enumerate(folds):
-                    reporter = OptunaReporter(trial, metric, position * trial_cfg.train.epochs, run_id)
+                    reporter = OptunaReporter(trial, metric, position * trial_cfg.train.epochs, run_id, direction,
+                                              settings.report)
                     try:
                         result = train_fold(trial_cfg, info, fold, nested=True, extra_callbacks=[reporter],
                                             extra_tags={"losslab.sweep_role": "fold", "losslab.study": name})
