@@ -105,22 +105,29 @@ def _run_search(tmp: Path, info, args, label: str, spec: dict, seed: int):
     return study, seconds
 
 
-def replay(full_study, spec: dict, study_name: str, report: str) -> tuple[int, float, int, int]:
-    """Exact replay of a pruner on the no-pruning study: training is deterministic and the sampler is
-    seeded, so a pruned search trains the same trials with the same per-epoch values until it stops
-    them. Feeds each trial's per-epoch metric (from its MLflow run) through the same
+def learning_curves(full_study) -> list[tuple[list, float]]:
+    """Each trial of the no-pruning study: its per-epoch val/auc history (from its MLflow run, read
+    once per seed) and its objective value."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return [(sorted(client.get_metric_history(t.user_attrs["mlflow_run_id"], "val/auc"), key=lambda m: m.step), t.value)
+            for t in full_study.trials]
+
+
+def replay(curves, spec: dict, study_name: str, report: str) -> tuple[int, float, int, int]:
+    """Exact replay of a pruner on the no-pruning study's :func:`learning_curves`: training is
+    deterministic and the sampler is seeded, so a pruned search trains the same trials with the same
+    per-epoch values until it stops them. Feeds each epoch's value through the same
     ``OptunaReporter.value_to_report`` and pruner as a real search. Returns (trial-epochs, best
     value, pruned, best trial number)."""
     import optuna
-    from mlflow.tracking import MlflowClient
 
     from losslab.pipelines.sweep import OptunaReporter, build_pruner
 
-    client = MlflowClient()
     study = optuna.create_study(study_name=study_name, direction="maximize", pruner=build_pruner(spec))
     epochs = 0
-    for done in full_study.trials:
-        history = sorted(client.get_metric_history(done.user_attrs["mlflow_run_id"], "val/auc"), key=lambda m: m.step)
+    for history, value in curves:
         trial = study.ask()
         reporter = OptunaReporter(trial, "val/auc", 0, "", "maximize", report)
         for m in history:
@@ -130,7 +137,7 @@ def replay(full_study, spec: dict, study_name: str, report: str) -> tuple[int, f
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 break
         else:
-            study.tell(trial, done.value)
+            study.tell(trial, value)
     pruned = sum(t.state.name == "PRUNED" for t in study.trials)
     return epochs, study.best_value, pruned, study.best_trial.number
 
@@ -145,9 +152,10 @@ def bench_pruning(tmp: Path, info, args) -> None:
         full = (_epochs(full_study), full_study.best_value)
         lines.append(f"-- sampler seed {seed}\nno pruning: {full[0]} trial-epochs, best val/auc {full[1]:.5f} "
                      f"(trial {full_study.best_trial.number})" + (f", {full_seconds:.1f} s wall" if full_seconds else ""))
+        curves = learning_curves(full_study) if args.replay else None
         for label, spec in _pruners(args):
             if args.replay:
-                epochs, best, n_pruned, best_n = replay(full_study, spec, f"{label}-seed{seed}", args.report)
+                epochs, best, n_pruned, best_n = replay(curves, spec, f"{label}-seed{seed}", args.report)
                 seconds, label = None, label + " (replayed)"
             else:
                 study, seconds = _run_search(tmp, info, args, label, spec, seed)
@@ -158,8 +166,8 @@ def bench_pruning(tmp: Path, info, args) -> None:
             line = (f"{label}: {epochs} trial-epochs, {n_pruned} pruned, best val/auc {best:.5f} (trial {best_n})\n"
                     f"    compute ratio pruned/full = {ratio:.3f} (goal <= 0.5); best vs full best = {gap:+.2f} % "
                     f"(goal within 1 %)")
-            if seconds and full_seconds:
-                line += f"; wall {seconds:.1f} s, ratio {seconds / full_seconds:.3f}"
+            if seconds:
+                line += f"; {seconds:.1f} s wall" + (f", ratio {seconds / full_seconds:.3f}" if full_seconds else "")
             lines.append(line)
     print(print_header)
     print("\n".join(lines))
@@ -269,11 +277,13 @@ def main() -> None:
         from losslab.data.sources import run_generator
 
         root = tmp / "data" / "embedded_brats"
-        if not (root / "done.json").exists():
+        settings = {"cases": args.cases, "epochs": args.epochs, "trials": args.trials}  # what a reused search must share
+        stamp = tmp / "bench_settings.json"
+        if not stamp.exists():
             run_generator("embedded_brats", str(root), seed=3, num_cases=args.cases, shape=(48, 48, 16))
-            (root / "done.json").write_text(json.dumps({"cases": args.cases}))
-        elif json.loads((root / "done.json").read_text())["cases"] != args.cases:
-            raise SystemExit(f"{tmp} holds data with another --cases; use another --workdir")
+            stamp.write_text(json.dumps(settings))
+        elif json.loads(stamp.read_text()) != settings:
+            raise SystemExit(f"{tmp} holds searches made with {stamp.read_text()}, not {settings}; use another --workdir")
         cache = build_cache(DataConfig(root=str(root), cache_dir=str(tmp / "cache"), num_folds=3, salt="bench"))
         info = _Info(root, cache)
         if not args.skip_pruning:
