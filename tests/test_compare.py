@@ -154,3 +154,20 @@ def test_cli_compare_prints_the_table_and_names_a_missing_experiment(experiment)
     assert "0.800 ± 0.100" in result.output and "focal" in result.output
     missing = runner.invoke(app, ["compare", "--experiment", "no-such-experiment-xyz"])
     assert missing.exit_code == 2 and "no-such-experiment-xyz" in missing.output
+
+
+def test_dead_classes_in_the_table_come_from_the_prediction_counts(mlflow_store):
+    """A run's dead classes are counted from its ``best_val/pred_count_*`` (the one rule of
+    :func:`losslab.engine.metrics.dead_class_names`), also where it logged no dead_class_count."""
+    name = f"compare-dead-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment(name)
+    counts = [(10, 0, 0), (4, 3, 3), (0, 9, 1)]  # dead: 2, 0, 1 -> mean 1.0, std 1.0
+    for fold, fold_counts in enumerate(counts):
+        _run(f"ce-f{fold}", {"losslab.entry_point": "train", "losslab.loss": "ce", "losslab.fold": str(fold),
+                             "losslab.class_names": ",".join(CLASSES)},
+             {"best_val/balanced_accuracy": 0.5} | {f"best_val/pred_count_{c}": n for c, n in zip(CLASSES, fold_counts)})
+    mlflow.end_run()
+    result = run_compare(name)
+    assert result.runs.sort_values("fold")["dead_class_count"].tolist() == [2.0, 0.0, 1.0]
+    assert result.table.loc["ce", "dead_class_count_mean"] == pytest.approx(1.0)
+    assert result.table.loc["ce", "dead_class_count_std"] == pytest.approx(1.0)

@@ -16,8 +16,10 @@ from losslab.engine.metrics import (
     DeadClassMonitor,
     classification_metrics,
     confusion_matrix,
+    dead_class_names,
     dead_classes,
     expected_calibration_error,
+    pred_counts,
     rsna_weighted_log_loss,
 )
 
@@ -171,6 +173,18 @@ def test_rsna_weights_length_checked():
 def test_dead_classes():
     assert dead_classes(np.array([0, 0, 2, 2]), 4) == [1, 3]
     assert dead_classes(torch.tensor([0, 1, 2]), 3) == []
+
+
+def test_dead_class_names_from_counts_and_metric_dicts():
+    assert dead_class_names({"LGG": 0.0, "HGG": 12.0, "x": float("nan")}) == ["LGG"]
+    metrics = {"val/pred_count_LGG": 0.0, "val/pred_count_HGG": 7.0, "test/pred_count_LGG": 3.0, "val/auc": 0.0}
+    assert pred_counts(metrics) == {"LGG": 0.0, "HGG": 7.0}
+    assert pred_counts(metrics, "test/") == {"LGG": 3.0}
+    assert dead_class_names(pred_counts(metrics)) == ["LGG"] and dead_class_names(pred_counts(metrics, "test/")) == []
+    # classification_metrics' dead_class_count agrees with the rule on its own pred counts
+    y_true, probs = np.array([0, 1, 2, 2]), np.array([[0.8, 0.1, 0.1]] * 2 + [[0.1, 0.1, 0.8]] * 2)
+    out = classification_metrics(y_true, probs, ["a", "b", "c"])
+    assert dead_class_names(pred_counts(out, "")) == ["b"] and out["dead_class_count"] == 1.0
 
 
 def test_dead_class_monitor_patience():

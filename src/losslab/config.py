@@ -94,6 +94,13 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
 
 
+class TiebreakMetric(_Strict):
+    """A tie-break metric for the best checkpoint; ``mode`` defaults to ``min`` for losses/ECE."""
+
+    metric: str
+    mode: Literal["max", "min"] | None = None
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(3, ge=1)
     seed: int = 0
@@ -102,6 +109,9 @@ class TrainConfig(_Strict):
     grad_clip: float | None = 1.0
     monitor: str = "val/balanced_accuracy"
     monitor_mode: Literal["max", "min"] = "max"
+    # when two epochs tie on `monitor` (e.g. balanced accuracy 0.5 of a one-class model), the
+    # first of these that differs decides; a string's mode is min for losses/ECE, else max
+    monitor_tiebreak: list[str | TiebreakMetric] = Field(default_factory=lambda: ["val/auc", "val/loss"])
     early_stopping_patience: int | None = None
     checkpoint_dir: str = "outputs/checkpoints"
     dead_class_patience: int = Field(2, ge=1)  # alarm after this many epochs with 0 predictions of a class
@@ -118,6 +128,10 @@ class TrainConfig(_Strict):
     upload_checkpoint_every: int = Field(5, ge=0)  # checkpoints to MLflow every N epochs; 0 = at the end/failure only
     progress: bool = True  # progress bars (only when stderr is a terminal)
     deterministic: bool = True
+
+    def tiebreak_rules(self) -> list[tuple[str, str | None]]:
+        """``train.monitor_tiebreak`` as ``(metric, mode)`` pairs (mode None: the metric's default)."""
+        return [(item, None) if isinstance(item, str) else (item.metric, item.mode) for item in self.monitor_tiebreak]
 
 
 class TrackingConfig(_Strict):

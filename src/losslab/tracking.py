@@ -190,7 +190,9 @@ class MLflowCallback(Callback):
         step = int(metrics.get("epoch", state.epoch))
         log_metrics_batch(self.run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step,
                           synchronous=self.synchronous)
-        zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
+        from losslab.engine.metrics import dead_class_names, pred_counts
+
+        zero = dead_class_names(pred_counts(metrics))
         if zero:
             self.client.set_tag(self.run_id, f"losslab.zero_predictions.epoch_{step}", ",".join(zero))
         if self.plot_every and (step + 1) % self.plot_every == 0:

@@ -45,6 +45,7 @@ from torch import nn
 from losslab.engine import distributed as ddp
 from losslab.engine.callbacks import Callback, CallbackList
 from losslab.engine.ema import averaged_weights, build_ema, build_swa, mixup_batch, update_bn
+from losslab.engine.monitor import BestModelRule
 
 log = logging.getLogger(__name__)
 SLEEP_ENV = "LOSSLAB_TEST_SLEEP_PER_BATCH"  # tests only: seconds to sleep after each training batch
@@ -60,6 +61,8 @@ class FitState:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_values: dict[str, float] | None = None  # the monitored and tie-break metrics of the best epoch
+    best_tiebreak: str | None = None  # set when a tie-break metric chose the current best epoch
     history: dict[str, list[float]] = field(default_factory=dict)
     stopped_early: bool = False
     checkpoint_dir: Path | None = None
@@ -329,7 +332,7 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (epoch and batch in the message).
         KeyError: ``train.monitor`` is not a logged metric.
     """
-    from losslab.engine.metrics import Alarms
+    from losslab.engine.metrics import Alarms, dead_class_names, pred_counts
 
     cbs = CallbackList(callbacks)
     distributed = ddp.is_distributed()
@@ -358,7 +361,7 @@ def fit(
     state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir))
     alarms = Alarms(dead_class_patience=train_cfg.dead_class_patience, loss_gap_threshold=train_cfg.loss_gap_threshold,
                     bal_acc_var_window=train_cfg.bal_acc_var_window, bal_acc_var_threshold=train_cfg.bal_acc_var_threshold)
-    sign = 1.0 if train_cfg.monitor_mode == "max" else -1.0
+    best_rule = BestModelRule.from_config(train_cfg)
     patience_left = train_cfg.early_stopping_patience
     start_epoch = 0
     sleep_per_batch = float(os.environ.get(SLEEP_ENV) or 0.0)
@@ -385,6 +388,9 @@ def fit(
         state.global_step = ckpt["global_step"]
         state.best_metric = ckpt["best_metric"]
         state.best_epoch = ckpt["best_epoch"]
+        state.best_values = ckpt.get("best_values") or (
+            {train_cfg.monitor: ckpt["best_metric"]} if ckpt["best_metric"] is not None else None)
+        state.best_tiebreak = ckpt.get("best_tiebreak")
         state.history = {k: list(v) for k, v in ckpt["history"].items()}
         patience_left = ckpt.get("patience_left", patience_left)
         _replay_alarms(alarms, state.history)
@@ -482,7 +488,7 @@ def fit(
                 for k, v in metrics.items():
                     state.history.setdefault(k, []).append(float(v))
                 state.last_val_outputs = outputs
-                zero = [k[len("val/pred_count_"):] for k, v in metrics.items() if k.startswith("val/pred_count_") and v == 0]
+                zero = dead_class_names(pred_counts(metrics))
                 if zero:
                     log.warning("epoch %d: class(es) %s predicted 0 times on validation", epoch, ", ".join(zero))
                 for alarm in alarms.update(epoch, metrics):
@@ -492,9 +498,12 @@ def fit(
                 monitored = metrics.get(train_cfg.monitor)
                 if monitored is None:
                     raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
-                improved = monitored == monitored and (state.best_metric is None or sign * monitored > sign * state.best_metric)
+                improved, tiebreak = best_rule.compare(metrics, state.best_values)
                 if improved:
                     state.best_metric, state.best_epoch = float(monitored), epoch
+                    state.best_values, state.best_tiebreak = best_rule.remember(metrics), tiebreak
+                    if tiebreak:
+                        log.info("epoch %d becomes best by tie-break: %s", epoch, tiebreak)
                     patience_left = train_cfg.early_stopping_patience
                 elif patience_left is not None:
                     patience_left -= 1
@@ -511,6 +520,8 @@ def fit(
                     "global_step": state.global_step,
                     "best_metric": state.best_metric,
                     "best_epoch": state.best_epoch,
+                    "best_values": state.best_values,
+                    "best_tiebreak": state.best_tiebreak,
                     "history": state.history,
                     "patience_left": patience_left,
                     "rng": _rng_state(),

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -31,7 +31,9 @@ __all__ = [
     "RSNA_SEVERITY_WEIGHTS",
     "classification_metrics",
     "confusion_matrix",
+    "dead_class_names",
     "dead_classes",
+    "pred_counts",
     "expected_calibration_error",
     "rsna_weighted_log_loss",
     "to_numpy",
@@ -88,10 +90,29 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     )
 
 
+def dead_class_names(counts: Mapping[Any, float]) -> list[Any]:
+    """The one rule for a *dead* class: the keys of ``counts`` (class -> number of predictions)
+    whose count is 0, in order. A NaN count (not measured) is not dead.
+
+    Used by the engine (warnings, alarms), tracking (tags), train, evaluate and compare.
+
+    Example:
+        >>> dead_class_names({"LGG": 0.0, "HGG": 12.0})
+        ['LGG']
+    """
+    return [name for name, count in counts.items() if float(count) == 0.0]
+
+
+def pred_counts(metrics: Mapping[str, float], prefix: str = "val/") -> dict[str, float]:
+    """class name -> count from the ``<prefix>pred_count_<class>`` keys of a metric dict, in order."""
+    head = f"{prefix}pred_count_"
+    return {key[len(head):]: float(value) for key, value in metrics.items() if key.startswith(head)}
+
+
 def dead_classes(y_pred: Any, num_classes: int) -> list[int]:
     """Classes in ``range(num_classes)`` that are never predicted in ``y_pred`` ``(N,)``."""
     counts = np.bincount(_labels(y_pred, "y_pred"), minlength=int(num_classes))
-    return [int(c) for c in range(int(num_classes)) if counts[c] == 0]
+    return dead_class_names({int(c): counts[c] for c in range(int(num_classes))})
 
 
 def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
@@ -259,7 +280,7 @@ def classification_metrics(
         out[f"pred_count_{name}"] = float(counts[c])
     present = np.unique(y)
     out["min_class_recall"] = float(np.min(recall[present]))
-    out["dead_class_count"] = float(np.sum(counts == 0))
+    out["dead_class_count"] = float(len(dead_class_names(dict(enumerate(counts)))))
     out["ece"] = expected_calibration_error(y, p, n_bins=15)
     out["log_loss"] = _log_loss(y, p)
     return out
@@ -300,7 +321,8 @@ class DeadClassMonitor:
             )
         if not self.streaks:
             self.streaks = [0] * len(counts)
-        self.streaks = [s + 1 if c == 0 else 0 for s, c in zip(self.streaks, counts)]
+        zero = set(dead_class_names(dict(enumerate(counts))))
+        self.streaks = [s + 1 if c in zero else 0 for c, s in enumerate(self.streaks)]
         return [c for c, s in enumerate(self.streaks) if s >= self.patience]
 
     def reset(self) -> None:
@@ -365,12 +387,11 @@ class Alarms:
     def update(self, epoch: int, metrics: dict[str, float]) -> list[Alarm]:
         """Feed one epoch's metrics; return the alarms that fire for the first time now."""
         new: list[Alarm] = []
-        count_prefix = f"{self.prefix}pred_count_"
-        count_keys = [key for key in metrics if key.startswith(count_prefix)]
-        if count_keys:
-            dead = self.dead_class_monitor.update([int(metrics[key]) for key in count_keys])
+        counts = pred_counts(metrics, self.prefix)
+        if counts:
+            dead = self.dead_class_monitor.update(list(counts.values()))
             if dead:
-                names = [count_keys[c][len(count_prefix) :] for c in dead]
+                names = [list(counts)[c] for c in dead]
                 new.append(
                     Alarm(
                         "dead_class",

@@ -144,6 +144,20 @@ def _values(runs: pd.DataFrame, key: str) -> pd.Series:
     return pd.Series(np.nan, index=runs.index, dtype=float)
 
 
+def _dead_class_count(runs: pd.DataFrame, class_names: list[str], prefix: str, logged: pd.Series) -> pd.Series:
+    """Per run, the classes :func:`losslab.engine.metrics.dead_class_names` calls dead from the
+    run's ``<prefix>pred_count_<class>`` metrics; the logged ``dead_class_count`` where a run has
+    no prediction counts."""
+    from losslab.engine.metrics import dead_class_names
+
+    counts = pd.DataFrame({c: _values(runs, f"{prefix}pred_count_{c}") for c in class_names}, index=runs.index)
+    out = logged.copy()
+    for index, row in counts.iterrows():
+        if row.notna().any():
+            out[index] = float(len(dead_class_names(row.dropna().to_dict())))
+    return out
+
+
 def _stats(values: pd.Series) -> tuple[float, float, int]:
     v = values.dropna().to_numpy(dtype=float)
     if len(v) == 0:
@@ -173,6 +187,8 @@ def compare_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, 
                             "run_id": folds["run_id"] if "run_id" in folds else []})
     for name, key in list(zip(names, keys)) + list(extra.items()):
         per_run[name] = _values(folds, key)
+    if "dead_class_count" in per_run:
+        per_run["dead_class_count"] = _dead_class_count(folds, class_names, prefix, per_run["dead_class_count"])
     per_run = per_run.reset_index(drop=True)
 
     rows = []

@@ -71,6 +71,7 @@ from losslab.data.cache import CacheInfo, build_cache, load_cache
 from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
 from losslab.data.splits import TEST_FOLD
 from losslab.engine.calibration import Calibrator
+from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.loop import forward_batch, load_checkpoint, predict, resolve_device, validation_metrics
 from losslab.engine.metrics import confusion_matrix, rsna_weighted_log_loss
 from losslab.pipelines.common import base_tags
@@ -489,7 +490,7 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
                                    settings.latency.repeats)
 
     predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
-    dead = [c for c in class_names if metrics.get(f"test/pred_count_{c}", 1) == 0]
+    dead = dead_class_names(pred_counts(metrics, "test/"))
     if dead:
         log.warning("uncalibrated predictions never name class(es) %s; see test_calibrated/*", ", ".join(dead))
 

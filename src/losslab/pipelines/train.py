@@ -26,6 +26,8 @@ from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
 from losslab.data.samplers import build_distributed_sampler, build_sampler
 from losslab.engine import distributed as ddp
+from losslab.engine.metrics import dead_class_names, pred_counts
+from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
 from losslab.pipelines.common import base_tags
@@ -176,7 +178,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
                     callbacks=callbacks, resume_from=resume_from)
 
-        dead = [c for c in class_names if state.history.get(f"val/pred_count_{c}", [1])[-1] == 0]
+        if state.best_tiebreak:
+            mlflow.set_tag("losslab.best_tiebreak", f"epoch {state.best_epoch}: {state.best_tiebreak}")
+        dead = dead_class_names(pred_counts({k: v[-1] for k, v in state.history.items() if v}))
         if dead:
             log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
             mlflow.set_tag("losslab.dead_classes", ",".join(dead))
@@ -285,11 +289,11 @@ def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None 
             for r in failed:
                 mlflow.set_tag(f"losslab.fold_{r.fold}_error", (r.error or "")[:5000])
         if ok and cfg.tracking.registered_model_name and cfg.tracking.log_model:
-            key = cfg.train.monitor
-            sign = 1 if cfg.train.monitor_mode == "max" else -1
-            scored = [r for r in ok if not math.isnan(r.metrics.get(key, float("nan")))]
-            if scored:
-                best = max(scored, key=lambda r: sign * r.metrics[key])
+            rule, best = BestModelRule.from_config(cfg.train), None
+            for r in ok:  # the monitored metric, then the tie-breaks; NaN never wins
+                if rule.compare(r.metrics, best.metrics if best is not None else None)[0]:
+                    best = r
+            if best is not None:
                 client = mlflow.tracking.MlflowClient()
                 client.set_registered_model_alias(cfg.tracking.registered_model_name, "champion", f"{best.model_version}")
                 mlflow.set_tag("losslab.champion_fold", str(best.fold))
