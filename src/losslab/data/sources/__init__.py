@@ -4,6 +4,7 @@ from losslab.data.sources.base import (  # noqa: F401
     Case,
     SkipReport,
     Source,
+    Task,
     UnknownSourceError,
     build_source,
     list_generators,

@@ -38,6 +38,20 @@ class Case:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Task:
+    """One independent unit of a source's work (e.g. one DICOM series), run by :meth:`Source.run_task`.
+
+    Attributes:
+        files: the raw files the task reads (for the progress bar; 0 when unknown).
+        payload: what :meth:`Source.run_task` needs; pickled to worker processes, so small and
+            free of arrays. The cache journals tasks by their position, never by payload.
+    """
+
+    files: int = 0
+    payload: Any = None
+
+
 @dataclass
 class SkipReport:
     """Cases and files read, skipped and why (written to ``report.json`` and logged to MLflow)."""
@@ -58,6 +72,8 @@ class Source:
 
     name: str = "source"
     class_names: list[str] = []
+    #: every case lies in [0, 1] (windowed or 8-bit scaled): ``data.cache_dtype: auto`` stores float16
+    unit_range: bool = False
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> None:
         self.root = root
@@ -67,6 +83,16 @@ class Source:
 
     def iter_cases(self) -> Iterator[Case]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def tasks(self) -> list[Task]:
+        """The source's independent units of work, in a fixed order (the cache runs them in
+        parallel and resumes an interrupted build task by task). Planning problems are reported
+        to ``self.report`` here; default: one task that runs :meth:`iter_cases`."""
+        return [Task()]
+
+    def run_task(self, task: Task) -> Iterator[Case]:
+        """The cases of one task of :meth:`tasks`; problems go to ``self.report``."""
+        return self.iter_cases()
 
     def fingerprint_files(self) -> list[str]:
         """Files whose content defines the cache (for cache reuse); default: every file under root."""

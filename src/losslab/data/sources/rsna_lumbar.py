@@ -36,7 +36,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, Task, read_csv_table, register_source
 from losslab.data.sources.embedded_lumbar import CONDITIONS, LEVELS, column_name
 
 LABELS = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2}
@@ -82,6 +82,7 @@ class RsnaLumbarSource(Source):
 
     name = "rsna_lumbar"
     class_names = ["normal_mild", "moderate", "severe"]
+    unit_range = True  # windowed to [0, 1]
 
     def __init__(
         self,
@@ -131,6 +132,15 @@ class RsnaLumbarSource(Source):
         return labels, series_description, coordinates
 
     def iter_cases(self) -> Iterator[Case]:
+        for task in self.tasks():
+            yield from self.run_task(task)
+
+    def run_task(self, task: Task) -> Iterator[Case]:
+        """The cases of one series: ``task.payload`` is ``(study, series, cases, labels, description)``."""
+        return self._series_cases(*task.payload)
+
+    def tasks(self) -> list[Task]:
+        """One task per (study, series) with a coordinate, in sorted order; CSV problems are reported here."""
         labels, descriptions, coordinates = self._tables()
         report = self.report
         # (study, series) -> [(condition, level, instance, x, y)], first coordinate per case wins
@@ -169,8 +179,13 @@ class RsnaLumbarSource(Source):
                         report.skip(TRAIN_CSV, f"no coordinate for study {study} {condition} {level}: "
                                                "cannot crop, case skipped")
 
+        tasks = []
         for (study, series), cases in sorted(by_series.items()):
-            yield from self._series_cases(study, series, cases, labels, descriptions.get((study, series)))
+            folder = os.path.join(self.root, self.images_dir, study, series)
+            files = len(os.listdir(folder)) if os.path.isdir(folder) else 0
+            study_labels = {study: labels[study]} if study in labels else {}
+            tasks.append(Task(files, (study, series, cases, study_labels, descriptions.get((study, series)))))
+        return tasks
 
     # ------------------------------------------------------------------ one series
     def _skip_all(self, cases: list[tuple[str, str, str, str, str]], item: str, reason: str) -> None:
@@ -203,7 +218,7 @@ class RsnaLumbarSource(Source):
             labelled.append((condition, level, instance, x, y, LABELS[value]))
         if not labelled:
             return
-        groups = dicom.find_series(folder, report, root=self.root)
+        groups = dicom.group_series(folder, report, root=self.root)  # one read per file, pixels included
         if not groups:
             self._skip_all(cases, rel, "no readable DICOM file in the series folder")
             return
@@ -215,10 +230,10 @@ class RsnaLumbarSource(Source):
             for other in ordered[1:]:
                 report.skip(rel, f"{len(groups)} series mixed in one folder: a second series of {len(other)} "
                                  f"file(s) ignored, the largest ({len(ordered[0])} files) kept")
-            paths = ordered[0]
+            members = ordered[0]
         else:
-            paths = next(iter(groups.values()))
-        volume, vmeta = dicom.read_series(paths, report, root=self.root, item=rel, on_gap=self.on_gap)
+            members = next(iter(groups.values()))
+        volume, vmeta = dicom.series_volume(members, report, root=self.root, item=rel, on_gap=self.on_gap)
         if volume is None:
             for condition, level, *_ in labelled:
                 report.skip(rel, f"{condition} {level}: series unreadable (reason reported for the series)")
@@ -226,6 +241,7 @@ class RsnaLumbarSource(Source):
         depth, height, width = volume.shape
         instances = vmeta["instance_numbers"]
         half = self.stack_slices // 2
+        windowed = self._windower(volume, vmeta.get("window"))
         for condition, level, instance, x_text, y_text, label in labelled:
             try:
                 instance_i = int(float(instance))
@@ -244,7 +260,7 @@ class RsnaLumbarSource(Source):
             centre = instances.index(instance_i)
             wanted = np.arange(centre - half, centre + half + 1)
             index = np.clip(wanted, 0, depth - 1)
-            stack = dicom.multi_window(volume[index], self.windows, vmeta.get("window"))
+            stack = windowed(index)
             stack = dicom.crop_around(stack, x, y, self.radius_factor)
             if self.clahe:
                 stack = dicom.clahe(stack)
@@ -267,3 +283,22 @@ class RsnaLumbarSource(Source):
                 image=image,
                 meta=meta,
             )
+
+    def _windower(self, volume: np.ndarray, file_window: Any) -> Any:
+        """``index -> multi_window(volume[index])``, windowing each slice once per series.
+
+        The cases of a series share most slices; with fixed windows (no ``"auto"``, no ``"file"``
+        without a file window) the windowed values are pointwise, so windowing each needed slice
+        once gives the same arrays. Otherwise the window depends on the stack: windowed per case.
+        """
+        if any(w == "auto" or (w == "file" and file_window is None) for w in self.windows if isinstance(w, str)):
+            return lambda index: dicom.multi_window(volume[index], self.windows, file_window)
+        done: dict[int, np.ndarray] = {}
+
+        def stack(index: np.ndarray) -> np.ndarray:
+            missing = sorted({int(i) for i in index} - done.keys())
+            if missing:
+                done.update(zip(missing, dicom.multi_window(volume[missing], self.windows, file_window)))
+            return np.stack([done[int(i)] for i in index])
+
+        return stack
