@@ -43,6 +43,9 @@ class DataConfig(_Strict):
     generator_kwargs: dict[str, Any] = Field(default_factory=dict)
     source_kwargs: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str = "cache/embedded_brats"
+    # arrays on disk: auto = float16 when the source's cases lie in [0, 1] (windowed), else float32
+    cache_dtype: Literal["auto", "float16", "float32"] = "auto"
+    preprocess_workers: int | None = Field(None, ge=1)  # null: one per CPU from 1,000 raw files, else 1
     class_names: list[str] | None = None  # default: the source's class names
     num_folds: int = Field(5, ge=2)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)

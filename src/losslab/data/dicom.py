@@ -44,6 +44,7 @@ De-identification
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -751,15 +752,69 @@ def crop_around(stack: np.ndarray, x: float, y: float, radius_factor: float = 0.
 
 
 def resize(stack: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize the last two axes of ``stack`` to ``size = (H, W)`` (bilinear, anti-aliased)."""
-    from skimage.transform import resize as sk_resize
+    """Resize the last two axes of ``stack`` to ``size = (H, W)`` (bilinear, anti-aliased).
 
+    The values of ``skimage.transform.resize(order=1, preserve_range=True, anti_aliasing=
+    <downsampling>)`` (pixel-area aligned grid, mirrored edges, a Gaussian prefilter of
+    ``sigma = (scale - 1) / 2`` when shrinking) to float32 rounding, computed as two small
+    matrix products ``A_h @ x @ A_w.T`` instead of an interpolation over all four axes of
+    ``(N, C, H, W)`` (about 30x faster for a 7-slice stack).
+    """
     size = (int(size[0]), int(size[1]))
+    stack = np.asarray(stack, dtype=np.float32)
     if tuple(stack.shape[-2:]) == size:
-        return np.asarray(stack, dtype=np.float32)
-    out_shape = stack.shape[:-2] + size
-    return sk_resize(stack, out_shape, order=1, preserve_range=True,
-                     anti_aliasing=size[0] < stack.shape[-2]).astype(np.float32)
+        return stack
+    anti_alias = size[0] < stack.shape[-2]
+    rows = _resize_matrix(stack.shape[-2], size[0], anti_alias)
+    cols = _resize_matrix(stack.shape[-1], size[1], anti_alias)
+    lead, (height, width) = stack.shape[:-2], stack.shape[-2:]
+    # two plain 2D GEMMs (a broadcast matmul over (N, C) runs a slow non-BLAS loop)
+    narrowed = stack.reshape(-1, width) @ cols.T  # (N*C*H, w)
+    planes = narrowed.reshape(-1, height, size[1]).transpose(1, 0, 2).reshape(height, -1)
+    out = (rows @ planes).reshape(size[0], -1, size[1]).transpose(1, 0, 2)
+    return np.ascontiguousarray(out.reshape(lead + size), dtype=np.float32)
+
+
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """scipy.ndimage's ``mirror`` boundary: reflect about the edge pixels' centres."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    index = np.abs(index) % period
+    return np.where(index > n - 1, period - index, index)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(n_in: int, n_out: int, anti_alias: bool) -> np.ndarray:
+    """``(n_out, n_in)`` float32: linear interpolation on skimage's grid, after the Gaussian
+    prefilter ``scipy.ndimage.gaussian_filter(sigma=max(0, (scale - 1) / 2), truncate=4)``."""
+    scale = n_in / n_out
+    matrix = np.eye(n_in)
+    sigma = max(0.0, (scale - 1.0) / 2.0) if anti_alias else 0.0
+    if sigma > 0:
+        radius = int(4.0 * sigma + 0.5)
+        offsets = np.arange(-radius, radius + 1)
+        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+        weights /= weights.sum()
+        matrix = np.zeros((n_in, n_in))
+        for i in range(n_in):
+            np.add.at(matrix[i], _mirror(i + offsets, n_in), weights)
+    coords = _mirror_float((np.arange(n_out) + 0.5) * scale - 0.5, n_in)
+    low = np.minimum(np.floor(coords).astype(int), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = coords - low
+    interp = np.zeros((n_out, n_in))
+    np.add.at(interp, (np.arange(n_out), low), 1.0 - frac)
+    np.add.at(interp, (np.arange(n_out), high), frac)
+    return (interp @ matrix).astype(np.float32)
+
+
+def _mirror_float(coords: np.ndarray, n: int) -> np.ndarray:
+    if n == 1:
+        return np.zeros_like(coords)
+    period = 2.0 * (n - 1)
+    coords = np.abs(coords) % period
+    return np.where(coords > n - 1, period - coords, coords)
 
 
 def normalise(stack: np.ndarray, mode: str = "minmax") -> np.ndarray:

@@ -26,14 +26,18 @@ def run_preprocess(cfg: ExperimentConfig, force: bool = False, log_to_mlflow: bo
         info = build_cache(cfg.data, force=force)
         msg = ("reused the cache at %s (inputs unchanged, fingerprint %s)" if info.reused
                else "wrote the cache at %s (fingerprint %s)")
+        if info.resumed_tasks:
+            msg += f"; resumed an interrupted build: {info.resumed_tasks} of {info.total_tasks} tasks were done"
         log.info(msg, info.cache_dir, info.fingerprint[:12])
         print(msg % (info.cache_dir, info.fingerprint[:12]))
         mlflow.log_params({"data.source": cfg.data.source, "data.root": cfg.data.root,
                            "data.cache_dir": str(cfg.data.cache_dir), "data.num_folds": cfg.data.num_folds,
-                           "data.test_fraction": cfg.data.test_fraction})
+                           "data.test_fraction": cfg.data.test_fraction,
+                           "data.cache_dtype": cfg.data.cache_dtype})
         mlflow.set_tag("losslab.cache_reused", str(info.reused).lower())
         counts = info.report.get("class_counts", {})
-        metrics = {"cases": float(len(info.index)), "skipped": float(info.report.get("skipped_count", 0))}
+        metrics = {"cases": float(len(info.index)), "skipped": float(info.report.get("skipped_count", 0)),
+                   "resumed_tasks": float(info.resumed_tasks)}
         metrics.update({f"class_count_{k}": float(v) for k, v in counts.items()})
         mlflow.log_metrics(metrics)
         mlflow.log_dict(info.report, "report.json")

@@ -72,8 +72,9 @@ class Source:
 
     name: str = "source"
     class_names: list[str] = []
-    #: every case lies in [0, 1] (windowed or 8-bit scaled): ``data.cache_dtype: auto`` stores float16
-    unit_range: bool = False
+    #: every case lies in [0, 1] at a precision float16 keeps (windowed with widths up to 2048, or
+    #: 8-bit scaled): ``data.cache_dtype: auto`` then stores float16 (see losslab.data.cache)
+    float16_safe: bool = False
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> None:
         self.root = root

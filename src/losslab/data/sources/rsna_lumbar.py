@@ -82,7 +82,6 @@ class RsnaLumbarSource(Source):
 
     name = "rsna_lumbar"
     class_names = ["normal_mild", "moderate", "severe"]
-    unit_range = True  # windowed to [0, 1]
 
     def __init__(
         self,
@@ -113,6 +112,9 @@ class RsnaLumbarSource(Source):
         self.stack_slices = int(stack_slices)
         self.image_size = int(image_size)
         self.windows = [w if isinstance(w, str) else tuple(float(v) for v in w) for w in windows]
+        # windowed to [0, 1]; a window wider than 2048 units has levels 1/w apart, closer than the
+        # float16 step 2**-11 near 1. File and auto windows are only known after reading: allowed
+        self.float16_safe = all(isinstance(w, str) or w[1] <= 2048 for w in self.windows)
         self.radius_factor = float(radius_factor)
         self.clahe = bool(clahe)
         self.mixed_series = mixed_series
