@@ -241,9 +241,7 @@ def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any]
     else:
         stored = image
     save_atomic(store.arrays / f"{case.case_id}.npy", stored)
-    nonzero = image != 0
-    mean = [float(image[:, c][nonzero[:, c]].mean()) if nonzero[:, c].any() else 0.0 for c in range(image.shape[1])]
-    std = [float(image[:, c][nonzero[:, c]].std()) if nonzero[:, c].any() else 1.0 for c in range(image.shape[1])]
+    mean, std = channel_statistics(image)
     return {
         "case_id": case.case_id,
         "patient_id": case.patient_id,
@@ -253,9 +251,26 @@ def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any]
         "n_instances": int(image.shape[0]),
         "shape": list(image.shape),
         "channel_mean": mean,
-        "channel_std": [s if s > 0 else 1.0 for s in std],
+        "channel_std": std,
         "meta": json.dumps(case.meta, sort_keys=True),
     }
+
+
+def channel_statistics(image: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per channel of ``(N, C, H, W)``: mean and standard deviation over the non-zero voxels.
+
+    Sums in float64 (zeros add nothing, so no boolean gather): ``mean = S1 / n``,
+    ``std = sqrt(S2 / n - mean**2)``. A channel with no non-zero voxel gets ``(0, 1)``; a zero
+    std becomes 1 (the z-score of a constant channel is then 0).
+    """
+    flat = np.moveaxis(image, 1, 0).reshape(image.shape[1], -1)
+    count = np.count_nonzero(flat, axis=1)
+    total = flat.sum(axis=1, dtype=np.float64)
+    squares = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    variance = np.divide(squares, count, out=np.zeros_like(total), where=count > 0) - mean**2
+    std = np.sqrt(np.maximum(variance, 0.0))
+    return [float(m) for m in mean], [float(s) if s > 0 else 1.0 for s in std]
 
 
 _worker: dict[str, Any] = {}
