@@ -776,7 +776,8 @@ def resize(stack: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def _mirror(index: np.ndarray, n: int) -> np.ndarray:
-    """scipy.ndimage's ``mirror`` boundary: reflect about the edge pixels' centres."""
+    """scipy.ndimage's ``mirror`` boundary for (integer or fractional) positions: reflect about the
+    edge pixels' centres."""
     if n == 1:
         return np.zeros_like(index)
     period = 2 * (n - 1)
@@ -799,7 +800,7 @@ def _resize_matrix(n_in: int, n_out: int, anti_alias: bool) -> np.ndarray:
         matrix = np.zeros((n_in, n_in))
         for i in range(n_in):
             np.add.at(matrix[i], _mirror(i + offsets, n_in), weights)
-    coords = _mirror_float((np.arange(n_out) + 0.5) * scale - 0.5, n_in)
+    coords = _mirror((np.arange(n_out) + 0.5) * scale - 0.5, n_in)
     low = np.minimum(np.floor(coords).astype(int), n_in - 1)
     high = np.minimum(low + 1, n_in - 1)
     frac = coords - low
@@ -807,14 +808,6 @@ def _resize_matrix(n_in: int, n_out: int, anti_alias: bool) -> np.ndarray:
     np.add.at(interp, (np.arange(n_out), low), 1.0 - frac)
     np.add.at(interp, (np.arange(n_out), high), frac)
     return (interp @ matrix).astype(np.float32)
-
-
-def _mirror_float(coords: np.ndarray, n: int) -> np.ndarray:
-    if n == 1:
-        return np.zeros_like(coords)
-    period = 2.0 * (n - 1)
-    coords = np.abs(coords) % period
-    return np.where(coords > n - 1, period - coords, coords)
 
 
 def normalise(stack: np.ndarray, mode: str = "minmax") -> np.ndarray:
