@@ -130,10 +130,12 @@ def compare(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = O
             filter_string: Optional[str] = typer.Option(None, "--filter", help="MLflow search filter, e.g. \"tags.`losslab.dataset` = 'brats'\"."),
             metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to compare (repeatable); a bare name gets --prefix."),
             metrics: str = typer.Option("", "--metrics", help="Space-separated metrics in one string (used by MLproject)."),
-            group_by: str = typer.Option("losslab.loss", "--group-by", help="Tag to group runs by."),
+            group_by: str = typer.Option("losslab.loss", "--group-by", help="Tag or param to group runs by "
+                                         "(losslab.loss, loss.gamma, data.sampler; tags.X / params.X explicitly)."),
             prefix: str = typer.Option("best_val/", help="Prefix of bare metric names (train's summary metrics)."),
             log_run: bool = typer.Option(True, "--log/--no-log", help="Log the table and plots as a compare run.")) -> None:
-    """Mean ± std over folds per loss (or any tag), read back from MLflow; table + plots in a compare run."""
+    """Mean ± std over folds per loss (or any tag or param), like with like, with paired statistics and
+    verdicts, read back from MLflow; table + plots in a compare run."""
     _setup_logging()
     cfg = _load(config, override, overrides)
     from losslab.pipelines.common import entry_point_run
@@ -150,6 +152,26 @@ def compare(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = O
     typer.echo(result.markdown())
     if result.run_id:
         typer.echo(f"compare run {result.run_id}")
+
+
+@app.command()
+def doctor(target: str = typer.Argument(..., help="A run id (a parent run: its fold runs) or an experiment name."),
+           config: Optional[str] = ConfigOpt, override: Optional[list[str]] = OverrideOpt,
+           overrides: str = OverridesOpt,
+           log_run: bool = typer.Option(True, "--log/--no-log", help="Write doctor.md and the losslab.doctor tag to each run.")) -> None:
+    """Each alarm of the runs, with its likely cause and the config changes to try (read back from MLflow)."""
+    _setup_logging()
+    cfg = _load(config, override, overrides)
+    from losslab.pipelines.common import entry_point_run
+    from losslab.pipelines.doctor import run_doctor
+
+    try:
+        with entry_point_run("doctor"):
+            result = run_doctor(target, cfg.tracking.tracking_uri, log=log_run)
+    except LookupError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.text())
 
 
 @app.command()

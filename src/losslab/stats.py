@@ -200,11 +200,13 @@ class CriticalDifference:
 def critical_difference(values: pd.DataFrame, higher_is_better: bool = True,
                         alpha: float = ALPHA) -> CriticalDifference | None:
     """Friedman + Nemenyi over the blocks where every group has a value (``values`` as in
-    :func:`paired_comparisons`); None with fewer than 3 groups or 2 complete blocks."""
+    :func:`paired_comparisons`; groups with fewer than 2 values are left out); None with fewer
+    than 3 groups or 2 complete blocks."""
     import scikit_posthocs as sp
 
     wide = values.dropna(subset=["value"]).assign(group=lambda f: f["group"].astype(str)) \
-        .groupby(["block", "group"])["value"].mean().unstack("group").dropna()
+        .groupby(["block", "group"])["value"].mean().unstack("group")
+    wide = wide.loc[:, wide.notna().sum() >= 2].dropna()  # groups with one run cannot be ranked reliably
     k, n = wide.shape[1], wide.shape[0]
     if k < 3 or n < 2:
         return None

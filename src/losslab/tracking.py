@@ -111,12 +111,18 @@ def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None,
         mlflow.end_run(status="FINISHED")
 
 
-def log_config(cfg: ExperimentConfig) -> None:
-    """The resolved config: flattened as params and whole as ``config.yaml``."""
+def config_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The resolved config flattened to ``{dotted key: text}`` exactly as :func:`log_config` logs it."""
     params = {}
     for key, value in flatten(cfg.to_dict()).items():
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         params[key] = text[:MAX_PARAM_LENGTH]
+    return params
+
+
+def log_config(cfg: ExperimentConfig) -> None:
+    """The resolved config: flattened as params and whole as ``config.yaml``."""
+    params = config_params(cfg)
     client = MlflowClient()
     run_id = mlflow.active_run().info.run_id
     from mlflow.entities import Param

@@ -8,7 +8,8 @@ from typing import Iterator
 
 import mlflow
 
-from losslab.tracking import managed_run
+from losslab.likeness import config_hash
+from losslab.tracking import config_params, managed_run
 
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
 
@@ -36,6 +37,8 @@ def base_tags(cfg, entry_point: str, fold: int | None = None) -> dict[str, str]:
         "losslab.loss": cfg.loss.name,
         "losslab.dataset": cfg.data.source,
         "losslab.model": f"{cfg.model.kind}:{cfg.model.backbone}:{cfg.model.head}",
+        # the config minus fold, seed and bookkeeping (losslab.likeness): equal across one experiment's folds
+        "losslab.config_hash": config_hash(config_params(cfg)),
     }
     if fold is not None:
         tags["losslab.fold"] = str(fold)

@@ -9,16 +9,30 @@ Inputs (``mlflow.search_runs`` on one experiment, optionally narrowed by ``filte
   ``latency/p95_ms``, averaged per group; missing when a group has none.
 * ``compare`` runs — including the one this call logs — are never inputs.
 
-Runs are grouped by a tag (default ``losslab.loss``). Per group and metric the table holds
-``<metric>_mean``, ``<metric>_std`` (sample standard deviation, ``ddof=1``; missing with one run) and
-``<metric>_n`` (the runs that logged it). A run that did not log a metric is *missing* for it: it is
-left out of that mean, the markdown shows ``(k/n)``, and a group where no run logged it shows ``—``
-(NaN in the CSV), never 0. ``rank`` orders groups by the first metric (ascending for metrics where
-lower is better: losses, ECE, latency, dead classes); missing values rank last.
+Runs are grouped by a tag or a param (``--group-by``, default the tag ``losslab.loss``; ``loss.gamma``,
+``data.sampler`` or ``params.X`` / ``tags.X`` explicitly). **Like with like**: runs are pooled only when
+every config param they logged matches apart from the fold, the seed and bookkeeping
+(:data:`losslab.likeness.IGNORED`), and — across groups — apart from the grouping key (for a tag,
+the params it stands for: :data:`TAG_SECTIONS`, e.g. the whole ``loss.*`` section for
+``losslab.loss``). The majority config is compared; every other run is listed in a separate table
+(``runs_not_pooled.csv``) with the keys that differ, never pooled. Per group and metric the table
+holds ``<metric>_mean``, ``<metric>_std`` (sample standard deviation, ``ddof=1``; missing with one run,
+so a one-run group shows its n and no ±) and ``<metric>_n`` (the runs that logged it). A run that did
+not log a metric is *missing* for it: it is left out of that mean, the markdown shows ``(k/n)``, and a
+group where no run logged it shows ``—`` (NaN in the CSV), never 0. ``rank`` orders groups by the first
+metric (ascending for metrics where lower is better: losses, ECE, latency, dead classes); missing
+values rank last.
 
-Outputs: the table as ``comparison.csv`` (numbers) and ``comparison.md`` (mean ± std), the per-run
-values as ``runs.csv``, ``plots/metric_bars_<metric>.png`` (error bars = std) and
-``plots/recall_heatmap.png`` (groups × classes), logged as artifacts of a new run in the same
+**Paired statistics** (:mod:`losslab.stats`): each pair of groups on the (seed, fold) blocks they share
+— mean difference with a bootstrap 95 % CI, the Nadeau–Bengio corrected t-test (``n_test/n_train`` from
+the runs' ``data.n_val`` / ``data.n_train`` params), Wilcoxon where there are ≥ 6 pairs, Holm across
+pairs, a verdict; a critical-difference diagram per metric when ≥ 3 groups have ≥ 2 runs.
+
+Outputs: the table as ``comparison.csv`` (numbers) and ``comparison.md`` (mean ± std, the runs not
+pooled and the paired statistics), the per-run values as ``runs.csv``, ``runs_not_pooled.csv``,
+``comparison_stats.csv`` (``metric, group_a, group_b, n_pairs, mean_diff, ci_low, ci_high, p_value,
+p_holm, test, verdict``), ``plots/metric_bars_<metric>.png`` (error bars = std),
+``plots/recall_heatmap.png`` (groups × classes) and ``plots/critical_difference_<metric>.png``, logged as artifacts of a new run in the same
 experiment (run name ``compare-<tag>``, tags ``losslab.entry_point = compare``,
 ``losslab.compare.group_by``, ``losslab.compare.metrics``).
 """
@@ -37,6 +51,8 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from losslab import stats
+from losslab.likeness import differing_keys, signature
 from losslab.tracking import log_figure, managed_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -54,16 +70,40 @@ class ExperimentNotFoundError(LookupError):
         return str(self.args[0]) if self.args else ""
 
 
+class GroupByError(ExperimentNotFoundError):
+    """``--group-by`` names neither a tag nor a param of the runs."""
+
+
+# a grouping tag -> the params it stands for (left out of likeness across groups)
+TAG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "losslab.loss": ("loss.",),
+    "losslab.model": ("model.",),
+    "losslab.dataset": ("data.source", "data.source_kwargs", "data.generate", "data.generator_kwargs."),
+    "losslab.fold": ("data.fold",),
+    "losslab.seed": ("train.seed",),
+}
+
+
 @dataclass
 class CompareResult:
     table: pd.DataFrame  # numbers, one row per group (index = group value)
     display: pd.DataFrame  # the same as strings: mean ± std, "—" for missing
-    runs: pd.DataFrame  # one row per fold run: group, fold, run_id and each metric
+    runs: pd.DataFrame  # one row per pooled fold run: group, seed, fold, run_id and each metric
     class_names: list[str] = field(default_factory=list)
     run_id: str | None = None
+    stats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=stats.COLUMNS))
+    odd_runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # not pooled: their config differs
+    critical: dict = field(default_factory=dict)  # metric -> stats.CriticalDifference (>= 3 groups)
 
     def markdown(self) -> str:
-        return _markdown(self.display)
+        parts = [_markdown(self.display)]
+        if not self.odd_runs.empty:
+            parts += ["", f"Not pooled ({len(self.odd_runs)} run(s) whose config differs from the compared runs):",
+                      "", _markdown(self.odd_runs.set_index("run_id"))]
+        if not self.stats.empty:
+            parts += ["", f"Paired statistics over (seed, fold); Holm-corrected across pairs, alpha = {stats.ALPHA}:",
+                      "", _markdown(stats_display(self.stats).set_index("metric"), disable_numparse=True)]
+        return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -136,6 +176,76 @@ def class_names_of(runs: pd.DataFrame, prefix: str = DEFAULT_PREFIX) -> list[str
     return names
 
 
+# --------------------------------------------------------------------------- like with like
+def resolve_group_by(runs: pd.DataFrame, group_by: str) -> tuple[str, tuple[str, ...]]:
+    """``(column of runs, params left out of likeness across groups)`` for a tag or a param:
+    ``tags.X`` / ``params.X`` explicitly, else the tag ``X`` if the runs have it, else the param.
+
+    Raises:
+        GroupByError: the runs have neither a tag nor a param ``group_by``.
+    """
+    if group_by.startswith("params."):
+        return group_by, (group_by[len("params."):],)
+    name = group_by[len("tags."):] if group_by.startswith("tags.") else group_by
+    if group_by.startswith("tags.") or f"tags.{name}" in runs.columns or runs.empty:
+        return f"tags.{name}", TAG_SECTIONS.get(name, ())
+    if f"params.{name}" in runs.columns:
+        return f"params.{name}", (name,)
+    tags = sorted(c[5:] for c in runs.columns if c.startswith("tags.losslab."))
+    raise GroupByError(f"--group-by {group_by!r}: the fold runs have no tag or param of that name; "
+                       f"tags: {', '.join(tags)}; params: e.g. loss.name, loss.gamma, data.sampler, optim.lr")
+
+
+def _run_params(runs: pd.DataFrame) -> list[dict[str, object]]:
+    columns = [c for c in runs.columns if c.startswith("params.")]
+    return [{c[len("params."):]: v for c, v in zip(columns, row)} for row in runs[columns].itertuples(index=False)]
+
+
+def _majority(signatures: list, runs: pd.DataFrame, groups: pd.Series):
+    """The signature with the most runs; ties: the most groups, then the latest run."""
+    frame = pd.DataFrame({"sig": signatures, "group": groups.to_numpy(),
+                          "start": pd.to_numeric(runs["start_time"], errors="coerce").to_numpy()
+                          if "start_time" in runs else 0})
+    ranked = frame.groupby("sig", sort=False).agg(n=("group", "size"), groups=("group", "nunique"), start=("start", "max"))
+    return ranked.sort_values(["n", "groups", "start"], ascending=False).index[0]
+
+
+def split_like_runs(folds: pd.DataFrame, column: str, across: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(pooled runs, odd runs)``. Pooled runs share every logged config param apart from the
+    fold, the seed and bookkeeping (:mod:`losslab.likeness`), and, across groups, apart from
+    ``across`` (the grouping key); the majority config is kept (ties: most groups, latest run).
+    The odd-runs table names each other run's group, fold and the keys that differ
+    (``key: value ≠ pooled value``)."""
+    empty = pd.DataFrame(columns=["run_id", "run_name", "group", "fold", "differs"])
+    if folds.empty:
+        return folds, empty
+    params, groups = _run_params(folds), _group_values(folds, column)
+    shared = [signature(p, across) for p in params]
+    keep_shared = _majority(shared, folds, groups)
+    full = [signature(p) for p in params]
+    keep = np.array([s == keep_shared for s in shared])
+    for group in groups[keep].unique():
+        members = np.where(keep & (groups == group).to_numpy())[0]
+        best = _majority([full[i] for i in members], folds.iloc[members], groups.iloc[members])
+        keep[[i for i in members if full[i] != best]] = False
+    reference = {g: params[i] for i, g in reversed(list(enumerate(groups))) if keep[i]}
+    anyone = params[int(np.argmax(keep))]
+    rows = []
+    for i in np.where(~keep)[0]:
+        group = groups.iloc[i]
+        diff = differing_keys(params[i], reference[group]) if shared[i] == keep_shared and group in reference \
+            else differing_keys(params[i], anyone, across)
+        rows.append({"run_id": folds["run_id"].iloc[i], "run_name": _tag(folds, "mlflow.runName").iloc[i],
+                     "group": group, "fold": _tag(folds, "losslab.fold").iloc[i],
+                     "differs": "; ".join(f"{k}: {a} ≠ {b}" for k, (a, b) in diff.items())})
+    return folds[keep], pd.DataFrame(rows, columns=empty.columns) if rows else empty
+
+
+def _group_values(runs: pd.DataFrame, column: str) -> pd.Series:
+    values = runs[column] if column in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
+    return values.fillna("(none)").astype(str)
+
+
 # --------------------------------------------------------------------------- the table
 def _values(runs: pd.DataFrame, key: str) -> pd.Series:
     column = f"metrics.{key}"
@@ -169,50 +279,97 @@ def lower_is_better(name: str) -> bool:
     return any(word in name for word in _LOWER_IS_BETTER)
 
 
-def compare_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, group_by: str = "losslab.loss",
-                  prefix: str = DEFAULT_PREFIX) -> CompareResult:
-    """Group the fold runs among ``runs`` by the tag ``group_by``; see the module docstring."""
-    folds = select_fold_runs(runs)
-    evaluations = select_evaluate_runs(runs)
-    keys = [metric_key(m, prefix) for m in metrics]
-    names = [short_name(k, prefix) for k in keys]
-    class_names = class_names_of(folds, prefix)
-    extra = {"min_class_recall": f"{prefix}min_class_recall", "dead_class_count": f"{prefix}dead_class_count"}
-    extra |= {f"recall_{c}": f"{prefix}recall_{c}" for c in class_names}
-    extra = {n: k for n, k in extra.items() if n not in names}
-
-    group_column = _tag_column(group_by)
-    groups = _tag(folds, group_by).fillna("(none)")
-    per_run = pd.DataFrame({group_by: groups, "fold": _tag(folds, "losslab.fold"),
-                            "run_id": folds["run_id"] if "run_id" in folds else []})
-    for name, key in list(zip(names, keys)) + list(extra.items()):
+def _per_run(folds: pd.DataFrame, column: str, group_by: str, columns: dict[str, str], class_names: list[str],
+             prefix: str) -> pd.DataFrame:
+    """One row per fold run: group, seed (tag ``losslab.seed``, else param ``train.seed``), fold,
+    run id, ``test_train_ratio`` (params ``data.n_val / data.n_train``) and each metric."""
+    seed = _tag(folds, "losslab.seed")
+    if "params.train.seed" in folds.columns:
+        seed = seed.fillna(folds["params.train.seed"])
+    ratio = math.nan
+    if {"params.data.n_val", "params.data.n_train"} <= set(folds.columns):
+        ratio = pd.to_numeric(folds["params.data.n_val"], errors="coerce") / \
+            pd.to_numeric(folds["params.data.n_train"], errors="coerce")
+    per_run = pd.DataFrame({group_by: _group_values(folds, column), "seed": seed.fillna("").astype(str),
+                            "fold": _tag(folds, "losslab.fold"), "run_id": folds["run_id"] if "run_id" in folds else [],
+                            "test_train_ratio": ratio})
+    for name, key in columns.items():
         per_run[name] = _values(folds, key)
     if "dead_class_count" in per_run:
         per_run["dead_class_count"] = _dead_class_count(folds, class_names, prefix, per_run["dead_class_count"])
-    per_run = per_run.reset_index(drop=True)
+    return per_run.reset_index(drop=True)
 
+
+def _group_rows(per_run: pd.DataFrame, evaluations: pd.DataFrame, column: str, group_by: str,
+                names: list[str]) -> pd.DataFrame:
     rows = []
+    eval_groups = _group_values(evaluations, column)
     for group in sorted(per_run[group_by].unique(), key=str):
         members = per_run[per_run[group_by] == group]
         row: dict[str, float | int | str] = {group_by: group, "n_runs": int(len(members))}
-        for name in names + list(extra):
+        for name in names:
             row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_n"] = _stats(members[name])
-        evals = evaluations[_tag(evaluations, group_by) == group] if group_column in evaluations else evaluations.iloc[0:0]
+        evals = evaluations[eval_groups == group] if column in evaluations else evaluations.iloc[0:0]
         for latency in ("p50_ms", "p95_ms"):
             row[f"latency_{latency}"] = _stats(_values(evals, f"latency/{latency}"))[0]
         row["n_evaluate_runs"] = int(len(evals))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
-        table = pd.DataFrame(columns=[group_by, "n_runs", "rank"])
-    else:
-        first = f"{names[0]}_mean"
-        table["rank"] = table[first].rank(ascending=lower_is_better(names[0]), method="min", na_option="bottom")
-        table.loc[table[first].isna(), "rank"] = np.nan
-        table = table.sort_values(["rank", group_by], na_position="last").reset_index(drop=True)
-    table = table.set_index(group_by)
+        return pd.DataFrame(columns=[group_by, "n_runs", "rank"]).set_index(group_by)
+    first = f"{names[0]}_mean"
+    table["rank"] = table[first].rank(ascending=lower_is_better(names[0]), method="min", na_option="bottom")
+    table.loc[table[first].isna(), "rank"] = np.nan
+    return table.sort_values(["rank", group_by], na_position="last").reset_index(drop=True).set_index(group_by)
+
+
+def comparison_stats(per_run: pd.DataFrame, group_by: str, names: Sequence[str],
+                     order: Sequence[str]) -> tuple[pd.DataFrame, dict]:
+    """Paired statistics (:func:`losslab.stats.paired_comparisons`) for each metric, pairs in
+    ``order`` (best first), blocks = (seed, fold); and the critical-difference ranks per metric
+    where there are >= 3 groups."""
+    frames, critical = [], {}
+    for name in names:
+        values = pd.DataFrame({"group": per_run[group_by], "block": per_run["seed"] + "/" + per_run["fold"].astype(str),
+                               "value": per_run[name], "test_train_ratio": per_run["test_train_ratio"]})
+        higher = not lower_is_better(name)
+        frames.append(stats.paired_comparisons(values, name, higher, groups=order))
+        result = stats.critical_difference(values, higher)
+        if result is not None:
+            critical[name] = result
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=stats.COLUMNS)
+    return table, critical
+
+
+def compare_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, group_by: str = "losslab.loss",
+                  prefix: str = DEFAULT_PREFIX) -> CompareResult:
+    """Group the fold runs among ``runs`` by the tag or param ``group_by``, pooling only like
+    with like; see the module docstring."""
+    folds = select_fold_runs(runs)
+    column, across = resolve_group_by(folds, group_by)
+    group_by = column.split(".", 1)[1]  # the label: the tag or param name
+    folds, odd = split_like_runs(folds, column, across)
+    keys = [metric_key(m, prefix) for m in metrics]
+    names = [short_name(k, prefix) for k in keys]
+    class_names = class_names_of(folds, prefix)
+    extra = {"min_class_recall": f"{prefix}min_class_recall", "dead_class_count": f"{prefix}dead_class_count"}
+    extra |= {f"recall_{c}": f"{prefix}recall_{c}" for c in class_names}
+    columns = dict(zip(names, keys)) | {n: k for n, k in extra.items() if n not in names}
+    per_run = _per_run(folds, column, group_by, columns, class_names, prefix)
+    table = _group_rows(per_run, select_evaluate_runs(runs), column, group_by, list(columns))
+    pair_stats, critical = comparison_stats(per_run, group_by, names, [str(g) for g in table.index])
     display = _display(table, names, class_names)
-    return CompareResult(table, display, per_run, class_names)
+    return CompareResult(table, display, per_run, class_names, stats=pair_stats, odd_runs=odd, critical=critical)
+
+
+def stats_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The paired statistics as text: differences to 3 decimals, p-values to 3 significant digits."""
+    out = table.copy()
+    for column in ("mean_diff", "ci_low", "ci_high"):
+        out[column] = [MISSING if math.isnan(v) else f"{v:+.3f}" for v in table[column]]
+    for column in ("p_value", "p_holm"):
+        out[column] = [MISSING if math.isnan(v) else f"{v:.3g}" for v in table[column]]
+    return out
 
 
 def format_mean_std(mean: float, std: float, n: int, total: int, digits: int = 3) -> str:
@@ -238,9 +395,9 @@ def _display(table: pd.DataFrame, names: list[str], class_names: list[str]) -> p
     return out
 
 
-def _markdown(display: pd.DataFrame) -> str:
+def _markdown(display: pd.DataFrame, **kwargs) -> str:
     try:
-        return display.to_markdown()
+        return display.to_markdown(**kwargs)
     except ImportError:  # tabulate missing
         return display.to_string()
 
@@ -264,6 +421,8 @@ def comparison_figures(result: CompareResult, metrics: Sequence[str], prefix: st
                            else np.full(len(table), np.nan) for c in result.class_names], axis=1)
         figures["plots/recall_heatmap.png"] = plots.plot_recall_heatmap(
             matrix, [str(i) for i in table.index], result.class_names)
+    for name, critical in result.critical.items():
+        figures[f"plots/critical_difference_{name.replace('/', '_')}.png"] = stats.plot_critical_difference(critical, name)
     return figures
 
 
@@ -273,11 +432,11 @@ def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequ
                 log_run: bool = True) -> CompareResult:
     """Compare the fold runs of ``experiment`` (see the module docstring); log a compare run."""
     metrics = list(metrics or DEFAULT_METRICS)
-    group_by = group_by[len("tags."):] if group_by.startswith("tags.") else group_by
     runs = search_experiment_runs(experiment, filter_string, tracking_uri)
     if not runs.empty:
         runs = runs[_tag(runs, "losslab.entry_point") != "compare"]
     result = compare_table(runs, metrics, group_by, prefix)
+    group_by = result.table.index.name or group_by
     if result.table.empty and not runs.empty and (_tag(runs, "losslab.entry_point") == "distill").any():
         return _compare_distillation(experiment, log_run)
     if result.table.empty:
@@ -298,10 +457,13 @@ def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequ
             result.table.reset_index().to_csv(root / "comparison.csv", index=False)
             (root / "comparison.md").write_text(result.markdown() + "\n")
             result.runs.to_csv(root / "runs.csv", index=False)
-            for name in ("comparison.csv", "comparison.md", "runs.csv"):
+            result.stats.to_csv(root / "comparison_stats.csv", index=False)
+            result.odd_runs.to_csv(root / "runs_not_pooled.csv", index=False)
+            for name in ("comparison.csv", "comparison.md", "runs.csv", "comparison_stats.csv", "runs_not_pooled.csv"):
                 mlflow.log_artifact(str(root / name))
         for path, figure in comparison_figures(result, metrics, prefix).items():
             log_figure(figure, path)
+        mlflow.set_tag("losslab.compare.n_not_pooled", str(len(result.odd_runs)))
         result.run_id = run.info.run_id
     return result
 
