@@ -31,15 +31,24 @@ def _kernel_spec(root: Path) -> str:
 def test_notebook_executes_against_a_small_experiment(mlflow_store, tmp_path, monkeypatch):
     experiment = f"notebook-{uuid.uuid4().hex[:8]}"
     mlflow.set_experiment(experiment)
-    values = {"ce": [0.55, 0.65], "focal": [0.70, 0.80]}
+    # three losses on three folds; val/balanced_accuracy per epoch = best - 0.1 * (2 - epoch)
+    values = {"ce": [0.55, 0.65, 0.60], "focal": [0.70, 0.80, 0.75], "ldam": [0.56, 0.64, 0.61]}
     for loss, folds in values.items():
         for fold, bal in enumerate(folds):
             tags = {"losslab.entry_point": "train", "losslab.loss": loss, "losslab.fold": str(fold),
                     "losslab.class_names": "LGG,HGG"}
             with mlflow.start_run(run_name=f"{loss}-f{fold}", tags=tags):
+                mlflow.log_params({"data.n_train": "20", "data.n_val": "10", "train.epochs": "3"})
+                for epoch in range(3):
+                    mlflow.log_metric("val/balanced_accuracy", bal - 0.1 * (2 - epoch), step=epoch)
                 mlflow.log_metrics({"best_val/balanced_accuracy": bal, "best_val/auc": bal + 0.1,
                                     "best_val/recall_LGG": bal - 0.1, "best_val/recall_HGG": bal + 0.1,
                                     "best_val/min_class_recall": bal - 0.1, "best_val/dead_class_count": 0.0})
+    with mlflow.start_run(run_name="focal-f0", tags={"losslab.entry_point": "train", "losslab.loss": "focal",
+                                                     "losslab.fold": "0"}) as failed:
+        mlflow.log_params({"data.n_train": "20", "data.n_val": "10", "train.epochs": "3"})
+        mlflow.log_metric("val/balanced_accuracy", 0.01, step=0)
+    mlflow.tracking.MlflowClient().set_terminated(failed.info.run_id, "FAILED")
 
     kernel_name = _kernel_spec(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
@@ -58,12 +67,30 @@ def test_notebook_executes_against_a_small_experiment(mlflow_store, tmp_path, mo
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     markdown = "\n".join(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert f"4 fold runs in experiment '{experiment}'" in text
-    assert "0.750 ± 0.071" in markdown and "0.600 ± 0.071" in markdown  # focal, ce balanced accuracy
+    assert f"9 fold runs in experiment '{experiment}', grouped by losslab.loss; 0 not pooled" in text
+    assert failed.info.run_id not in text + markdown  # the FAILED run is left out everywhere
+    assert "0.750 ± 0.050" in markdown and "0.600 ± 0.050" in markdown  # focal, ce balanced accuracy
     assert "—" in markdown  # f1_macro missing, not 0
+    # per-epoch curves: focal's mean at epoch 0 is 0.75 - 0.2
+    curve_table = text[text.index("mean val/balanced_accuracy per epoch:"):]
+    focal_line = next(line for line in curve_table.splitlines() if line.startswith("focal"))
+    assert [float(v) for v in focal_line.split()[1:]] == pytest.approx([0.55, 0.65, 0.75])
+    # paired statistics: focal better than ce by 0.15 on every fold; Nadeau-Bengio p by hand
+    import math
+
+    from scipy import stats as sps
+
+    assert "focal better" in markdown  # 0.15 on every fold: no spread, p = 0
+    diffs = [a - b for a, b in zip(values["ce"], values["ldam"])]
+    mean = sum(diffs) / 3
+    var = sum((x - mean) ** 2 for x in diffs) / 2
+    t = mean / math.sqrt((1 / 3 + 10 / 20) * var)
+    assert f"{2 * sps.t.sf(abs(t), 2):.3g}" in markdown and "no detectable difference" in markdown
+    assert "balanced_accuracy: average ranks (1 = best) focal 1.00" in text
+    assert "plots/critical_difference_balanced_accuracy.png" in text and "curves: val/balanced_accuracy" in text
     assert "plots/metric_bars_balanced_accuracy.png" in text and "plots/recall_heatmap.png" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # two metric bar charts and the heat map
+    assert len(images) == 5  # two metric bar charts, the heat map, the CD diagram and the curves
     assert f"kernel python: {sys.executable}" in text  # the venv's interpreter, not whatever is on PATH
 
 

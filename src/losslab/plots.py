@@ -241,6 +241,30 @@ def plot_attention(attentions: Sequence[Any], titles: Sequence[str]) -> Figure:
 
 
 # --------------------------------------------------------------------------- comparisons
+def plot_group_curves(curves: Any, key: str, group_column: str) -> Figure:
+    """Mean over runs per epoch of one metric, one line per group, with the min–max band over runs.
+
+    Args:
+        curves: ``pandas.DataFrame`` with columns ``group_column``, ``step`` and ``value`` (one row
+            per run and epoch, e.g. :func:`losslab.pipelines.compare.epoch_curves`).
+        key: the metric's name, for the axis label.
+        group_column: the column naming each row's group.
+    """
+    figure = _figure(6.5, 4.0)
+    ax = figure.add_subplot()
+    for group, frame in curves.groupby(group_column, sort=True):
+        summary = frame.groupby("step")["value"].agg(["mean", "min", "max", "size"])
+        steps = summary.index.to_numpy()
+        line = ax.plot(steps, summary["mean"], marker="o", markersize=3, label=f"{group} (n = {summary['size'].max()})")
+        ax.fill_between(steps, summary["min"], summary["max"], alpha=0.15, color=line[0].get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{key} (mean over runs; band: min–max)")
+    ax.grid(alpha=0.3)
+    if len(ax.lines):
+        ax.legend(fontsize="small")
+    return figure
+
+
 def plot_metric_bars(table: Any, metric: str, error: str | None = None) -> Figure:
     """Horizontal bar per row of ``table`` (e.g. one per loss) for the column ``metric``.
 

@@ -426,6 +426,16 @@ def comparison_figures(result: CompareResult, metrics: Sequence[str], prefix: st
     return figures
 
 
+def epoch_curves(result: CompareResult, key: str = "val/balanced_accuracy") -> pd.DataFrame:
+    """Per-epoch values of ``key`` for every pooled run (``MlflowClient.get_metric_history``): one row
+    per run and step with columns ``<group_by>``, ``run_id``, ``fold``, ``step``, ``value``."""
+    group_by = result.table.index.name or "group"
+    client = MlflowClient()
+    rows = [{group_by: run[group_by], "run_id": run["run_id"], "fold": run["fold"], "step": m.step, "value": m.value}
+            for run in result.runs.to_dict("records") for m in client.get_metric_history(run["run_id"], key)]
+    return pd.DataFrame(rows, columns=[group_by, "run_id", "fold", "step", "value"])
+
+
 # --------------------------------------------------------------------------- the pipeline
 def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequence[str] | None = None,
                 group_by: str = "losslab.loss", prefix: str = DEFAULT_PREFIX, tracking_uri: str | None = None,
@@ -494,5 +504,6 @@ def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
     return result
 
 
-__all__ = ["CompareResult", "DEFAULT_METRICS", "ExperimentNotFoundError", "MISSING", "compare_table",
-           "comparison_figures", "format_mean_std", "run_compare", "search_experiment_runs", "select_fold_runs"]
+__all__ = ["CompareResult", "DEFAULT_METRICS", "ExperimentNotFoundError", "GroupByError", "MISSING", "compare_table",
+           "comparison_figures", "comparison_stats", "epoch_curves", "format_mean_std", "resolve_group_by",
+           "run_compare", "search_experiment_runs", "select_fold_runs", "split_like_runs", "stats_display"]
