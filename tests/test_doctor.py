@@ -46,6 +46,8 @@ def test_each_alarm_gets_its_cause_and_changes_filled_from_the_run():
     # a change the run already has is not suggested; a param the run did not log is named, not invented
     dead = diagnose({"loss.name": "logit_adjusted"}, {}, {"best_val/dead_class_count": 1.0})[0]
     assert dead.alarm == "dead_class" and "loss=logit_adjusted" not in dict(dead.changes)
+    counts = diagnose(PARAMS, {}, {"val/pred_count_LGG": 0.0, "val/pred_count_HGG": 9.0})[0]
+    assert counts.evidence == "val/pred_count_<class> = 0 at the last epoch for LGG"
     unstable_bare = dict(diagnose({}, {"losslab.alarm.unstable": "x"}, {})[0].changes)
     assert "optim.lr=<lr_third: the run did not log the params it needs>" in unstable_bare
 

@@ -7,7 +7,8 @@ found, comma-separated, or ``healthy``).
 
 The evidence is what train already logs: the engine's alarm tags ``losslab.alarm.<name>``
 (:class:`losslab.engine.metrics.Alarms`: ``dead_class``, ``overfitting``, ``unstable``), the tag
-``losslab.dead_classes`` and the metrics ``best_val/dead_class_count`` and
+``losslab.dead_classes``, the last epoch's ``val/pred_count_<class>`` (dead by the engine's one rule,
+:func:`losslab.engine.metrics.dead_class_names`), the metrics ``best_val/dead_class_count`` and
 ``val/attention_entropy_normalised`` (:func:`losslab.engine.diagnostics.attention_statistics`; the
 engine has no alarm for collapsed MIL attention, so the doctor reads the statistic: below
 :data:`ATTENTION_COLLAPSED` = 0.15 the attention sits on about one instance of the bag).
@@ -29,6 +30,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.tracking import resolve_tracking_uri
 
 ATTENTION_COLLAPSED = 0.15
@@ -44,7 +46,9 @@ class Change:
 @dataclass(frozen=True)
 class Rule:
     alarm: str
-    evidence: tuple[tuple[str, str, float], ...]  # (kind, key, threshold): tag | metric_above | metric_below
+    # (kind, key, threshold): tag (present) | metric_above | metric_below | dead_classes (the engine's
+    # dead_class_names over the last epoch's <key>pred_count_<class> metrics)
+    evidence: tuple[tuple[str, str, float], ...]
     cause: str
     changes: tuple[Change, ...]
 
@@ -52,7 +56,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("dead_class",
          (("tag", "losslab.alarm.dead_class", 0), ("tag", "losslab.dead_classes", 0),
-          ("metric_above", "best_val/dead_class_count", 0)),
+          ("dead_classes", "val/", 0), ("metric_above", "best_val/dead_class_count", 0)),
          "the argmax never picks a minority class: the loss and the class prior pull every logit toward "
          "the majority (often with a too small or too large learning rate)",
          (Change("evaluate.calibration.enabled=true", "evaluate fits per-class logit offsets / a threshold on "
@@ -132,6 +136,11 @@ def _evidence(rule: Rule, tags: dict[str, str], metrics: dict[str, float]) -> st
     for kind, key, threshold in rule.evidence:
         if kind == "tag" and key in tags:
             return f"{key} = {tags[key]}"
+        if kind == "dead_classes":
+            dead = dead_class_names(pred_counts(metrics, key))
+            if dead:
+                return f"{key}pred_count_<class> = 0 at the last epoch for {', '.join(dead)}"
+            continue
         value = metrics.get(key)
         if value is None or math.isnan(value):
             continue
