@@ -247,3 +247,22 @@ def test_bad_distill_settings_fail_before_any_run(tmp_path, mlflow_store):
         run_distill(cfg)
     assert mlflow.get_experiment_by_name("distill-errors") is None or not MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("distill-errors").experiment_id])
+
+
+@pytest.mark.slow
+def test_a_pickle_teacher_is_refused_before_it_is_unpickled(distilled, tmp_path):
+    """The teacher goes through the same safe loader as evaluate: a pickle-format teacher whose
+    unpickling would create a file is refused, and the file is not created."""
+    import uuid
+
+    from _crafted import register_pickle_bomb
+    from losslab.tracking import UnsafeModelError
+
+    cfg, _ = distilled
+    marker = tmp_path / "pwned"
+    uri = register_pickle_bomb(f"bomb-teacher-{uuid.uuid4().hex[:8]}", marker)
+    again = _config(cfg.data.root, cfg.data.cache_dir, f"distill.teacher.model_uri={uri}", "distill.losses=[vanilla]",
+                    "distill.student_alone=false", "train.epochs=1", experiment="distill-pickle")
+    with pytest.raises(UnsafeModelError, match="is refused"):
+        run_distill(again)
+    assert not marker.exists()

@@ -1,5 +1,6 @@
 """End-to-end train runs against a real SQLite MLflow store (no mocks)."""
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -10,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from losslab.engine.loop import load_checkpoint
 from losslab.losses import LossBase, register_loss
+from losslab.models.export import LogitsOnly
+from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, run_train
 
 EPOCH_METRICS = ["train/loss", "val/loss", "val/auc", "val/f1_macro", "val/balanced_accuracy"]
@@ -48,7 +51,16 @@ def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_con
     # the registered version behind the alias belongs to this run and reproduces the best weights
     mv = client.get_model_version_by_alias("test-model", "candidate")
     assert mv.run_id == fold.run_id and f"{mv.version}" == fold.model_version
-    loaded = mlflow.pytorch.load_model("models:/test-model@candidate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registered = load_registered_model("models:/test-model@candidate")
+    assert not [w for w in caught if "pickle" in str(w.message).lower()]
+    folder = Path(mlflow.artifacts.download_artifacts("models:/test-model@candidate"))
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert {"MLmodel", "losslab_model.json", "weights.safetensors"} <= files, files
+    assert not [f for f in files if f.endswith((".pth", ".pt", ".pkl"))], files  # nothing pickled
+    loaded = LogitsOnly(registered.model)
+    assert registered.spec["class_names"] == ["LGG", "HGG"] and registered.spec["loss"]["name"] == "ce"
     counts_train = np.bincount(small_cache.index.query("fold != 0")["label"], minlength=2).tolist()
     _, model = build_components(cfg, counts_train)
     best = load_checkpoint(Path(cfg.train.checkpoint_dir) / fold.run_id / "best.pt")
@@ -58,7 +70,7 @@ def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_con
     with torch.no_grad():
         expected = model(x, None)[0]
         got = loaded(x)
-    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, expected)  # the same weights through the same code: bit-identical logits
     assert best["epoch"] == int(run.data.metrics["best_epoch"])
 
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# no local variables in tracebacks: they hold configs, storage URLs with passwords and salts
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="losslab: loss-function research on imbalanced medical image classification, tracked in MLflow.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment YAML (e.g. configs/experiment/demo.yaml).")
@@ -33,8 +34,15 @@ def _load(config, override, overrides):
     try:
         return load_config(config, _overrides(override, overrides))
     except ConfigError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        _error(exc)
         raise typer.Exit(2) from None
+
+
+def _error(exc: BaseException) -> None:
+    """One red line on stderr, secrets redacted (a URL's password)."""
+    from losslab.redaction import redact_text
+
+    typer.secho(redact_text(str(exc)), fg=typer.colors.RED, err=True)
 
 
 def _setup_logging() -> None:
@@ -104,18 +112,23 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
                                                  "a run id or a checkpoint file (evaluate.source)."),
              split: Optional[str] = typer.Option(None, help="val | test | cache (evaluate.split; default test)."),
              fold: Optional[int] = typer.Option(None, help="Validation fold (evaluate.fold; default the source's data.fold)."),
-             cache_dir: Optional[str] = typer.Option(None, help="Another preprocessed cache, with --split cache.")) -> None:
+             cache_dir: Optional[str] = typer.Option(None, help="Another preprocessed cache, with --split cache."),
+             allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load a pickle-format registered "
+                                               "model (evaluate.allow_pickle): unpickling runs its code, so only for "
+                                               "a registry you trust.")) -> None:
     """Score a model (calibrated on validation, with TTA and latency) in a new MLflow run."""
     _setup_logging()
     cfg = _load(config, override, overrides)
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.evaluate import SourceNotFoundError, run_evaluate
+    from losslab.tracking import UnsafeModelError
 
     try:
         with entry_point_run("evaluate"):
-            result = run_evaluate(cfg, source=model or None, split=split or None, fold=fold, cache_dir=cache_dir or None)
-    except SourceNotFoundError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            result = run_evaluate(cfg, source=model or None, split=split or None, fold=fold, cache_dir=cache_dir or None,
+                                  allow_pickle=allow_pickle or None)
+    except (SourceNotFoundError, UnsafeModelError) as exc:
+        _error(exc)
         raise typer.Exit(2) from None
     m = result.metrics
     typer.echo(f"evaluate run {result.run_id}: " + ", ".join(
@@ -147,7 +160,7 @@ def compare(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = O
             result = run_compare(experiment or cfg.tracking.experiment, filter_string or None, chosen, group_by,
                                  prefix, cfg.tracking.tracking_uri, log_run=log_run)
     except ExperimentNotFoundError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        _error(exc)
         raise typer.Exit(2) from None
     typer.echo(result.markdown())
     if result.run_id:
@@ -178,8 +191,9 @@ def doctor(target: str = typer.Argument(..., help="A run id (a parent run: its f
 def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = OverrideOpt,
           overrides: str = OverridesOpt,
           study: Optional[str] = typer.Option(None, help="Study name (sweep.study; default <tracking.experiment>-sweep)."),
-          storage: Optional[str] = typer.Option(None, help="Optuna storage URL (sweep.storage; default sqlite:///optuna.db), "
-                                                "e.g. postgresql://user:password@host:5432/optuna for many workers."),
+          storage: Optional[str] = typer.Option(None, help="Optuna storage URL (sweep.storage; default sqlite:///optuna.db). "
+                                                "A URL with a password goes in $LOSSLAB_SWEEP_STORAGE or the file "
+                                                "sweep.storage_file, not here: command lines are visible to other users."),
           n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Trials this worker runs (sweep.n_trials)."),
           max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Stop once the study has this many finished trials."),
           timeout: Optional[float] = typer.Option(None, help="Seconds this worker runs trials for (sweep.timeout)."),
@@ -200,7 +214,7 @@ def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
         with entry_point_run("sweep"):
             result = run_sweep(cfg, settings)
     except ConfigError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        _error(exc)
         raise typer.Exit(2) from None
     typer.echo(f"study {result.study_name}: {result.trials_run} trial(s) by this worker; parent run {result.parent_run_id}; "
                f"best value {result.best_value} with {result.best_params}")

@@ -7,8 +7,9 @@
 * :class:`MLflowCallback` — per-epoch metrics cast to float and sent in one ``log_batch`` per epoch,
   checkpoints as artifacts, alarms as tags. Tracking failures only warn, except under
   ``LOSSLAB_TRACKING_STRICT=1`` (set by the tests) where they raise.
-* :func:`log_and_register_model` — ``mlflow.pytorch.log_model`` with a signature, registered with an
-  alias (aliases, not stages).
+* :func:`log_and_register_model` — the model in the ``losslab`` flavor (safetensors state dict +
+  a JSON spec, never pickle) with a signature, registered with an alias (aliases, not stages);
+  :func:`download_model` fetches such a folder and names its format without loading anything.
 """
 
 from __future__ import annotations
@@ -258,35 +259,65 @@ class MLflowCallback(Callback):
                            "plots/attention.png")
 
 
-def log_and_register_model(model, input_example, registered_model_name: str | None, alias: str | None,
-                           version_tags: dict[str, str] | None = None, name: str = "model") -> Any:
-    """Log the model wrapped in :class:`LogitsOnly` (pickle format: loads back as the original class; only load your own models)
-    with a signature inferred from ``input_example`` (a numpy batch ``(B, N, C, H, W)``), register
-    it, set ``alias`` on the new version and tag the version. Returns the ModelVersion or None.
+class UnsafeModelError(ValueError):
+    """A registered model in a format whose loading can run code (pickle), refused without opt-in."""
 
-    We choose ``serialization_format="pickle"`` deliberately: torch.export (``pt2``) fixes the bag
-    size at export time, while MIL bags vary in size.
+
+class _LosslabFlavor:
+    """The ``losslab`` MLflow flavor, in the shape ``mlflow.models.Model.log`` expects of a flavor
+    module: ``save_model(path, mlflow_model, **kwargs)`` writes the model folder
+    (:mod:`losslab.models.export`) and the ``MLmodel`` file. No pyfunc flavor: loading goes through
+    :func:`losslab.pipelines.registry.load_registered_model`, never through code named by the artifact."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, model, spec: dict[str, Any], signature=None, **_: Any) -> None:
+        import importlib.metadata
+
+        import torch
+
+        from losslab.models.export import FLAVOR_NAME, FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, save_model_dir
+
+        save_model_dir(model, path, spec)
+        try:
+            version = importlib.metadata.version("losslab")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        mlflow_model.add_flavor(FLAVOR_NAME, format=FORMAT_VERSION, weights=WEIGHTS_FILE, spec=SPEC_FILE,
+                                kind=spec.get("kind"), losslab_version=version,
+                                torch_version=torch.__version__.split("+")[0])
+        if signature is not None:
+            mlflow_model.signature = signature
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def log_and_register_model(model, input_example, registered_model_name: str | None, alias: str | None,
+                           version_tags: dict[str, str] | None = None, name: str = "model",
+                           spec: dict[str, Any] | None = None) -> Any:
+    """Log ``model`` in the ``losslab`` flavor (its state dict as safetensors plus ``spec``, the JSON
+    our code rebuilds it from; see :mod:`losslab.models.export`), register it, set ``alias`` on the new
+    version and tag the version. Returns the ModelVersion, or None without a registered name.
+
+    ``input_example`` (a numpy batch ``(B, N, C, H, W)``, optional) gives the signature
+    ``x -> logits (B, K)`` of :class:`~losslab.models.export.LogitsOnly`. Nothing is pickled: loading
+    cannot run code (the pickle format also fixed nothing the state dict does not; torch.export's
+    ``pt2`` would fix the bag size at export time, while MIL bags vary in size).
     """
-    import mlflow.pytorch
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
-    from losslab.models.export import LogitsOnly
+    from losslab.models.export import FLAVOR_NAME, LogitsOnly
 
-    model = LogitsOnly(model.cpu().eval()).eval()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(input_example))
-    signature = infer_signature(input_example, logits.numpy().astype(np.float32))
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        signature=signature,
-        input_example=input_example,
-        registered_model_name=registered_model_name,
-        serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "losslab"],
-    )
+    if spec is None:
+        raise ValueError("log_and_register_model needs the model's spec (how to rebuild it)")
+    model = model.cpu().eval()
+    signature = None
+    if input_example is not None:
+        with torch.no_grad():
+            logits = LogitsOnly(model)(torch.as_tensor(input_example))
+        signature = infer_signature(input_example, logits.numpy().astype(np.float32))
+    info = Model.log(name=name, artifact_path=None, flavor=_LosslabFlavor, flavor_name=FLAVOR_NAME,
+                     registered_model_name=registered_model_name, model=model, spec=spec, signature=signature)
     if not registered_model_name:
         return None
     client = MlflowClient()
@@ -299,6 +330,24 @@ def log_and_register_model(model, input_example, registered_model_name: str | No
     for k, v in (version_tags or {}).items():
         client.set_model_version_tag(registered_model_name, f"{version}", k, str(v))
     return client.get_model_version(registered_model_name, f"{version}")
+
+
+def download_model(model_uri: str, dst_path: str) -> tuple[Path, str]:
+    """Download a logged/registered model's folder (nothing is loaded) and name its format:
+    ``"losslab"`` (safe), ``"pickle"`` (an ``mlflow.pytorch`` pickle model: loading it runs code) or
+    another flavor/format name (e.g. ``"pytorch:pt2"``)."""
+    from mlflow.models import Model
+
+    from losslab.models.export import FLAVOR_NAME
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
+    flavors = Model.load(str(local)).flavors
+    if FLAVOR_NAME in flavors:
+        return local, FLAVOR_NAME
+    if "pytorch" in flavors:
+        fmt = flavors["pytorch"].get("serialization_format") or "pickle"  # older MLflow: always pickle
+        return local, "pickle" if fmt == "pickle" else f"pytorch:{fmt}"
+    return local, ",".join(sorted(flavors)) or "no flavor"
 
 
 def log_dict_artifact(data: dict, path: str) -> None:

@@ -166,7 +166,8 @@ class MultiModalClassifier(nn.Module):
 
 
 def build_multimodal_model(spec: dict[str, Any], task_classes: dict[str, Sequence[str]],
-                           texts: Sequence[str] | None = None, in_chans: int = 1) -> MultiModalClassifier:
+                           texts: Sequence[str] | None = None, in_chans: int = 1,
+                           tokenizer: Any = None) -> MultiModalClassifier:
     """Build a :class:`MultiModalClassifier` from a spec dict (the ``distill.teacher``/``student`` YAML).
 
     Spec keys (all optional)::
@@ -183,6 +184,7 @@ def build_multimodal_model(spec: dict[str, Any], task_classes: dict[str, Sequenc
     Args:
         spec: the dict above. task_classes: ``{task: [class names]}``.
         texts: training captions (the offline tokenizer learns its vocabulary from them).
+        tokenizer: an existing tokenizer to reuse instead (a registered model's vocabulary).
         in_chans: image channels when ``image.in_chans`` is not given.
 
     Raises:
@@ -196,7 +198,7 @@ def build_multimodal_model(spec: dict[str, Any], task_classes: dict[str, Sequenc
     fusion = spec.get("fusion", "cross_attention")
     if fusion not in FUSIONS:
         raise ValueError(f"multimodal model spec: unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
-    image_encoder = text_encoder = tokenizer = None
+    image_encoder = text_encoder = None
     text_spec = dict(spec.get("text") or {})
     max_length = int(text_spec.get("max_length", 64))
     if fusion != "text_only":
@@ -211,7 +213,9 @@ def build_multimodal_model(spec: dict[str, Any], task_classes: dict[str, Sequenc
                                         drop_path_rate=float(image.get("drop_path_rate", 0.0)),
                                         **dict(image.get("kwargs") or {}))
     if fusion != "image_only":
-        text_encoder, tokenizer = create_text_encoder(text_spec, texts=texts)
+        text_encoder, tokenizer = create_text_encoder(text_spec, texts=texts, tokenizer=tokenizer)
+    else:
+        tokenizer = None
     return MultiModalClassifier(image_encoder, text_encoder, task_classes, fusion=fusion,
                                 fusion_dim=int(spec.get("fusion_dim", 64)),
                                 fusion_layers=int(spec.get("fusion_layers", 1)),

@@ -5,7 +5,8 @@ One ``losslab distill`` (``mlflow run . -e distill``) opens a parent run ``disti
 * a **teacher** run (tag ``losslab.role=teacher``, ``losslab.loss=teacher``): the teacher is trained
   here and registered (``distill.teacher.registered_model_name``, alias ``distill.teacher.alias``), or
   loaded from the registry (``distill.teacher.model_uri: models:/name/1`` or ``models:/name@alias``)
-  and only evaluated;
+  and only evaluated (loaded as safetensors weights + spec, rebuilt by our code; see
+  :mod:`losslab.pipelines.registry`);
 * one **student** run per loss in ``distill.losses`` (``losslab.role=student``, ``losslab.loss=<loss>``);
 * a **student alone** run (``losslab.role=student_alone``, ``losslab.loss=none``): the same student,
   the same initial weights and batch order, trained on the labels only (``distill.student_alone``).
@@ -36,6 +37,7 @@ row per run.
     batch_size: null                # default data.batch_size
     teacher:
       model_uri: null               # models:/... to reuse a registered teacher instead of training one
+      allow_pickle: false           # true: also load a pickle-format teacher (unpickling runs its code)
       model: {image: {...}, text: {...}, fusion: cross_attention, ...}  # build spec, see
                                     # losslab.models.multimodal.build_multimodal_model
       epochs: null                  # default train.epochs
@@ -83,7 +85,8 @@ from losslab.data.text import (ImageTextDataset, check_image_text_manifest, coll
                                task_classes_from_index)
 from losslab.engine.loop import cosine_with_warmup, resolve_device, seed_everything
 from losslab.engine.metrics import classification_metrics
-from losslab.tracking import log_config, log_metrics_batch, managed_run, setup_tracking
+from losslab.pipelines.registry import load_registered_model
+from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +237,7 @@ class _Settings:
 
 _TOP_KEYS = {"tasks", "losses", "student_alone", "ce_weight", "distill_weight", "monitor", "cache_dir", "batch_size",
              "teacher", "student"}
-_TEACHER_KEYS = {"model_uri", "model", "epochs", "lr", "registered_model_name", "alias"}
+_TEACHER_KEYS = {"model_uri", "allow_pickle", "model", "epochs", "lr", "registered_model_name", "alias"}
 _STUDENT_KEYS = {"model", "epochs", "lr", "registered_model_name"}
 
 
@@ -499,28 +502,15 @@ def _summary(fitted_metrics: dict[str, float], best_epoch: int, latency: float) 
 
 
 def _log_model(model: nn.Module, registered_model_name: str | None, alias: str | None,
-               version_tags: dict[str, str]) -> str | None:
-    """Log ``model`` (pickle format: loads back as :class:`MultiModalClassifier`; only load your own
-    models) and register it; return ``models:/name/version`` or None."""
-    import mlflow.pytorch
-    from mlflow.tracking import MlflowClient
+               version_tags: dict[str, str], in_chans: int) -> str | None:
+    """Log ``model`` in the ``losslab`` flavor (safetensors weights + spec; loaded back by
+    :func:`losslab.pipelines.registry.load_registered_model`) and register it; return
+    ``models:/name/version`` or None."""
+    from losslab.models.export import multimodal_spec
 
-    info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", registered_model_name=registered_model_name,
-                                    serialization_format="pickle",
-                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "losslab"])
-    if not registered_model_name:
-        return None
-    client = MlflowClient()
-    version = info.registered_model_version
-    if version is None:
-        run_id = mlflow.active_run().info.run_id
-        version = max(int(v.version) for v in client.search_model_versions(
-            f"name='{registered_model_name}' and run_id='{run_id}'"))
-    if alias:
-        client.set_registered_model_alias(registered_model_name, alias, f"{version}")
-    for k, v in version_tags.items():
-        client.set_model_version_tag(registered_model_name, f"{version}", k, str(v))
-    return f"models:/{registered_model_name}/{version}"
+    mv = log_and_register_model(model, None, registered_model_name, alias, version_tags,
+                                spec=multimodal_spec(model, in_chans))
+    return f"models:/{registered_model_name}/{mv.version}" if mv is not None else None
 
 
 def _resolve_model_uri(uri: str) -> str:
@@ -595,12 +585,10 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
         with managed_run(run_name="teacher", tags=_tags(cfg, "teacher", "teacher"), nested=True) as run:
             teacher_run = run.info.run_id
             if t.get("model_uri"):
-                from mlflow import pytorch as mlflow_pytorch
-
                 uri = str(t["model_uri"])
                 origin = _resolve_model_uri(uri)
                 mlflow.set_tag("losslab.teacher_uri", origin)
-                teacher = mlflow_pytorch.load_model(uri, map_location="cpu")
+                teacher = load_registered_model(uri, allow_pickle=bool(t.get("allow_pickle", False))).model
                 _check_teacher_tasks(teacher, task_classes, uri)
                 teacher_prep = getattr(teacher, "preprocessing", preprocessing)
                 _, val_loader = _loaders(teacher, train_df, val_df, info, task_classes, s.batch_size, cfg.train.seed,
@@ -629,7 +617,7 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
             if not t.get("model_uri"):
                 name = t.get("registered_model_name", "losslab-distill-teacher")
                 teacher_uri = _log_model(teacher, name, t.get("alias", "teacher"),
-                                         {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(tasks)})
+                                         {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(tasks)}, in_chans)
                 origin = f"{teacher_uri} (run {teacher_run})" if teacher_uri else f"run {teacher_run}"
                 if teacher_uri:
                     mlflow.set_tag("losslab.teacher_uri", teacher_uri)
@@ -688,7 +676,7 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
                 all_metrics[label] = summary
                 if cfg.tracking.log_model:
                     _log_model(student, st.get("registered_model_name"), None,
-                               {"role": role, "loss": label, "run_id": run_id})
+                               {"role": role, "loss": label, "run_id": run_id}, in_chans)
                 runs[label] = run_id
         table = distillation_table(cfg.tracking.experiment, parent_run_id=parent_id)
         from losslab.tracking import log_table_artifacts

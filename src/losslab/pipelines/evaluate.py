@@ -2,7 +2,8 @@
 
 Sources (``evaluate.source``)::
 
-    models:/<name>@<alias>      a registered model version (the LogitsOnly wrapper; ``.model`` is used)
+    models:/<name>@<alias>      a registered model version (safetensors weights + spec, rebuilt by our code;
+                                a pickle-format model is refused unless ``evaluate.allow_pickle``)
     models:/<name>/<version>
     <run id> | runs:/<run id>   a train run: its ``config.yaml`` + ``checkpoints/best.pt`` artifacts
     <path>.pt                   a checkpoint file, rebuilt from the *given* config (``--config``)
@@ -28,6 +29,7 @@ Settings: the ``evaluate:`` section of the config (a free dict, validated here),
       device: auto
       run_name: null               # default: eval-<loss>-<split>
       rsna_metric: auto            # auto: on for 3 classes with an ordinal loss or the rsna_lumbar source
+      allow_pickle: false          # true: also load a pickle-format registered model (runs its code)
       calibration: {enabled: true, threshold_method: youden, objective: balanced_accuracy}
       tta: {enabled: true, passes: 4, seed: 0, augment: {brightness: 0.1, scale: 0.1, prob: 1.0}}
       latency: {enabled: true, warmup: 5, repeats: 30}
@@ -75,6 +77,7 @@ from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.loop import forward_batch, load_checkpoint, predict, resolve_device, validation_metrics
 from losslab.engine.metrics import confusion_matrix, rsna_weighted_log_loss
 from losslab.pipelines.common import base_tags
+from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, make_datasets
 from losslab.tracking import log_figure, log_metrics_batch, managed_run, resolve_tracking_uri, setup_tracking
 
@@ -126,6 +129,7 @@ class EvaluateSettings(_Strict):
     device: str = "auto"
     run_name: str | None = None
     rsna_metric: bool | Literal["auto"] = "auto"
+    allow_pickle: bool = False
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     tta: TTASettings = Field(default_factory=TTASettings)
     latency: LatencySettings = Field(default_factory=LatencySettings)
@@ -210,17 +214,19 @@ def _rebuild(cfg: ExperimentConfig, class_counts: list[int]):
     return build_components(cfg, class_counts)
 
 
-def load_source(source: str, cfg: ExperimentConfig) -> LoadedSource:
+def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) -> LoadedSource:
     """Resolve ``source`` (see the module docstring) into a model in eval mode plus its config.
+
+    A registered model is loaded by :func:`losslab.pipelines.registry.load_registered_model`
+    (safetensors + spec); a pickle-format one only with ``allow_pickle``.
 
     Raises:
         SourceNotFoundError: the registered model, alias, version, run or checkpoint file is missing.
+        UnsafeModelError: a pickle-format registered model without ``allow_pickle``.
         ValueError: ``source`` is none of the accepted forms.
     """
     client = MlflowClient()
     if source.startswith("models:/"):
-        import mlflow.pytorch as mlflow_pytorch  # slow import: only for registered models
-
         name, alias, version = parse_model_uri(source)
         _client_call(f"registered model {name!r}", client.get_registered_model, name)
         if alias is not None:
@@ -233,10 +239,12 @@ def load_source(source: str, cfg: ExperimentConfig) -> LoadedSource:
             raise SourceNotFoundError(f"model version {name}/{mv.version} has no source run")
         run = _client_call(f"run {mv.run_id} (source of {name}/{mv.version})", client.get_run, mv.run_id)
         run_cfg = _run_config(mv.run_id)
-        wrapper = mlflow_pytorch.load_model(f"models:/{name}/{mv.version}")
-        model = getattr(wrapper, "model", wrapper)
+        registered = load_registered_model(f"models:/{name}/{mv.version}", allow_pickle=allow_pickle)
+        model = registered.model
         class_names = _class_names(run, run_cfg)
-        loss_fn, _ = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
+        loss_fn = registered.loss_fn
+        if loss_fn is None:  # an opted-in pickle model carries no spec: the loss from the run's config
+            loss_fn, _ = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
         tags = {"losslab.source_model": source, "losslab.source_model_name": name,
                 "losslab.source_model_version": f"{mv.version}", "losslab.source_run_id": mv.run_id}
         return LoadedSource(run_cfg, model, loss_fn, class_names, mv.run_id, run.info.experiment_id,
@@ -460,7 +468,7 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "
                          "a run id or a checkpoint file)")
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    loaded = load_source(settings.source, cfg)
+    loaded = load_source(settings.source, cfg, allow_pickle=settings.allow_pickle)
     src_cfg, class_names, loss_fn = loaded.cfg, loaded.class_names, loaded.loss_fn
     device = resolve_device(settings.device)
     model = loaded.model.to(device).eval()

@@ -31,6 +31,7 @@ from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
 from losslab.pipelines.common import base_tags
+from losslab.pipelines.registry import classifier_spec
 from losslab.tracking import MLflowCallback, log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             example = _input_example(val_ds)
             mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
                                         cfg.tracking.alias if not nested else None,
-                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id})
+                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id},
+                                        spec=classifier_spec(cfg, class_names, class_counts))
             version = f"{mv.version}" if mv is not None else None
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version)
 
