@@ -117,6 +117,18 @@ def test_resize_equals_scikit_image(shape, size):
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("x,y", [(32.0, 30.0), (2.0, 60.0), (63.0, 0.4), (-5.0, 20.0)])
+@pytest.mark.parametrize("windows", [dicom.DEFAULT_WINDOWS, [(50.0, 350.0), "auto"], ["file"]])
+def test_windowed_crop_equals_window_then_crop(x, y, windows):
+    rng = np.random.default_rng(1)
+    volume = rng.integers(0, 1500, (9, 64, 64)).astype(np.float32)
+    index = np.array([0, 0, 1, 2, 3, 4, 5])  # edge-padded like a stack at the end of a series
+    for file_window in ((600.0, 1200.0), None):
+        expected = dicom.crop_around(dicom.multi_window(volume[index], windows, file_window), x, y, 0.75)
+        out = dicom.windowed_crop(volume, index, x, y, windows, file_window, 0.75)
+        np.testing.assert_array_equal(out, expected)
+
+
 # ----------------------------------------------------------------------------- float16 cache
 def _float16_error(values: np.ndarray) -> float:
     values = np.asarray(values, dtype=np.float32)

@@ -32,6 +32,7 @@ half a grey level of any window up to 2048 wide (soft tissue: one level = 1/350 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -144,20 +145,52 @@ def build_cache(data_cfg: Any, force: bool = False) -> CacheInfo:
     fingerprint = hashlib.sha256(
         (_hash_files(source.fingerprint_files(), data_cfg.root) + _settings_fingerprint(data_cfg, salt)).encode()
     ).hexdigest()
-    if not force and (cache_dir / "index.parquet").is_file() and (cache_dir / "report.json").is_file():
+    if not force and (info := _reusable(cache_dir, fingerprint)) is not None:
+        return info
+    with _exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder at a time
+        if not force and (info := _reusable(cache_dir, fingerprint)) is not None:
+            return info  # another process built it while this one waited
+        return _build(data_cfg, cache_dir, source, report, fingerprint, force)
+
+
+def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | None:
+    """The cache at ``cache_dir`` when it is complete and was built from the same inputs."""
+    if (cache_dir / "index.parquet").is_file() and (cache_dir / "report.json").is_file():
         existing = json.loads((cache_dir / "report.json").read_text())
         if existing.get("fingerprint") == fingerprint:
             (cache_dir / JOURNAL).unlink(missing_ok=True)  # left by a build killed after its commit
             info = load_cache(cache_dir)
             info.reused = True
             return info
+    return None
 
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released by the kernel if the holder is killed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, fingerprint: str,
+           force: bool) -> CacheInfo:
+    """Run the source's tasks into the cache, resuming from the journal (module docstring)."""
     class_names = list(data_cfg.class_names or source.class_names)
+    tasks = source.tasks()  # planning first: a bad table fails before the cache is touched
     (cache_dir / "index.parquet").unlink(missing_ok=True)  # the commit mark goes first, comes back last
     store = _Store(cache_dir / "arrays", class_names, cache_dtype(data_cfg.cache_dtype, source),
                    data_cfg.cache_dtype == "float16")
     store.arrays.mkdir(parents=True, exist_ok=True)
-    tasks = source.tasks()
     journal = _Journal(cache_dir / JOURNAL, {"fingerprint": fingerprint, "tasks": len(tasks)}, store.arrays, force)
     resumed = len(journal.entries)
     if resumed:

@@ -735,20 +735,52 @@ def crop_around(stack: np.ndarray, x: float, y: float, radius_factor: float = 0.
     The crop's half-side is ``radius_factor * min(H, W) / 2`` (the default keeps a square 0.75
     of the image side). Where the crop leaves the image it is padded with the stack's minimum.
     """
+    box = _crop_box(stack.shape[-2:], x, y, radius_factor)
+    return _place(stack[..., box[0]:box[1], box[2]:box[3]], stack.min(), box)
+
+
+def _crop_box(shape: Sequence[int], x: float, y: float, radius_factor: float) -> tuple[int, ...]:
+    """``(src_top, src_bottom, src_left, src_right, dst_top, dst_left, size)`` of :func:`crop_around`."""
     if radius_factor <= 0:
         raise ValueError(f"radius_factor must be > 0, got {radius_factor}")
-    height, width = stack.shape[-2:]
+    height, width = int(shape[0]), int(shape[1])
     half = max(1, int(round(radius_factor * min(height, width) / 2.0)))
     cx, cy = int(round(x)), int(round(y))
-    top, left = cy - half, cx - half
-    size = 2 * half
-    out = np.full(stack.shape[:-2] + (size, size), stack.min(), dtype=stack.dtype)
+    top, left, size = cy - half, cx - half, 2 * half
     src_top, src_left = max(top, 0), max(left, 0)
-    src_bottom, src_right = min(top + size, height), min(left + size, width)
-    if src_bottom > src_top and src_right > src_left:
-        out[..., src_top - top:src_bottom - top, src_left - left:src_right - left] = \
-            stack[..., src_top:src_bottom, src_left:src_right]
+    src_bottom, src_right = max(min(top + size, height), src_top), max(min(left + size, width), src_left)
+    return src_top, src_bottom, src_left, src_right, src_top - top, src_left - left, size
+
+
+def _place(region: np.ndarray, fill: Any, box: tuple[int, ...]) -> np.ndarray:
+    """``region`` inside a ``size x size`` frame of ``fill`` at the box's destination."""
+    size, (rows, cols) = box[6], region.shape[-2:]
+    if (rows, cols) == (size, size):
+        return np.array(region, copy=True)
+    out = np.full(region.shape[:-2] + (size, size), fill, dtype=region.dtype)
+    out[..., box[4]:box[4] + rows, box[5]:box[5] + cols] = region
     return out
+
+
+def windowed_crop(volume: np.ndarray, index: np.ndarray, x: float, y: float, windows: Iterable[Any],
+                  file_window: Sequence[float] | None = None, radius_factor: float = 0.75) -> np.ndarray:
+    """``crop_around(multi_window(volume[index], windows, file_window), x, y, radius_factor)``,
+    windowing only the pixels the crop keeps: ``(len(index), C, size, size)`` float32.
+
+    Windows are pointwise and non-decreasing, so the crop of the windows is the windows of the
+    crop, and the padding value (the windowed stack's minimum over every channel) is the
+    smallest window of the raw stack's minimum. ``"auto"`` windows, and ``"file"`` without a
+    file window, depend on the whole stack: those are windowed first, then cropped.
+    """
+    windows = list(windows)
+    if any(w == "auto" or (w == "file" and file_window is None) for w in windows if isinstance(w, str)):
+        return crop_around(multi_window(volume[index], windows, file_window), x, y, radius_factor)
+    box = _crop_box(volume.shape[-2:], x, y, radius_factor)
+    region = multi_window(volume[index, box[0]:box[1], box[2]:box[3]], windows, file_window)
+    if region.shape[-2:] == (box[6], box[6]):
+        return region
+    lowest = np.full((1, 1, 1), min(float(volume[int(i)].min()) for i in set(index.tolist())), dtype=np.float32)
+    return _place(region, multi_window(lowest, windows, file_window).min(), box)
 
 
 def resize(stack: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -243,7 +243,6 @@ class RsnaLumbarSource(Source):
         depth, height, width = volume.shape
         instances = vmeta["instance_numbers"]
         half = self.stack_slices // 2
-        windowed = self._windower(volume, vmeta.get("window"))
         for condition, level, instance, x_text, y_text, label in labelled:
             try:
                 instance_i = int(float(instance))
@@ -262,8 +261,7 @@ class RsnaLumbarSource(Source):
             centre = instances.index(instance_i)
             wanted = np.arange(centre - half, centre + half + 1)
             index = np.clip(wanted, 0, depth - 1)
-            stack = windowed(index)
-            stack = dicom.crop_around(stack, x, y, self.radius_factor)
+            stack = dicom.windowed_crop(volume, index, x, y, self.windows, vmeta.get("window"), self.radius_factor)
             if self.clahe:
                 stack = dicom.clahe(stack)
             image = dicom.resize(stack, (self.image_size, self.image_size)).astype(np.float32, copy=False)
@@ -285,22 +283,3 @@ class RsnaLumbarSource(Source):
                 image=image,
                 meta=meta,
             )
-
-    def _windower(self, volume: np.ndarray, file_window: Any) -> Any:
-        """``index -> multi_window(volume[index])``, windowing each slice once per series.
-
-        The cases of a series share most slices; with fixed windows (no ``"auto"``, no ``"file"``
-        without a file window) the windowed values are pointwise, so windowing each needed slice
-        once gives the same arrays. Otherwise the window depends on the stack: windowed per case.
-        """
-        if any(w == "auto" or (w == "file" and file_window is None) for w in self.windows if isinstance(w, str)):
-            return lambda index: dicom.multi_window(volume[index], self.windows, file_window)
-        done: dict[int, np.ndarray] = {}
-
-        def stack(index: np.ndarray) -> np.ndarray:
-            missing = sorted({int(i) for i in index} - done.keys())
-            if missing:
-                done.update(zip(missing, dicom.multi_window(volume[missing], self.windows, file_window)))
-            return np.stack([done[int(i)] for i in index])
-
-        return stack
