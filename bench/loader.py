@@ -26,8 +26,9 @@ def main() -> None:
 
     from losslab.config import load_config
     from losslab.data.cache import build_cache
-    from losslab.engine.loop import build_optimizer, compute_loss, forward_batch
+    from losslab.engine.loop import build_optimizer
     from losslab.pipelines.train import build_components, make_datasets, make_loaders
+    from losslab.tasks import task_of
 
     cfg = load_config(args.config, args.override)
     info = build_cache(cfg.data)
@@ -52,14 +53,13 @@ def main() -> None:
     loader, _ = make_loaders(cfg, train_ds, val_ds)
     batches = [b for _, b in zip(range(args.steps), loader)]
     optimizer = build_optimizer(model, loss_fn, cfg.optim)
-    device = torch.device("cpu")
+    device, task = torch.device("cpu"), task_of(cfg)
     model.train()
     step_rates = []
     for r in range(args.repeats + 1):
         t0, n = time.perf_counter(), 0
         for batch in batches:
-            logits, _, aux = forward_batch(model, batch, device)
-            loss = compute_loss(loss_fn, logits, batch["label"], aux)
+            loss = task.loss(loss_fn, task.forward(model, batch, device), batch["label"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -10,8 +10,8 @@ import torch
 
 from losslab.config import load_config
 from losslab.data.sources.base import _sources
-from losslab.engine.loop import compute_loss, forward_batch
 from losslab.pipelines.train import build_components
+from losslab.tasks import task_of
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
 
@@ -35,13 +35,16 @@ def test_experiment_config_builds_loss_and_model(path):
     torch.manual_seed(0)
     batch = {"image": torch.randn(2, n, cfg.model.in_chans, 32, 32), "mask": torch.ones(2, n, dtype=torch.bool),
              "label": torch.tensor([0, k - 1])}
+    if cfg.model.kind == "volume3d":  # whole volumes (B, C, D, H, W)
+        batch = {"image": torch.randn(2, cfg.model.in_chans, 16, 32, 32), "label": torch.tensor([0, k - 1])}
     if cfg.model.kind == "slices25d":
         batch["level"] = torch.tensor([0, 4])
     model.train()
-    logits, _, aux = forward_batch(model, batch, torch.device("cpu"))
+    task = task_of(cfg)
+    out = task.forward(model, batch, torch.device("cpu"))
     expected_outputs = loss_fn.output_dim(k) if hasattr(loss_fn, "output_dim") else k
-    assert logits.shape == (2, expected_outputs)
-    loss = compute_loss(loss_fn, logits, batch["label"], aux)
+    assert out.logits.shape == (2, expected_outputs)
+    loss = task.loss(loss_fn, out, batch["label"])
     assert torch.isfinite(loss)
     loss.backward()
 

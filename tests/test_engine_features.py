@@ -14,6 +14,7 @@ from losslab.engine.callbacks import Callback
 from losslab.engine.ema import mixup_batch, update_bn
 from losslab.engine.loop import (compute_mixed_loss, cosine_with_warmup, evaluation_weights, fit, load_checkpoint,
                                  predict, seed_everything)
+from losslab.engine.steps import StepOutput
 from losslab.pipelines.train import build_components, make_datasets, make_loaders
 
 
@@ -229,10 +230,10 @@ def test_mixed_loss_equals_ce_with_mixed_soft_targets():
     logits = torch.randn(6, 3)
     y_a, y_b = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 1, 0, 0, 1])
     lam = 0.3
-    got = compute_mixed_loss(nn.CrossEntropyLoss(), logits, y_a, y_b, lam, {})
+    got = compute_mixed_loss(nn.CrossEntropyLoss(), StepOutput(logits), y_a, y_b, lam)
     soft = lam * F.one_hot(y_a, 3).float() + (1 - lam) * F.one_hot(y_b, 3).float()
     torch.testing.assert_close(got, F.cross_entropy(logits, soft))
-    torch.testing.assert_close(compute_mixed_loss(nn.CrossEntropyLoss(), logits, y_a, None, 1.0, {}),
+    torch.testing.assert_close(compute_mixed_loss(nn.CrossEntropyLoss(), StepOutput(logits), y_a, None, 1.0),
                                F.cross_entropy(logits, y_a))
 
 

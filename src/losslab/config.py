@@ -53,6 +53,7 @@ class DataConfig(_Strict):
     image_size: int = Field(64, ge=8)
     bag_size: int = Field(16, ge=1)
     bag_sampling: Literal["random", "evenly_spaced", "all"] = "random"
+    volume_depth: int = Field(32, ge=1)  # model.kind=volume3d: slices per volume after resampling (D)
     sampler: Literal["none", "weighted_random", "sqrt_weighted_random", "class_balanced_batch"] = "none"
     batch_size: int = Field(4, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -152,6 +153,9 @@ class CVConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    # the task (losslab.tasks): bag_classification, image_classification, volume_classification,
+    # multitask, segmentation; None = inferred from model.kind
+    task: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -325,10 +329,29 @@ def _nearest_origin(loc: str, origins: dict[str, str]) -> str | None:
 
 
 def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None, path: str | None = None) -> ExperimentConfig:
+    """Validate the sections, then the pairing of task, model kind and loss (:func:`losslab.tasks.check_task`)."""
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origins or {}, path, data)) from None
+    _check_task(cfg, origins or {}, path)
+    return cfg
+
+
+def _check_task(cfg: ExperimentConfig, origins: dict[str, str], path: str | None) -> None:
+    """The task registry lives above the config layer (it knows the losses); it is asked lazily so
+    that an impossible pairing is refused here, at load time, before any MLflow run opens."""
+    from losslab.losses.registry import UnknownLossError
+    from losslab.tasks import TaskError, check_task
+
+    def where(key: str) -> str:
+        source = origins.get(key) or _nearest_origin(key, origins) or path
+        return f" (in {source})" if source else " (the default)"
+
+    try:
+        check_task(cfg, where)
+    except (TaskError, UnknownLossError) as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: str | list[str] | None = None) -> ExperimentConfig:

@@ -6,6 +6,7 @@
   Bag sampling: ``random`` (a new sorted subset every epoch; reproducible from the torch RNG),
   ``evenly_spaced`` (deterministic: for validation), ``all`` (every instance; padded per batch).
 * :class:`SliceStackDataset` — 2.5D stacks ``(S, C, H, W)`` with their ``level`` index.
+* :class:`VolumeDataset` — whole volumes ``(C, D, H, W)`` for 3D models (depth resampled with MONAI).
 
 Arrays are memory-mapped (``np.load(mmap_mode="r")``) and normalised per case and channel with the
 statistics stored in the index (z-score over non-zero voxels; background stays 0).
@@ -111,6 +112,31 @@ class SliceStackDataset(_CaseArrays):
             "label": torch.tensor(self.labels[i]),
             "index": torch.tensor(i),
         }
+
+
+class VolumeDataset(_CaseArrays):
+    """Whole volumes for 3D models: the cached slices ``(D, C, H, W)`` of a case, normalised,
+    optionally augmented like a bag, then transposed to ``(C, D, H, W)`` and resampled along depth
+    to ``depth`` slices with MONAI's ``Resize`` (trilinear; H and W kept), so every case of a batch
+    has the same shape. Item: ``image (C, depth, H, W)`` float32, ``label``, ``index``."""
+
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, depth: int = 32, **kwargs: Any) -> None:
+        super().__init__(index, cache_dir, **kwargs)
+        from monai.transforms import Resize
+
+        if int(depth) < 1:
+            raise ValueError(f"data.volume_depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+        self.resize = Resize(spatial_size=(self.depth, -1, -1), mode="trilinear", align_corners=False)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        slices = self._normalise(i, self._load(i))  # (D, C, H, W)
+        if self.transform is not None:
+            slices = self.transform(slices)
+        volume = torch.from_numpy(np.ascontiguousarray(np.transpose(slices, (1, 0, 2, 3))))  # (C, D, H, W)
+        if volume.shape[1] != self.depth:
+            volume = torch.as_tensor(self.resize(volume)).float()
+        return {"image": volume.contiguous(), "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
 
 
 def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """fit(): the training loop. Knows nothing of MLflow; reports through callbacks.
 
-Batches are dicts from :mod:`losslab.data.datasets`: ``image`` ``(B, N, C, H, W)``, ``mask``
-``(B, N)``, ``label`` ``(B,)`` and optionally ``level`` ``(B,)``. Models return ``(logits, attention)``
-or ``(logits, attention, aux)``; when ``aux`` holds ``stream_logits`` (DSMIL) the loss is the mean of
-the loss on each stream, as in Li et al. 2021.
+What a batch is and how it becomes a loss belongs to the task: a step object
+(:class:`losslab.engine.steps.ClassificationStep`, subclassed by the tasks of :mod:`losslab.tasks`)
+turns a batch dict into model inputs, runs the forward pass, computes the loss (e.g. over both
+streams of a dual-stream MIL model) and per-batch diagnostics. The loop owns time: epochs, steps,
+precision, clipping, validation, checkpoints.
 
 Features: bf16 autocast on CUDA (off on CPU), gradient clipping, cosine decay with linear warm-up
 (per step, no restarts), separate backbone/head learning rates, a frozen-backbone phase
@@ -46,6 +47,7 @@ from losslab.engine import distributed as ddp
 from losslab.engine.callbacks import Callback, CallbackList
 from losslab.engine.ema import averaged_weights, build_ema, build_swa, mixup_batch, update_bn
 from losslab.engine.monitor import BestModelRule
+from losslab.engine.steps import ClassificationStep, StepOutput
 
 log = logging.getLogger(__name__)
 SLEEP_ENV = "LOSSLAB_TEST_SLEEP_PER_BATCH"  # tests only: seconds to sleep after each training batch
@@ -84,36 +86,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any, dict]:
-    """Run the model on a batch; return ``(logits (B, K), attention (B, N) | None, aux dict)``."""
-    image = batch["image"].to(device, non_blocking=True)
-    mask = batch.get("mask")
-    mask = mask.to(device, non_blocking=True) if mask is not None else None
-    kwargs = {}
-    if "level" in batch:
-        kwargs["level"] = batch["level"].to(device, non_blocking=True)
-    out = model(image, mask, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out, None, {}
-    logits, attention = out[0], out[1]
-    aux = out[2] if len(out) > 2 else {}
-    return logits, attention, aux
+def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device,
+                  step: ClassificationStep | None = None) -> tuple[torch.Tensor, Any, dict]:
+    """Run the model on a batch through ``step`` (default: a plain classifier); return
+    ``(logits (B, K), attention (B, N) | None, aux dict)``."""
+    out = (step or ClassificationStep()).forward(model, batch, device)
+    return out.logits, out.attention, out.aux
 
 
-def compute_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor, aux: dict) -> torch.Tensor:
-    streams = aux.get("stream_logits") if aux else None
-    if streams:
-        return sum(loss_fn(s.float(), target) for s in streams) / len(streams)
-    return loss_fn(logits.float(), target)
-
-
-def compute_mixed_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None,
-                       lam: float, aux: dict) -> torch.Tensor:
+def compute_mixed_loss(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
+                       lam: float, step: ClassificationStep | None = None) -> torch.Tensor:
     """Mixup loss ``lam * L(y_a) + (1 - lam) * L(y_b)``; plain ``L(y_a)`` when ``target_b`` is None."""
-    loss = compute_loss(loss_fn, logits, target, aux)
+    step = step or ClassificationStep()
+    loss = step.loss(loss_fn, out, target)
     if target_b is None:
         return loss
-    return lam * loss + (1.0 - lam) * compute_loss(loss_fn, logits, target_b, aux)
+    return lam * loss + (1.0 - lam) * step.loss(loss_fn, out, target_b)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -217,40 +205,39 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
-            amp: bool = False) -> dict[str, Any]:
-    """Run the model over a loader; return logits, probabilities, labels, attention, mean loss."""
+            amp: bool = False, step: ClassificationStep | None = None) -> dict[str, Any]:
+    """Run the model over a loader through ``step``; return logits, probabilities, predictions,
+    labels, attention, the mean loss and the step's diagnostics (sample-weighted means, NaN skipped)."""
     model.eval()
-    from losslab.engine.diagnostics import selection_confidence
-
+    step = step or ClassificationStep()
     logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
     loss_sum, n = 0.0, 0
-    selection_sum, selection_n = 0.0, 0
+    diag_sums: dict[str, list[float]] = {}
     for batch in loader:
         with _autocast(device, amp):
-            logits, attention, aux = forward_batch(model, batch, device)
-        target = batch["label"].to(device)
-        logits = logits.float()
-        if aux and aux.get("instance_logits") is not None:
-            instance_probs = torch.softmax(aux["instance_logits"].float(), dim=-1).cpu()
-            value = selection_confidence(instance_probs, batch.get("mask"))
+            out = step.forward(model, batch, device)
+        target = step.target(batch, device)
+        out.logits = out.logits.float()
+        for name, value in step.batch_diagnostics(out, batch).items():
             if value == value:
-                selection_sum += value * len(target)
-                selection_n += len(target)
+                acc = diag_sums.setdefault(name, [0.0, 0])
+                acc[0] += value * len(target)
+                acc[1] += len(target)
         if loss_fn is not None:
-            loss_sum += float(compute_loss(loss_fn, logits, target, aux)) * len(target)
+            loss_sum += float(step.loss(loss_fn, out, target)) * len(target)
         n += len(target)
-        logits_all.append(logits.cpu())
+        logits_all.append(out.logits.cpu())
         labels_all.append(batch["label"])
         index_all.append(batch["index"])
-        if attention is not None:
-            attn_all.append(attention.float().cpu())
+        if out.attention is not None:
+            attn_all.append(out.attention.float().cpu())
             masks_all.append(batch["mask"])
     logits = torch.cat(logits_all)
     if loss_fn is not None and hasattr(loss_fn, "probabilities"):
         probs = loss_fn.probabilities(logits)
     else:
         probs = torch.softmax(logits, dim=1)
-    out = {
+    result = {
         "logits": logits.numpy(),
         "probs": probs.detach().numpy(),
         # the loss's own decision rule (e.g. CORAL counts thresholds), else argmax
@@ -259,13 +246,12 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
         "labels": torch.cat(labels_all).numpy(),
         "index": torch.cat(index_all).numpy(),
         "loss": loss_sum / max(n, 1),
+        "diagnostics": {name: total / count for name, (total, count) in diag_sums.items()},
     }
-    if selection_n:
-        out["selection_confidence"] = selection_sum / selection_n
     if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
-        out["attention"] = torch.cat(attn_all).numpy()
-        out["mask"] = torch.cat(masks_all).numpy()
-    return out
+        result["attention"] = torch.cat(attn_all).numpy()
+        result["mask"] = torch.cat(masks_all).numpy()
+    return result
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -285,8 +271,8 @@ def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn:
     metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
     out = {f"val/{k}": float(v) for k, v in metrics.items()}
     out["val/loss"] = float(outputs["loss"])
-    if "selection_confidence" in outputs:
-        out["val/selection_confidence"] = float(outputs["selection_confidence"])
+    for name, value in outputs.get("diagnostics", {}).items():
+        out[f"val/{name}"] = float(value)
     if "attention" in outputs:
         from losslab.engine.diagnostics import attention_statistics
 
@@ -316,6 +302,7 @@ def fit(
     class_names: list[str],
     callbacks: list[Callback] | None = None,
     resume_from: str | Path | None = None,
+    step: ClassificationStep | None = None,
 ) -> FitState:
     """Train ``model`` with ``loss_fn``; validate every epoch; checkpoint ``best`` and ``last``.
 
@@ -325,6 +312,7 @@ def fit(
         loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``, ``terms``,
             ``weights``) or any ``nn.Module`` loss.
         train_cfg / optim_cfg: :class:`losslab.config.TrainConfig` / ``OptimConfig``.
+        step: the task's batch → forward → loss (:mod:`losslab.tasks`); default a plain classifier.
         resume_from: a ``last.pt`` checkpoint to continue from (same config and data); the run then
             ends with the same weights and metrics as an uninterrupted one.
 
@@ -335,6 +323,7 @@ def fit(
     from losslab.engine.metrics import Alarms, dead_class_names, pred_counts
 
     cbs = CallbackList(callbacks)
+    step = step or ClassificationStep()
     distributed = ddp.is_distributed()
     is_main = ddp.is_main_process()
     if distributed and train_cfg.freeze_backbone_epochs > 0:
@@ -431,10 +420,10 @@ def fit(
                 if train_cfg.mixup_alpha > 0:
                     batch, target_b, lam = mixup_batch(batch, train_cfg.mixup_alpha)
                     target_b = target_b.to(device, non_blocking=True)
-                target = batch["label"].to(device, non_blocking=True)
+                target = step.target(batch, device)
                 with _autocast(device, train_cfg.amp):
-                    logits, _, aux = forward_batch(train_model, batch, device)
-                loss = compute_mixed_loss(loss_fn, logits, target, target_b, lam, aux)
+                    out = step.forward(train_model, batch, device)
+                loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
                 optimizer.zero_grad(set_to_none=True)
@@ -478,7 +467,7 @@ def fit(
             # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
             # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
             if is_main:
-                outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp)
+                outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp, step)
                 metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time, "train/lr": lr}
                 metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
                 if hasattr(loss_fn, "weights"):

@@ -70,15 +70,16 @@ from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig, load_config
 from losslab.data.cache import CacheInfo, build_cache, load_cache
-from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
+from losslab.data.datasets import collate_padded
 from losslab.data.splits import TEST_FOLD
 from losslab.engine.calibration import Calibrator
-from losslab.engine.metrics import dead_class_names, pred_counts
-from losslab.engine.loop import forward_batch, load_checkpoint, predict, resolve_device, validation_metrics
-from losslab.engine.metrics import confusion_matrix, rsna_weighted_log_loss
+from losslab.engine.loop import load_checkpoint, predict, resolve_device, validation_metrics
+from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
+from losslab.engine.steps import ClassificationStep
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, make_datasets
+from losslab.tasks import task_of
 from losslab.tracking import log_figure, log_metrics_batch, managed_run, resolve_tracking_uri, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -298,11 +299,8 @@ def _cache_class_names(cfg: ExperimentConfig) -> list[str]:
 
 # --------------------------------------------------------------------------- data
 def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, transform=None):
-    """Same construction as training's validation set (evenly spaced bags), optionally augmented."""
-    if cfg.model.kind == "slices25d":
-        return SliceStackDataset(rows, info.cache_dir, transform=transform)
-    sampling = "all" if cfg.data.bag_sampling == "all" else "evenly_spaced"
-    return BagDataset(rows, info.cache_dir, cfg.data.bag_size, sampling, transform=transform)
+    """Same construction as training's validation set (the task's evaluation dataset), optionally augmented."""
+    return task_of(cfg).make_dataset(cfg, info, rows, train=False, transform=transform)
 
 
 def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str]):
@@ -332,8 +330,8 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
     return val_ds, _eval_dataset(cfg, eval_info, rows), eval_info, rows.reset_index(drop=True)
 
 
-def _loader(ds, batch_size: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_padded)
+def _loader(ds, batch_size: int, cfg: ExperimentConfig) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=task_of(cfg).collate)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -393,7 +391,8 @@ def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings,
     losses = [plain["loss"]]
     for i in range(settings.passes):
         transform = build_transforms(settings.augment, train=True, seed=settings.seed + i)
-        out = predict(model, _loader(_eval_dataset(cfg, info, rows, transform), batch_size), device, loss_fn)
+        out = predict(model, _loader(_eval_dataset(cfg, info, rows, transform), batch_size, cfg), device, loss_fn,
+                      step=task_of(cfg))
         logits_sum += out["logits"]
         losses.append(out["loss"])
     logits = torch.as_tensor(logits_sum / (settings.passes + 1), dtype=torch.float32)
@@ -403,23 +402,25 @@ def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings,
 
 
 def measure_latency(model, dataset, device: torch.device, batch_size: int, warmup: int = 5,
-                    repeats: int = 30) -> dict[str, float]:
+                    repeats: int = 30, step=None) -> dict[str, float]:
     """Per-sample latency at batch size 1 (p50, p95 in ms, after ``warmup`` calls) and throughput
     (samples/s) of the model alone at ``batch_size`` (data loading excluded)."""
     model.eval()
-    one = collate_padded([dataset[0]])
-    batch = collate_padded([dataset[i % len(dataset)] for i in range(batch_size)])
+    step = step or ClassificationStep()
+    collate = getattr(step, "collate", collate_padded)
+    one = collate([dataset[0]])
+    batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timings(b, n) -> list[float]:
         out = []
         with torch.no_grad():
             for _ in range(warmup):
-                forward_batch(model, b, device)
+                step.forward(model, b, device)
             sync()
             for _ in range(n):
                 start = time.perf_counter()
-                forward_batch(model, b, device)
+                step.forward(model, b, device)
                 sync()
                 out.append(time.perf_counter() - start)
         return out
@@ -477,13 +478,15 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
     rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
 
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names)
-    outputs = predict(model, _loader(eval_ds, batch_size), device, loss_fn)
+    step = task_of(src_cfg)
+    outputs = predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, step=step)
     metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna)
 
     calibrator = Calibrator()
     cal_probs, cal_pred = outputs["probs"], None
     if settings.calibration.enabled:
-        val_outputs = outputs if settings.split == "val" else predict(model, _loader(val_ds, batch_size), device, loss_fn)
+        val_outputs = outputs if settings.split == "val" else predict(
+            model, _loader(val_ds, batch_size, src_cfg), device, loss_fn, step=step)
         calibrator = fit_calibrator(val_outputs, len(class_names), settings.calibration)
         after, cal_probs, cal_pred = calibrated_metrics(calibrator, outputs, class_names, "test_calibrated", rsna)
         metrics |= after | calibration_summary(calibrator, metrics, after)
@@ -495,7 +498,7 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
         tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
     if settings.latency.enabled:
         metrics |= measure_latency(model, eval_ds, device, batch_size, settings.latency.warmup,
-                                   settings.latency.repeats)
+                                   settings.latency.repeats, step=step)
 
     predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
     dead = dead_class_names(pred_counts(metrics, "test/"))

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
-from losslab.data.datasets import BagDataset, SliceStackDataset, collate_padded
 from losslab.data.samplers import build_distributed_sampler, build_sampler
 from losslab.engine import distributed as ddp
 from losslab.engine.metrics import dead_class_names, pred_counts
@@ -32,6 +31,7 @@ from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predi
                                  validation_metrics)
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import classifier_spec
+from losslab.tasks import task_of
 from losslab.tracking import MLflowCallback, log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,9 @@ def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
         from losslab.data.transforms import build_transforms
 
         transform = build_transforms(cfg.data.augment, train=True)
-    if cfg.model.kind == "slices25d":
-        train_ds = SliceStackDataset(train_df, info.cache_dir, transform=transform)
-        val_ds = SliceStackDataset(val_df, info.cache_dir)
-    else:
-        train_ds = BagDataset(train_df, info.cache_dir, cfg.data.bag_size, cfg.data.bag_sampling, transform=transform)
-        val_sampling = "all" if cfg.data.bag_sampling == "all" else "evenly_spaced"
-        val_ds = BagDataset(val_df, info.cache_dir, cfg.data.bag_size, val_sampling)
-    return train_ds, val_ds
+    task = task_of(cfg)  # the task owns the dataset of its model kind
+    return task.make_dataset(cfg, info, train_df, train=True, transform=transform), \
+        task.make_dataset(cfg, info, val_df, train=False)
 
 
 def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
@@ -119,7 +114,7 @@ def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
                                                            ddp.world_size(), ddp.rank(), seed=cfg.train.seed)
     else:
         sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size)
-    common = dict(num_workers=cfg.data.num_workers, collate_fn=collate_padded,
+    common = dict(num_workers=cfg.data.num_workers, collate_fn=task_of(cfg).collate,
                   persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
     if batch_sampler is not None:
         train_loader = DataLoader(train_ds, batch_sampler=batch_sampler, **common)
@@ -176,8 +171,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False,
                                     checkpoint_every=cfg.train.upload_checkpoint_every)]
         callbacks += list(extra_callbacks or [])
+        step = task_of(cfg)
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
-                    callbacks=callbacks, resume_from=resume_from)
+                    callbacks=callbacks, resume_from=resume_from, step=step)
 
         if state.best_tiebreak:
             mlflow.set_tag("losslab.best_tiebreak", f"epoch {state.best_epoch}: {state.best_tiebreak}")
@@ -190,7 +186,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
         model.load_state_dict(evaluation_weights(best))
         device = resolve_device(cfg.train.device)
-        outputs = predict(model.to(device), val_loader, device, loss_fn)
+        outputs = predict(model.to(device), val_loader, device, loss_fn, step=step)
         best_metrics = validation_metrics(outputs, class_names, loss_fn)
         summary = {f"best_{k}": v for k, v in best_metrics.items()}
         summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
@@ -214,7 +210,8 @@ def _train_fold_replica(cfg: ExperimentConfig, info: CacheInfo, fold: int) -> Fo
     loss_fn, model = build_components(cfg, class_counts)
     train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
     resume_from = ddp.broadcast_object(None)
-    fit(model, loss_fn, train_loader, val_loader, cfg.train, cfg.optim, info.class_names, resume_from=resume_from)
+    fit(model, loss_fn, train_loader, val_loader, cfg.train, cfg.optim, info.class_names, resume_from=resume_from,
+        step=task_of(cfg))
     return FoldResult(fold, "", "FINISHED")
 
 
@@ -243,6 +240,7 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     step (effective batch ``world_size × data.batch_size``, learning rate not scaled) and only rank 0
     builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
     ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``)."""
+    task_of(cfg).check_entry_point("train")  # before any run opens
     with ddp.distributed_context(cfg.train.device) as distributed:
         if distributed and cfg.cv.folds is not None:
             raise ValueError("cv.folds is not supported under torchrun/DDP; run one torchrun job per fold "
