@@ -479,7 +479,7 @@ def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequ
 
 
 def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
-    """A distillation experiment: the seed's table (one row per loss, per task Acc / F1 / AUC and
+    """A distillation experiment: the distillation-loss study's table (one row per loss, per task Acc / F1 / AUC and
     latency, plus the teacher's row and the student alone) from the latest distill run."""
     from losslab.pipelines.distill import distillation_table
 
