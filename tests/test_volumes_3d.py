@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -18,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from losslab.config import dump_yaml, load_config
 from losslab.engine.callbacks import Callback
 from losslab.engine.loop import fit, load_checkpoint, seed_everything
+from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, make_datasets, make_loaders
 from losslab.tasks import task_of
 
@@ -66,13 +66,14 @@ def test_train_3d_through_the_cli_then_evaluate_with_calibration_and_tta(make_co
                                                                                       "checkpoints/last.pt"}
     assert run.data.tags["losslab.model"] == "volume3d:monai_resnet10:attention"
     # the registered model reproduces the best checkpoint on a whole volume (B, 4, D, H, W)
-    loaded = mlflow.pytorch.load_model("models:/test-resnet3d@candidate")
+    registered = load_registered_model("models:/test-resnet3d@candidate")
+    assert registered.spec["model"]["kind"] == "volume3d"
     _, model = build_components(cfg, [1, 1])
     model.load_state_dict(load_checkpoint(Path(cfg.train.checkpoint_dir) / run.info.run_id / "best.pt")["model"])
     model.eval()
     x = torch.randn(2, 4, 8, 48, 48)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x)[0])
+        torch.testing.assert_close(registered.model(x)[0], model(x)[0])
 
     settings = {"split": "val", "fold": 0, "tta": {"passes": 1}, "latency": {"enabled": True, "repeats": 2, "warmup": 1}}
     result = run_evaluate(cfg.model_copy(update={"evaluate": settings}), source="models:/test-resnet3d@candidate")
