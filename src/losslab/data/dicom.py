@@ -417,11 +417,12 @@ def _file_window(ds: Any) -> tuple[float, float] | None:
 
 
 def check_volume(volume: np.ndarray, item: str, report: SkipReport,
-                 max_nonfinite_fraction: float = 0.01, assume_finite: bool = False
+                 max_nonfinite_fraction: float = 0.01, assume_finite: bool = False, varies: bool = False
                  ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """NaN/inf and empty-volume policy shared by every reader (see the module docstring).
 
-    ``assume_finite`` skips the NaN/inf scan (integer pixels with a finite rescale).
+    ``assume_finite`` skips the NaN/inf scan (integer pixels with a finite rescale); ``varies``
+    (the caller saw two different finite values) skips the empty-volume scan.
     Returns ``(volume or None, extra meta)``; ``None`` means the item was skipped and reported.
     """
     extra: dict[str, Any] = {}
@@ -437,7 +438,7 @@ def check_volume(volume: np.ndarray, item: str, report: SkipReport,
         volume = np.where(finite, volume, np.float32(fill)).astype(np.float32, copy=False)
         report.notes.append(f"{item}: non-finite voxels: {bad} NaN/inf voxels replaced by the minimum {fill:g}")
         extra["nonfinite_replaced"] = bad
-    if volume.size == 0 or float(volume.max()) == float(volume.min()):
+    if not varies and (volume.size == 0 or float(volume.max()) == float(volume.min())):
         value = float(volume.flat[0]) if volume.size else float("nan")
         report.skip(item, f"empty or all-background volume: every voxel equals {value:g}")
         return None, extra
@@ -602,16 +603,20 @@ def series_volume(
         spacing_z = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
 
     volume = np.empty((len(slices),) + shape, dtype=np.float32)
+    varies = False  # two different voxel values seen, checked slice by slice while the slice is in cache
     for i, s in enumerate(slices):
         if s.slope == 1.0 and s.intercept == 0.0:
             volume[i] = s.pixels
         else:
             np.multiply(s.pixels, s.slope, out=volume[i], casting="unsafe")
             volume[i] += s.intercept
+        if not varies:
+            varies = bool(volume[i].max() != volume[i].min()) or bool(volume[i].flat[0] != volume[0].flat[0])
     window = _file_window(first)
     integer_source = all(s.pixels.dtype.kind in "iu" and np.isfinite(s.slope) and np.isfinite(s.intercept)
                          for s in slices)
-    volume, extra = check_volume(volume, item, report, max_nonfinite_fraction, assume_finite=integer_source)
+    volume, extra = check_volume(volume, item, report, max_nonfinite_fraction, assume_finite=integer_source,
+                                 varies=varies and integer_source)
     if volume is None:
         return None, meta
     meta.update(extra)
