@@ -242,15 +242,22 @@ def group_series(
 
 
 def series_files(folder: str | os.PathLike[str]) -> list[str]:
-    """Every file under ``folder`` (recursively), sorted by path: the candidates of a series."""
-    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
+    """Every file under ``folder`` (recursively; dangling symlinks included, so that they are
+    reported), sorted by path: the candidates of a series."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
 def _scan(folder: str | os.PathLike[str], report: SkipReport, root: str | os.PathLike[str] | None,
           header_only: bool) -> dict[str, list[tuple[Any, str]]]:
+    from losslab.data.sources.base import refused_link
+
     root_s = str(root) if root is not None else str(folder)
     series: dict[str, list[tuple[Any, str]]] = {}
     for path in series_files(folder):
+        refused = refused_link(root_s, path)
+        if refused:  # a symlink out of the data root, or a dangling one: named, never read
+            report.skip(_rel(path, root_s), refused)
+            continue
         ds = _read_file(path, report, root_s, header_only=header_only)
         if ds is None:
             continue

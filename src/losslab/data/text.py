@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from losslab.data.sources.base import shown_columns
 from losslab.data.sources.manifest import sorted_labels
 
 __all__ = [
@@ -64,7 +65,8 @@ def check_image_text_manifest(path: str | Path, tasks: Sequence[str], text_colum
         for column in (text_column, *tasks):
             if column not in header:
                 what = "the captions" if column == text_column else f"the labels of task {column!r}"
-                raise MissingTextError(f"{path}: missing column {column!r} ({what}; found columns: {', '.join(header)})")
+                raise MissingTextError(f"{path}: missing column {column!r} ({what}; found columns: "
+                                       f"{shown_columns(header)})")
         rows = 0
         for line, row in enumerate(reader, start=2):
             rows += 1

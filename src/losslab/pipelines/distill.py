@@ -550,10 +550,11 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
     if info is None:
         if cfg.data.source == "manifest":
             from losslab.data.cache import ensure_raw_data
+            from losslab.data.sources.manifest import manifest_path
 
             ensure_raw_data(cfg.data)
             if s.tasks:
-                manifest = Path(cfg.data.root) / cfg.data.source_kwargs.get("manifest", "manifest.csv")
+                manifest = manifest_path(cfg.data.root, cfg.data.source_kwargs.get("manifest", "manifest.csv"))
                 check_image_text_manifest(manifest, list(s.tasks))
         info = build_cache(cfg.data)
     tasks = s.tasks or sorted({k[len("task_"):] for m in index_meta(info.index) for k in m if k.startswith("task_")})

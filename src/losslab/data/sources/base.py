@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -102,6 +103,52 @@ class Source:
         return sorted(str(p) for p in Path(self.root).rglob("*") if p.is_file())
 
 
+def resolve_under(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str | None:
+    """``path`` (relative to ``root`` or absolute) resolved with symlinks; ``None`` if outside root."""
+    real_root = os.path.realpath(root)
+    candidate = os.path.realpath(os.path.join(real_root, path))
+    try:
+        inside = os.path.commonpath([real_root, candidate]) == real_root
+    except ValueError:  # pragma: no cover - other drive on Windows
+        inside = False
+    return candidate if inside else None
+
+
+def refused_link(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` (a file or folder found under ``root``) must not be read, or ``None``: a dangling
+    symlink, or a symlink (anywhere on the path) that leads outside the data root. Sources report the
+    reason with ``report.skip(path, reason)``, so every refused path is named in the preprocess report."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "dangling symlink (refused)"
+    if resolve_under(root, path) is None:
+        return "symlink leads outside the data root (refused)"
+    return None
+
+
+def confined_file(root: str | os.PathLike[str], path: str, key: str) -> str:
+    """A file named in the config (``key``, e.g. ``data.source_kwargs.manifest``), relative to the
+    data root, resolved; it must stay inside the root.
+
+    Raises:
+        ValueError: the path leads outside the data root (named, with the key; nothing is read).
+    """
+    resolved = resolve_under(root, path)
+    if resolved is None:
+        raise ValueError(f"{key}={path!r} is outside the data root {root}: refused (give a path inside data.root)")
+    return resolved
+
+
+_COLUMN_NAME = re.compile(r"[\w .()\[\]/+-]{1,64}")
+
+
+def shown_columns(header: list[str]) -> str:
+    """The columns of a CSV header for an error message, without echoing a file that is no CSV:
+    names are listed only when every one looks like a column name (else only their number)."""
+    if header and len(header) <= 200 and all(_COLUMN_NAME.fullmatch(h) for h in header):
+        return ", ".join(header)
+    return f"{len(header)} column(s), names not shown"
+
+
 def read_csv_table(path: "str | os.PathLike", required: "list[str] | tuple[str, ...]", shown: str | None = None
                    ) -> tuple[list[str], list[dict[str, str]]]:
     """``(header, rows)`` of a CSV with stripped keys and values.
@@ -123,7 +170,7 @@ def read_csv_table(path: "str | os.PathLike", required: "list[str] | tuple[str, 
         header = [h.strip() for h in (reader.fieldnames or [])]
         for column in required:
             if column not in header:
-                raise ValueError(f"{shown}: missing column {column!r} (found columns: {', '.join(header)})")
+                raise ValueError(f"{shown}: missing column {column!r} (found columns: {shown_columns(header)})")
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     return header, rows
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, Source, register_generator, register_source
+from losslab.data.sources.base import Case, Source, refused_link, register_generator, register_source, shown_columns
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 names of the same four modalities
@@ -196,18 +197,29 @@ class BratsSource(Source):
         if not root.is_dir():
             raise FileNotFoundError(f"BraTS root {root} does not exist")
         out: list[tuple[Path, int | None]] = []
-        grade_dirs = [root / g for g in GRADES if (root / g).is_dir()]
+        grade_dirs = [root / g for g in GRADES if (root / g).is_dir() or (root / g).is_symlink()]
         if grade_dirs:
             for label, grade in enumerate(GRADES):
                 gdir = root / grade
-                if gdir.is_dir():
-                    out += [(p, label) for p in sorted(gdir.iterdir()) if p.is_dir()]
+                if self._allowed(gdir):
+                    out += [(p, label) for p in sorted(gdir.iterdir()) if self._allowed(p)]
             return out
         labels = self._read_labels_csv()
         for p in sorted(root.iterdir()):
-            if p.is_dir():
+            if self._allowed(p):
                 out.append((p, labels.get(p.name)))
         return out
+
+    def _allowed(self, path: Path) -> bool:
+        """A case (or grade) folder to read: a real folder inside the data root. A symlink that leads
+        outside the root, or a dangling one, is refused and named in the report."""
+        if not (path.is_dir() or path.is_symlink()):
+            return False
+        reason = refused_link(self.root, path)
+        if reason:
+            self.report.skip(os.path.relpath(path, self.root), reason)
+            return False
+        return path.is_dir()
 
     def _read_labels_csv(self) -> dict[str, int]:
         if not self.labels_csv:
@@ -220,7 +232,8 @@ class BratsSource(Source):
             reader = csv.DictReader(fh)
             missing = {"case", "label"} - set(reader.fieldnames or [])
             if missing:
-                raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+                raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found "
+                                 f"{shown_columns([str(h) for h in reader.fieldnames or []])}")
             out = {}
             for row in reader:
                 raw = str(row["label"]).strip().upper()
@@ -251,6 +264,12 @@ class BratsSource(Source):
             missing = [m for m, p in paths.items() if p is None]
             if missing:
                 self.report.skip(rel, f"missing modality file(s): {', '.join(missing)}")
+                continue
+            refused = {m: refused_link(self.root, p) for m, p in paths.items()}
+            if any(refused.values()):
+                for m, reason in refused.items():
+                    if reason:
+                        self.report.skip(os.path.relpath(paths[m], self.root), reason)
                 continue
             try:
                 vols = [np.asarray(nib.load(str(paths[m])).dataobj, dtype=np.float32) for m in MODALITIES]

@@ -15,7 +15,8 @@ Images become ``float32 (N, C, H, W)``:
     ===========================  ===========================================================
 
 ``path`` is resolved under the data root; a path that escapes it (``../x``, an absolute path
-elsewhere, a symlink pointing out) is refused: skip with reason ``path escapes the data root``.
+elsewhere, a symlink pointing out) is refused: skip with reason ``path escapes the data root``. The
+manifest itself (``manifest``) must be inside the data root too (else ValueError, nothing read).
 Labels map through the ``class_names`` kwarg, else through the sorted unique labels (numerically
 when all are integers). ``meta["text"]`` holds the ``text`` column; every other extra column
 ``c`` goes to ``meta["task_<c>"]`` (numbers as numbers), except columns named like a DICOM
@@ -33,22 +34,17 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_source
+from losslab.data.sources.base import (Case, SkipReport, Source, confined_file, read_csv_table, register_source,
+                                       resolve_under)
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
 _PHI_COLUMN_NAMES = {re.sub(r"[^a-z]", "", k.lower()) for k in dicom.PHI_KEYWORDS} | {
     "name", "birthdate", "dob", "mrn", "ssn", "address", "phone", "email"}
 
 
-def resolve_under(root: str | os.PathLike[str], path: str) -> str | None:
-    """``path`` (relative to ``root`` or absolute) resolved with symlinks; ``None`` if outside root."""
-    real_root = os.path.realpath(root)
-    candidate = os.path.realpath(os.path.join(real_root, path))
-    try:
-        inside = os.path.commonpath([real_root, candidate]) == real_root
-    except ValueError:  # pragma: no cover - other drive on Windows
-        inside = False
-    return candidate if inside else None
+def manifest_path(root: str | os.PathLike[str], manifest: str = "manifest.csv") -> str:
+    """``data.source_kwargs.manifest`` resolved under the data root; outside it: ValueError (nothing read)."""
+    return confined_file(root, manifest, "data.source_kwargs.manifest")
 
 
 def nifti_to_stack(data: np.ndarray) -> np.ndarray:
@@ -125,14 +121,14 @@ class ManifestSource(Source):
     """Images listed in a CSV manifest.
 
     Args (source kwargs):
-        manifest: CSV path relative to root (default ``manifest.csv``).
+        manifest: CSV path relative to root (default ``manifest.csv``); must stay inside root.
         class_names: label values in class order; default the sorted unique labels.
         image_size: resize every image to ``(image_size, image_size)`` (default: keep).
         normalise: ``"none"`` (default), ``"minmax"`` or ``"zscore"`` per case.
 
     Raises:
-        FileNotFoundError: no manifest. ValueError: a required column is missing (names the file
-        and the column).
+        FileNotFoundError: no manifest. ValueError: the manifest is outside the data root; a required
+        column is missing (names the file and the column).
     """
 
     name = "manifest"
@@ -144,7 +140,7 @@ class ManifestSource(Source):
         self.manifest = manifest
         self.image_size = image_size
         self.normalise = normalise
-        path = Path(root) / manifest
+        path = Path(manifest_path(root, manifest))
         if not path.is_file():
             raise FileNotFoundError(f"{path}: manifest not found")
         header, self.rows = read_csv_table(path, REQUIRED_COLUMNS, shown=str(manifest))

@@ -34,7 +34,8 @@ import numpy as np
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
 from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_generator, register_source
-from losslab.data.sources.manifest import nifti_to_stack, resolve_under, sorted_labels
+from losslab.data.sources.base import resolve_under
+from losslab.data.sources.manifest import nifti_to_stack, sorted_labels
 
 
 def case_name(path: str) -> str:

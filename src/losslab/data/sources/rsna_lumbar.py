@@ -36,7 +36,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, Task, read_csv_table, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, Task, read_csv_table, refused_link, register_source
 from losslab.data.sources.embedded_lumbar import CONDITIONS, LEVELS, column_name
 
 LABELS = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2}
@@ -184,7 +184,7 @@ class RsnaLumbarSource(Source):
         tasks = []
         for (study, series), cases in sorted(by_series.items()):
             folder = os.path.join(self.root, self.images_dir, study, series)
-            files = len(os.listdir(folder)) if os.path.isdir(folder) else 0
+            files = len(os.listdir(folder)) if os.path.isdir(folder) and not refused_link(self.root, folder) else 0
             study_labels = {study: labels[study]} if study in labels else {}
             tasks.append(Task(files, (study, series, cases, study_labels, descriptions.get((study, series)))))
         return tasks
@@ -199,6 +199,10 @@ class RsnaLumbarSource(Source):
         report = self.report
         rel = os.path.join(self.images_dir, study, series)
         folder = os.path.join(self.root, rel)
+        refused = refused_link(self.root, folder) if os.path.lexists(folder) else None
+        if refused:
+            self._skip_all(cases, rel, refused)
+            return
         if not os.path.isdir(folder):
             self._skip_all(cases, rel, "series folder missing")
             return
