@@ -15,6 +15,8 @@ import pytest
 
 import _pg
 from losslab.config import dump_yaml
+from losslab.pipelines.sweep import STORAGE_ENV
+from losslab.redaction import redact_text
 
 _REASON = _pg.unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=f"no PostgreSQL: {_REASON}")]
@@ -25,6 +27,7 @@ SPACE = {
     "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
 }
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+PASSWORD = "Pg-pw-7f3a9"  # must never reach MLflow or the workers' output
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,7 @@ def postgres():
 def mlflow_server(postgres, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     server = _pg.MLflowServer(postgres.create_database("mlflow", driver="psycopg2"), root / "artifacts", root / "server.log")
+    server.artifacts_dir = root / "artifacts"
     try:
         server.wait_healthy()
         yield server
@@ -46,11 +50,14 @@ def mlflow_server(postgres, tmp_path_factory):
 
 
 class Worker:
-    def __init__(self, name: str, config_file: Path, storage: str, study: str, n_trials: int, env: dict, logs: Path):
+    """``losslab sweep`` as a process; the storage URL (with its password) comes from ``env``
+    ($LOSSLAB_SWEEP_STORAGE) or the config file, never from the command line."""
+
+    def __init__(self, name: str, config_file: Path, study: str, n_trials: int, env: dict, logs: Path):
         self.log_path = logs / f"worker-{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "losslab.cli", "sweep", "-c", str(config_file), "--storage", storage,
+            [sys.executable, "-m", "losslab.cli", "sweep", "-c", str(config_file),
              "--study", study, "--n-trials", str(n_trials)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -77,18 +84,20 @@ def test_two_workers_one_study_and_a_killed_worker_is_retried(postgres, mlflow_s
 
     from losslab.tracking import find_trial_runs
 
-    storage_url = postgres.create_database("optuna")  # plain postgresql://, as a user writes it
+    # plain postgresql://, as a user writes it, with a password (trust authentication ignores it)
+    storage_url = postgres.create_database("optuna").replace("://postgres@", f"://postgres:{PASSWORD}@")
     storage = optuna.storages.RDBStorage(postgres.url("optuna", driver="psycopg2"))  # the test's own view
     study_name = "scaleout"
     cfg = make_config("train.epochs=2", experiment="sweep-scaleout")
     cfg = cfg.model_copy(update={"sweep": {
         "space": SPACE, "sampler": {"name": "random"}, "pruner": {"name": "median", "n_startup_trials": 2},
-        "heartbeat_interval": 1, "grace_period": 3, "max_retry": 1, "num_threads": 1}})
+        "heartbeat_interval": 1, "grace_period": 3, "max_retry": 1, "num_threads": 1, "storage": storage_url}})
     config_file = tmp_path / "sweep.yaml"
-    config_file.write_text(dump_yaml(cfg))
+    config_file.write_text(dump_yaml(cfg))  # worker c reads the storage URL from here
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server.uri, "OMP_NUM_THREADS": "1"}
-    a = Worker("a", config_file, storage_url, study_name, 2, env, tmp_path)
-    b = Worker("b", config_file, storage_url, study_name, 2, env, tmp_path)
+    env.pop(STORAGE_ENV, None)
+    a = Worker("a", config_file, study_name, 2, env | {STORAGE_ENV: storage_url}, tmp_path)
+    b = Worker("b", config_file, study_name, 2, env | {STORAGE_ENV: storage_url}, tmp_path)
     workers = [a, b]
     try:
         # SIGKILL worker a in the middle of its first trial: after epoch 0 was reported, during epoch 1
@@ -112,7 +121,7 @@ def test_two_workers_one_study_and_a_killed_worker_is_retried(postgres, mlflow_s
         # the same command on a fresh machine: continues the study, and the dead trial is failed by
         # heartbeat (here or already in b) and retried with the same params
         time.sleep(3)
-        c = Worker("c", config_file, storage_url, study_name, 1, env, tmp_path)
+        c = Worker("c", config_file, study_name, 1, env, tmp_path)
         workers.append(c)
         assert c.wait(240) == 0, c.tail()
     finally:
@@ -164,3 +173,34 @@ def test_two_workers_one_study_and_a_killed_worker_is_retried(postgres, mlflow_s
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"), "runs left RUNNING"
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"trials.csv", "trials.md"} <= artifacts
+
+    # the storage password is nowhere: not in the MLflow database (params, tags, every table), not in
+    # any artifact the server stored, not in what the workers printed
+    fold_params = [r.data.params for r in client.search_runs([exp.experiment_id], "tags.`losslab.sweep_role` = 'fold'")]
+    assert fold_params and all(p["sweep.storage"] == redact_text(storage_url) for p in fold_params)
+    assert "***" in fold_params[0]["sweep.storage"]
+    assert PASSWORD not in _database_text(postgres, "mlflow")
+    stored = [p for p in mlflow_server.artifacts_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in stored)
+    assert not [p for p in stored if PASSWORD.encode() in p.read_bytes()]
+    printed = "".join(w.log_path.read_text() for w in workers)
+    assert PASSWORD not in printed and f"postgres:***@127.0.0.1:{postgres.port}/optuna" in printed
+
+
+def _database_text(postgres, database: str) -> str:
+    """Every row of every table of a database, as text."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=postgres.port, user="postgres", dbname=database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            tables = [row[0] for row in cur.fetchall()]
+            parts = []
+            for table in tables:
+                cur.execute(f'SELECT * FROM "{table}"')
+                parts.append(repr(cur.fetchall()))
+    finally:
+        conn.close()
+    assert "params" in tables and "tags" in tables
+    return "\n".join(parts)

@@ -388,5 +388,11 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def dump_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_yaml(cfg: ExperimentConfig, redact: bool = False) -> str:
+    """The config as YAML. ``redact=True`` for anything logged or printed: URL passwords become ``***``
+    and ``data.salt`` a fingerprint (:func:`losslab.redaction.redact_config`); without it, a config
+    file to run (secrets included: keep such a file private)."""
+    from losslab.redaction import redact_config
+
+    data = cfg.to_dict()
+    return yaml.safe_dump(redact_config(data) if redact else data, sort_keys=False)

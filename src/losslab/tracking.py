@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import ExperimentConfig, dump_yaml, flatten
 from losslab.engine.callbacks import Callback
+from losslab.redaction import redact_config, redact_text
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -101,11 +102,11 @@ def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None,
     try:
         yield run
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = redact_text(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(Exception):
             client = MlflowClient()
             client.set_tag(run.info.run_id, "losslab.error", reason[:5000])
-            client.set_tag(run.info.run_id, "losslab.traceback", "".join(traceback.format_exc())[-5000:])
+            client.set_tag(run.info.run_id, "losslab.traceback", redact_text(traceback.format_exc())[-5000:])
         mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
@@ -113,16 +114,17 @@ def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None,
 
 
 def config_params(cfg: ExperimentConfig) -> dict[str, str]:
-    """The resolved config flattened to ``{dotted key: text}`` exactly as :func:`log_config` logs it."""
+    """The resolved config flattened to ``{dotted key: text}`` exactly as :func:`log_config` logs it,
+    secrets redacted (URL passwords, ``data.salt``; see :mod:`losslab.redaction`)."""
     params = {}
-    for key, value in flatten(cfg.to_dict()).items():
+    for key, value in flatten(redact_config(cfg.to_dict())).items():
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         params[key] = text[:MAX_PARAM_LENGTH]
     return params
 
 
 def log_config(cfg: ExperimentConfig) -> None:
-    """The resolved config: flattened as params and whole as ``config.yaml``."""
+    """The resolved config: flattened as params and whole as ``config.yaml``, secrets redacted."""
     params = config_params(cfg)
     client = MlflowClient()
     run_id = mlflow.active_run().info.run_id
@@ -131,7 +133,7 @@ def log_config(cfg: ExperimentConfig) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 90):
         client.log_batch(run_id, params=items[i : i + 90])
-    mlflow.log_text(dump_yaml(cfg), "config.yaml")
+    mlflow.log_text(dump_yaml(cfg, redact=True), "config.yaml")
 
 
 def log_metrics_batch(run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
@@ -404,7 +406,7 @@ def mark_trial_run(run_id: str, trial_state: str, reason: str | None = None, ste
         if step is not None:
             client.set_tag(run_id, "losslab.pruned_at_step", str(step))
     elif reason:
-        client.set_tag(run_id, "losslab.error", reason[:5000])
+        client.set_tag(run_id, "losslab.error", redact_text(reason)[:5000])
 
 
 @contextlib.contextmanager

@@ -7,15 +7,22 @@ import os
 import secrets
 from pathlib import Path
 
+from losslab.redaction import REDACTED_SALT_PREFIX, salt_fingerprint
+
 SALT_ENV = "LOSSLAB_SALT"
 
 
 def resolve_salt(configured: str | None, cache_dir: str | Path) -> str:
     """The salt: from config, else $LOSSLAB_SALT, else a random one kept in ``<cache>/.salt``.
 
+    A configured ``redacted-sha256:<fingerprint>`` (what a logged ``config.yaml`` holds) resolves to
+    the salt of $LOSSLAB_SALT or ``<cache>/.salt`` with that fingerprint; there is none: ValueError.
+
     The per-cache file keeps hashes stable across re-runs of preprocess on one machine without
     putting the salt in the index, MLflow or logs.
     """
+    if configured and configured.startswith(REDACTED_SALT_PREFIX):
+        return _salt_matching(configured[len(REDACTED_SALT_PREFIX):], cache_dir)
     if configured:
         return configured
     env = os.environ.get(SALT_ENV)
@@ -29,6 +36,18 @@ def resolve_salt(configured: str | None, cache_dir: str | Path) -> str:
     path.write_text(salt)
     os.chmod(path, 0o600)
     return salt
+
+
+def _salt_matching(fingerprint: str, cache_dir: str | Path) -> str:
+    """A logged config's ``data.salt`` is a fingerprint (the salt is never logged): use the salt from
+    $LOSSLAB_SALT or ``<cache>/.salt`` whose fingerprint matches, else say what to set."""
+    path = Path(cache_dir) / ".salt"
+    candidates = [os.environ.get(SALT_ENV), path.read_text().strip() if path.is_file() else None]
+    for salt in candidates:
+        if salt and salt_fingerprint(salt) == fingerprint:
+            return salt
+    raise ValueError(f"data.salt is {REDACTED_SALT_PREFIX}{fingerprint} (a logged config: the salt itself is never "
+                     f"logged); set data.salt or ${SALT_ENV} to the original salt")
 
 
 def salted_hash(identifier: str, salt: str, length: int = 16) -> str:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from losslab.config import SECTIONS, ConfigError, ExperimentConfig, apply_overrides, dump_yaml, validate_config
 from losslab.engine.callbacks import Callback
+from losslab.redaction import redact_text
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -77,12 +78,18 @@ class SpaceParam(BaseModel):
         return self
 
 
+STORAGE_ENV = "LOSSLAB_SWEEP_STORAGE"  # the storage URL, kept off command lines and out of configs
+
+
 class SweepSettings(BaseModel):
     """The ``sweep`` section. Command-line options (``--study``, ``--storage``, ...) override it."""
 
     model_config = ConfigDict(extra="forbid")
     study: str | None = None  # default: "<tracking.experiment>-sweep"
     storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL Optuna takes: postgresql://user:pw@host/db
+    # a file holding the storage URL (keeps a password off the command line and out of the YAML);
+    # $LOSSLAB_SWEEP_STORAGE wins over it, --storage over both
+    storage_file: str | None = None
     n_trials: int | None = Field(20, ge=1)  # trials this worker runs (Optuna's n_trials)
     max_trials: int | None = Field(None, ge=1)  # stop when the study has this many COMPLETE+PRUNED trials
     timeout: float | None = Field(None, gt=0)  # seconds for this worker
@@ -116,16 +123,39 @@ class SweepSettings(BaseModel):
 
 
 def sweep_settings(cfg: ExperimentConfig, **cli: Any) -> SweepSettings:
-    """``cfg.sweep`` validated, with non-None command-line values on top; errors name the key."""
+    """``cfg.sweep`` validated, with non-None command-line values on top; errors name the key.
+
+    The storage URL comes from ``--storage``, else ``$LOSSLAB_SWEEP_STORAGE``, else the file
+    ``sweep.storage_file``, else ``sweep.storage``: a URL with a password belongs in the variable or
+    the file, never on a command line (``mlflow run`` logs and prints its parameters)."""
     data = dict(cfg.sweep) | {k: v for k, v in cli.items() if v is not None}
+    if cli.get("storage") is None:
+        if os.environ.get(STORAGE_ENV, "").strip():
+            data["storage"] = os.environ[STORAGE_ENV].strip()
+        elif data.get("storage_file"):
+            data["storage"] = _read_storage_file(str(data["storage_file"]))
     try:
         settings = SweepSettings.model_validate(data)
     except ValidationError as exc:
-        lines = [f"sweep.{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+        lines = [redact_text(f"sweep.{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}")
+                 for e in exc.errors()]
         raise ConfigError("invalid sweep settings:\n  " + "\n  ".join(lines)) from None
     if not settings.space:
         raise ConfigError("sweep.space is empty: nothing to search (e.g. -o sweep=focal_gamma)")
     return settings
+
+
+def _read_storage_file(path: str) -> str:
+    """The storage URL in ``sweep.storage_file`` (first non-empty line; its text is never echoed)."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"sweep.storage_file: {file} does not exist")
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"sweep.storage_file: {file} is empty (expected one storage URL)")
+    return lines[0]
 
 
 def study_name(cfg: ExperimentConfig, settings: SweepSettings) -> str:
@@ -319,13 +349,8 @@ def open_study(cfg: ExperimentConfig, settings: SweepSettings, load_only: bool =
 
 
 def redact(url: str) -> str:
-    """A storage URL without its password (for logs and params)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+    """A storage URL without its password (for logs and params): :func:`losslab.redaction.redact_text`."""
+    return redact_text(url)
 
 
 # ---------------------------------------------------------------------------------- the objective
@@ -526,7 +551,7 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
                        catch=(Exception,) if settings.catch_errors else (), callbacks=callbacks, gc_after_trial=True)
         best_yaml = None
         try:
-            best_yaml = dump_yaml(best_config(cfg, study))
+            best_yaml = dump_yaml(best_config(cfg, study), redact=True)
         except ValueError:
             pass
         log_sweep_summary(parent_id, study, best_yaml)
@@ -560,4 +585,4 @@ def best_config_yaml(cfg: ExperimentConfig, settings: SweepSettings) -> str:
         raise ConfigError(f"study {study.study_name!r} has no complete trial yet") from None
     header = (f"# best trial {study.best_trial.number} of study {study.study_name!r}: "
               f"{metric_and_direction(cfg, settings)[0]} = {study.best_value:.6g}\n")
-    return header + dump_yaml(best_cfg)
+    return header + dump_yaml(best_cfg, redact=True)
