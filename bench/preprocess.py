@@ -15,14 +15,16 @@ hits every path alike:
 
 Part 2, scale (``--scale 2000,10000``): an RSNA-layout data set of about N files from the
 project's generator (15 slices a series, 64x64), preprocessed by ``build_cache`` in a fresh
-subprocess: wall time, files/s, peak RSS of the main process and of the largest worker, cache size
+subprocess: wall time, files/s, CPU ms per file (the build's process and its pool), peak RSS of the main process and of the largest worker, cache size
 on disk; and, in the same subprocess, the bare loop over the same files for the ratio, and the time
 of the fingerprint's content hash of the raw files (a second read of every file's bytes, included
 in the build's wall time; it decides whether a cache can be reused). Cost should
 grow linearly with N and memory should not grow.
 
 Numbers only, no asserts. The ratios are measured in the same run, so they hold under load better
-than the absolute times (on a shared machine, run with ``nice`` and read the ratios).
+than the absolute times (on a shared machine, run with ``nice`` and read the ratios); the CPU
+columns (CPU seconds of the workers, and of the build's process and pool) ignore the time other
+processes take, though not the cache they evict.
 Usage: ``python bench/preprocess.py [--sizes 64,256] [--studies 40] [--repeats 5] [--workers N]
 [--scale 2000,10000]``.
 """
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 SLICES = 15
@@ -72,6 +75,19 @@ def find_read(folder: str) -> int:
     return total
 
 
+def _cpu(fn, folder: str) -> float:
+    """CPU seconds ``fn(folder)`` takes in this worker (unlike wall time, blind to other processes)."""
+    start = time.process_time()
+    fn(folder)
+    return time.process_time() - start
+
+
+def _cpu_now() -> float:
+    """CPU seconds of this process and of its waited-for children (the cache's worker pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _warm(_: int) -> None:
     import pydicom  # noqa: F401
     from threadpoolctl import threadpool_limits
@@ -88,13 +104,13 @@ def _config(root: str, cache_dir: str, workers: int):
                       salt="bench-salt", preprocess_workers=workers)
 
 
-def _build_once(root: str, workers: int) -> float:
+def _build_once(root: str, workers: int) -> tuple[float, float]:
     from losslab.data.cache import build_cache
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_now()
         build_cache(_config(root, cache_dir, workers))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _cpu_now() - cpu
 
 
 def read_path(size: int, studies: int, repeats: int, workers: int) -> None:
@@ -107,21 +123,26 @@ def read_path(size: int, studies: int, repeats: int, workers: int) -> None:
         n_files = sum(len(os.listdir(f)) for f in folders)
         print(f"\n{size}x{size}: {len(folders)} series, {n_files} files, generated in "
               f"{time.perf_counter() - start:.1f} s; workers={workers}")
-        results: dict[str, list[float]] = {"bare": [], "real": [], "find+read": [], "build_cache": []}
+        names = ("bare", "real", "find+read", "build_cache")
+        results: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_warm, range(workers * 2)))
             _build_once(tmp, workers)  # warm: imports, the sklearn import of the fold split
             for _ in range(repeats):
                 for name, fn in (("bare", bare), ("real", real), ("find+read", find_read)):
                     start = time.perf_counter()
-                    list(pool.map(fn, folders, chunksize=1))
+                    cpu[name].append(sum(pool.map(partial(_cpu, fn), folders, chunksize=1)))
                     results[name].append(time.perf_counter() - start)
-                results["build_cache"].append(_build_once(tmp, workers))
-    base = statistics.median(results["bare"])
-    print(f"{'path':<13}{'median s':>10}{'best s':>10}{'files/s':>10}{'vs bare':>9}")
-    for name, times in results.items():
-        median = statistics.median(times)
-        print(f"{name:<13}{median:>10.3f}{min(times):>10.3f}{n_files / median:>10.0f}{base / median:>9.2f}")
+                wall, cpu_s = _build_once(tmp, workers)
+                results["build_cache"].append(wall)
+                cpu["build_cache"].append(cpu_s)
+    base, base_cpu = statistics.median(results["bare"]), statistics.median(cpu["bare"])
+    print(f"{'path':<13}{'median s':>10}{'best s':>10}{'files/s':>10}{'vs bare':>9}{'CPU s':>9}{'CPU vs bare':>13}")
+    for name in names:
+        median, median_cpu = statistics.median(results[name]), statistics.median(cpu[name])
+        print(f"{name:<13}{median:>10.3f}{min(results[name]):>10.3f}{n_files / median:>10.0f}{base / median:>9.2f}"
+              f"{median_cpu:>9.3f}{base_cpu / median_cpu:>13.2f}")
 
 
 def _child(root: str, workers: int) -> None:
@@ -135,20 +156,20 @@ def _child(root: str, workers: int) -> None:
     with ProcessPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_warm, range(workers * 2)))
         start = time.perf_counter()
-        list(pool.map(bare, folders, chunksize=4))
+        bare_cpu = sum(pool.map(partial(_cpu, bare), folders, chunksize=4))
         bare_s = time.perf_counter() - start
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     cache._hash_files([str(p) for p in Path(root).rglob("*") if p.is_file()], root)
     hash_s = time.perf_counter() - start  # the fingerprint's content hash, part of build_cache's wall
     with tempfile.TemporaryDirectory() as cache_dir:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_now()
         info = cache.build_cache(_config(root, cache_dir, workers))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _cpu_now() - cpu
         arrays = sum(p.stat().st_size for p in Path(cache_dir, "arrays").iterdir())
         index = Path(cache_dir, "index.parquet").stat().st_size + Path(cache_dir, "report.json").stat().st_size
     print(json.dumps({
-        "bare_s": bare_s, "wall_s": wall, "hash_s": hash_s, "cases": len(info.index), "arrays_bytes": arrays, "index_bytes": index,
+        "bare_s": bare_s, "wall_s": wall, "hash_s": hash_s, "cpu_s": cpu, "bare_cpu_s": bare_cpu, "cases": len(info.index), "arrays_bytes": arrays, "index_bytes": index,
         "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_build_mb": rss_before / 1024,
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }))
@@ -158,8 +179,9 @@ def scale(sizes: list[int], workers: int) -> None:
     from losslab.data.sources import run_generator
 
     print(f"\nscale: RSNA layout, {SLICES} slices of 64x64 a series, workers={workers}")
-    print(f"{'files':>7}{'cases':>7}{'gen s':>8}{'build s':>9}{'files/s':>9}{'ms/file':>9}{'hash s':>8}"
-          f"{'bare s':>8}{'vs bare':>9}{'RSS main':>10}{'RSS wkr':>9}{'arrays MB':>11}{'index kB':>10}")
+    print(f"{'files':>7}{'cases':>7}{'gen s':>8}{'build s':>9}{'files/s':>9}{'ms/file':>9}{'CPU ms/f':>9}"
+          f"{'hash s':>8}{'bare s':>8}{'vs bare':>9}{'CPU vs':>8}{'RSS main':>10}{'RSS wkr':>9}{'arrays MB':>11}"
+          f"{'index kB':>10}")
     for n_files in sizes:
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
@@ -170,7 +192,8 @@ def scale(sizes: list[int], workers: int) -> None:
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
         print(f"{files:>7}{r['cases']:>7}{generated:>8.1f}{r['wall_s']:>9.2f}{files / r['wall_s']:>9.0f}"
-              f"{1000 * r['wall_s'] / files:>9.3f}{r['hash_s']:>8.2f}{r['bare_s']:>8.2f}{r['bare_s'] / r['wall_s']:>9.2f}"
+              f"{1000 * r['wall_s'] / files:>9.3f}{1000 * r['cpu_s'] / files:>9.3f}{r['hash_s']:>8.2f}"
+              f"{r['bare_s']:>8.2f}{r['bare_s'] / r['wall_s']:>9.2f}{r['bare_cpu_s'] / r['cpu_s']:>8.2f}"
               f"{r['rss_main_mb']:>9.0f}M{r['rss_worker_mb']:>8.0f}M{r['arrays_bytes'] / 1e6:>11.1f}"
               f"{r['index_bytes'] / 1e3:>10.1f}")
 
