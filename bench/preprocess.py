@@ -6,8 +6,9 @@ hits every path alike:
 
 * ``bare``:        ``pydicom.dcmread(path).pixel_array`` for every file of the folder
 * ``real``:        ``group_series(folder)`` (one full read per file groups them by series UID) +
-                   ``series_volume`` (spatial sort, rescale, checks) + ``multi_window`` (3 windows):
-                   the path rsna_lumbar runs, series grouping included (goal: >= 0.9 of bare)
+                   ``series_volume`` (spatial sort, rescale, checks) + ``multi_window`` (3 windows
+                   of every slice; rsna_lumbar windows only the crops it keeps): the reading path,
+                   series grouping included (goal: >= 0.9 of bare)
 * ``find+read``:   the former path: ``find_series`` (a header pass) then ``read_series`` + windows
 * ``build_cache``: the whole ``preprocess`` of the data set (planning, hashing the raw files for
                    the fingerprint, grouping, reading, windows, crop, resize, float16 arrays written
@@ -15,11 +16,11 @@ hits every path alike:
 
 Part 2, scale (``--scale 2000,10000``): an RSNA-layout data set of about N files from the
 project's generator (15 slices a series, 64x64), preprocessed by ``build_cache`` in a fresh
-subprocess: wall time, files/s, CPU ms per file (the build's process and its pool), peak RSS of the main process and of the largest worker, cache size
-on disk; and, in the same subprocess, the bare loop over the same files for the ratio, and the time
-of the fingerprint's content hash of the raw files (a second read of every file's bytes, included
-in the build's wall time; it decides whether a cache can be reused). Cost should
-grow linearly with N and memory should not grow.
+subprocess: wall time, files/s, CPU ms per file (the build's process and its pool), peak RSS of the
+main process and of the largest worker, cache size on disk; and, in the same subprocess, the bare
+loop over the same files for the ratio, and the time of the fingerprint's content hash of the raw
+files (a second read of every file's bytes, included in the build's wall time; it decides whether
+a cache can be reused). Cost should grow linearly with N and memory should not grow.
 
 Numbers only, no asserts. The ratios are measured in the same run, so they hold under load better
 than the absolute times (on a shared machine, run with ``nice`` and read the ratios); the CPU
@@ -169,8 +170,10 @@ def _child(root: str, workers: int) -> None:
         arrays = sum(p.stat().st_size for p in Path(cache_dir, "arrays").iterdir())
         index = Path(cache_dir, "index.parquet").stat().st_size + Path(cache_dir, "report.json").stat().st_size
     print(json.dumps({
-        "bare_s": bare_s, "wall_s": wall, "hash_s": hash_s, "cpu_s": cpu, "bare_cpu_s": bare_cpu, "cases": len(info.index), "arrays_bytes": arrays, "index_bytes": index,
-        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_build_mb": rss_before / 1024,
+        "bare_s": bare_s, "wall_s": wall, "hash_s": hash_s, "cpu_s": cpu, "bare_cpu_s": bare_cpu,
+        "cases": len(info.index), "arrays_bytes": arrays, "index_bytes": index,
+        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_build_mb": rss_before / 1024,
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }))
 

@@ -188,8 +188,7 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
     class_names = list(data_cfg.class_names or source.class_names)
     tasks = source.tasks()  # planning first: a bad table fails before the cache is touched
     (cache_dir / "index.parquet").unlink(missing_ok=True)  # the commit mark goes first, comes back last
-    store = _Store(cache_dir / "arrays", class_names, cache_dtype(data_cfg.cache_dtype, source),
-                   data_cfg.cache_dtype == "float16")
+    store = _Store(cache_dir / "arrays", class_names, cache_dtype(data_cfg.cache_dtype, source))
     store.arrays.mkdir(parents=True, exist_ok=True)
     journal = _Journal(cache_dir / JOURNAL, {"fingerprint": fingerprint, "tasks": len(tasks)}, store.arrays, force)
     resumed = len(journal.entries)
@@ -246,8 +245,7 @@ class _Store:
 
     arrays: Path
     class_names: list[str]
-    dtype: str
-    explicit: bool  # float16 asked for by name (values beyond its range are an error, not clipped)
+    dtype: str  # float16 | float32; float16 values beyond its range are an error, never clipped
 
 
 def save_atomic(path: Path, array: np.ndarray) -> None:
@@ -377,8 +375,9 @@ def _run_tasks(source: Source, tasks: list[Task], journal: _Journal, store: _Sto
     by_files = all(t.files > 0 for t in tasks)
     weight = [t.files if by_files else 1 for t in tasks]
     workers = _workers(workers, sum(weight[i] for i in todo) if by_files else 0, len(todo))
-    bar = tqdm(total=sum(weight), initial=sum(weight) - sum(weight[i] for i in todo), unit="file" if by_files else "task",
-               desc="preprocess", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    bar = tqdm(total=sum(weight), initial=sum(weight) - sum(weight[i] for i in todo),
+               unit="file" if by_files else "task", desc="preprocess", disable=not sys.stderr.isatty(),
+               dynamic_ncols=True)
     with bar:
         if workers == 1:
             _init_worker(source, store)
