@@ -52,12 +52,13 @@ def averaged_weights(averaged_state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 @torch.no_grad()
-def update_bn(loader, model: nn.Module, device: torch.device, max_batches: int | None = None) -> None:
+def update_bn(loader, model: nn.Module, device: torch.device, max_batches: int | None = None, step: Any = None) -> None:
     """Re-estimate BatchNorm running statistics with one pass over ``loader`` (dict batches).
 
     Same as :func:`torch.optim.swa_utils.update_bn` (reset statistics, cumulative average via
     ``momentum=None``, restore the momenta and the train/eval mode) but it feeds
-    ``model(batch["image"], batch["mask"][, level=batch["level"]])``.
+    ``model(batch["image"], batch["mask"][, level=batch["level"]])``, or the task's forward when a
+    ``step`` (:class:`losslab.engine.steps.ClassificationStep`) is given.
     """
     momenta = {}
     for module in model.modules():
@@ -73,6 +74,9 @@ def update_bn(loader, model: nn.Module, device: torch.device, max_batches: int |
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        if step is not None:
+            step.forward(model, batch, device)
+            continue
         image = batch["image"].to(device)
         mask = batch.get("mask")
         kwargs = {"level": batch["level"].to(device)} if "level" in batch else {}

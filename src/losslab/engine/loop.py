@@ -45,8 +45,7 @@ from torch import nn
 
 from losslab.engine import distributed as ddp
 from losslab.engine.callbacks import Callback, CallbackList
-from losslab.engine.ema import averaged_weights, build_ema, build_swa, mixup_batch, update_bn
-from losslab.engine.monitor import BestModelRule
+from losslab.engine.ema import averaged_weights, mixup_batch
 from losslab.engine.steps import ClassificationStep, StepOutput
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,9 @@ class FitState:
     stopped_early: bool = False
     checkpoint_dir: Path | None = None
     last_val_outputs: dict[str, Any] | None = None
+    eval_source: str = "model"  # the weights validated this epoch: model, ema or swa
+    improved: bool = False  # this epoch became the best one
+    run: Any = None  # the FitRun (model, optimiser, callbacks) for callbacks; never checkpointed
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -292,6 +294,44 @@ def _class_weight_metrics(loss_fn: nn.Module, class_names: list[str]) -> dict[st
 
 
 # ------------------------------------------------------------------------------ fit
+@dataclass
+class FitRun:
+    """What one fit() call builds once and shares with its callbacks (``state.run``): the model, loss,
+    configs, the task's step, device, optimiser, main LR schedule and every callback."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    train_cfg: Any
+    optim_cfg: Any
+    step: ClassificationStep
+    train_loader: Any
+    device: torch.device
+    distributed: bool
+    is_main: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    training: list[Callback]  # the behaviours train.* asks for (EMA, SWA, checkpoints, ...)
+    cbs: CallbackList  # training callbacks first, then the caller's
+    step_scheduler: bool = True  # False while SWA holds the learning rate
+    train_model: nn.Module | None = None
+
+    def payload(self, state: "FitState") -> dict[str, Any]:
+        """A checkpoint: the loop's state, every callback's :meth:`Callback.state_dict`, RNG states."""
+        loss_state = self.loss_fn.state_dict()
+        out = {"model": self.model.state_dict(), "ema": None, "swa": None, "swa_scheduler": None,
+               "patience_left": None, "eval_source": state.eval_source,
+               "loss": loss_state if len(loss_state) else None,
+               "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+               "epoch": state.epoch, "global_step": state.global_step, "best_metric": state.best_metric,
+               "best_epoch": state.best_epoch, "best_values": state.best_values,
+               "best_tiebreak": state.best_tiebreak, "history": state.history}
+        for callback in self.training:
+            out.update(callback.state_dict())
+        out["rng"] = _rng_state()
+        return out
+
+
 def fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -306,8 +346,12 @@ def fit(
 ) -> FitState:
     """Train ``model`` with ``loss_fn``; validate every epoch; checkpoint ``best`` and ``last``.
 
+    The loop owns time (epochs, steps, precision, clipping, validation); what ``train.*`` switches on
+    (frozen phase, EMA, SWA, alarms, early stopping, checkpoints) are the callbacks of
+    :func:`losslab.engine.callbacks.training_callbacks`, run before ``callbacks``.
+
     Args:
-        model: returns ``(logits (B, K), attention, [aux])`` from ``(image, mask[, level])``; an
+        model: returns ``(logits (B, K), attention, [aux])`` from the inputs ``step`` gives it; an
             optional ``backbone`` attribute gets ``optim.backbone_lr`` and the frozen phase.
         loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``, ``terms``,
             ``weights``) or any ``nn.Module`` loss.
@@ -320,239 +364,184 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (epoch and batch in the message).
         KeyError: ``train.monitor`` is not a logged metric.
     """
-    from losslab.engine.metrics import Alarms, dead_class_names, pred_counts
+    run = _prepare(model, loss_fn, train_loader, train_cfg, optim_cfg, step or ClassificationStep(), callbacks)
+    state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir), run=run)
+    start_epoch = _restore(run, state, resume_from) if resume_from is not None else 0
+    # DDP (torchrun): train_model averages gradients over ranks; `model` stays the plain module for
+    # EMA/SWA, state dicts (interchangeable with single-process checkpoints) and validation
+    run.train_model = ddp.wrap_model(model, run.device)
+    samplers = [s for s in (getattr(train_loader, "sampler", None), getattr(train_loader, "batch_sampler", None))
+                if hasattr(s, "set_epoch")]
+    try:
+        run.cbs.on_fit_start(state)
+        for epoch in range(start_epoch, train_cfg.epochs):
+            state.epoch = epoch
+            if hasattr(loss_fn, "on_epoch_start"):
+                loss_fn.on_epoch_start(epoch)
+            run.cbs.on_epoch_start(state)
+            for sampler in samplers:  # distributed samplers: a new, rank-consistent epoch
+                sampler.set_epoch(epoch)
+            stats = _train_epoch(run, state, epoch)
+            run.cbs.on_train_epoch_end(state)
+            # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
+            # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
+            if run.is_main:
+                _validate(run, state, val_loader, class_names, stats)
+            if run.distributed:
+                state.stopped_early = bool(ddp.broadcast_object(state.stopped_early))
+            if state.stopped_early:
+                break
+        run.cbs.on_fit_end(state)
+    except BaseException as exc:
+        run.cbs.on_exception(state, exc)
+        raise
+    return state
 
-    cbs = CallbackList(callbacks)
-    step = step or ClassificationStep()
+
+def _prepare(model, loss_fn, train_loader, train_cfg, optim_cfg, step, callbacks) -> FitRun:
+    """Device, optimiser, the cosine/constant schedule over the epochs before SWA, the callbacks."""
+    from losslab.engine.callbacks import training_callbacks
+
     distributed = ddp.is_distributed()
-    is_main = ddp.is_main_process()
-    if distributed and train_cfg.freeze_backbone_epochs > 0:
-        # toggling requires_grad on a DDP-wrapped model breaks its gradient reduction
-        raise ValueError(f"train.freeze_backbone_epochs={train_cfg.freeze_backbone_epochs} is not supported under "
-                         "torchrun/DDP; set train.freeze_backbone_epochs=0 or train in one process")
     device = ddp.distributed_device(train_cfg.device) if distributed else resolve_device(train_cfg.device)
     model.to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(model, loss_fn, optim_cfg)
     steps_per_epoch = len(train_loader) if train_cfg.max_train_batches is None else min(len(train_loader), train_cfg.max_train_batches)
     swa_epochs = min(train_cfg.swa_epochs, train_cfg.epochs)
-    swa_start = train_cfg.epochs - swa_epochs if swa_epochs else None
     # the cosine decays over the epochs before SWA; SWA runs at a constant swa_lr
     total_steps = steps_per_epoch * max(1, train_cfg.epochs - swa_epochs)
     if optim_cfg.scheduler == "cosine":
         factor = cosine_with_warmup(total_steps, optim_cfg.warmup_epochs * steps_per_epoch, optim_cfg.min_lr_ratio)
     else:
         factor = lambda step: 1.0  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    ema = build_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay is not None else None
-    swa_model = build_swa(model) if swa_epochs else None
-    swa_scheduler = None
-    state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir))
-    alarms = Alarms(dead_class_patience=train_cfg.dead_class_patience, loss_gap_threshold=train_cfg.loss_gap_threshold,
-                    bal_acc_var_window=train_cfg.bal_acc_var_window, bal_acc_var_threshold=train_cfg.bal_acc_var_threshold)
-    best_rule = BestModelRule.from_config(train_cfg)
-    patience_left = train_cfg.early_stopping_patience
-    start_epoch = 0
+    training = training_callbacks(train_cfg)
+    run = FitRun(model=model, loss_fn=loss_fn, train_cfg=train_cfg, optim_cfg=optim_cfg, step=step,
+                 train_loader=train_loader, device=device, distributed=distributed, is_main=ddp.is_main_process(),
+                 optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+                 steps_per_epoch=steps_per_epoch, training=training,
+                 cbs=CallbackList(training + list(callbacks or [])))
+    for callback in run.cbs.callbacks:
+        callback.setup(run)
+    return run
+
+
+def _restore(run: FitRun, state: FitState, resume_from: str | Path) -> int:
+    """Load a ``last.pt`` into the model, optimiser, schedule, state and callbacks; return the first
+    epoch still to train."""
+    ckpt = load_checkpoint(resume_from)
+    run.model.load_state_dict(ckpt["model"])
+    if ckpt.get("loss") is not None:
+        run.loss_fn.load_state_dict(ckpt["loss"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch = ckpt["epoch"]
+    state.global_step = ckpt["global_step"]
+    state.best_metric = ckpt["best_metric"]
+    state.best_epoch = ckpt["best_epoch"]
+    state.best_values = ckpt.get("best_values") or (
+        {run.train_cfg.monitor: ckpt["best_metric"]} if ckpt["best_metric"] is not None else None)
+    state.best_tiebreak = ckpt.get("best_tiebreak")
+    state.history = {k: list(v) for k, v in ckpt["history"].items()}
+    for callback in run.training:
+        callback.load_state_dict(ckpt)
+    _set_rng_state(ckpt["rng"])
+    log.info("resumed from %s at epoch %d", resume_from, ckpt["epoch"] + 1)
+    return ckpt["epoch"] + 1
+
+
+def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
+    """One epoch of optimiser steps; returns the loss sum, samples seen, last lr, term sums and time."""
+    cfg, model, loss_fn, step = run.train_cfg, run.model, run.loss_fn, run.step
+    run.train_model.train()
+    loss_fn.train()
+    run.cbs.on_train_epoch_start(state)  # after train(): the frozen phase puts BN back in eval mode
     sleep_per_batch = float(os.environ.get(SLEEP_ENV) or 0.0)
-    show_progress = bool(getattr(train_cfg, "progress", False)) and sys.stderr.isatty()
-
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        model.load_state_dict(ckpt["model"])
-        if ckpt.get("loss") is not None:
-            loss_fn.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        if swa_model is not None and ckpt.get("swa") is not None:
-            swa_model.load_state_dict(ckpt["swa"])
-        if ckpt.get("swa_scheduler") is not None:
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            swa_scheduler = _build_swalr(optimizer, train_cfg, optim_cfg)  # its first step moves the lr ...
-            swa_scheduler.load_state_dict(ckpt["swa_scheduler"])
-            for group, lr in zip(optimizer.param_groups, lrs):  # ... so put back the saved one
-                group["lr"] = lr
-        state.epoch = ckpt["epoch"]
-        state.global_step = ckpt["global_step"]
-        state.best_metric = ckpt["best_metric"]
-        state.best_epoch = ckpt["best_epoch"]
-        state.best_values = ckpt.get("best_values") or (
-            {train_cfg.monitor: ckpt["best_metric"]} if ckpt["best_metric"] is not None else None)
-        state.best_tiebreak = ckpt.get("best_tiebreak")
-        state.history = {k: list(v) for k, v in ckpt["history"].items()}
-        patience_left = ckpt.get("patience_left", patience_left)
-        _replay_alarms(alarms, state.history)
-        _set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"] + 1
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
-
-    # DDP (torchrun): train_model averages gradients over ranks; `model` stays the plain module for
-    # EMA/SWA, state dicts (interchangeable with single-process checkpoints) and validation
-    train_model = ddp.wrap_model(model, device)
-    samplers = [s for s in (getattr(train_loader, "sampler", None), getattr(train_loader, "batch_sampler", None))
-                if hasattr(s, "set_epoch")]
-
-    try:
-        cbs.on_fit_start(state)
-        for epoch in range(start_epoch, train_cfg.epochs):
-            state.epoch = epoch
-            in_swa = swa_start is not None and epoch >= swa_start
-            if in_swa and swa_scheduler is None:
-                swa_scheduler = _build_swalr(optimizer, train_cfg, optim_cfg)
-            frozen = epoch < train_cfg.freeze_backbone_epochs
-            if hasattr(loss_fn, "on_epoch_start"):
-                loss_fn.on_epoch_start(epoch)
-            cbs.on_epoch_start(state)
-            for sampler in samplers:  # distributed samplers: a new, rank-consistent epoch
-                sampler.set_epoch(epoch)
-            train_model.train()
-            loss_fn.train()
-            set_backbone_frozen(model, frozen)
-            t0 = time.perf_counter()
-            loss_sum, seen, lr = 0.0, 0, optimizer.param_groups[-1]["lr"]
-            term_sums: dict[str, float] = {}
-            batches = _progress(train_loader, steps_per_epoch, f"epoch {epoch}", show_progress)
-            for b, batch in enumerate(batches):
-                if train_cfg.max_train_batches is not None and b >= train_cfg.max_train_batches:
-                    break
-                lam, target_b = 1.0, None
-                if train_cfg.mixup_alpha > 0:
-                    batch, target_b, lam = mixup_batch(batch, train_cfg.mixup_alpha)
-                    target_b = target_b.to(device, non_blocking=True)
-                target = step.target(batch, device)
-                with _autocast(device, train_cfg.amp):
-                    out = step.forward(train_model, batch, device)
-                loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if distributed:  # the loss's own learnable weights are outside DDP
-                    ddp.all_reduce_mean_grads([p for p in loss_fn.parameters() if p.requires_grad])
-                if train_cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-                lr = optimizer.param_groups[-1]["lr"]  # logged: the head lr of the epoch's last step
-                optimizer.step()
-                if not in_swa:
-                    scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                state.global_step += 1
-                batch_loss = float(loss.detach())
-                loss_sum += batch_loss * len(target)
-                seen += len(target)
-                if hasattr(loss_fn, "terms"):
-                    for k, v in loss_fn.terms().items():
-                        term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(target)
-                cbs.on_train_batch_end(state, b, batch_loss)
-                if sleep_per_batch:
-                    time.sleep(sleep_per_batch)
-            train_time = time.perf_counter() - t0
-            if distributed:  # train/loss over every rank's samples
-                term_keys = sorted(term_sums)
-                totals = ddp.all_reduce_sum([loss_sum, seen] + [term_sums[k] for k in term_keys])
-                loss_sum, seen = totals[0], int(totals[1])
-                term_sums = dict(zip(term_keys, totals[2:]))
-            if in_swa:
-                swa_model.update_parameters(model)
-                swa_scheduler.step()
-                if is_main:  # BN statistics from rank 0's shard: only rank 0 validates
-                    update_bn(train_loader, swa_model.module, device, train_cfg.max_train_batches)
-                eval_model, eval_source = swa_model.module, "swa"
-            elif ema is not None:
-                eval_model, eval_source = ema.module, "ema"
-            else:
-                eval_model, eval_source = model, "model"
-            # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
-            # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
-            if is_main:
-                outputs = predict(eval_model, val_loader, device, loss_fn, train_cfg.amp, step)
-                metrics = {"train/loss": loss_sum / max(seen, 1), "train/epoch_time_s": train_time, "train/lr": lr}
-                metrics.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
-                if hasattr(loss_fn, "weights"):
-                    metrics.update({f"loss_weight/{k}": float(v) for k, v in loss_fn.weights().items()})
-                metrics.update(_class_weight_metrics(loss_fn, class_names))
-                metrics.update(validation_metrics(outputs, class_names, loss_fn))
-                for k, v in metrics.items():
-                    state.history.setdefault(k, []).append(float(v))
-                state.last_val_outputs = outputs
-                zero = dead_class_names(pred_counts(metrics))
-                if zero:
-                    log.warning("epoch %d: class(es) %s predicted 0 times on validation", epoch, ", ".join(zero))
-                for alarm in alarms.update(epoch, metrics):
-                    log.warning("epoch %d: %s", epoch, alarm.message)
-                    cbs.on_alarm(state, alarm)
-
-                monitored = metrics.get(train_cfg.monitor)
-                if monitored is None:
-                    raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
-                improved, tiebreak = best_rule.compare(metrics, state.best_values)
-                if improved:
-                    state.best_metric, state.best_epoch = float(monitored), epoch
-                    state.best_values, state.best_tiebreak = best_rule.remember(metrics), tiebreak
-                    if tiebreak:
-                        log.info("epoch %d becomes best by tie-break: %s", epoch, tiebreak)
-                    patience_left = train_cfg.early_stopping_patience
-                elif patience_left is not None:
-                    patience_left -= 1
-                payload = {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "swa": swa_model.state_dict() if swa_model is not None and in_swa else None,
-                    "eval_source": eval_source,
-                    "loss": loss_fn.state_dict() if any(True for _ in loss_fn.state_dict()) else None,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
-                    "epoch": epoch,
-                    "global_step": state.global_step,
-                    "best_metric": state.best_metric,
-                    "best_epoch": state.best_epoch,
-                    "best_values": state.best_values,
-                    "best_tiebreak": state.best_tiebreak,
-                    "history": state.history,
-                    "patience_left": patience_left,
-                    "rng": _rng_state(),
-                }
-                best_path, last_path = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
-                save_checkpoint(last_path, payload, copies=(best_path,) if improved else ())
-                if improved:
-                    cbs.on_checkpoint(state, best_path, "best")
-                cbs.on_checkpoint(state, last_path, "last")
-                metrics["epoch"] = epoch
-                cbs.on_epoch_end(state, metrics)
-                if not improved and patience_left is not None and patience_left <= 0:
-                    state.stopped_early = True
-                    log.info("early stopping at epoch %d (best %s=%.4f at epoch %s)", epoch, train_cfg.monitor,
-                             state.best_metric, state.best_epoch)
-            if distributed:
-                state.stopped_early = bool(ddp.broadcast_object(state.stopped_early))
-            if state.stopped_early:
-                break
-        cbs.on_fit_end(state)
-    except BaseException as exc:
-        cbs.on_exception(state, exc)
-        raise
-    return state
+    show_progress = bool(getattr(cfg, "progress", False)) and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    loss_sum, seen, lr = 0.0, 0, run.optimizer.param_groups[-1]["lr"]
+    term_sums: dict[str, float] = {}
+    for b, batch in enumerate(_progress(run.train_loader, run.steps_per_epoch, f"epoch {epoch}", show_progress)):
+        if cfg.max_train_batches is not None and b >= cfg.max_train_batches:
+            break
+        lam, target_b = 1.0, None
+        if cfg.mixup_alpha > 0:
+            batch, target_b, lam = mixup_batch(batch, cfg.mixup_alpha)
+            target_b = target_b.to(run.device, non_blocking=True)
+        target = step.target(batch, run.device)
+        with _autocast(run.device, cfg.amp):
+            out = step.forward(run.train_model, batch, run.device)
+        loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
+        lr = _optimizer_step(run, loss)
+        state.global_step += 1
+        batch_loss = float(loss.detach())
+        loss_sum += batch_loss * len(target)
+        seen += len(target)
+        for k, v in (loss_fn.terms().items() if hasattr(loss_fn, "terms") else ()):
+            term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(target)
+        run.cbs.on_train_batch_end(state, b, batch_loss)
+        if sleep_per_batch:
+            time.sleep(sleep_per_batch)
+    train_time = time.perf_counter() - t0
+    if run.distributed:  # train/loss over every rank's samples
+        term_keys = sorted(term_sums)
+        totals = ddp.all_reduce_sum([loss_sum, seen] + [term_sums[k] for k in term_keys])
+        loss_sum, seen = totals[0], int(totals[1])
+        term_sums = dict(zip(term_keys, totals[2:]))
+    return {"loss_sum": loss_sum, "seen": seen, "lr": lr, "term_sums": term_sums, "train_time": train_time}
 
 
-def _build_swalr(optimizer: torch.optim.Optimizer, train_cfg: Any, optim_cfg: Any):
-    """SWALR at a constant ``train.swa_lr`` (default ``optim.lr / 2``) from the first SWA epoch on;
-    the backbone group keeps its ratio ``backbone_lr / lr``."""
-    from torch.optim.swa_utils import SWALR
+def _optimizer_step(run: FitRun, loss: torch.Tensor) -> float:
+    """Backward, gradient averaging of the loss's own weights under DDP, clipping, step, schedule;
+    returns the head learning rate the step used."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.distributed:  # the loss's own learnable weights are outside DDP
+        ddp.all_reduce_mean_grads([p for p in run.loss_fn.parameters() if p.requires_grad])
+    if run.train_cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.train_cfg.grad_clip)
+    lr = run.optimizer.param_groups[-1]["lr"]  # logged: the head lr of the epoch's last step
+    run.optimizer.step()
+    if run.step_scheduler:
+        run.scheduler.step()
+    return lr
 
-    swa_lr = train_cfg.swa_lr or 0.5 * optim_cfg.lr
-    ratio = (optim_cfg.backbone_lr or optim_cfg.lr) / optim_cfg.lr
-    lrs = [swa_lr * ratio if group.get("name") == "backbone" else swa_lr for group in optimizer.param_groups]
-    return SWALR(optimizer, swa_lr=lrs, anneal_epochs=0)
+
+def _epoch_metrics(run: FitRun, outputs: dict[str, Any], class_names: list[str], stats: dict[str, Any]) -> dict[str, float]:
+    seen = max(stats["seen"], 1)
+    metrics = {"train/loss": stats["loss_sum"] / seen, "train/epoch_time_s": stats["train_time"], "train/lr": stats["lr"]}
+    metrics.update({f"train/loss_{k}": v / seen for k, v in stats["term_sums"].items()})
+    if hasattr(run.loss_fn, "weights"):
+        metrics.update({f"loss_weight/{k}": float(v) for k, v in run.loss_fn.weights().items()})
+    metrics.update(_class_weight_metrics(run.loss_fn, class_names))
+    metrics.update(validation_metrics(outputs, class_names, run.loss_fn))
+    return metrics
 
 
-def _replay_alarms(alarms: Any, history: dict[str, list[float]]) -> None:
-    """Feed the epochs before a resume to fresh alarms (silently: they fired in the first process)."""
-    n = max((len(v) for v in history.values()), default=0)
-    for epoch in range(n):
-        alarms.update(epoch, {k: v[epoch] for k, v in history.items() if len(v) == n})
+def _validate(run: FitRun, state: FitState, val_loader, class_names: list[str], stats: dict[str, Any]) -> None:
+    """Validate the weights the callbacks name (SWA, EMA, else the model), record the metrics, let
+    the callbacks decide (alarms, best epoch, early stopping), write the checkpoints, call back."""
+    from losslab.engine.callbacks import ModelCheckpoint
+    from losslab.engine.metrics import dead_class_names, pred_counts
+
+    chosen = [c.validation_model(state) for c in run.training]
+    eval_model, state.eval_source = next((c for c in chosen if c is not None), (run.model, "model"))
+    outputs = predict(eval_model, val_loader, run.device, run.loss_fn, run.train_cfg.amp, run.step)
+    metrics = _epoch_metrics(run, outputs, class_names, stats)
+    for k, v in metrics.items():
+        state.history.setdefault(k, []).append(float(v))
+    state.last_val_outputs = outputs
+    zero = dead_class_names(pred_counts(metrics))
+    if zero:
+        log.warning("epoch %d: class(es) %s predicted 0 times on validation", state.epoch, ", ".join(zero))
+    run.cbs.on_validation_end(state, metrics)
+    for callback in run.training:
+        if isinstance(callback, ModelCheckpoint):
+            callback.write(state)
+    metrics["epoch"] = state.epoch
+    run.cbs.on_epoch_end(state, metrics)
 
 
 def _progress(loader, total: int, desc: str, enabled: bool):
