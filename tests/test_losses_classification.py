@@ -317,11 +317,11 @@ def test_ldam_drw_switches_at_its_epoch(batch):
     assert no_drw.class_weights is None
 
 
-def test_ldam_probabilities_raw_softmax_and_normed_linear():
+def test_ldam_probabilities_scaled_softmax_and_normed_linear():
     loss = build_loss("ldam", class_counts=COUNTS)
     assert loss.head == "normed_linear"
     z = torch.tensor([[0.2, -0.1, 0.5]])
-    torch.testing.assert_close(loss.probabilities(z), torch.softmax(z, 1))
+    torch.testing.assert_close(loss.probabilities(z), torch.softmax(30.0 * z, 1))
     head = NormedLinear(4, 3)
     x = torch.randn(5, 4)
     out = head(x)

@@ -394,8 +394,11 @@ class LDAMLoss(LossBase):
     **Logits.** The paper (and this default, ``s = 30``) uses a cosine classifier whose logits are in
     ``[−1, 1]``: build the head with :class:`NormedLinear` (``LDAMLoss.head == "normed_linear"``).
     The loss does not normalise logits itself. With an ordinary linear head set ``s = 1`` (margins then
-    act on raw logits). ``probabilities()`` is the softmax of the raw head output (no margin, no ``s``).
-    With ``max_m = 0`` and ``s = 1`` LDAM equals ``ce``.
+    act on raw logits). ``probabilities()`` is ``softmax(s · z)``: the scaled logits the loss trains on,
+    without the margin (which only applies to the true class, unknown at test time). The softmax of
+    the unscaled cosines would be nearly uniform (``e^{±1}``) and its AUC/ECE not comparable with other
+    losses'. Predictions (argmax) are the same either way. With ``max_m = 0`` and ``s = 1`` LDAM
+    equals ``ce``.
 
     Args:
         class_counts: per-class training counts (required).
@@ -451,6 +454,10 @@ class LDAMLoss(LossBase):
     def on_epoch_start(self, epoch: int) -> None:
         """Switch the DRW class weights on from ``drw_start_epoch`` (and off before it)."""
         self.drw_active = self.drw and epoch >= self.drw_start_epoch
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``softmax(s · z)`` ``(B, K)``: the scale the loss trains on, no margin."""
+        return torch.softmax(self.s * logits, dim=1)
 
     @property
     def class_weights(self) -> torch.Tensor | None:
