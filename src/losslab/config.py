@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
 SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill")
@@ -149,7 +149,33 @@ class TrackingConfig(_Strict):
 
 
 class CVConfig(_Strict):
+    """Cross-validation and repeats: every (seed, fold) pair is one child run of one parent run."""
+
     folds: int | list[int] | None = None  # None: train one fold (data.fold)
+    repeats: int = Field(1, ge=1)  # training seeds train.seed, train.seed+1, ... (the folds stay fixed)
+    seeds: list[int] | None = None  # explicit training seeds instead of `repeats`
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"cv.seeds must be a non-empty list of distinct seeds, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_repeat(self) -> "CVConfig":
+        if self.seeds is not None and self.repeats not in (1, len(self.seeds)):
+            raise ValueError(f"cv.repeats={self.repeats} and cv.seeds={self.seeds!r} disagree; set one of them")
+        return self
+
+    def seed_list(self, base_seed: int) -> list[int]:
+        """The training seeds of the repeats: ``seeds``, else ``base_seed .. base_seed + repeats - 1``."""
+        return list(self.seeds) if self.seeds is not None else [base_seed + r for r in range(self.repeats)]
+
+    @property
+    def is_multi_run(self) -> bool:
+        """True when training opens a parent run with children (k folds and/or several seeds)."""
+        return self.folds is not None or self.repeats > 1 or self.seeds is not None
 
 
 class ExperimentConfig(_Strict):

@@ -12,8 +12,8 @@ The model, loss and data come from the source run's ``config.yaml`` (for a regis
 that logged the version). Probabilities always go through the loss's ``probabilities()`` (CORAL has
 K-1 outputs), and predictions through its ``predict()``, exactly as in training's validation.
 
-Data (``evaluate.split``): ``val`` (the validation split of ``evaluate.fold``, default the source's
-``data.fold``, built with :func:`losslab.pipelines.train.make_datasets` so the numbers equal the train
+Data (``evaluate.split``): ``val`` (the validation split of the fold the model was trained for —
+the source run's ``losslab.fold`` / ``data.fold``; ``evaluate.fold`` may only repeat it — built with :func:`losslab.pipelines.train.make_datasets` so the numbers equal the train
 run's ``best_val/*``), ``test`` (the held-out cases, ``fold == -1`` in the cache index) or ``cache``
 (every case of another preprocessed cache at ``evaluate.cache_dir``).
 
@@ -22,7 +22,7 @@ Settings: the ``evaluate:`` section of the config (a free dict, validated here),
     evaluate:
       source: models:/losslab-mil@candidate
       split: test                  # val | test | cache
-      fold: null                   # validation fold for split=val and for calibration; default data.fold
+      fold: null                   # must be the source run's validation fold if set (others were trained on)
       cache_dir: null              # split=cache: the other cache
       experiment: null             # default: the source run's experiment, else tracking.experiment
       batch_size: null             # default: the source's data.batch_size
@@ -33,6 +33,7 @@ Settings: the ``evaluate:`` section of the config (a free dict, validated here),
       calibration: {enabled: true, threshold_method: youden, objective: balanced_accuracy}
       tta: {enabled: true, passes: 4, seed: 0, augment: {brightness: 0.1, scale: 0.1, prob: 1.0}}
       latency: {enabled: true, warmup: 5, repeats: 30}
+      intervals: {enabled: true, n_resamples: 1000, confidence: 0.95, seed: 0}   # patient bootstrap
 
 Logged metrics (one run, tag ``losslab.entry_point=evaluate``): ``test/*`` (the evaluated split,
 whatever it is; the tag ``losslab.eval_split`` names it), ``test_calibrated/*`` (temperature + threshold
@@ -40,7 +41,9 @@ or per-class logit offsets fitted on the validation split only), ``test_tta/*`` 
 the identity pass and ``passes`` augmented passes), ``calibration/*`` (temperature, threshold, and
 the before/after gaps ``calibration/gain_balanced_accuracy`` and ``calibration/gain_min_class_recall``
 — a collapsed model, e.g. AUC 0.97 with every prediction in one class, shows up as a large gain and as
-``test/dead_class_count > 0``), ``latency/p50_ms``, ``latency/p95_ms`` (batch size 1, after warm-up)
+``test/dead_class_count > 0``), ``test/<metric>_ci_low`` / ``_ci_high`` (95 % percentile intervals
+of balanced accuracy, macro F1, AUC and each class's recall, patients resampled with replacement),
+``latency/p50_ms``, ``latency/p95_ms`` (batch size 1, after warm-up)
 and ``latency/throughput_per_s`` (at the batch size). Artifacts: ``predictions.csv`` (case hash,
 patient hash, label, probabilities, prediction, calibrated and TTA predictions), ``calibration.json``,
 ``evaluate_settings.json``, ``plots/{roc,precision_recall,reliability,confusion_matrix,
@@ -73,12 +76,13 @@ from losslab.data.cache import CacheInfo, build_cache, load_cache
 from losslab.data.datasets import collate_padded
 from losslab.data.splits import TEST_FOLD
 from losslab.engine.calibration import Calibrator
-from losslab.engine.loop import load_checkpoint, predict, resolve_device, validation_metrics
+from losslab.engine.loop import load_checkpoint, predict, resolve_device
 from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
 from losslab.engine.steps import ClassificationStep
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, make_datasets
+from losslab.pipelines.train import split_metrics as _split_metrics
 from losslab.tasks import task_of
 from losslab.tracking import log_figure, log_metrics_batch, managed_run, resolve_tracking_uri, setup_tracking
 
@@ -118,6 +122,15 @@ class LatencySettings(_Strict):
     repeats: int = Field(30, ge=2)
 
 
+class IntervalSettings(_Strict):
+    """Patient-bootstrap intervals of the evaluated split's metrics (:mod:`losslab.engine.intervals`)."""
+
+    enabled: bool = True
+    n_resamples: int = Field(1000, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
 class EvaluateSettings(_Strict):
     """The ``evaluate:`` config section (see the module docstring)."""
 
@@ -134,6 +147,7 @@ class EvaluateSettings(_Strict):
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     tta: TTASettings = Field(default_factory=TTASettings)
     latency: LatencySettings = Field(default_factory=LatencySettings)
+    intervals: IntervalSettings = Field(default_factory=IntervalSettings)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, **overrides: Any) -> "EvaluateSettings":
@@ -239,7 +253,7 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
         if not mv.run_id:
             raise SourceNotFoundError(f"model version {name}/{mv.version} has no source run")
         run = _client_call(f"run {mv.run_id} (source of {name}/{mv.version})", client.get_run, mv.run_id)
-        run_cfg = _run_config(mv.run_id)
+        run_cfg = _with_run_fold(run, _run_config(mv.run_id))
         registered = load_registered_model(f"models:/{name}/{mv.version}", allow_pickle=allow_pickle)
         model = registered.model
         class_names = _class_names(run, run_cfg)
@@ -266,7 +280,7 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
     if not _RUN_ID.match(run_id):
         raise ValueError(f"evaluate.source {source!r} is not a models:/ URI, a run id or an existing checkpoint file")
     run = _client_call(f"run {run_id}", client.get_run, run_id)
-    run_cfg = _run_config(run_id)
+    run_cfg = _with_run_fold(run, _run_config(run_id))
     class_names = _class_names(run, run_cfg)
     loss_fn, model = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,6 +292,18 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
     tags = {"losslab.source_run_id": run_id}
     return LoadedSource(run_cfg, model, loss_fn, class_names, run_id, run.info.experiment_id,
                         tags | _provenance(run))
+
+
+def _with_run_fold(run, cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the fold the run validated on: its ``losslab.fold`` tag when that is one fold.
+    Runs of a CV parent logged before each child recorded its own fold carry the parent's
+    ``data.fold`` in ``config.yaml``; the tag was right, so it wins (and the mismatch is logged)."""
+    tag = run.data.tags.get("losslab.fold", "")
+    if not tag.lstrip("-").isdigit() or int(tag) == cfg.data.fold:
+        return cfg
+    log.warning("run %s: config.yaml says data.fold=%d but the run validated on fold %s (tag losslab.fold); "
+                "using fold %s", run.info.run_id, cfg.data.fold, tag, tag)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": int(tag)})})
 
 
 def _provenance(run) -> dict[str, str]:
@@ -306,9 +332,10 @@ def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, tr
 def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str]):
     """``(calibration dataset, evaluated dataset, evaluated cache, evaluated index rows)``.
 
-    The calibration dataset is always a validation split of the source's cache: it is the evaluated
-    dataset only with ``split=val`` (in-sample calibration, tagged as such)."""
-    fold = settings.fold if settings.fold is not None else cfg.data.fold
+    The calibration dataset is always the validation split of the fold the model was trained for
+    (``cfg.data.fold``, from the source run): it is the evaluated dataset only with ``split=val``
+    (in-sample calibration, tagged as such)."""
+    fold = model_fold(cfg, settings)
     info = _load_source_cache(cfg)
     _, val_ds = make_datasets(cfg, info, fold)
     if settings.split == "val":
@@ -328,6 +355,19 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
                              f"the model was trained on {class_names}")
         rows = eval_info.index
     return val_ds, _eval_dataset(cfg, eval_info, rows), eval_info, rows.reset_index(drop=True)
+
+
+def model_fold(cfg: ExperimentConfig, settings: EvaluateSettings) -> int:
+    """The validation fold of the model (``cfg`` is the source run's config). ``evaluate.fold`` may
+    only repeat it: any other fold was in the model's training set, so scoring it (``split=val``) or
+    fitting calibration on it is refused."""
+    fold = cfg.data.fold
+    uses_fold = settings.split == "val" or settings.calibration.enabled
+    if settings.fold is not None and settings.fold != fold and uses_fold:
+        use = "scored" if settings.split == "val" else "used for calibration"
+        raise ValueError(f"evaluate.fold={settings.fold}: the model trained on fold {settings.fold} (its validation "
+                         f"fold is {fold}), so it cannot be {use}; leave evaluate.fold unset or set it to {fold}")
+    return fold
 
 
 def _loader(ds, batch_size: int, cfg: ExperimentConfig) -> DataLoader:
@@ -350,7 +390,7 @@ def fit_calibrator(val_outputs: dict[str, Any], num_classes: int, settings: Cali
 def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str,
                   rsna: bool) -> dict[str, float]:
     """The metrics of training's validation, renamed ``<prefix>/*``, plus the RSNA metric when asked."""
-    metrics = {f"{prefix}/{k[len('val/'):]}": v for k, v in validation_metrics(outputs, class_names, loss_fn).items()}
+    metrics = _split_metrics(outputs, class_names, loss_fn, prefix)
     if rsna:
         metrics[f"{prefix}/rsna_weighted_log_loss"] = rsna_weighted_log_loss(outputs["labels"], outputs["probs"])
     return metrics
@@ -399,6 +439,19 @@ def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings,
     probs = loss_fn.probabilities(logits) if hasattr(loss_fn, "probabilities") else torch.softmax(logits, 1)
     return {"logits": logits.numpy(), "probs": probs.detach().numpy(), "labels": plain["labels"],
             "index": plain["index"], "loss": float(np.mean(losses))}
+
+
+def _intervals(outputs: dict[str, Any], rows: pd.DataFrame, class_names: list[str],
+               settings: IntervalSettings) -> dict[str, float]:
+    """``test/<metric>_ci_low``/``_ci_high``: patients resampled (cases without a patient id: each its own)."""
+    from losslab.engine.intervals import interval_metrics
+
+    if not settings.enabled:
+        return {}
+    order = np.asarray(outputs["index"], dtype=int)
+    groups = rows["patient_id"].to_numpy()[order] if "patient_id" in rows else rows["case_id"].to_numpy()[order]
+    return interval_metrics(outputs, groups, class_names, "test", settings.n_resamples, settings.confidence,
+                            settings.seed)
 
 
 def measure_latency(model, dataset, device: torch.device, batch_size: int, warmup: int = 5,
@@ -480,7 +533,8 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names)
     step = task_of(src_cfg)
     outputs = predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, step=step)
-    metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna)
+    metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna) | _intervals(outputs, rows, class_names,
+                                                                                   settings.intervals)
 
     calibrator = Calibrator()
     cal_probs, cal_pred = outputs["probs"], None

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.samplers import build_distributed_sampler, build_sampler
+from losslab.data.splits import TEST_FOLD
 from losslab.engine import distributed as ddp
 from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
@@ -45,6 +46,7 @@ class FoldResult:
     metrics: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
     error: str | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -90,11 +92,13 @@ def _use_cosine_classifier(model, loss_name: str) -> None:
 
 
 def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
+    """Training cases (every fold but ``fold``, never the held-out test split) and validation cases."""
     index = info.index
     train_df = index[(index["fold"] != fold) & (index["fold"] >= 0)]
     val_df = index[index["fold"] == fold]
-    if len(val_df) == 0:
-        raise ValueError(f"data.fold={fold} has no cases; the cache has folds {sorted(index['fold'].unique().tolist())}")
+    if fold < 0 or len(val_df) == 0:
+        raise ValueError(f"data.fold={fold} has no cases; the cache has folds "
+                         f"{sorted(f for f in index['fold'].unique().tolist() if f >= 0)}")
     transform = None
     if cfg.data.augment:
         from losslab.data.transforms import build_transforms
@@ -129,11 +133,23 @@ def _checkpoint_dir(cfg: ExperimentConfig, run_id: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / run_id
 
 
+def fold_config(cfg: ExperimentConfig, fold: int, seed: int | None = None) -> ExperimentConfig:
+    """The config of one (seed, fold) run, as its params and ``config.yaml`` record it: its own
+    ``data.fold`` and ``train.seed``, and no ``cv`` section (re-running it trains that one run)."""
+    from losslab.config import CVConfig
+
+    seed = cfg.train.seed if seed is None else seed
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": fold}),
+                                  "train": cfg.train.model_copy(update={"seed": seed}), "cv": CVConfig()})
+
+
 def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool = False,
                resume_run_id: str | None = None, extra_callbacks: list | None = None,
-               extra_tags: dict[str, str] | None = None) -> FoldResult:
-    """Train one fold in its own MLflow run; the run is FAILED (with the reason) on any error,
-    including a fold that cannot be built (e.g. no validation cases).
+               extra_tags: dict[str, str] | None = None, seed: int | None = None) -> FoldResult:
+    """Train one fold (with training seed ``seed``, default ``train.seed``) in its own MLflow run;
+    the run is FAILED (with the reason) on any error, including a fold that cannot be built (e.g. no
+    validation cases). The best epoch is chosen on validation; the best model is then scored once
+    on the held-out test split (``test/*`` with patient-bootstrap intervals), if the cache has one.
 
     With ``resume_run_id`` the same run continues from its last checkpoint (a local
     ``<checkpoint_dir>/<run_id>/last.pt``, else the run's ``checkpoints/last.pt`` artifact) and ends
@@ -141,12 +157,13 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
 
     Under torchrun only rank 0 opens the run, logs, checkpoints and registers the model; the other
     ranks train their shard (:func:`_train_fold_replica`) and never call MLflow."""
+    cfg = fold_config(cfg, fold, seed)
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     if not ddp.is_main_process():
         return _train_fold_replica(cfg, info, fold)
     class_names = info.class_names
-    run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}"
-    tags = base_tags(cfg, "train", fold) | (extra_tags or {})
+    run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}" + (f"-s{seed}" if seed is not None else "")
+    tags = base_tags(cfg, "train", fold) | {"losslab.seed": str(cfg.train.seed)} | (extra_tags or {})
     with managed_run(run_name=run_name, tags=tags, nested=nested, run_id=resume_run_id) as run:
         run_id = run.info.run_id
         train_ds, val_ds = make_datasets(cfg, info, fold)
@@ -157,8 +174,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         if resume_run_id is None:
             log_config(cfg)
             mlflow.log_params({"data.class_counts_train": str(class_counts), "data.n_train": len(train_ds),
-                               "data.n_val": len(val_ds), "loss.formula": str(loss_fn)[:6000],
-                               "ddp.world_size": ddp.world_size(),
+                               "data.n_val": len(val_ds), "data.n_test": int((info.index["fold"] == TEST_FOLD).sum()),
+                               "loss.formula": str(loss_fn)[:6000], "ddp.world_size": ddp.world_size(),
                                "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size})
             mlflow.set_tag("losslab.class_names", ",".join(class_names))
         else:
@@ -182,24 +199,60 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
             mlflow.set_tag("losslab.dead_classes", ",".join(dead))
 
-        # the best weights (EMA/SWA when those were validated): summary metrics and the registered model
-        best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
-        model.load_state_dict(evaluation_weights(best))
-        device = resolve_device(cfg.train.device)
-        outputs = predict(model.to(device), val_loader, device, loss_fn, step=step)
-        best_metrics = validation_metrics(outputs, class_names, loss_fn)
-        summary = {f"best_{k}": v for k, v in best_metrics.items()}
-        summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
-        log_metrics_batch(run_id, summary, step=int(state.epoch))
+        best_metrics = _score_best_model(cfg, info, run_id, model, loss_fn, val_loader, state,
+                                         Path(train_cfg.checkpoint_dir) / "best.pt")
         version = None
         if cfg.tracking.log_model:
             example = _input_example(val_ds)
             mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
                                         cfg.tracking.alias if not nested else None,
-                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id},
+                                        version_tags={"fold": fold, "seed": cfg.train.seed, "loss": cfg.loss.name,
+                                                      "run_id": run_id},
                                         spec=classifier_spec(cfg, class_names, class_counts))
             version = f"{mv.version}" if mv is not None else None
-        return FoldResult(fold, run_id, "FINISHED", best_metrics, version)
+        return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
+
+
+def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, model, loss_fn, val_loader, state,
+                      best_path: Path) -> dict[str, float]:
+    """Load the best weights (EMA/SWA when those were validated) into ``model``; log ``best_val/*``
+    and ``best_epoch``, then the one score on the held-out test split (``test/*``); return ``val/*``
+    and ``test/*``."""
+    model.load_state_dict(evaluation_weights(load_checkpoint(best_path)))
+    device = resolve_device(cfg.train.device)
+    outputs = predict(model.to(device), val_loader, device, loss_fn, step=task_of(cfg))
+    best_metrics = validation_metrics(outputs, info.class_names, loss_fn)
+    summary = {f"best_{k}": v for k, v in best_metrics.items()}
+    summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
+    test_metrics = score_test_split(cfg, info, model, loss_fn, device)
+    log_metrics_batch(run_id, summary | test_metrics, step=int(state.epoch))
+    return best_metrics | test_metrics
+
+
+def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str) -> dict[str, float]:
+    """The metrics of training's validation for predict() ``outputs``, renamed ``<prefix>/*``."""
+    return {f"{prefix}/{k[len('val/'):]}": v for k, v in validation_metrics(outputs, class_names, loss_fn).items()}
+
+
+def score_test_split(cfg: ExperimentConfig, info: CacheInfo, model, loss_fn, device) -> dict[str, float]:
+    """``test/*`` metrics of ``model`` on the cache's held-out test split (fold -1), with 95 %
+    patient-bootstrap intervals (``test/<metric>_ci_low``, ``_ci_high``); ``{}`` and one log line
+    when the cache has no test split."""
+    from losslab.engine.intervals import interval_metrics
+
+    rows = info.index[info.index["fold"] == TEST_FOLD]
+    if len(rows) == 0:
+        log.warning("no held-out test split in the cache %s (data.test_fraction=%s): no test/* metrics",
+                    info.cache_dir, cfg.data.test_fraction)
+        return {}
+    task = task_of(cfg)
+    dataset = task.make_dataset(cfg, info, rows, train=False)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
+                        collate_fn=task.collate)
+    outputs = predict(model, loader, device, loss_fn, step=task)
+    patients = dataset.index["patient_id"].to_numpy()[np.asarray(outputs["index"], dtype=int)]
+    return (split_metrics(outputs, info.class_names, loss_fn, "test")
+            | interval_metrics(outputs, patients, info.class_names, "test"))
 
 
 def _train_fold_replica(cfg: ExperimentConfig, info: CacheInfo, fold: int) -> FoldResult:
@@ -242,9 +295,9 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``)."""
     task_of(cfg).check_entry_point("train")  # before any run opens
     with ddp.distributed_context(cfg.train.device) as distributed:
-        if distributed and cfg.cv.folds is not None:
-            raise ValueError("cv.folds is not supported under torchrun/DDP; run one torchrun job per fold "
-                             "with -o data.fold=<k> (and cv.folds=null)")
+        if distributed and cfg.cv.is_multi_run:
+            raise ValueError("cv.folds/cv.repeats/cv.seeds are not supported under torchrun/DDP; run one torchrun "
+                             "job per fold and seed with -o data.fold=<k> -o train.seed=<s> (and cv.folds=null)")
         main = ddp.is_main_process()
         if main:
             setup_tracking(cfg.tracking)
@@ -255,7 +308,7 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
             result = train_fold(cfg, info, cfg.data.fold)
             return TrainResult([result], None, info.class_names)
         nested = mlflow.active_run() is not None
-        if cfg.cv.folds is None:
+        if not cfg.cv.is_multi_run:
             result = train_fold(cfg, info, cfg.data.fold, nested=nested, resume_run_id=resume_run_id,
                                 extra_callbacks=extra_callbacks)
             return TrainResult([result], None, info.class_names)
@@ -263,69 +316,97 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
 
 
 def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:
-    """k folds: one parent run, one child run per fold; the parent logs mean ± std of every
-    validation metric and a per-fold table; a failing fold is FAILED alone and named by the parent.
-    Each fold's best model is a registered version tagged with its fold; the alias ``champion``
-    goes to the best fold by the monitored metric."""
+    """k folds (``cv.folds``) × R training seeds (``cv.repeats`` / ``cv.seeds``): one parent run, one
+    child run per (seed, fold) tagged ``losslab.fold`` and ``losslab.seed``, so the spread has both
+    sources (the folds stay those of the cache; only the training seed changes). The parent logs mean
+    ± std of every validation (and test) metric over all children and a per-run table; a failing
+    child is FAILED alone and named by the parent. Each child's best model is a registered version
+    tagged with its fold and seed; the alias ``champion`` goes to the best child by the monitored
+    metric."""
     folds = cfg.cv.folds
-    fold_list = list(range(folds)) if isinstance(folds, int) else list(folds)
-    tags = base_tags(cfg, "train") | {"losslab.cv": "true", "losslab.fold": ",".join(str(f) for f in fold_list)}
+    fold_list = [cfg.data.fold] if folds is None else list(range(folds)) if isinstance(folds, int) else list(folds)
+    seeds = cfg.cv.seed_list(cfg.train.seed)
+    repeated = len(seeds) > 1 or cfg.cv.seeds is not None
+    tags = base_tags(cfg, "train") | {"losslab.cv": "true", "losslab.fold": ",".join(str(f) for f in fold_list),
+                                      "losslab.seed": ",".join(str(s) for s in seeds)}
     results: list[FoldResult] = []
     nested = mlflow.active_run() is not None
     with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-cv", tags=tags, nested=nested) as parent:
         log_config(cfg)
-        for fold in fold_list:
-            try:
-                results.append(train_fold(cfg, info, fold, nested=True, extra_callbacks=extra_callbacks))
-            except Exception as exc:  # the fold's run is already FAILED with its reason
-                log.error("fold %d failed: %s", fold, exc)
-                results.append(FoldResult(fold, _child_run_id(parent.info.run_id, fold), "FAILED",
-                                          error=f"{type(exc).__name__}: {exc}"))
+        for seed in seeds:
+            for fold in fold_list:
+                child_seed = seed if repeated else None
+                try:
+                    results.append(train_fold(cfg, info, fold, nested=True, extra_callbacks=extra_callbacks,
+                                              seed=child_seed))
+                except Exception as exc:  # the child's run is already FAILED with its reason
+                    log.error("fold %d (seed %d) failed: %s", fold, seed, exc)
+                    results.append(FoldResult(fold, _child_run_id(parent.info.run_id, fold, seed), "FAILED",
+                                              error=f"{type(exc).__name__}: {exc}", seed=seed))
         _log_cv_summary(cfg, results)
         ok = [r for r in results if r.status == "FINISHED"]
-        failed = [r for r in results if r.status != "FINISHED"]
-        if failed:
-            mlflow.set_tag("losslab.failed_folds", ",".join(str(r.fold) for r in failed))
-            for r in failed:
-                mlflow.set_tag(f"losslab.fold_{r.fold}_error", (r.error or "")[:5000])
+        _tag_failures([r for r in results if r.status != "FINISHED"], repeated)
         if ok and cfg.tracking.registered_model_name and cfg.tracking.log_model:
-            rule, best = BestModelRule.from_config(cfg.train), None
-            for r in ok:  # the monitored metric, then the tie-breaks; NaN never wins
-                if rule.compare(r.metrics, best.metrics if best is not None else None)[0]:
-                    best = r
-            if best is not None:
-                client = mlflow.tracking.MlflowClient()
-                client.set_registered_model_alias(cfg.tracking.registered_model_name, "champion", f"{best.model_version}")
-                mlflow.set_tag("losslab.champion_fold", str(best.fold))
+            _set_champion(cfg, ok, repeated)
         if not ok:
-            raise RuntimeError(f"every fold failed: {[r.error for r in failed]}")
+            raise RuntimeError(f"every fold failed: {[r.error for r in results]}")
     return TrainResult(results, parent.info.run_id, info.class_names)
 
 
-def _child_run_id(parent_run_id: str, fold: int) -> str:
-    """The run id of ``fold``'s child run under ``parent_run_id`` ('' if none was created)."""
+def _child_label(result: FoldResult, repeated: bool) -> str:
+    """``2`` for fold 2, ``2-s1`` for fold 2 with seed 1 when seeds are repeated."""
+    return f"{result.fold}-s{result.seed}" if repeated else str(result.fold)
+
+
+def _tag_failures(failed: list[FoldResult], repeated: bool) -> None:
+    if failed:
+        mlflow.set_tag("losslab.failed_folds", ",".join(_child_label(r, repeated) for r in failed))
+        for r in failed:
+            mlflow.set_tag(f"losslab.fold_{_child_label(r, repeated)}_error", (r.error or "")[:5000])
+
+
+def _set_champion(cfg: ExperimentConfig, ok: list[FoldResult], repeated: bool) -> None:
+    """The alias ``champion`` on the registered version of the best child by ``train.monitor`` (and
+    its tie-breaks)."""
+    rule, best = BestModelRule.from_config(cfg.train), None
+    for r in ok:  # the monitored metric, then the tie-breaks; NaN never wins
+        if rule.compare(r.metrics, best.metrics if best is not None else None)[0]:
+            best = r
+    if best is not None:
+        client = mlflow.tracking.MlflowClient()
+        client.set_registered_model_alias(cfg.tracking.registered_model_name, "champion", f"{best.model_version}")
+        mlflow.set_tag("losslab.champion_fold", str(best.fold))
+        if repeated:
+            mlflow.set_tag("losslab.champion_seed", str(best.seed))
+
+
+def _child_run_id(parent_run_id: str, fold: int, seed: int) -> str:
+    """The run id of the (``fold``, ``seed``) child run under ``parent_run_id`` ('' if none was created)."""
     client = mlflow.tracking.MlflowClient()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`losslab.fold` = '{fold}'",
-                              max_results=1)
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`losslab.fold` = '{fold}' "
+                              f"and tags.`losslab.seed` = '{seed}'", max_results=1)
     return runs[0].info.run_id if runs else ""
 
 
 def _log_cv_summary(cfg: ExperimentConfig, results: list[FoldResult]) -> None:
+    """On the parent: ``cv/<metric>_mean`` and ``_std`` (over every finished child, all seeds and
+    folds; std only with two or more) of the validation metrics, ``cv_test/<metric>_*`` of the test
+    metrics, ``cv/n_runs``, and the per-run table ``cv_folds.csv``/``.md`` (fold, seed, status, run)."""
     from losslab.tracking import log_table_artifacts
 
     ok = [r for r in results if r.status == "FINISHED"]
-    rows = [{"fold": r.fold, "status": r.status, "run_id": r.run_id, **r.metrics} for r in results]
-    table = pd.DataFrame(rows)
-    if ok:
-        keys = sorted({k for r in ok for k in r.metrics})
-        summary = {}
-        for k in keys:
-            values = np.array([r.metrics.get(k, np.nan) for r in ok], dtype=float)
-            values = values[~np.isnan(values)]
-            if len(values):
-                summary[f"{k}_mean"] = float(values.mean())
-                summary[f"{k}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        mlflow.log_metrics({k.replace("val/", "cv/"): v for k, v in summary.items()})
-    log_table_artifacts(table, "cv_folds")
+    rows = [{"fold": r.fold, "seed": r.seed if r.seed is not None else cfg.train.seed, "status": r.status,
+             "run_id": r.run_id, **r.metrics} for r in results]
+    summary = {"cv/n_runs": float(len(ok))}
+    for k in sorted({k for r in ok for k in r.metrics if "_ci_" not in k}):
+        values = np.array([r.metrics.get(k, np.nan) for r in ok], dtype=float)
+        values = values[~np.isnan(values)]
+        name = k.replace("val/", "cv/", 1) if k.startswith("val/") else k.replace("test/", "cv_test/", 1)
+        if len(values):
+            summary[f"{name}_mean"] = float(values.mean())
+        if len(values) > 1:
+            summary[f"{name}_std"] = float(values.std(ddof=1))
+    mlflow.log_metrics(summary)
+    log_table_artifacts(pd.DataFrame(rows), "cv_folds")
