@@ -1,0 +1,70 @@
+"""Held-out test split: train picks the best epoch on validation, then scores the best model once
+on the test split (test/* with patient-bootstrap intervals), and says so when there is none;
+evaluate --split test on the registered model gives the same numbers (a second code path)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from losslab.pipelines.evaluate import run_evaluate
+from losslab.pipelines.train import run_train
+
+
+@pytest.fixture(scope="module")
+def test_cache(embedded_root, tmp_path_factory):
+    from losslab.config import DataConfig
+    from losslab.data.cache import build_cache
+
+    cfg = DataConfig(root=str(embedded_root), cache_dir=str(tmp_path_factory.mktemp("cache-test")), num_folds=3,
+                     test_fraction=0.2, salt="test-salt")
+    return build_cache(cfg)
+
+
+def test_train_scores_the_held_out_test_split_once_and_evaluate_agrees(make_config, test_cache):
+    index = test_cache.index
+    n_test = int((index["fold"] == -1).sum())
+    assert 0 < n_test < len(index)
+    cfg = make_config(f"data.cache_dir={test_cache.cache_dir}", "data.test_fraction=0.2", "data.fold=1",
+                      "train.epochs=2", "train.max_train_batches=2", "train.device=cpu",
+                      "tracking.registered_model_name=test-split-model", experiment="test-split")
+    result = run_train(cfg, info=test_cache)
+    run = MlflowClient().get_run(result.folds[0].run_id)
+    params, logged = run.data.params, run.data.metrics
+    assert int(params["data.n_test"]) == n_test
+    assert int(params["data.n_train"]) + int(params["data.n_val"]) + n_test == len(index)
+    assert logged["test/pred_count_LGG"] + logged["test/pred_count_HGG"] == n_test
+    for key in ("balanced_accuracy", "f1_macro", "auc", "recall_LGG", "recall_HGG"):
+        low, high = logged[f"test/{key}_ci_low"], logged[f"test/{key}_ci_high"]
+        assert math.isnan(low) or low <= high
+    fast = {"tta": {"enabled": False}, "latency": {"enabled": False}, "split": "test"}
+    evaluated = run_evaluate(cfg.model_copy(update={"evaluate": fast}), source="models:/test-split-model@candidate")
+    test_keys = [k for k in logged if k.startswith("test/")]
+    assert len(test_keys) > 20
+    for key in test_keys:
+        mine = evaluated.metrics[key]
+        assert math.isclose(mine, logged[key], abs_tol=1e-6) or (math.isnan(mine) and math.isnan(logged[key])), key
+
+
+def test_no_test_split_is_said_in_one_line_and_logs_no_test_metrics(make_config, small_cache, caplog):
+    assert not (small_cache.index["fold"] == -1).any()
+    cfg = make_config("train.epochs=1", "train.max_train_batches=1", "train.device=cpu", "tracking.log_model=false",
+                      experiment="no-test-split")
+    with caplog.at_level(logging.WARNING, logger="losslab.pipelines.train"):
+        result = run_train(cfg, info=small_cache)
+    lines = [r.getMessage() for r in caplog.records if "no held-out test split" in r.getMessage()]
+    assert len(lines) == 1 and "data.test_fraction=0.0" in lines[0] and "\n" not in lines[0]
+    metrics = MlflowClient().get_run(result.folds[0].run_id).data.metrics
+    assert not [k for k in metrics if k.startswith("test/")] and "best_val/auc" in metrics
+
+
+def test_shipped_experiment_configs_hold_out_a_test_split():
+    from pathlib import Path
+
+    from losslab.config import load_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml")):
+        assert load_config(path).data.test_fraction >= 0.1, path.name
