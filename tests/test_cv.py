@@ -136,3 +136,23 @@ def test_repeat_settings_are_checked_at_load_time(make_config):
     with pytest.raises(ConfigError, match="distinct seeds"):
         make_config("cv.seeds=[1, 1]")
     assert make_config("cv.seeds=[4]").cv.is_multi_run
+
+
+def test_a_child_logged_with_the_parents_fold_is_read_by_its_tag(make_config, caplog):
+    """Runs logged before each child recorded its own fold have data.fold=0 in config.yaml but the
+    right losslab.fold tag: evaluate uses the tag and says so."""
+    import mlflow
+
+    from losslab.pipelines.evaluate import _with_run_fold
+
+    cfg = make_config(experiment="cv-old-runs")
+    mlflow.set_experiment("cv-old-runs")
+    with mlflow.start_run(tags={"losslab.fold": "2"}) as run:
+        pass
+    with caplog.at_level("WARNING"):
+        fixed = _with_run_fold(MlflowClient().get_run(run.info.run_id), cfg)
+    assert cfg.data.fold == 0 and fixed.data.fold == 2
+    assert any("config.yaml says data.fold=0 but the run validated on fold 2" in r.getMessage() for r in caplog.records)
+    with mlflow.start_run(tags={"losslab.fold": "0,1,2"}) as parent:
+        pass
+    assert _with_run_fold(MlflowClient().get_run(parent.info.run_id), cfg) is cfg
