@@ -48,6 +48,15 @@ def test_train_scores_the_held_out_test_split_once_and_evaluate_agrees(make_conf
         mine = evaluated.metrics[key]
         assert math.isclose(mine, logged[key], abs_tol=1e-6) or (math.isnan(mine) and math.isnan(logged[key])), key
 
+    # the cache rebuilt with other folds (another split seed): its test cases may be training data
+    from losslab.config import DataConfig
+    from losslab.data.cache import build_cache
+
+    build_cache(DataConfig(root=cfg.data.root, cache_dir=str(test_cache.cache_dir), num_folds=3, test_fraction=0.2,
+                           salt="test-salt", seed=7), force=True)
+    with pytest.raises(ValueError, match="puts cases in other folds than the one the model was trained on"):
+        run_evaluate(cfg.model_copy(update={"evaluate": fast}), source="models:/test-split-model@candidate")
+
 
 def test_no_test_split_is_said_in_one_line_and_logs_no_test_metrics(make_config, small_cache, caplog):
     assert not (small_cache.index["fold"] == -1).any()
@@ -68,3 +77,30 @@ def test_shipped_experiment_configs_hold_out_a_test_split():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml")):
         assert load_config(path).data.test_fraction >= 0.1, path.name
+
+
+def test_main_job_then_evaluate_split_test_on_its_alias(embedded_root, tmp_path, mlflow_store):
+    """The README flow on the small cohort: the main job (demo config: test_fraction 0.2), then
+    `losslab evaluate --split test` on the registered alias succeeds and scores the test cases."""
+    from typer.testing import CliRunner
+
+    from losslab.cli import app
+    from losslab.pipelines.demo import run_demo
+
+    overrides = [f"data.root={embedded_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_folds=3",
+                 "data.salt=test-salt", "data.bag_size=4", "model.backbone=test_resnet",
+                 "model.head_kwargs={hidden_dim: 16}", "train.epochs=1", "train.max_train_batches=2",
+                 "train.device=cpu", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+                 "tracking.experiment=readme-flow", "tracking.registered_model_name=readme-flow-model"]
+    results = run_demo("configs/experiment/demo.yaml", overrides, ["ce"])
+    assert "test/balanced_accuracy_ci_low" in results["ce"]
+    args = ["evaluate", "-c", "configs/experiment/demo.yaml", "--split", "test",
+            "--model", "models:/readme-flow-model@candidate"] + [a for o in overrides for a in ("-o", o)]
+    args += ["-o", "evaluate.tta.enabled=false", "-o", "evaluate.latency.enabled=false"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("evaluate run ")[1].split(":")[0]
+    run = MlflowClient().get_run(run_id)
+    n_test = int(run.data.params["evaluate.n_cases"])
+    assert run.data.tags["losslab.eval_split"] == "test" and n_test > 0
+    assert run.data.metrics["test/balanced_accuracy"] == pytest.approx(results["ce"]["test/balanced_accuracy"])

@@ -43,3 +43,12 @@ def assign_folds(labels, groups, num_folds: int = 5, seed: int = 0, test_fractio
     for fold, (_, val_idx) in enumerate(sgkf.split(pool, labels[pool], groups[pool])):
         folds[pool[val_idx]] = fold
     return folds
+
+
+def split_fingerprint(index) -> str:
+    """12 hex digits of the SHA-256 of the sorted ``(case_id, fold)`` pairs of a cache index: equal
+    exactly when two caches put every case in the same fold and the same held-out test split."""
+    import hashlib
+
+    pairs = sorted(zip(index["case_id"].astype(str), index["fold"].astype(int)))
+    return hashlib.sha256(repr(pairs).encode()).hexdigest()[:12]

@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader
 from losslab.config import ExperimentConfig, load_config
 from losslab.data.cache import CacheInfo, build_cache, load_cache
 from losslab.data.datasets import collate_padded
-from losslab.data.splits import TEST_FOLD
+from losslab.data.splits import TEST_FOLD, split_fingerprint
 from losslab.engine.calibration import Calibrator
 from losslab.engine.loop import load_checkpoint, predict, resolve_device
 from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
@@ -311,6 +311,8 @@ def _provenance(run) -> dict[str, str]:
     out = {k: tags[k] for k in ("losslab.loss", "losslab.dataset", "losslab.model") if k in tags}
     if "losslab.fold" in tags:
         out["losslab.source_fold"] = tags["losslab.fold"]
+    if "losslab.split_fingerprint" in tags:
+        out["losslab.source_split_fingerprint"] = tags["losslab.split_fingerprint"]
     return out
 
 
@@ -329,14 +331,20 @@ def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, tr
     return task_of(cfg).make_dataset(cfg, info, rows, train=False, transform=transform)
 
 
-def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str]):
+def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str],
+                    trained_split: str | None = None):
     """``(calibration dataset, evaluated dataset, evaluated cache, evaluated index rows)``.
 
     The calibration dataset is always the validation split of the fold the model was trained for
     (``cfg.data.fold``, from the source run): it is the evaluated dataset only with ``split=val``
-    (in-sample calibration, tagged as such)."""
+    (in-sample calibration, tagged as such). ``trained_split`` is the split fingerprint the source
+    run recorded (tag ``losslab.split_fingerprint``): a cache whose folds differ is refused."""
     fold = model_fold(cfg, settings)
     info = _load_source_cache(cfg)
+    if trained_split is not None and split_fingerprint(info.index) != trained_split:
+        raise ValueError(f"the cache {info.cache_dir} puts cases in other folds than the one the model was trained "
+                         f"on (split fingerprint {split_fingerprint(info.index)}, the run's {trained_split}): its "
+                         "validation and test cases may be training data; rebuild it with the run's data settings")
     _, val_ds = make_datasets(cfg, info, fold)
     if settings.split == "val":
         return val_ds, val_ds, info, val_ds.index
@@ -530,7 +538,8 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
     batch_size = settings.batch_size or src_cfg.data.batch_size
     rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
 
-    val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names)
+    val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names,
+                                                       loaded.tags.get("losslab.source_split_fingerprint"))
     step = task_of(src_cfg)
     outputs = predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, step=step)
     metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna) | _intervals(outputs, rows, class_names,

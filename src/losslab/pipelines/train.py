@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.samplers import build_distributed_sampler, build_sampler
-from losslab.data.splits import TEST_FOLD
+from losslab.data.splits import TEST_FOLD, split_fingerprint
 from losslab.engine import distributed as ddp
 from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
@@ -162,7 +162,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         return _train_fold_replica(cfg, info, fold)
     class_names = info.class_names
     run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}" + (f"-s{seed}" if seed is not None else "")
-    tags = base_tags(cfg, "train", fold) | {"losslab.seed": str(cfg.train.seed)} | (extra_tags or {})
+    tags = base_tags(cfg, "train", fold) | {"losslab.seed": str(cfg.train.seed),
+                                            "losslab.split_fingerprint": split_fingerprint(info.index)}
+    tags |= extra_tags or {}
     with managed_run(run_name=run_name, tags=tags, nested=nested, run_id=resume_run_id) as run:
         run_id = run.info.run_id
         train_ds, val_ds = make_datasets(cfg, info, fold)
