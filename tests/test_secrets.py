@@ -136,3 +136,13 @@ def test_a_sweep_that_cannot_reach_its_database_prints_no_password(make_config, 
     assert proc.returncode != 0
     assert "127.0.0.1" in proc.stdout + proc.stderr, proc.stderr[-3000:]  # it did try, and said where
     assert PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_the_mlproject_sweep_entry_point_takes_no_storage_url():
+    """`mlflow run -P storage=...` would log the URL as a param and print it: the parameter is gone
+    (the URL comes from $LOSSLAB_SWEEP_STORAGE or sweep.storage_file)."""
+    import yaml
+
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
+    sweep = project["entry_points"]["sweep"]
+    assert "storage" not in sweep["parameters"] and "storage" not in sweep["command"]

@@ -22,7 +22,7 @@ def _history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_config, small_cache):
+def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_config, small_cache, capfd):
     cfg = make_config("train.epochs=2", "tracking.alias=candidate", experiment="train-e2e")
     result = run_train(cfg, info=small_cache)
     fold = result.folds[0]
@@ -55,6 +55,8 @@ def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_con
         warnings.simplefilter("always")
         registered = load_registered_model("models:/test-model@candidate")
     assert not [w for w in caught if "pickle" in str(w.message).lower()]
+    out, err = capfd.readouterr()  # MLflow's "Saving pytorch model by Pickle or CloudPickle ..." warning
+    assert "pickle" not in (out + err).lower()
     folder = Path(mlflow.artifacts.download_artifacts("models:/test-model@candidate"))
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     assert {"MLmodel", "losslab_model.json", "weights.safetensors"} <= files, files
