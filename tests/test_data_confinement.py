@@ -110,3 +110,25 @@ def test_dicom_files_linked_out_of_the_root_or_dangling_are_refused_and_named(tm
     assert {s["reason"] for s in report.skipped} == {"symlink leads outside the data root (refused)"}
     assert len(report.skipped) == len(list(outside.iterdir()))
     assert np.isfinite(ramp_volume()).all()
+
+
+def test_rsna_series_folders_linked_out_of_the_root_or_dangling_are_refused_and_named(tmp_path):
+    from losslab.data.sources import run_generator
+
+    root = tmp_path / "lumbar"
+    run_generator("embedded_lumbar", str(root), seed=0)
+    series = sorted(p for p in (root / "train_images").glob("*/*") if p.is_dir())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(series[0]), outside / series[0].name)
+    os.symlink(outside / series[0].name, series[0])  # a series folder that leads outside the root
+    shutil.rmtree(series[1])
+    os.symlink(tmp_path / "gone", series[1])          # a series folder that points nowhere
+    report = SkipReport()
+    list(build_source("rsna_lumbar", str(root), salt="s", report=report).iter_cases())
+    by_item: dict[str, set[str]] = {}
+    for s in report.skipped:
+        by_item.setdefault(s["item"], set()).add(s["reason"].split(": ", 1)[-1])
+    rel = [str(p.relative_to(root)) for p in series[:2]]
+    assert by_item[rel[0]] == {"symlink leads outside the data root (refused)"}
+    assert by_item[rel[1]] == {"dangling symlink (refused)"}
