@@ -11,16 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pydicom
 import pytest
 import torch
 
-from losslab.config import DataConfig
+from losslab.config import DataConfig, load_config
 from losslab.data import dicom
 from losslab.data.cache import JOURNAL, build_cache
 from losslab.data.datasets import SliceStackDataset
 from losslab.data.sources import SkipReport, build_source, run_generator
+from losslab.pipelines.preprocess import run_preprocess
 
 FLOAT16_BOUND = 2.0**-12  # half the float16 step just below 1.0: the largest rounding error in [0, 1]
 STUDIES = 24  # 24 series of 15 files: 120 cases
@@ -204,7 +206,9 @@ def test_parallel_build_equals_serial(lumbar, reference, tmp_path):
 
 _BUILD = """
 import sys
-from losslab.config import DataConfig
+import mlflow
+
+from losslab.config import DataConfig, load_config
 from losslab.data.cache import build_cache
 build_cache(DataConfig(source="rsna_lumbar", root=sys.argv[1], generate=None, cache_dir=sys.argv[2],
                        num_folds=2, salt="preprocess-test-salt", preprocess_workers=1))
@@ -218,7 +222,7 @@ def _journal_tasks(path: Path) -> int:
         return 0
 
 
-def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path):
+def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path, mlflow_store, capsys):
     cache_dir = tmp_path / "killed"
     journal = cache_dir / JOURNAL
     env = dict(os.environ, PYTHONPATH=str(Path(dicom.__file__).parents[2]))
@@ -235,8 +239,14 @@ def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path):
     written = {p.name: p.stat().st_mtime_ns for p in (cache_dir / "arrays").glob("*.npy")}
     assert len(written) >= 5 * done
 
-    info = build_cache(_config(lumbar, cache_dir, preprocess_workers=1))
+    cfg = load_config(None, ["data.source=rsna_lumbar", f"data.root={lumbar}", "data.generate=null",
+                             f"data.cache_dir={cache_dir}", "data.num_folds=2", "data.salt=preprocess-test-salt",
+                             "data.preprocess_workers=1", "tracking.experiment=preprocess-resume"])
+    info = run_preprocess(cfg)  # the entry point's own path, logged to the session's MLflow store
     assert info.resumed_tasks == done and info.total_tasks == STUDIES and not info.reused
+    assert f"resumed an interrupted build: {done} of {STUDIES} tasks were done" in capsys.readouterr().out
+    run = mlflow.search_runs(experiment_names=["preprocess-resume"], output_format="list")[0]
+    assert run.data.metrics["resumed_tasks"] == done and run.data.params["data.cache_dtype"] == "auto"
     # the journalled tasks were not run again: their arrays were not rewritten
     journalled = set(info.index["array_path"].str.slice(len("arrays/")))
     kept = {name for name, mtime in written.items()
