@@ -372,7 +372,7 @@ def _run_tasks(source: Source, tasks: list[Task], journal: _Journal, store: _Sto
     from tqdm import tqdm
 
     todo = [i for i in range(len(tasks)) if i not in journal.entries]
-    by_files = all(t.files > 0 for t in tasks)
+    by_files = any(t.files > 0 for t in tasks)  # a missing series folder counts 0 files
     weight = [t.files if by_files else 1 for t in tasks]
     workers = _workers(workers, sum(weight[i] for i in todo) if by_files else 0, len(todo))
     bar = tqdm(total=sum(weight), initial=sum(weight) - sum(weight[i] for i in todo),
