@@ -34,6 +34,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FixedStats(_Strict):
+    """``data.normalize: {fixed: {mean, std}}``: one number for every channel, or one per channel."""
+
+    mean: float | list[float]
+    std: float | list[float]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v <= 0 for v in values):
+            raise ValueError(f"std must be > 0, got {value!r}")
+        return value
+
+
+class FixedNormalization(_Strict):
+    fixed: FixedStats
+
+
+class ImbalanceConfig(_Strict):
+    """``data.imbalance``: long-tailed subsampling of the training folds (validation and test untouched).
+
+    ``exponential``: ``n_i = floor(n_max * ratio ** (-i / (K - 1)))`` for class ``i`` (Cao et al., 2019);
+    ``step``: the first ``ceil(K / 2)`` classes keep ``n_max``, the others ``floor(n_max / ratio)``.
+    """
+
+    profile: Literal["exponential", "step"] = "exponential"
+    ratio: float = Field(100.0, ge=1.0)
+    seed: int | None = None  # default: data.seed
+
+
 class DataConfig(_Strict):
     """Where the data comes from, how it is cached, split, bagged and sampled."""
 
@@ -58,6 +89,10 @@ class DataConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     num_workers: int = Field(0, ge=0)
     augment: dict[str, Any] = Field(default_factory=dict)
+    # none | per_case_nonzero_zscore | dataset | {fixed: {mean, std}}; null = the source's default
+    normalize: Literal["none", "per_case_nonzero_zscore", "dataset"] | FixedNormalization | None = None
+    imbalance: ImbalanceConfig | None = None  # long-tailed training folds
+    train_cases: int | None = Field(None, ge=1)  # stratified subsample of the training folds to N cases
     salt: str | None = None  # salt for patient hashes; default: $LOSSLAB_SALT or a per-cache random salt
     seed: int = 0
 
@@ -65,7 +100,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """A model: a 2D backbone shared over the instances of a bag plus a MIL head, and friends."""
 
-    kind: Literal["mil", "slices25d", "volume3d", "multimodal"] = "mil"
+    kind: Literal["mil", "slices25d", "volume3d", "multimodal", "image"] = "mil"
     backbone: str = "resnet18"
     in_chans: int = Field(4, ge=1)
     pretrained: bool = False

@@ -48,10 +48,10 @@ import numpy as np
 import pandas as pd
 
 from losslab.data.deid import resolve_salt
-from losslab.data.sources import Case, SkipReport, Source, Task, build_source, run_generator
+from losslab.data.sources import Case, SkipReport, Source, Task, build_source, run_generator, source_reads_root
 from losslab.data.splits import TEST_FOLD, assign_folds
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a source's own test split is the held-out test (fold -1)
 JOURNAL = ".preprocess-journal.jsonl"
 #: below this many raw files a build runs in-process (not worth a worker pool)
 AUTO_PARALLEL_FILES = 1000
@@ -138,7 +138,8 @@ def load_cache(cache_dir: str | Path) -> CacheInfo:
 def build_cache(data_cfg: Any, force: bool = False) -> CacheInfo:
     """Read the configured source into the cache (or reuse it when inputs are unchanged)."""
     cache_dir = Path(data_cfg.cache_dir)
-    ensure_raw_data(data_cfg)
+    if source_reads_root(data_cfg.source):
+        ensure_raw_data(data_cfg)
     salt = resolve_salt(data_cfg.salt, cache_dir)
     report = SkipReport()
     source = build_source(data_cfg.source, data_cfg.root, salt, report, **data_cfg.source_kwargs)
@@ -212,9 +213,13 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
     if index["case_id"].duplicated().any():
         dup = index.loc[index["case_id"].duplicated(), "case_id"].tolist()[:5]
         raise ValueError(f"duplicate case ids from source {data_cfg.source!r}: {dup}")
+    source_test = np.array([json.loads(m).get("split") == "test" for m in index["meta"]])
     index["fold"] = assign_folds(index["label"].to_numpy(), index["patient_id"].to_numpy(),
-                                 data_cfg.num_folds, data_cfg.seed, data_cfg.test_fraction)
+                                 data_cfg.num_folds, data_cfg.seed, data_cfg.test_fraction, fixed_test=source_test)
     index["split"] = np.where(index["fold"] == TEST_FOLD, "test", "train")
+    if source_test.any():
+        report.notes.append(f"the source's own test split ({int(source_test.sum())} cases) is the held-out "
+                            f"test (fold {TEST_FOLD}); the other cases are spread over {data_cfg.num_folds} folds")
 
     counts = index["class_name"].value_counts().reindex(class_names, fill_value=0)
     full_report = report.to_dict() | {
@@ -224,6 +229,7 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
         "folds": {int(k): int(v) for k, v in index["fold"].value_counts().sort_index().items()},
         "fingerprint": fingerprint,
         "source": data_cfg.source,
+        "test_split": "source" if source_test.any() else ("test_fraction" if data_cfg.test_fraction > 0 else "none"),
     }
     _commit(cache_dir, index, full_report, journal)
     return CacheInfo(cache_dir, index, full_report, False, fingerprint, class_names, resumed, len(tasks))

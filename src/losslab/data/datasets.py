@@ -7,9 +7,12 @@
   ``evenly_spaced`` (deterministic: for validation), ``all`` (every instance; padded per batch).
 * :class:`SliceStackDataset` — 2.5D stacks ``(S, C, H, W)`` with their ``level`` index.
 * :class:`VolumeDataset` — whole volumes ``(C, D, H, W)`` for 3D models (depth resampled with MONAI).
+* :class:`ImageDataset` — one 2D image per case. Item: ``image (C, H, W)`` float32, ``label``,
+  ``index``; the cached array must be ``(1, C, H, W)``.
 
-Arrays are memory-mapped (``np.load(mmap_mode="r")``) and normalised per case and channel with the
-statistics stored in the index (z-score over non-zero voxels; background stays 0).
+Arrays are memory-mapped (``np.load(mmap_mode="r")``) and normalised by a
+:class:`~losslab.data.normalization.Normalizer` (default: z-score per case and channel over non-zero
+voxels with the statistics stored in the index; background stays 0).
 """
 
 from __future__ import annotations
@@ -23,44 +26,57 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from losslab.data.normalization import Normalizer
+
+PER_CASE_ZSCORE = Normalizer("per_case_nonzero_zscore")
+
 
 def _evenly_spaced(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
 class _CaseArrays(Dataset):
-    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, normalize: bool = True,
+    """Case arrays of ``index`` rows; arrays are kept in memory once read while they fit in
+    ``memory_budget_bytes`` (small data such as digits are then read from disk once)."""
+
+    memory_budget_bytes = 256 * 2**20
+
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, normalizer: Normalizer = PER_CASE_ZSCORE,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.index = index.reset_index(drop=True)
         self.cache_dir = Path(cache_dir)
-        self.normalize = normalize
+        self.normalizer = normalizer
         self.transform = transform
         self.labels = self.index["label"].to_numpy().astype(np.int64)
+        self._paths = [self.cache_dir / p for p in self.index["array_path"]]
+        self._kept: dict[int, np.ndarray] = {}
+        self._kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _load(self, i: int) -> np.ndarray:
-        row = self.index.iloc[i]
-        return np.load(self.cache_dir / row["array_path"], mmap_mode="r")
+        if i in self._kept:
+            return self._kept[i]
+        arr = np.load(self._paths[i], mmap_mode="r")
+        if self._kept_bytes + arr.nbytes <= self.memory_budget_bytes:
+            arr = np.array(arr)
+            self._kept[i] = arr
+            self._kept_bytes += arr.nbytes
+        return arr
 
     def _normalise(self, i: int, arr: np.ndarray) -> np.ndarray:
-        arr = np.asarray(arr, dtype=np.float32)
-        if not self.normalize:
-            return arr.copy()
-        row = self.index.iloc[i]
-        mean = np.asarray(row["channel_mean"], dtype=np.float32)[None, :, None, None]
-        std = np.asarray(row["channel_std"], dtype=np.float32)[None, :, None, None]
-        return np.where(arr != 0, (arr - mean) / std, 0.0).astype(np.float32)
+        row = self.index.iloc[i] if self.normalizer.mode == "per_case_nonzero_zscore" else None
+        return self.normalizer(arr, row)
 
 
 class BagDataset(_CaseArrays):
     """MIL bags of instances from the cache (shapes in the module docstring)."""
 
     def __init__(self, index: pd.DataFrame, cache_dir: str | Path, bag_size: int = 16,
-                 sampling: str = "random", normalize: bool = True,
+                 sampling: str = "random", normalizer: Normalizer = PER_CASE_ZSCORE,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        super().__init__(index, cache_dir, normalize, transform)
+        super().__init__(index, cache_dir, normalizer, transform)
         if sampling not in ("random", "evenly_spaced", "all"):
             raise ValueError(f"bag sampling {sampling!r} not in random, evenly_spaced, all")
         self.bag_size = int(bag_size)
@@ -137,6 +153,24 @@ class VolumeDataset(_CaseArrays):
         if volume.shape[1] != self.depth:
             volume = torch.as_tensor(self.resize(volume)).float()
         return {"image": volume.contiguous(), "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
+
+
+class ImageDataset(_CaseArrays):
+    """One 2D image per case: ``image (C, H, W)`` (the cached ``(1, C, H, W)`` array), ``label``, ``index``."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        arr = self._load(i)
+        if arr.shape[0] != 1:
+            raise ValueError(f"model.kind=image needs one image per case; case {self.index.iloc[i]['case_id']} "
+                             f"has {arr.shape[0]} instances (use model.kind=mil for bags)")
+        image = self._normalise(i, arr)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image[0])),
+            "label": torch.tensor(self.labels[i]),
+            "index": torch.tensor(i),
+        }
 
 
 def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,11 +7,13 @@ from losslab.data.sources.base import (  # noqa: F401
     Task,
     UnknownSourceError,
     build_source,
+    default_normalization,
     list_generators,
     list_sources,
     register_generator,
     register_source,
     run_generator,
+    source_reads_root,
 )
 
 # one import per source module (each registers itself)
@@ -21,5 +23,6 @@ from losslab.data.sources import rsna_lumbar  # noqa: F401,E402
 from losslab.data.sources import manifest  # noqa: F401,E402
 from losslab.data.sources import medmnist  # noqa: F401,E402
 from losslab.data.sources import mnist_bags  # noqa: F401,E402
+from losslab.data.sources import mnist_digits  # noqa: F401,E402
 from losslab.data.sources import msd  # noqa: F401,E402
 from losslab.data.sources import embedded_medpix  # noqa: F401,E402

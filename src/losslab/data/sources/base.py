@@ -76,6 +76,9 @@ class Source:
     #: every case lies in [0, 1] at a precision float16 keeps (windowed with widths up to 2048, or
     #: 8-bit scaled): ``data.cache_dtype: auto`` then stores float16 (see losslab.data.cache)
     float16_safe: bool = False
+    # the intensity normalisation used when data.normalize is null (losslab.data.normalization)
+    default_normalize: Any = "per_case_nonzero_zscore"
+    reads_root: bool = True  # False: the data ship in a package; data.root need not exist
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> None:
         self.root = root
@@ -202,6 +205,18 @@ def build_source(name: str, root: str, salt: str, report: SkipReport | None = No
         raise UnknownSourceError(f"unknown data source {name!r}; known: {', '.join(sorted(_sources))}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return _sources[name](root=root, salt=salt, report=report, **kwargs)
+
+
+def default_normalization(name: str) -> Any:
+    """The registered source ``name``'s default ``data.normalize`` (a mode name or ``{"fixed": ...}``)."""
+    if name not in _sources:
+        raise UnknownSourceError(f"unknown data source {name!r}; known: {', '.join(sorted(_sources))}")
+    return getattr(_sources[name], "default_normalize", "per_case_nonzero_zscore")
+
+
+def source_reads_root(name: str) -> bool:
+    """Whether source ``name`` reads ``data.root`` (False for data shipped in a package)."""
+    return bool(getattr(_sources.get(name), "reads_root", True))
 
 
 def list_sources(pattern: str = "*") -> list[str]:

@@ -8,7 +8,8 @@ or ``(N, K)`` (multi-label: choose a column with ``label_index``).
 Case: ``image`` ``float32`` in ``[0, 1]``: ``(1, 1, H, W)`` grey, ``(1, 3, H, W)`` RGB,
 ``(D, 1, H, W)`` 3D; ``meta``: ``split`` (the npz split: train/val/test), ``dataset`` (file
 stem), ``index``. MedMNIST has no patient ids, so ``patient_id`` is per image (a salted hash of
-dataset, split and index): use ``meta["split"]`` to keep the official split. The medmnist
+dataset, split and index). The official ``test`` split is the cache's held-out test (fold -1); the
+``train`` and ``val`` images are spread over the cross-validation folds. Default normalisation: none. The medmnist
 package cannot download here: place the files yourself (or use the ``medmnist`` generator).
 """
 
@@ -63,6 +64,7 @@ class MedMnistSource(Source):
     """
 
     name = "medmnist"
+    default_normalize = "none"  # images are already in [0, 1]
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, files: Sequence[str] | None = None,
                  splits: Sequence[str] = SPLITS, class_names: Sequence[str] | None = None,

