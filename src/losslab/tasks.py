@@ -65,8 +65,10 @@ class Task(ClassificationStep):
     loss_tasks: ClassVar[tuple[str, ...]] = ("classification", "ordinal")
     entry_points: ClassVar[tuple[str, ...]] = ("train", "evaluate", "sweep")
 
-    def make_dataset(self, cfg: Any, info: Any, rows: Any, train: bool, transform: Callable | None = None):
-        """The dataset over the cache rows ``rows`` (training when ``train``, else evaluation)."""
+    def make_dataset(self, cfg: Any, info: Any, rows: Any, train: bool, transform: Callable | None = None,
+                     normalizer: Any = None):
+        """The dataset over the cache rows ``rows`` (training when ``train``, else evaluation);
+        ``normalizer`` (:class:`losslab.data.normalization.Normalizer`) defaults to the per-case z-score."""
         raise TaskError(f"task {self.name!r} has no dataset yet")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,6 +81,10 @@ class Task(ClassificationStep):
         if entry_point not in self.entry_points:
             raise TaskError(f"task {self.name!r} does not run through `losslab {entry_point}`; "
                             f"it runs through: {', '.join(self.entry_points) or 'none yet'}")
+
+
+def _normalizer_kwargs(normalizer: Any) -> dict[str, Any]:
+    return {} if normalizer is None else {"normalizer": normalizer}
 
 
 @register_task
@@ -111,13 +117,14 @@ class BagClassificationTask(Task):
         probs = torch.softmax(instance_logits.float(), dim=-1).cpu()
         return {"selection_confidence": selection_confidence(probs, batch.get("mask"))}
 
-    def make_dataset(self, cfg, info, rows, train, transform=None):
+    def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
         from losslab.data.datasets import BagDataset, SliceStackDataset
 
+        extra = _normalizer_kwargs(normalizer)
         if cfg.model.kind == "slices25d":
-            return SliceStackDataset(rows, info.cache_dir, transform=transform)
+            return SliceStackDataset(rows, info.cache_dir, transform=transform, **extra)
         sampling = cfg.data.bag_sampling if train or cfg.data.bag_sampling == "all" else "evenly_spaced"
-        return BagDataset(rows, info.cache_dir, cfg.data.bag_size, sampling, transform=transform)
+        return BagDataset(rows, info.cache_dir, cfg.data.bag_size, sampling, transform=transform, **extra)
 
 
 @register_task
@@ -126,6 +133,14 @@ class ImageClassificationTask(Task):
 
     name = "image_classification"
     model_kinds = ("image",)
+
+    def inputs(self, batch, device):
+        return (batch["image"].to(device, non_blocking=True),), {}
+
+    def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
+        from losslab.data.datasets import ImageDataset
+
+        return ImageDataset(rows, info.cache_dir, transform=transform, **_normalizer_kwargs(normalizer))
 
 
 @register_task
@@ -138,10 +153,11 @@ class VolumeClassificationTask(Task):
     def inputs(self, batch, device):
         return (batch["image"].to(device, non_blocking=True),), {}
 
-    def make_dataset(self, cfg, info, rows, train, transform=None):
+    def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
         from losslab.data.datasets import VolumeDataset
 
-        return VolumeDataset(rows, info.cache_dir, depth=cfg.data.volume_depth, transform=transform)
+        return VolumeDataset(rows, info.cache_dir, depth=cfg.data.volume_depth, transform=transform,
+                             **_normalizer_kwargs(normalizer))
 
     def collate(self, items):
         from torch.utils.data import default_collate

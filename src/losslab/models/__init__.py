@@ -12,6 +12,9 @@
 - ``"volume3d"``: :class:`VolumeClassifier` — a MONAI encoder (``cfg.backbone`` in
   :func:`list_volume_encoders`); ``forward(x (B, C, D, H, W)) -> (logits (B, K), None)``;
   ``head_kwargs``: ``dropout`` (``cfg.head`` is not used).
+- ``"image"``: :class:`ImageClassifier` — one image, no bag: ``forward(x (B, C, H, W)) -> (logits
+  (B, K), None)`` over a 2D backbone (timm, or ``lenet_mil``); ``head_kwargs``: ``dropout``
+  (``cfg.head`` is not used).
 - ``"multimodal"``: :class:`MultiModalClassifier` (:mod:`losslab.models.multimodal`) —
   ``forward(image (B, C, H, W), input_ids (B, L), attention_mask (B, L)) -> ({task: (B, K_t)},
   features (B, D))``. ``cfg.head`` is the fusion (``cross_attention``, ``concat``, ``image_only``,
@@ -35,6 +38,7 @@ from torch import nn
 
 from losslab.config import ModelConfig
 from losslab.models.backbones import UnknownBackboneError, create_backbone, load_backbone_weights, read_state_dict
+from losslab.models.image import ImageClassifier
 from losslab.models.mil import (
     AttentionHead,
     DualStreamHead,
@@ -59,6 +63,7 @@ __all__ = [
     "AttentionHead",
     "DualStreamHead",
     "GatedAttentionHead",
+    "ImageClassifier",
     "MILClassifier",
     "MILHead",
     "MaxHead",
@@ -107,8 +112,9 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
             ``log(pi)``. ``None``: default initialisation.
 
     Returns:
-        ``MILClassifier`` (kind ``mil``), ``SliceStackClassifier`` (``slices25d``) or
-        ``VolumeClassifier`` (``volume3d``); see the module docstring for their shapes.
+        ``MILClassifier`` (kind ``mil``), ``SliceStackClassifier`` (``slices25d``),
+        ``VolumeClassifier`` (``volume3d``) or ``ImageClassifier`` (``image``); see the module
+        docstring for their shapes.
 
     Raises:
         UnknownMILHeadError: (``KeyError``) unknown ``cfg.head``; lists known heads, sorted.
@@ -141,6 +147,11 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
         backbone = create_backbone(cfg.backbone, **backbone_args)
         return SliceStackClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
 
+    if cfg.kind == "image":
+        _check_kwargs("image model", head_kwargs, _accepted(ImageClassifier, ("backbone", "num_outputs", "class_priors")))
+        backbone = create_backbone(cfg.backbone, **backbone_args)
+        return ImageClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
+
     if cfg.kind == "volume3d":
         _check_kwargs("volume3d model", head_kwargs, _accepted(VolumeClassifier, ("backbone", "num_outputs", "class_priors")))
         backbone = create_volume_encoder(cfg.backbone, **backbone_args)
@@ -158,4 +169,4 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
                  "weights_path": cfg.weights_path, "drop_path_rate": cfg.drop_path_rate, "kwargs": dict(cfg.backbone_kwargs)}
         return build_multimodal_model({"image": image, "fusion": cfg.head, **head_kwargs}, tasks, texts=texts,
                                       in_chans=cfg.in_chans)
-    raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal")
+    raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal, image")

@@ -28,6 +28,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+from losslab.models import lenet as _lenet  # noqa: F401  registers lenet_mil with timm
+
 __all__ = [
     "UnknownBackboneError",
     "create_backbone",
@@ -59,7 +61,8 @@ def create_backbone(
     """Build a timm model as a feature extractor: images ``(B, C, H, W)`` -> features ``(B, D)``.
 
     Args:
-        name: any timm model name (``timm.list_models()``), e.g. ``"resnet18"``, ``"convnext_tiny"``.
+        name: any timm model name (``timm.list_models()``), e.g. ``"resnet18"``, ``"convnext_tiny"``,
+            or ``"lenet_mil"`` (:mod:`losslab.models.lenet`, registered with timm).
         in_chans: input channels ``C`` (e.g. 4 MRI sequences).
         pretrained: load weights from the local HF/timm cache when ``weights_path`` is not given.
         weights_path: a local state dict (``.pth``/``.pt``/``.bin``/``.safetensors``); takes

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from losslab.models.backbones import UnknownBackboneError, load_non_strict, read_state_dict
-from losslab.models.mil import init_bias_from_priors
+from losslab.models.image import ImageClassifier
 
 __all__ = [
     "SwinViTEncoder",
@@ -177,7 +177,7 @@ def load_encoder_weights(encoder: nn.Module, weights_path: str | os.PathLike) ->
     return load_non_strict(encoder, state, weights_path)
 
 
-class VolumeClassifier(nn.Module):
+class VolumeClassifier(ImageClassifier):
     """Whole-volume classifier: ``(B, C, D, H, W) -> (logits (B, K), None)``.
 
     Args:
@@ -185,27 +185,7 @@ class VolumeClassifier(nn.Module):
         num_outputs: number of logits ``K``.
         dropout: dropout before the classifier (default 0.0, in [0, 1)).
         class_priors: class frequencies ``(K,)``; the classifier bias starts at ``log(pi)``.
+
+    The same backbone -> dropout -> linear classifier as :class:`~losslab.models.image.ImageClassifier`;
+    ``mask`` is accepted for a uniform call signature and ignored.
     """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_outputs: int,
-        dropout: float = 0.0,
-        class_priors: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.backbone = backbone
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(backbone.num_features, num_outputs)
-        init_bias_from_priors(self.classifier.bias, class_priors)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, C, D, H, W) -> (B, F)``."""
-        return self.backbone(x)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, None]:
-        """``x (B, C, D, H, W)``; ``mask`` is accepted for a uniform call signature and ignored."""
-        return self.classifier(self.dropout(self.forward_features(x))), None

@@ -326,9 +326,10 @@ def _cache_class_names(cfg: ExperimentConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- data
-def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, transform=None):
-    """Same construction as training's validation set (the task's evaluation dataset), optionally augmented."""
-    return task_of(cfg).make_dataset(cfg, info, rows, train=False, transform=transform)
+def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, normalizer, transform=None):
+    """Same construction as training's validation set (the task's evaluation dataset, the training
+    normaliser), optionally augmented."""
+    return task_of(cfg).make_dataset(cfg, info, rows, train=False, transform=transform, normalizer=normalizer)
 
 
 def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_names: list[str],
@@ -362,7 +363,7 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
             raise ValueError(f"the cache {settings.cache_dir} has classes {eval_info.class_names}, "
                              f"the model was trained on {class_names}")
         rows = eval_info.index
-    return val_ds, _eval_dataset(cfg, eval_info, rows), eval_info, rows.reset_index(drop=True)
+    return val_ds, _eval_dataset(cfg, eval_info, rows, val_ds.normalizer), eval_info, rows.reset_index(drop=True)
 
 
 def model_fold(cfg: ExperimentConfig, settings: EvaluateSettings) -> int:
@@ -430,7 +431,7 @@ def calibration_summary(calibrator: Calibrator, before: dict[str, float], after:
     return out
 
 
-def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings, batch_size: int,
+def _tta_outputs(model, cfg, info, rows, normalizer, loss_fn, device, settings: TTASettings, batch_size: int,
                  plain: dict[str, Any]) -> dict[str, Any]:
     """Logits averaged over the identity pass and ``passes`` augmented passes (seeded)."""
     from losslab.data.transforms import build_transforms
@@ -439,8 +440,8 @@ def _tta_outputs(model, cfg, info, rows, loss_fn, device, settings: TTASettings,
     losses = [plain["loss"]]
     for i in range(settings.passes):
         transform = build_transforms(settings.augment, train=True, seed=settings.seed + i)
-        out = predict(model, _loader(_eval_dataset(cfg, info, rows, transform), batch_size, cfg), device, loss_fn,
-                      step=task_of(cfg))
+        out = predict(model, _loader(_eval_dataset(cfg, info, rows, normalizer, transform), batch_size, cfg), device,
+                      loss_fn, step=task_of(cfg))
         logits_sum += out["logits"]
         losses.append(out["loss"])
     logits = torch.as_tensor(logits_sum / (settings.passes + 1), dtype=torch.float32)
@@ -556,7 +557,8 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
 
     tta_pred = None
     if settings.tta.enabled:
-        tta = _tta_outputs(model, src_cfg, eval_info, rows, loss_fn, device, settings.tta, batch_size, outputs)
+        tta = _tta_outputs(model, src_cfg, eval_info, rows, eval_ds.normalizer, loss_fn, device, settings.tta,
+                           batch_size, outputs)
         metrics |= split_metrics(tta, class_names, loss_fn, "test_tta", rsna)
         tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
     if settings.latency.enabled:

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
+from losslab.data.normalization import Normalizer, build_normalizer
 from losslab.data.samplers import build_distributed_sampler, build_sampler
-from losslab.data.splits import TEST_FOLD, split_fingerprint
+from losslab.data.splits import TEST_FOLD, split_fingerprint, training_rows
 from losslab.engine import distributed as ddp
 from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
@@ -90,22 +91,32 @@ def _use_cosine_classifier(model, loss_name: str) -> None:
     owner.classifier = NormedLinear(classifier.in_features, classifier.out_features)
 
 
+def make_normalizer(cfg: ExperimentConfig, info: CacheInfo, train_df: pd.DataFrame) -> Normalizer:
+    """``data.normalize`` (or the source's default), with ``dataset`` statistics from ``train_df`` only."""
+    from losslab.data.sources import default_normalization
+
+    spec = cfg.data.normalize if cfg.data.normalize is not None else default_normalization(cfg.data.source)
+    return build_normalizer(spec, train_df, info.cache_dir)
+
+
 def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
-    """Training cases (every fold but ``fold``, never the held-out test split) and validation cases."""
+    """Training cases (every fold but ``fold``, never the held-out test split, then ``data.imbalance``
+    and ``data.train_cases``: :func:`losslab.data.splits.training_rows`) and validation cases."""
     index = info.index
-    train_df = index[(index["fold"] != fold) & (index["fold"] >= 0)]
     val_df = index[index["fold"] == fold]
     if fold < 0 or len(val_df) == 0:
         raise ValueError(f"data.fold={fold} has no cases; the cache has folds "
                          f"{sorted(f for f in index['fold'].unique().tolist() if f >= 0)}")
+    train_df = training_rows(cfg.data, index, fold, len(info.class_names))
+    normalizer = make_normalizer(cfg, info, train_df)
     transform = None
     if cfg.data.augment:
         from losslab.data.transforms import build_transforms
 
         transform = build_transforms(cfg.data.augment, train=True)
     task = task_of(cfg)  # the task owns the dataset of its model kind
-    return task.make_dataset(cfg, info, train_df, train=True, transform=transform), \
-        task.make_dataset(cfg, info, val_df, train=False)
+    return task.make_dataset(cfg, info, train_df, train=True, transform=transform, normalizer=normalizer), \
+        task.make_dataset(cfg, info, val_df, train=False, normalizer=normalizer)
 
 
 def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
@@ -177,7 +188,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             mlflow.log_params({"data.class_counts_train": str(class_counts), "data.n_train": len(train_ds),
                                "data.n_val": len(val_ds), "data.n_test": int((info.index["fold"] == TEST_FOLD).sum()),
                                "loss.formula": str(loss_fn)[:6000], "ddp.world_size": ddp.world_size(),
-                               "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size})
+                               "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size}
+                              | train_ds.normalizer.params())
             mlflow.set_tag("losslab.class_names", ",".join(class_names))
         else:
             resume_from = _find_resume_checkpoint(cfg, run_id)
