@@ -78,5 +78,9 @@ def test_image_kind_trains_and_evaluates_on_the_long_tailed_digits(tmp_path):
     assert len(predictions) == 1000 and np.bincount(predictions["label"]).tolist() == [100] * 10
     recall = [(predictions.loc[predictions["label"] == c, "prediction"] == c).mean() for c in range(10)]
     assert evaluated.metrics["test/balanced_accuracy"] == pytest.approx(np.mean(recall))
+    # train's own test score (same best weights, same training normaliser) equals evaluate's
+    trained = mlflow.get_run(result.folds[0].run_id).data.metrics
+    assert trained["test/balanced_accuracy"] == pytest.approx(evaluated.metrics["test/balanced_accuracy"])
+    assert trained["test/auc"] == pytest.approx(evaluated.metrics["test/auc"], abs=1e-9)
     small = run_train(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_cases": 100})}))
     assert sum(json.loads(mlflow.get_run(small.folds[0].run_id).data.params["data.class_counts_train"])) == 100

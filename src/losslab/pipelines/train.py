@@ -237,7 +237,7 @@ def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, model
     best_metrics = validation_metrics(outputs, info.class_names, loss_fn)
     summary = {f"best_{k}": v for k, v in best_metrics.items()}
     summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
-    test_metrics = score_test_split(cfg, info, model, loss_fn, device)
+    test_metrics = score_test_split(cfg, info, model, loss_fn, device, val_loader.dataset.normalizer)
     log_metrics_batch(run_id, summary | test_metrics, step=int(state.epoch))
     return best_metrics | test_metrics
 
@@ -247,10 +247,11 @@ def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, pref
     return {f"{prefix}/{k[len('val/'):]}": v for k, v in validation_metrics(outputs, class_names, loss_fn).items()}
 
 
-def score_test_split(cfg: ExperimentConfig, info: CacheInfo, model, loss_fn, device) -> dict[str, float]:
+def score_test_split(cfg: ExperimentConfig, info: CacheInfo, model, loss_fn, device, normalizer=None
+                     ) -> dict[str, float]:
     """``test/*`` metrics of ``model`` on the cache's held-out test split (fold -1), with 95 %
     patient-bootstrap intervals (``test/<metric>_ci_low``, ``_ci_high``); ``{}`` and one log line
-    when the cache has no test split."""
+    when the cache has no test split. ``normalizer``: the training run's (from its training cases)."""
     from losslab.engine.intervals import interval_metrics
 
     rows = info.index[info.index["fold"] == TEST_FOLD]
@@ -259,7 +260,7 @@ def score_test_split(cfg: ExperimentConfig, info: CacheInfo, model, loss_fn, dev
                     info.cache_dir, cfg.data.test_fraction)
         return {}
     task = task_of(cfg)
-    dataset = task.make_dataset(cfg, info, rows, train=False)
+    dataset = task.make_dataset(cfg, info, rows, train=False, normalizer=normalizer)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
                         collate_fn=task.collate)
     outputs = predict(model, loader, device, loss_fn, step=task)
