@@ -111,7 +111,8 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
              model: Optional[str] = typer.Option(None, "--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, "
                                                  "a run id or a checkpoint file (evaluate.source)."),
              split: Optional[str] = typer.Option(None, help="val | test | cache (evaluate.split; default test)."),
-             fold: Optional[int] = typer.Option(None, help="Validation fold (evaluate.fold; default the source's data.fold)."),
+             fold: Optional[int] = typer.Option(None, help="Validation fold (evaluate.fold): the model's own, from its "
+                                                "run; any other fold was training data and is refused."),
              cache_dir: Optional[str] = typer.Option(None, help="Another preprocessed cache, with --split cache."),
              allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load a pickle-format registered "
                                                "model (evaluate.allow_pickle): unpickling runs its code, so only for "
