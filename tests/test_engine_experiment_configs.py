@@ -27,6 +27,9 @@ def test_experiment_config_builds_loss_and_model(path):
     cfg = load_config(path)
     if cfg.distill:
         pytest.skip("a `losslab distill` config: its teacher/student are built by losslab.pipelines.distill")
+    if cfg.model.kind == "segmentation":
+        _segmentation_step(cfg)
+        return
     class_names = cfg.data.class_names or _sources[cfg.data.source].class_names
     k = len(class_names)
     counts = [60, 25, 15][:k] if k == 3 else [30, 70]
@@ -60,3 +63,27 @@ def test_the_flagship_configs_say_what_the_plan_says():
     assert v8.loss.params["class_weights"] == [1, 2, 4]
     assert v8.train.freeze_backbone_epochs == 2 and v8.train.swa_epochs > 0 and v8.train.mixup_alpha == 0
     assert v8.optim.scheduler == "cosine" and v8.data.sampler == "none" and v8.train.seed == 2
+
+
+def _segmentation_step(cfg):
+    """A segmentation config: its loss and network take one patch batch with targets and distance maps."""
+    import numpy as np
+
+    from losslab.data.seg_cache import distance_maps, encode_target
+    from losslab.pipelines.seg_train import build_seg_task
+
+    names = ["wt", "tc", "et"]
+    task, model = build_seg_task(cfg, names)
+    size = cfg.seg.patch_size
+    rng = np.random.default_rng(0)
+    masks = rng.choice([0, 1, 2, 4], size=(2, *size), p=[0.7, 0.1, 0.1, 0.1])
+    mapping = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
+    targets = [encode_target(m, mapping, "regions") for m in masks]
+    batch = {"image": torch.randn(2, cfg.model.in_chans, *size), "label": torch.tensor(np.stack(targets)),
+             "dist": torch.tensor(np.stack([distance_maps(t, "regions", 3, [1.0] * len(size)) for t in targets]))}
+    model.train()
+    logits = model(batch["image"])
+    assert logits.shape == (2, 3, *size)
+    loss = task.loss(logits, batch, torch.device("cpu"))
+    assert torch.isfinite(loss)
+    loss.backward()

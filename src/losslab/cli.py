@@ -85,9 +85,10 @@ def train(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
         result = run_train(cfg, resume_run_id=resume or None)
     if not is_main_process():
         return
+    key = "val/mean_dice" if cfg.model.kind == "segmentation" else "val/balanced_accuracy"
     for fold in result.folds:
-        bal = fold.metrics.get("val/balanced_accuracy", float("nan"))
-        typer.echo(f"fold {fold.fold}: {fold.status} run {fold.run_id} best val/balanced_accuracy={bal:.4f}"
+        value = fold.metrics.get(key, float("nan"))
+        typer.echo(f"fold {fold.fold}: {fold.status} run {fold.run_id} best {key}={value:.4f}"
                    + (f" model version {fold.model_version}" if fold.model_version else ""))
 
 
@@ -134,7 +135,8 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
     m = result.metrics
     typer.echo(f"evaluate run {result.run_id}: " + ", ".join(
         f"{k}={m[k]:.4f}" for k in ("test/auc", "test/balanced_accuracy", "test_calibrated/balanced_accuracy",
-                                    "test/dead_class_count", "latency/p50_ms") if k in m))
+                                    "test/dead_class_count", "latency/p50_ms") if k in m)
+        + ", ".join(f"{k}={v:.6f}" for k, v in m.items() if k.startswith(("val/dice_", "val/mean_dice"))))
 
 
 @app.command()

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
-SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill")
+SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill", "seg")
 
 
 class ConfigError(ValueError):
@@ -100,8 +100,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """A model: a 2D backbone shared over the instances of a bag plus a MIL head, and friends."""
 
-    kind: Literal["mil", "slices25d", "volume3d", "multimodal", "image"] = "mil"
+    kind: Literal["mil", "slices25d", "volume3d", "multimodal", "image", "segmentation"] = "mil"
     backbone: str = "resnet18"
+    spatial_dims: Literal[2, 3] = 3  # segmentation models: 2D (axial slices) or 3D
     in_chans: int = Field(4, ge=1)
     pretrained: bool = False
     weights_path: str | None = None  # local weights file (no download at run time)
@@ -183,6 +184,26 @@ class TrackingConfig(_Strict):
     run_name: str | None = None
 
 
+class SegConfig(_Strict):
+    """Segmentation targets, patches and validation (``model.kind: segmentation``); see
+    :mod:`losslab.data.seg_cache` and :mod:`losslab.engine.segmentation`."""
+
+    labels: Literal["regions", "classes"] = "regions"  # overlapping sigmoid regions | exclusive softmax classes
+    regions: dict[str, list[int]] | None = None  # region -> raw labels; default: the source's (BraTS WT/TC/ET)
+    classes: dict[str, list[int]] | None = None  # class -> raw labels (background first); default: the source's
+    patch_size: list[int] = Field(default_factory=lambda: [32, 32, 32], min_length=2, max_length=3)
+    samples_per_case: int = Field(2, ge=1)  # RandCropByPosNegLabeld num_samples
+    pos: float = Field(1.0, ge=0)
+    neg: float = Field(1.0, ge=0)
+    flip_prob: float = Field(0.5, ge=0, le=1)  # per spatial axis
+    intensity_shift: float = Field(0.1, ge=0)  # RandShiftIntensityd offsets (z-scored intensities)
+    intensity_scale: float = Field(0.1, ge=0)  # RandScaleIntensityd factors
+    intensity_prob: float = Field(0.5, ge=0, le=1)
+    sw_batch_size: int = Field(4, ge=1)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    hd95: bool = True
+
+
 class CVConfig(_Strict):
     """Cross-validation and repeats: every (seed, fold) pair is one child run of one parent run."""
 
@@ -224,6 +245,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
+    seg: SegConfig = Field(default_factory=SegConfig)
     sweep: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
     distill: dict[str, Any] = Field(default_factory=dict)
@@ -232,6 +254,13 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _loss_from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _segmentation_patch(self) -> "ExperimentConfig":
+        if self.model.kind == "segmentation" and len(self.seg.patch_size) != self.model.spatial_dims:
+            raise ValueError(f"seg.patch_size={self.seg.patch_size} must have model.spatial_dims="
+                             f"{self.model.spatial_dims} entries")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -358,12 +387,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
                 raise ConfigError(f"override {text!r}: no file {section_file}")
         node = out
         for part in keys[:-1]:
-            if not isinstance(node.get(part, {}), dict):
+            if isinstance(node, list):  # a list item by position: loss.terms.0.weight=0.4
+                node = _list_item(node, part, text)
+                continue
+            if not isinstance(node.get(part, {}), (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = node.setdefault(part, {})
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            _list_item(node, keys[-1], text)
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
         origins[".".join(keys)] = f"command-line override {text!r}"
     return out
+
+
+def _list_item(items: list, part: str, text: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {text!r}: {part!r} is not a position in a list of {len(items)} item(s)")
+    return items[int(part)]
 
 
 def _format_validation_error(exc: ValidationError, origins: dict[str, str], path: str | None, data: dict) -> str:

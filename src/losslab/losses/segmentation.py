@@ -5,6 +5,11 @@ Shapes: ``logits (B, K, *spatial)`` float (softmax over K is applied inside), ``
 integer label map in ``[0, K)``; ``dist_maps (B, K, *spatial)`` float signed distance maps (boundary
 losses only), computed once per case in the data pipeline with :func:`signed_distance_map`.
 
+With ``sigmoid=True`` (overlapping regions, e.g. the BraTS whole tumour / tumour core / enhancing
+tumour) each of the R channels is an independent sigmoid: ``logits (B, R, *spatial)``, ``target
+(B, R, *spatial)`` multi-hot in {0, 1}, ``dist_maps (B, R, *spatial)`` one signed distance map per
+region. There is no background channel then, so ``include_background`` is not used.
+
 Reductions are over samples: each loss first computes one value per sample (the mean over classes,
 and over voxels where the loss is voxel-wise), then ``mean``/``sum``/``none`` act on those ``(B,)``
 values. ``mean`` therefore equals MONAI's ``mean`` reduction for the same loss.
@@ -61,6 +66,8 @@ class DiceLoss(_SegmentationLoss):
         squared_pred: square the terms of the denominator; default False.
         smooth_nr: ε_nr ≥ 0, default 1e-5. smooth_dr: ε_dr ≥ 0, default 1e-5.
         num_classes: K (unused; accepted for the pipeline).
+        sigmoid: independent sigmoid channels with a multi-hot target (see the module docstring);
+            default False (softmax over a label map).
         reduction: ``mean`` | ``sum`` | ``none`` (over samples).
 
     Raises:
@@ -84,15 +91,17 @@ class DiceLoss(_SegmentationLoss):
         smooth_dr: float = 1e-5,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
         super().__init__(reduction)
         check_bool(self.name, "include_background", include_background)
         check_bool(self.name, "squared_pred", squared_pred)
+        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
         smooth_nr = check_number(self.name, "smooth_nr", smooth_nr, minimum=0.0)
         smooth_dr = check_number(self.name, "smooth_dr", smooth_dr, minimum=0.0)
-        self.dice = MonaiDiceLoss(include_background=include_background, to_onehot_y=True, softmax=True,
-                                  squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                                  reduction="none")
+        self.dice = MonaiDiceLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
+                                  softmax=not sigmoid, sigmoid=sigmoid, squared_pred=squared_pred,
+                                  smooth_nr=smooth_nr, smooth_dr=smooth_dr, reduction="none")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.reduce(_per_sample(self.dice(logits, target)))
@@ -103,7 +112,8 @@ class DiceCELoss(DiceLoss):
     """``λ_dice · Dice + λ_ce · CE`` (the sum of ``dice`` and voxel-averaged cross-entropy).
 
     As ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)``; per sample the CE is the mean over
-    voxels of ``−log softmax(z)_y``.
+    voxels of ``−log softmax(z)_y`` (with ``sigmoid=True``: the binary cross-entropy, mean over regions
+    and voxels).
 
     Args:
         lambda_dice: ≥ 0, default 1. lambda_ce: ≥ 0, default 1.
@@ -134,14 +144,18 @@ class DiceCELoss(DiceLoss):
         smooth_dr: float = 1e-5,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
-        super().__init__(include_background, squared_pred, smooth_nr, smooth_dr, num_classes, reduction)
+        super().__init__(include_background, squared_pred, smooth_nr, smooth_dr, num_classes, reduction, sigmoid)
         self.lambda_dice = check_number(self.name, "lambda_dice", lambda_dice, minimum=0.0)
         self.lambda_ce = check_number(self.name, "lambda_ce", lambda_ce, minimum=0.0)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         dice = _per_sample(self.dice(logits, target))
-        ce = _per_sample(F.cross_entropy(logits, target[:, 0].long(), reduction="none"))
+        if self.sigmoid:  # binary cross-entropy per region channel
+            ce = _per_sample(F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none"))
+        else:
+            ce = _per_sample(F.cross_entropy(logits, target[:, 0].long(), reduction="none"))
         return self.reduce(self.lambda_dice * dice + self.lambda_ce * ce)
 
 
@@ -158,7 +172,7 @@ class TverskyLoss(_SegmentationLoss):
 
     Args:
         alpha: α ≥ 0, default 0.5. beta: β ≥ 0, default 0.5.
-        include_background / smooth_nr / smooth_dr / reduction: as ``dice``.
+        include_background / smooth_nr / smooth_dr / reduction / sigmoid: as ``dice``.
 
     Raises:
         ValueError: negative α, β or smoothing; bad ``reduction``.
@@ -183,14 +197,17 @@ class TverskyLoss(_SegmentationLoss):
         smooth_dr: float = 1e-5,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
         super().__init__(reduction)
         self.alpha = check_number(self.name, "alpha", alpha, minimum=0.0)
         self.beta = check_number(self.name, "beta", beta, minimum=0.0)
         check_bool(self.name, "include_background", include_background)
+        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
         smooth_nr = check_number(self.name, "smooth_nr", smooth_nr, minimum=0.0)
         smooth_dr = check_number(self.name, "smooth_dr", smooth_dr, minimum=0.0)
-        self.tversky = MonaiTverskyLoss(include_background=include_background, to_onehot_y=True, softmax=True,
+        self.tversky = MonaiTverskyLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
+                                        softmax=not sigmoid, sigmoid=sigmoid,
                                         alpha=self.alpha, beta=self.beta, smooth_nr=smooth_nr,
                                         smooth_dr=smooth_dr, reduction="none")
 
@@ -213,7 +230,7 @@ class FocalTverskyLoss(TverskyLoss):
     Args:
         gamma: exponent γ > 0, default 0.75.
         alpha: α ≥ 0 (false positives), default 0.3. beta: β ≥ 0 (false negatives), default 0.7.
-        include_background / smooth_nr / smooth_dr / reduction: as ``dice``.
+        include_background / smooth_nr / smooth_dr / reduction / sigmoid: as ``dice``.
 
     Raises:
         ValueError: γ <= 0, negative α, β or smoothing; bad ``reduction``.
@@ -240,8 +257,9 @@ class FocalTverskyLoss(TverskyLoss):
         smooth_dr: float = 1e-5,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
-        super().__init__(alpha, beta, include_background, smooth_nr, smooth_dr, num_classes, reduction)
+        super().__init__(alpha, beta, include_background, smooth_nr, smooth_dr, num_classes, reduction, sigmoid)
         self.gamma = check_number(self.name, "gamma", gamma, minimum=0.0, min_inclusive=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -266,6 +284,8 @@ class FocalSegLoss(_SegmentationLoss):
         include_background: default True.
         num_classes: K (checks the list lengths).
         reduction: ``mean`` | ``sum`` | ``none`` (over samples).
+        sigmoid: sigmoid focal loss per region channel with a multi-hot target (MONAI's
+            ``use_softmax=False``: α weighs the positives, 1 − α the negatives); default False.
 
     Raises:
         ValueError: γ < 0, α out of range, lists of the wrong length; bad ``reduction``.
@@ -290,10 +310,12 @@ class FocalSegLoss(_SegmentationLoss):
         include_background: bool = True,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
         super().__init__(reduction)
         self.gamma = check_number(self.name, "gamma", gamma, minimum=0.0)
         check_bool(self.name, "include_background", include_background)
+        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
         if alpha is not None:
             if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
                 alpha = check_number(self.name, "alpha", alpha, minimum=0.0, maximum=1.0)
@@ -302,8 +324,9 @@ class FocalSegLoss(_SegmentationLoss):
         if class_weights is not None:
             class_weights = self._check_list("class_weights", class_weights, num_classes)
         self.alpha = alpha
-        self.focal = MonaiFocalLoss(include_background=include_background, to_onehot_y=True, gamma=self.gamma,
-                                    alpha=alpha, weight=class_weights, use_softmax=True, reduction="none")
+        self.focal = MonaiFocalLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
+                                    gamma=self.gamma, alpha=alpha, weight=class_weights, use_softmax=not sigmoid,
+                                    reduction="none")
 
     def _check_list(self, arg: str, value, num_classes: int | None) -> list[float]:
         values = _check_sequence(self.name, arg, value)
@@ -315,6 +338,8 @@ class FocalSegLoss(_SegmentationLoss):
         return values
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.sigmoid:
+            target = target.to(logits.dtype)
         return self.reduce(_per_sample(self.focal(logits, target)))
 
 
@@ -360,8 +385,12 @@ def signed_distance_map(
     return out
 
 
-def boundary_loss(logits: torch.Tensor, dist_maps: torch.Tensor, include_background: bool = False) -> torch.Tensor:
-    """Unreduced boundary loss ``(B,)``: mean over (classes, voxels) of ``softmax(z)_c · φ_c``."""
+def boundary_loss(logits: torch.Tensor, dist_maps: torch.Tensor, include_background: bool = False,
+                  sigmoid: bool = False) -> torch.Tensor:
+    """Unreduced boundary loss ``(B,)``: mean over (classes, voxels) of ``softmax(z)_c · φ_c``
+    (``sigmoid(z)_r · φ_r`` over every region channel with ``sigmoid=True``)."""
+    if sigmoid:
+        return _per_sample(torch.sigmoid(logits) * dist_maps.to(logits.dtype))
     probs = torch.softmax(logits, dim=1)
     if not include_background:
         probs, dist_maps = probs[:, 1:], dist_maps[:, 1:]
@@ -385,6 +414,7 @@ class BoundaryLoss(_SegmentationLoss):
         include_background: include class 0; default False (the paper uses foreground classes only).
         num_classes: K (unused; accepted for the pipeline).
         reduction: ``mean`` | ``sum`` | ``none`` (over samples).
+        sigmoid: region channels (``sigmoid(z)``, one distance map per region); default False.
 
     Raises:
         ValueError: bad ``reduction``. TypeError: non-bool ``include_background``.
@@ -400,12 +430,14 @@ class BoundaryLoss(_SegmentationLoss):
         include_background: false
     """
 
-    def __init__(self, include_background: bool = False, num_classes: int | None = None, reduction: str = "mean") -> None:
+    def __init__(self, include_background: bool = False, num_classes: int | None = None, reduction: str = "mean",
+                 sigmoid: bool = False) -> None:
         super().__init__(reduction)
         self.include_background = check_bool(self.name, "include_background", include_background)
+        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor | None, dist_maps: torch.Tensor) -> torch.Tensor:
-        return self.reduce(boundary_loss(logits, dist_maps, self.include_background))
+        return self.reduce(boundary_loss(logits, dist_maps, self.include_background, self.sigmoid))
 
 
 @register_loss("dice_boundary")
@@ -420,7 +452,7 @@ class DiceBoundaryLoss(_SegmentationLoss):
         alpha_start: in ``[0, 1]``, default 1.0. alpha_step: ≥ 0, default 0.01.
         alpha_min: in ``[0, alpha_start]``, default 0.01.
         include_background: for the Dice term, default True. boundary_include_background: default False.
-        num_classes: K (unused). reduction: ``mean`` | ``sum`` | ``none``.
+        num_classes: K (unused). reduction: ``mean`` | ``sum`` | ``none``. sigmoid: as ``dice``.
 
     Raises:
         ValueError: α values out of range; bad ``reduction``.
@@ -448,13 +480,14 @@ class DiceBoundaryLoss(_SegmentationLoss):
         boundary_include_background: bool = False,
         num_classes: int | None = None,
         reduction: str = "mean",
+        sigmoid: bool = False,
     ) -> None:
         super().__init__(reduction)
         self.alpha_start = check_number(self.name, "alpha_start", alpha_start, minimum=0.0, maximum=1.0)
         self.alpha_step = check_number(self.name, "alpha_step", alpha_step, minimum=0.0)
         self.alpha_min = check_number(self.name, "alpha_min", alpha_min, minimum=0.0, maximum=self.alpha_start)
-        self.dice = DiceLoss(include_background=include_background, reduction="none")
-        self.boundary = BoundaryLoss(include_background=boundary_include_background, reduction="none")
+        self.dice = DiceLoss(include_background=include_background, reduction="none", sigmoid=sigmoid)
+        self.boundary = BoundaryLoss(include_background=boundary_include_background, reduction="none", sigmoid=sigmoid)
         self.alpha = self.alpha_start
         self._terms: dict[str, torch.Tensor] = {}
 

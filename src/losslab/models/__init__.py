@@ -23,6 +23,10 @@
   (``{task: [class names]}``, default one task ``label`` with ``num_outputs`` classes) and ``texts``
   (captions the offline tokenizer learns its vocabulary from).
 
+- ``"segmentation"``: :class:`SegmentationNet` (:mod:`losslab.models.segmentation`) — a MONAI
+  ``unet``, ``segresnet`` or ``swinunetr`` (``cfg.backbone``) in ``cfg.spatial_dims`` 2 or 3;
+  ``forward(x (B, C, *spatial)) -> logits (B, K, *spatial)`` (``cfg.head`` is not used).
+
 ``backbone_kwargs`` go to the backbone constructor (timm or MONAI). ``class_priors`` (class
 frequencies, length ``K``) initialise every classifier bias to ``log(pi)``. Models never import
 ``losslab.data`` or ``mlflow``.
@@ -169,4 +173,9 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
                  "weights_path": cfg.weights_path, "drop_path_rate": cfg.drop_path_rate, "kwargs": dict(cfg.backbone_kwargs)}
         return build_multimodal_model({"image": image, "fusion": cfg.head, **head_kwargs}, tasks, texts=texts,
                                       in_chans=cfg.in_chans)
-    raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal, image")
+    if cfg.kind == "segmentation":
+        from losslab.models.segmentation import build_segmentation_model
+
+        return build_segmentation_model(cfg.backbone, cfg.spatial_dims, cfg.in_chans, num_outputs, **cfg.backbone_kwargs)
+    raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal, image, "
+                     "segmentation")

@@ -526,6 +526,10 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
 
     ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``.
     """
+    if cfg.model.kind == "segmentation":  # a segmentation model: Dice/HD95 on its validation fold
+        from losslab.pipelines.seg_evaluate import run_seg_evaluate
+
+        return run_seg_evaluate(cfg, source, overrides.get("fold"))
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "

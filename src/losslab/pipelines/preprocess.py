@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def run_preprocess(cfg: ExperimentConfig, force: bool = False, log_to_mlflow: bool = True) -> CacheInfo:
-    """Build (or reuse) the cache for ``cfg.data``; log counts, report and dataset to MLflow."""
+    """Build (or reuse) the cache for ``cfg.data``; log counts, report and dataset to MLflow.
+    ``model.kind: segmentation`` builds the segmentation cache (:func:`run_seg_preprocess`)."""
+    if cfg.model.kind == "segmentation":
+        return run_seg_preprocess(cfg, force, log_to_mlflow)
     if not log_to_mlflow:
         return build_cache(cfg.data, force=force)
     setup_tracking(cfg.tracking)
@@ -47,4 +50,28 @@ def run_preprocess(cfg: ExperimentConfig, force: bool = False, log_to_mlflow: bo
         mlflow.log_input(dataset, context="preprocess")
         with_config = cfg
         log_config(with_config)
+    return info
+
+
+def run_seg_preprocess(cfg: ExperimentConfig, force: bool = False, log_to_mlflow: bool = True):
+    """The segmentation cache (volumes, targets, distance maps, spacing); its report logged to MLflow."""
+    from losslab.data.seg_cache import build_seg_cache
+
+    if not log_to_mlflow:
+        return build_seg_cache(cfg.data, cfg.seg, force=force)
+    setup_tracking(cfg.tracking)
+    tags = base_tags(cfg, "preprocess") | {"losslab.task": "segmentation"}
+    tags.pop("losslab.loss")
+    with managed_run(run_name=f"preprocess-{cfg.data.source}-seg", tags=tags, nested=mlflow.active_run() is not None):
+        info = build_seg_cache(cfg.data, cfg.seg, force=force)
+        print(f"{'reused' if info.reused else 'wrote'} the segmentation cache at {info.cache_dir} "
+              f"(fingerprint {info.fingerprint[:12]})")
+        for skipped in info.report["skipped"]:
+            print(f"skipped {skipped['item']}: {skipped['reason']}")
+        for note in info.report["notes"]:
+            print(f"note: {note}")
+        mlflow.set_tag("losslab.cache_reused", str(info.reused).lower())
+        mlflow.log_metrics({"cases": float(len(info.index)), "skipped": float(info.report.get("skipped_count", 0))})
+        mlflow.log_dict(info.report, "report.json")
+        log_config(cfg)
     return info

@@ -517,6 +517,10 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
         torch.set_num_threads(settings.num_threads)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _retry(lambda: setup_tracking(cfg.tracking), "set up the MLflow experiment")  # two workers may create it at once
+    if info is None and cfg.model.kind == "segmentation":
+        from losslab.data.seg_cache import build_seg_cache
+
+        info = build_seg_cache(cfg.data, cfg.seg)
     info = info or build_cache(cfg.data)
     check_space(cfg, settings, len(info.class_names))
     name = study_name(cfg, settings)

@@ -168,6 +168,10 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
     Under torchrun only rank 0 opens the run, logs, checkpoints and registers the model; the other
     ranks train their shard (:func:`_train_fold_replica`) and never call MLflow."""
     cfg = fold_config(cfg, fold, seed)
+    if task_of(cfg).name == "segmentation":
+        from losslab.pipelines.seg_train import train_seg_fold
+
+        return train_seg_fold(cfg, info, fold, nested, extra_callbacks, extra_tags)
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     if not ddp.is_main_process():
         return _train_fold_replica(cfg, info, fold)
@@ -306,8 +310,12 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     CPU) and destroys it at the end, also on error; each rank trains ``data.batch_size`` samples per
     step (effective batch ``world_size × data.batch_size``, learning rate not scaled) and only rank 0
     builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
-    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``)."""
-    task_of(cfg).check_entry_point("train")  # before any run opens
+    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``).
+    The ``segmentation`` task goes to :func:`losslab.pipelines.seg_train.run_seg_train` (one process)."""
+    task = task_of(cfg)
+    task.check_entry_point("train")  # before any run opens
+    if task.name == "segmentation":
+        return _run_segmentation(cfg, resume_run_id, info, extra_callbacks)
     with ddp.distributed_context(cfg.train.device) as distributed:
         if distributed and cfg.cv.is_multi_run:
             raise ValueError("cv.folds/cv.repeats/cv.seeds are not supported under torchrun/DDP; run one torchrun "
@@ -327,6 +335,17 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
                                 extra_callbacks=extra_callbacks)
             return TrainResult([result], None, info.class_names)
         return run_cv(cfg, info, extra_callbacks)
+
+
+def _run_segmentation(cfg: ExperimentConfig, resume_run_id: str | None, info, extra_callbacks: list | None) -> TrainResult:
+    from losslab.pipelines.seg_train import run_seg_train
+
+    if resume_run_id is not None:
+        raise ValueError("--resume is not supported for model.kind=segmentation yet; start a new run")
+    if ddp.world_size() > 1:
+        raise ValueError("model.kind=segmentation trains in one process; run it without torchrun")
+    setup_tracking(cfg.tracking)
+    return run_seg_train(cfg, info, extra_callbacks)
 
 
 def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:

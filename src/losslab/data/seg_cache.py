@@ -1,0 +1,271 @@
+"""The segmentation cache: image volumes, targets and boundary distance maps, with voxel spacing.
+
+Sources (``data.source``): ``brats`` (the BraTS layout of the embedded cohort: ``<grade>/<case>/
+<case>_{t1,t1ce,t2,flair,seg}.nii.gz``) and ``msd`` (a Medical Segmentation Decathlon task folder with
+``dataset.json``, e.g. ``Task01_BrainTumour``). Raw label values map to targets by ``seg.labels``:
+
+* ``regions``: overlapping binary channels (sigmoid), ``seg.regions`` = ``{region: [raw labels]}``;
+  BraTS default ``wt: [1, 2, 4]``, ``tc: [1, 4]``, ``et: [4]`` (MSD Task01: ``[1, 2, 3]``, ``[2, 3]``,
+  ``[3]``; other MSD tasks: one region per non-zero label of ``dataset.json``).
+* ``classes``: exclusive classes (softmax), ``seg.classes`` = ``{class: [raw labels]}``, background first;
+  BraTS default ``background: [0], necrotic_core: [1], edema: [2], enhancing: [4]`` (MSD: the labels of
+  ``dataset.json``).
+
+Layout under ``data.cache_dir``::
+
+    cases/<case_id>_image.npy   float32 (C, X, Y, Z), z-scored per channel over the non-zero voxels
+    cases/<case_id>_target.npy  uint8 (R, X, Y, Z) multi-hot regions, or (1, X, Y, Z) class indices
+    cases/<case_id>_dist.npy    float32 (R or K, X, Y, Z) signed distance maps with the voxel spacing
+                                (:func:`losslab.losses.signed_distance_map`), for the boundary loss
+    index.json                  one row per case: case_id, patient_id, fold, spacing, shape, empty
+    report.json                 read / skipped (item + reason) / notes, channel names, fingerprint
+
+A mask with a raw label outside the mapping and a mask whose shape differs from its image are skipped
+and named in the report; an empty mask (no labelled voxel) is kept (a case without tumour) and named in
+the report's notes. Case ids are salted hashes; the salt never reaches the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from losslab.data.deid import resolve_salt, salted_hash
+from losslab.data.sources.base import SkipReport
+
+SEG_CACHE_VERSION = 1
+BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
+BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
+MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
+SOURCES = ("brats", "msd")
+
+
+@dataclass
+class SegCacheInfo:
+    """A built (or reused) segmentation cache.
+
+    ``channel_names``: the region names (``regions``) or class names, background first (``classes``);
+    ``class_names``: the names metrics are reported for (regions, or the classes without background).
+    """
+
+    cache_dir: Path
+    index: list[dict[str, Any]]
+    report: dict[str, Any]
+    reused: bool
+    fingerprint: str
+    labels: str
+    channel_names: list[str] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.channel_names) if self.labels == "regions" else list(self.channel_names[1:])
+
+    def cases(self, fold: int, train: bool) -> list[dict[str, Any]]:
+        """The training cases of ``fold`` (every other fold) or its validation cases."""
+        return [r for r in self.index if (r["fold"] != fold and r["fold"] >= 0) == train and (train or r["fold"] == fold)]
+
+    def arrays(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``image``, ``label`` (the target) and ``dist`` arrays of a case, memory-mapped."""
+        base = self.cache_dir / "cases" / row["case_id"]
+        return {key: np.load(f"{base}_{suffix}.npy", mmap_mode="r")
+                for key, suffix in (("image", "image"), ("label", "target"), ("dist", "dist"))}
+
+
+# ------------------------------------------------------------------------------------- readers
+def _brats_items(root: Path) -> Iterator[tuple[str, list[Path | None], Path | None]]:
+    from losslab.data.sources.brats import MODALITIES, _find_modality
+
+    folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob(f"{p.name}_*.nii*")))
+    for folder in folders:
+        case = folder.name
+        seg = next((p for p in (folder / f"{case}_seg.nii.gz", folder / f"{case}_seg.nii") if p.is_file()), None)
+        yield str(folder.relative_to(root)), [_find_modality(folder, case, m) for m in MODALITIES], seg
+
+
+def _msd_items(root: Path, dataset: dict[str, Any]) -> Iterator[tuple[str, list[Path | None], Path | None]]:
+    from losslab.data.sources.manifest import resolve_under
+
+    for entry in dataset.get("training") or []:
+        image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
+        label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
+        image = resolve_under(root, image_rel) if image_rel else None
+        label = resolve_under(root, label_rel) if label_rel else None
+        item = image_rel[2:] if image_rel.startswith("./") else (image_rel or "dataset.json")
+        yield item, [Path(image) if image and Path(image).is_file() else None], Path(label) if label and Path(label).is_file() else None
+
+
+def _read_dataset_json(root: Path) -> dict[str, Any]:
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset.json not found (not an MSD task folder)")
+    dataset = json.loads(path.read_text())
+    if not isinstance(dataset.get("training"), list):
+        raise ValueError(f"{path}: missing key 'training' (a list of {{image, label}})")
+    return dataset
+
+
+def default_mapping(source: str, labels: str, dataset: dict[str, Any] | None = None) -> dict[str, list[int]]:
+    """The source's default ``{name: [raw labels]}`` for ``labels`` = ``regions`` | ``classes``."""
+    if source == "brats":
+        return dict(BRATS_REGIONS if labels == "regions" else BRATS_CLASSES)
+    names = {int(k): str(v) for k, v in ((dataset or {}).get("labels") or {}).items()}
+    if not names:
+        raise ValueError("dataset.json: no 'labels'; set seg.regions or seg.classes in the config")
+    if labels == "classes":
+        return {names[k]: [k] for k in sorted(names)}
+    if "braintumour" in str((dataset or {}).get("name", "")).lower().replace(" ", ""):
+        return dict(MSD_BRAIN_REGIONS)
+    return {names[k]: [k] for k in sorted(names) if k != 0}
+
+
+# ------------------------------------------------------------------------------------- one case
+def _zscore(image: np.ndarray) -> np.ndarray:
+    """Per channel over the non-zero voxels (MONAI ``NormalizeIntensity(nonzero=True, channel_wise=True)``)."""
+    out = np.zeros_like(image, dtype=np.float32)
+    for c in range(image.shape[0]):
+        nz = image[c] != 0
+        if nz.any():
+            values = image[c][nz]
+            out[c][nz] = (values - values.mean()) / (values.std() or 1.0)
+    return out
+
+
+def encode_target(mask: np.ndarray, mapping: dict[str, list[int]], labels: str) -> np.ndarray:
+    """Raw label map ``(X, Y, Z)`` -> ``uint8`` target: ``(R, X, Y, Z)`` multi-hot or ``(1, X, Y, Z)`` indices."""
+    if labels == "regions":
+        return np.stack([np.isin(mask, values) for values in mapping.values()]).astype(np.uint8)
+    out = np.zeros((1,) + mask.shape, dtype=np.uint8)
+    for index, values in enumerate(mapping.values()):
+        out[0][np.isin(mask, values)] = index
+    return out
+
+
+def distance_maps(target: np.ndarray, labels: str, num_channels: int, spacing: list[float]) -> np.ndarray:
+    """Signed distance maps ``(R or K, X, Y, Z)`` float32 of a target, with the voxel spacing."""
+    from losslab.losses import signed_distance_map
+
+    if labels == "regions":
+        return np.stack([signed_distance_map(t.astype(np.int64), 2, spacing)[1] for t in target])
+    return signed_distance_map(target[0].astype(np.int64), num_channels, spacing)
+
+
+def _read_case(files: list[Path | None], seg: Path | None, allowed: set[int]) -> tuple[Any, str]:
+    """``((image, mask, spacing), "")`` or ``(None, reason)``."""
+    import nibabel as nib
+
+    if seg is None:
+        return None, "no mask (*_seg.nii.gz / label map) found"
+    if any(f is None for f in files):
+        return None, "missing image file(s)"
+    try:
+        vols = [np.asarray(nib.load(str(f)).dataobj, dtype=np.float32) for f in files]
+        nifti = nib.load(str(seg))
+        mask = np.rint(np.asarray(nifti.dataobj)).astype(np.int64)
+        spacing = [float(z) for z in nib.load(str(files[0])).header.get_zooms()[:3]]
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not fatal
+        return None, f"cannot read NIfTI: {type(exc).__name__}: {exc}"
+    image = np.moveaxis(vols[0], -1, 0) if len(vols) == 1 and vols[0].ndim == 4 else np.stack(vols)
+    if image.ndim != 4 or not np.isfinite(image).all():
+        return None, f"image is not a finite (C, X, Y, Z) volume: shape {image.shape}"
+    if mask.shape != image.shape[1:]:
+        return None, f"mask shape {mask.shape} differs from the image {image.shape[1:]}"
+    unknown = sorted(set(np.unique(mask).tolist()) - allowed)
+    if unknown:
+        return None, f"mask has label(s) {unknown} not in the mapping (known: {sorted(allowed)})"
+    return (image, mask, spacing), ""
+
+
+# ------------------------------------------------------------------------------------- build
+def _settings(data_cfg: Any, seg_cfg: Any, mapping: dict[str, list[int]], salt: str) -> dict[str, Any]:
+    return {"version": SEG_CACHE_VERSION, "source": data_cfg.source, "labels": seg_cfg.labels, "mapping": mapping,
+            "num_folds": data_cfg.num_folds, "test_fraction": data_cfg.test_fraction, "seed": data_cfg.seed,
+            "salt": hashlib.sha256(salt.encode()).hexdigest()}
+
+
+def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCacheInfo:
+    """Build (or reuse, when the raw files and settings are unchanged) the segmentation cache.
+
+    Raises:
+        ValueError: an unknown ``data.source``, or no usable case (the first reasons are named).
+        FileNotFoundError: ``data.root`` missing and no generator, or no ``dataset.json`` (msd).
+    """
+    from losslab.data.cache import _hash_files, ensure_raw_data
+
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"data.source={data_cfg.source!r} has no segmentation reader; use one of {', '.join(SOURCES)}")
+    ensure_raw_data(data_cfg)
+    root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    salt = resolve_salt(data_cfg.salt, cache_dir)
+    dataset = _read_dataset_json(root) if data_cfg.source == "msd" else None
+    configured = seg_cfg.regions if seg_cfg.labels == "regions" else seg_cfg.classes
+    mapping = {str(k): [int(v) for v in vs] for k, vs in (configured or default_mapping(data_cfg.source, seg_cfg.labels, dataset)).items()}
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    settings = _settings(data_cfg, seg_cfg, mapping, salt)
+    fingerprint = hashlib.sha256((_hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    if not force and (cache_dir / "report.json").is_file():
+        report = json.loads((cache_dir / "report.json").read_text())
+        if report.get("fingerprint") == fingerprint:
+            index = json.loads((cache_dir / "index.json").read_text())
+            return SegCacheInfo(cache_dir, index, report, True, fingerprint, seg_cfg.labels, report["channel_names"])
+    items = _brats_items(root) if data_cfg.source == "brats" else _msd_items(root, dataset or {})
+    report, rows = _write_cases(items, cache_dir, mapping, seg_cfg.labels, salt, data_cfg.source)
+    _assign_folds(rows, data_cfg)
+    full = report.to_dict() | {"fingerprint": fingerprint, "channel_names": list(mapping), "labels": seg_cfg.labels,
+                               "mapping": mapping, "source": data_cfg.source}
+    (cache_dir / "index.json").write_text(json.dumps(rows, indent=1))
+    tmp = cache_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(full, indent=2))
+    os.replace(tmp, cache_dir / "report.json")  # the report is the commit mark
+    return SegCacheInfo(cache_dir, rows, full, False, fingerprint, seg_cfg.labels, list(mapping))
+
+
+def _write_cases(items, cache_dir: Path, mapping: dict[str, list[int]], labels: str, salt: str,
+                 source: str) -> tuple[SkipReport, list[dict[str, Any]]]:
+    report = SkipReport()
+    allowed = {0} | {v for values in mapping.values() for v in values}
+    cases = cache_dir / "cases"
+    shutil.rmtree(cases, ignore_errors=True)
+    cases.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for item, files, seg in items:
+        read, reason = _read_case(files, seg, allowed)
+        if read is None:
+            report.skip(item, reason)
+            continue
+        image, mask, spacing = read
+        target = encode_target(mask, mapping, labels)
+        empty = not bool((mask != 0).any())
+        if empty:
+            report.notes.append(f"{item}: empty mask (no labelled voxel); kept as a case without tumour")
+        case_id = salted_hash(f"seg:{source}:{item}", salt)
+        base = cases / case_id
+        np.save(f"{base}_image.npy", _zscore(image))
+        np.save(f"{base}_target.npy", target)
+        np.save(f"{base}_dist.npy", distance_maps(target, labels, len(mapping), spacing).astype(np.float32))
+        rows.append({"case_id": case_id, "patient_id": case_id, "spacing": spacing, "shape": list(mask.shape),
+                     "empty": empty, "fold": 0})
+        report.read += 1
+    if not rows:
+        reasons = "; ".join(f"{s['item']}: {s['reason']}" for s in report.skipped[:5])
+        raise ValueError(f"no usable segmentation case under the data root: {len(report.skipped)} skipped ({reasons})")
+    return report, rows
+
+
+def _assign_folds(rows: list[dict[str, Any]], data_cfg: Any) -> None:
+    """Patient-level folds (``assign_folds``), stratified on whether the mask is empty when possible."""
+    from losslab.data.splits import assign_folds
+
+    groups = [r["patient_id"] for r in rows]
+    strata = [int(r["empty"]) for r in rows]
+    if min(strata.count(0), strata.count(1) or data_cfg.num_folds) < data_cfg.num_folds:
+        strata = [0] * len(rows)
+    folds = assign_folds(strata, groups, data_cfg.num_folds, data_cfg.seed, data_cfg.test_fraction)
+    for row, fold in zip(rows, folds):
+        row["fold"] = int(fold)

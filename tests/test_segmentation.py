@@ -1,0 +1,294 @@
+"""Segmentation experiments end to end: preprocess report, per-loss CLI runs, evaluate, learned compound
+weights, the α schedule, Dice/HD95 against independent computations, sigmoid losses against MONAI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SEG_CONFIGS = ["seg_dice", "seg_dice_ce", "seg_focal", "seg_tversky", "seg_focal_tversky", "seg_boundary",
+               "seg_compound", "seg_compound_learnable"]
+REGIONS = ["wt", "tc", "et"]
+
+
+@pytest.fixture(scope="session")
+def seg_root(tmp_path_factory) -> Path:
+    """8 embedded BraTS-layout cases of 32 x 32 x 16 voxels with their *_seg masks."""
+    from losslab.data.sources import run_generator
+
+    root = tmp_path_factory.mktemp("segdata") / "embedded_brats"
+    run_generator("embedded_brats", str(root), seed=5, num_cases=8, shape=(32, 32, 16))
+    return root
+
+
+@pytest.fixture(scope="session")
+def seg_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("segcache")
+
+
+def _overrides(seg_root: Path, cache_dir: Path, ckpt: Path, experiment: str, *extra: str) -> list[str]:
+    return [f"data.root={seg_root}", f"data.cache_dir={cache_dir}", "data.num_folds=2", "data.salt=test-salt",
+            "data.batch_size=2", "seg.patch_size=[16, 16, 16]", "seg.samples_per_case=1", "train.epochs=2",
+            f"train.checkpoint_dir={ckpt}", f"tracking.experiment={experiment}",
+            "tracking.registered_model_name=test-seg", "optim.lr=0.01", "train.plot_every=1", *extra]
+
+
+def _cli(*args: str):
+    from losslab.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def _train(config: str, seg_root, seg_cache_dir, tmp_path, experiment: str, *extra: str) -> str:
+    args = ["train", "-c", str(REPO / "configs" / "experiment" / f"{config}.yaml")]
+    for o in _overrides(seg_root, seg_cache_dir, tmp_path / "ckpt", experiment, *extra):
+        args += ["-o", o]
+    out = _cli(*args)
+    line = next(l for l in out.splitlines() if l.startswith("fold 0: FINISHED"))
+    return line.split(" run ")[1].split()[0]
+
+
+def _history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+# ------------------------------------------------------------------------------------ CLI runs
+@pytest.mark.parametrize("config", SEG_CONFIGS)
+def test_a_short_run_per_loss_logs_region_dice_each_epoch_and_registers_a_model(config, seg_root, seg_cache_dir,
+                                                                                 tmp_path):
+    run_id = _train(config, seg_root, seg_cache_dir, tmp_path, "seg-losses")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["losslab.task"] == "segmentation"
+    for key in [f"val/dice_{r}" for r in REGIONS] + ["val/mean_dice", "train/loss", "val/loss"] + \
+               [f"val/hd95_{r}" for r in REGIONS]:
+        assert len(_history(client, run_id, key)) == 2, key
+    dice = np.array([_history(client, run_id, f"val/dice_{r}") for r in REGIONS])
+    assert ((dice >= 0) & (dice <= 1)).all()
+    # mean Dice is the mean of the region Dice values, every epoch
+    np.testing.assert_allclose(_history(client, run_id, "val/mean_dice"), dice.mean(axis=0), rtol=1e-6)
+    versions = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")
+    assert len(versions) == 1
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/overlay.png", "plots/overlay_epoch_000.png", "plots/curves.png"} <= plots
+    if config == "seg_boundary":  # α = max(0.01, 1 − 0.02·epoch) moved from Dice to the boundary term
+        np.testing.assert_allclose(_history(client, run_id, "loss_weight/dice"), [1.0, 0.98])
+        np.testing.assert_allclose(_history(client, run_id, "loss_weight/boundary"), [0.0, 0.02], atol=1e-12)
+
+
+def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, tmp_path):
+    run_id = _train("seg_dice", seg_root, seg_cache_dir, tmp_path, "seg-evaluate", "tracking.alias=candidate")
+    client = MlflowClient()
+    best = client.get_run(run_id).data.metrics
+    version = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")[0].version
+    out = _cli("evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"),
+               "-m", f"models:/test-seg/{version}")
+    eval_run = out.split("evaluate run ")[1].split(":")[0]
+    got = client.get_run(eval_run).data.metrics
+    for key in ["mean_dice"] + [f"dice_{r}" for r in REGIONS]:
+        assert abs(got[f"val/{key}"] - best[f"best_val/{key}"]) <= 1e-5, key
+    # and the best epoch's logged value is that same number
+    history = _history(client, run_id, "val/mean_dice")
+    assert abs(max(history) - got["val/mean_dice"]) <= 1e-5
+
+
+def test_learned_compound_weights_change_and_are_logged_each_epoch(seg_root, seg_cache_dir, tmp_path):
+    from losslab.engine.loop import load_checkpoint
+
+    run_id = _train("seg_compound_learnable", seg_root, seg_cache_dir, tmp_path, "seg-compound", "optim.lr=0.05")
+    client = MlflowClient()
+    weights = {t: _history(client, run_id, f"loss_weight/{t}") for t in ("dice", "focal_seg", "boundary")}
+    assert all(len(v) == 2 for v in weights.values())
+    start = np.array([0.5, 0.3, 0.2])
+    epoch1 = np.array([weights[t][1] for t in ("dice", "focal_seg", "boundary")])
+    assert np.abs(epoch1 - start).max() > 1e-4  # they moved
+    np.testing.assert_allclose(epoch1.sum(), 1.0, rtol=1e-6)
+    # the last logged weights are softmax(θ) of the checkpointed weight logits
+    last = load_checkpoint(tmp_path / "ckpt" / run_id / "last.pt")
+    theta = last["loss"]["weight_logits"].numpy().astype(float)
+    np.testing.assert_allclose(epoch1, np.exp(theta) / np.exp(theta).sum(), rtol=1e-5)
+
+
+def test_two_dimensional_unet_with_cv_folds(seg_root, seg_cache_dir, tmp_path):
+    args = ["train", "-c", str(REPO / "configs" / "experiment" / "seg_dice_ce.yaml")]
+    for o in _overrides(seg_root, seg_cache_dir, tmp_path / "ckpt", "seg-2d-cv", "model.spatial_dims=2",
+                        "seg.patch_size=[16, 16]", "cv.folds=2", "train.epochs=1", "seg.labels=classes"):
+        args += ["-o", o]
+    out = _cli(*args)
+    assert out.count("FINISHED") == 2
+    client = MlflowClient()
+    run_id = out.splitlines()[-1].split(" run ")[1].split()[0]
+    classes = ["necrotic_core", "edema", "enhancing"]
+    for c in classes:
+        assert len(_history(client, run_id, f"val/dice_{c}")) == 1
+
+
+# ------------------------------------------------------------------------------------ preprocess
+def test_bad_masks_are_named_in_the_preprocess_report_and_nothing_else_is_lost(seg_root, tmp_path):
+    root = tmp_path / "raw"
+    shutil.copytree(seg_root, root)
+    cases = sorted(p for p in root.glob("*/*") if p.is_dir())
+    bad_label, bad_shape, empty = cases[0], cases[1], cases[2]
+
+    def rewrite(folder: Path, fn) -> None:
+        path = folder / f"{folder.name}_seg.nii.gz"
+        img = nib.load(str(path))
+        nib.save(nib.Nifti1Image(fn(np.asarray(img.dataobj)), img.affine, img.header), str(path))
+
+    rewrite(bad_label, lambda m: np.where(m == 2, 3, m).astype(np.int16))
+    rewrite(bad_shape, lambda m: m[:, :, :-2].copy())
+    rewrite(empty, lambda m: np.zeros_like(m))
+    cache = tmp_path / "cache"
+    args = ["preprocess", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml")]
+    for o in _overrides(root, cache, tmp_path / "ckpt", "seg-preprocess"):
+        args += ["-o", o]
+    out = _cli(*args)
+    report = json.loads((cache / "report.json").read_text())
+    skipped = {s["item"]: s["reason"] for s in report["skipped"]}
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    assert set(skipped) == {rel(bad_label), rel(bad_shape)}
+    assert "[3]" in skipped[rel(bad_label)] and "not in the mapping" in skipped[rel(bad_label)]
+    assert "differs from the image" in skipped[rel(bad_shape)]
+    assert any(rel(empty) in n and "empty mask" in n for n in report["notes"])
+    assert rel(bad_label) in out and rel(bad_shape) in out and rel(empty) in out
+    assert report["read"] == len(cases) - 2
+    index = json.loads((cache / "index.json").read_text())
+    assert len(index) == len(cases) - 2 and sum(r["empty"] for r in index) == 1
+
+
+def test_distance_maps_are_cached_with_the_voxel_spacing(tmp_path):
+    """The msd source (spacing 1 × 1 × 2.5 mm): cached maps equal a brute-force signed distance."""
+    from losslab.config import DataConfig, SegConfig
+    from losslab.data.seg_cache import build_seg_cache
+
+    root = tmp_path / "msd"
+    from losslab.data.sources import run_generator
+
+    run_generator("msd", str(root), seed=1, cases=4, size=12, depth=6, channels=2, positive_fraction=0.5)
+    info = build_seg_cache(DataConfig(source="msd", root=str(root), cache_dir=str(tmp_path / "c"), num_folds=2,
+                                      salt="s", generate=None), SegConfig())
+    assert info.channel_names == ["lesion"]
+    row = next(r for r in info.index if not r["empty"])
+    assert row["spacing"] == [1.0, 1.0, 2.5]
+    arrays = info.arrays(row)
+    mask = arrays["label"][0].astype(bool)
+    grid = np.stack(np.meshgrid(*[np.arange(s) * sp for s, sp in zip(mask.shape, row["spacing"])], indexing="ij"), -1)
+    inside, outside = grid[mask], grid[~mask]
+    d_out = np.sqrt(((outside[:, None] - inside[None]) ** 2).sum(-1)).min(1)  # to the nearest inside voxel
+    d_in = np.sqrt(((inside[:, None] - outside[None]) ** 2).sum(-1)).min(1)
+    expected = np.zeros(mask.shape)
+    expected[~mask] = d_out
+    expected[mask] = -(d_in - 1.0)  # h = min(spacing)
+    np.testing.assert_allclose(arrays["dist"][0], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ metrics
+class _Fixed(torch.nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits.repeat(x.shape[0], *([1] * (self.logits.dim() - 1)))
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask)
+
+
+def _hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    from scipy.ndimage import distance_transform_edt
+
+    a, b = _edges(pred), _edges(truth)
+    d_ab = distance_transform_edt(~b, sampling=spacing)[a]
+    d_ba = distance_transform_edt(~a, sampling=spacing)[b]
+    return max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+
+
+def test_validation_dice_and_hd95_match_independent_computations():
+    from losslab.engine.segmentation import SegmentationTask
+    from losslab.losses import build_loss
+
+    rng = np.random.default_rng(0)
+    shape = (16, 16, 8)
+    truth = np.zeros((2, *shape), dtype=np.uint8)
+    truth[0, 3:10, 4:12, 2:6] = 1
+    truth[1, 5:8, 5:9, 3:5] = 1
+    logits = torch.tensor(rng.normal(0, 1, (1, 2, *shape)), dtype=torch.float32)
+    logits[0, 0, 2:11, 4:11, 2:7] += 3.0
+    spacing = [1.0, 1.5, 2.0]
+    batch = {"image": torch.zeros(1, 1, *shape), "label": torch.tensor(truth[None]), "dist": torch.zeros(1, 2, *shape),
+             "spacing": torch.tensor([spacing], dtype=torch.float64)}
+    task = SegmentationTask(build_loss("dice", sigmoid=True), ["a", "b"], True, list(shape), hd95=True)
+    metrics, _ = task.validate(_Fixed(logits), [batch], torch.device("cpu"))
+    pred = (torch.sigmoid(logits)[0] > 0.5).numpy()
+    for r, name in enumerate("ab"):
+        p, g = pred[r], truth[r].astype(bool)
+        dice = 2 * (p & g).sum() / (p.sum() + g.sum())
+        assert metrics[f"val/dice_{name}"] == pytest.approx(dice, abs=1e-6)
+        assert metrics[f"val/hd95_{name}"] == pytest.approx(_hd95(p, g, spacing), rel=1e-4)
+    assert metrics["val/mean_dice"] == pytest.approx((metrics["val/dice_a"] + metrics["val/dice_b"]) / 2)
+
+
+# ------------------------------------------------------------------------------------ losses, models
+def test_sigmoid_region_losses_match_monai():
+    from monai.losses import DiceLoss, FocalLoss, TverskyLoss
+
+    from losslab.losses import build_loss
+
+    z = torch.randn(2, 3, 6, 6, 4)
+    y = (torch.rand(2, 3, 6, 6, 4) > 0.6).float()
+    assert torch.allclose(build_loss("dice", sigmoid=True)(z, y), DiceLoss(sigmoid=True)(z, y), atol=1e-6)
+    assert torch.allclose(build_loss("tversky", alpha=0.3, beta=0.7, sigmoid=True)(z, y),
+                          TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7)(z, y), atol=1e-6)
+    assert torch.allclose(build_loss("focal_seg", gamma=2.0, alpha=0.25, sigmoid=True)(z, y),
+                          FocalLoss(gamma=2.0, alpha=0.25, use_softmax=False)(z, y), atol=1e-6)
+    # MONAI's DiceCELoss uses softmax CE for several channels even with sigmoid=True; regions overlap, so BCE
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+    assert torch.allclose(build_loss("dice_ce", sigmoid=True)(z, y), DiceLoss(sigmoid=True)(z, y) + bce, atol=1e-6)
+    phi = torch.randn(2, 3, 6, 6, 4)
+    expected = (torch.sigmoid(z) * phi).mean()
+    assert torch.allclose(build_loss("boundary", sigmoid=True)(z, y, phi), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "segresnet", "swinunetr"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_segmentation_models_in_2d_and_3d(backbone, spatial_dims):
+    from losslab.config import ModelConfig
+    from losslab.models import build_model
+
+    cfg = ModelConfig(kind="segmentation", backbone=backbone, spatial_dims=spatial_dims, in_chans=4)
+    model = build_model(cfg, num_outputs=3).eval()
+    side = 64 if backbone == "swinunetr" else 32  # SwinUNETR: more than one voxel at its 1/32 bottleneck
+    x = torch.randn(1, 4, *([side] * spatial_dims))
+    with torch.no_grad():
+        assert model(x).shape == (1, 3, *([side] * spatial_dims))
+
+
+def test_segmentation_refusals_name_the_key():
+    from losslab.config import ConfigError, ModelConfig, load_config
+    from losslab.models import build_model
+    from losslab.pipelines.seg_train import build_seg_task
+
+    with pytest.raises(KeyError, match="known: segresnet, swinunetr, unet"):
+        build_model(ModelConfig(kind="segmentation", backbone="vnet"), num_outputs=2)
+    with pytest.raises(TypeError, match="nope"):
+        build_model(ModelConfig(kind="segmentation", backbone="unet", backbone_kwargs={"nope": 1}), num_outputs=2)
+    with pytest.raises(ConfigError, match="seg.patch_size"):
+        load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["model.spatial_dims=2"])
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["loss=focal"])
+    with pytest.raises(ValueError, match="loss.name='focal' is not a segmentation loss"):
+        build_seg_task(cfg, REGIONS)
