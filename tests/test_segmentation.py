@@ -20,6 +20,16 @@ SEG_CONFIGS = ["seg_dice", "seg_dice_ce", "seg_focal", "seg_tversky", "seg_focal
 REGIONS = ["wt", "tc", "et"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP barriers of tiny 2D/3D convolutions
+    otherwise spin for most of the run (100x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def seg_root(tmp_path_factory) -> Path:
     """8 embedded BraTS-layout cases of 32 x 32 x 16 voxels with their *_seg masks."""
@@ -128,7 +138,7 @@ def test_two_dimensional_unet_with_cv_folds(seg_root, seg_cache_dir, tmp_path):
     out = _cli(*args)
     assert out.count("FINISHED") == 2
     client = MlflowClient()
-    run_id = out.splitlines()[-1].split(" run ")[1].split()[0]
+    run_id = next(l for l in out.splitlines() if l.startswith("fold 1: FINISHED")).split(" run ")[1].split()[0]
     classes = ["necrotic_core", "edema", "enhancing"]
     for c in classes:
         assert len(_history(client, run_id, f"val/dice_{c}")) == 1
@@ -292,3 +302,43 @@ def test_segmentation_refusals_name_the_key():
     cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["loss=focal"])
     with pytest.raises(ValueError, match="loss.name='focal' is not a segmentation loss"):
         build_seg_task(cfg, REGIONS)
+
+
+def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root, seg_cache_dir, tmp_path):
+    import mlflow
+    import optuna
+
+    from losslab.config import load_config
+    from losslab.pipelines.compare import run_compare
+    from losslab.pipelines.sweep import run_sweep, sweep_settings
+
+    space = ("{loss: {type: categorical, choices: [tversky, compound_seg]}, "
+             "loss.alpha: {type: float, low: 0.2, high: 0.8, when: {loss: tversky}}, "
+             "loss.terms.2.weight: {type: float, low: 0.1, high: 0.9, when: {loss: compound_seg}}}")
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", _overrides(
+        seg_root, seg_cache_dir, tmp_path / "ckpt", "seg-sweep", "train.epochs=1",
+        f"sweep={{storage: 'sqlite:///{tmp_path / 'optuna.db'}', n_trials: 3, space: {space}, "
+        "sampler: {name: random, seed: 1}, pruner: {name: none}}"))
+    result = run_sweep(cfg, sweep_settings(cfg))
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    client = MlflowClient()
+    folds = client.search_runs([mlflow.get_experiment_by_name("seg-sweep").experiment_id],
+                               "tags.`losslab.sweep_role` = 'fold'")
+    for t in study.trials:  # the objective is the fold run's best mean Dice, with the sampled knobs applied
+        (run,) = [r for r in folds if r.data.tags.get("mlflow.parentRunId") == t.user_attrs["mlflow_run_id"]]
+        assert run.data.metrics["best_val/mean_dice"] == pytest.approx(t.value)
+        if t.params["loss"] == "tversky":
+            assert run.data.params["loss.alpha"] == str(t.params["loss.alpha"])
+        else:
+            terms = run.data.params["loss.terms"]
+            assert f'"weight": {t.params["loss.terms.2.weight"]}' in terms, terms
+    table = run_compare("seg-sweep", metrics=["mean_dice", "dice_wt", "dice_tc", "dice_et", "hd95_wt"], log_run=False)
+    expected = {}
+    for r in folds:
+        expected.setdefault(r.data.tags["losslab.loss"], []).append(r.data.metrics["best_val/mean_dice"])
+    means = {loss: float(np.mean(v)) for loss, v in expected.items()}
+    assert list(table.table.index) == sorted(means, key=lambda k: -means[k])
+    for loss, mean in means.items():
+        assert table.table.loc[loss, "mean_dice_mean"] == pytest.approx(mean)
+        assert {"dice_wt_mean", "dice_tc_mean", "dice_et_mean", "hd95_wt_mean"} <= set(table.table.columns)

@@ -1,0 +1,260 @@
+"""The segmentation loss study on the embedded BraTS-layout cohort, and the segmentation speed bars.
+
+Part 1 (``--part losses``): every ``configs/experiment/seg_<loss>.yaml`` trains with the same budget
+(cases, epochs, patches, optimiser) for each seed; the best epoch's checkpoint (by ``val/mean_dice``) is
+validated again, and the table gives mean ± std over the seeds of the Dice of the whole tumour (wt),
+tumour core (tc) and enhancing tumour (et), their mean, and the HD95 (mm) per region. The table is
+written by this script into ``docs/results.md`` between ``<!-- seg_losses:start -->`` and
+``<!-- seg_losses:end -->`` (the rest of the file is left as it is).
+
+Part 2 (``--part speed``), same model (UNet 3D), transforms, loss (compound dice + focal + boundary)
+and data:
+
+* training epoch: losslab's epoch (``engine.segmentation._train_epoch``: loss with distance maps,
+  clipping, scheduler, term and weight bookkeeping) against a bare MONAI loop (``model(x)``, loss,
+  backward, clipping, step) over the same loader; median seconds per epoch, bar ≤ 1.05;
+* validation: :meth:`SegmentationTask.validate` (HD95 off, val loss on) against a direct
+  ``sliding_window_inference`` + ``DiceMetric`` loop; volumes per second, bar ≥ 0.95;
+* peak memory (max RSS) of the embedded run: ``losslab train`` of ``seg_compound_learnable`` in a
+  child process (``--threads``, default 1); bar < 4 GiB.
+
+Prints numbers; asserts nothing. Run it niced, e.g.::
+
+    nice -n 10 .venv/bin/python bench/seg_losses.py --seeds 0 1 2 --epochs 8 --cases 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LOSSES = ["dice", "dice_ce", "focal", "tversky", "focal_tversky", "boundary", "compound", "compound_learnable"]
+REGIONS = ["wt", "tc", "et"]
+START, END = "<!-- seg_losses:start -->", "<!-- seg_losses:end -->"
+
+
+def _config(loss: str, tmp: Path, args, seed: int, *extra: str):
+    from losslab.config import load_config
+
+    return load_config(REPO / "configs" / "experiment" / f"seg_{loss}.yaml", [
+        f"data.root={tmp / 'data'}", f"data.cache_dir={tmp / 'cache'}", "data.salt=bench", "data.generate=null",
+        f"train.epochs={args.epochs}", f"train.seed={seed}", "train.device=cpu", f"train.checkpoint_dir={tmp / 'ckpt'}",
+        "train.plot_every=0", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *args.override, *extra])
+
+
+def _data(tmp: Path, args) -> None:
+    from losslab.data.sources import run_generator
+
+    run_generator("embedded_brats", str(tmp / "data"), seed=0, num_cases=args.cases, shape=(64, 64, 32))
+
+
+def _fit_once(cfg, info):
+    """Best-checkpoint validation metrics of one training run (no MLflow)."""
+    from losslab.data.seg_datasets import make_seg_loaders
+    from losslab.engine.loop import load_checkpoint, seed_everything
+    from losslab.engine.segmentation import fit_segmentation
+    from losslab.pipelines.seg_train import build_seg_task
+
+    seed_everything(cfg.train.seed)
+    task, model = build_seg_task(cfg, info.channel_names)
+    train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
+                                  seed=cfg.train.seed)
+    fit_segmentation(model, task, train, val, cfg.train, cfg.optim)
+    model.load_state_dict(load_checkpoint(Path(cfg.train.checkpoint_dir) / "best.pt")["model"])
+    metrics, _ = task.validate(model, val, torch.device("cpu"))
+    return metrics
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def run_losses(args, tmp: Path) -> str:
+    from losslab.data.seg_cache import build_seg_cache
+
+    rows, info = [], None
+    for loss in args.losses:
+        per_seed = []
+        for seed in args.seeds:
+            cfg = _config(loss, tmp, args, seed, f"train.checkpoint_dir={tmp / 'ckpt' / f'{loss}-{seed}'}")
+            info = info or build_seg_cache(cfg.data, cfg.seg)
+            t0 = time.perf_counter()
+            per_seed.append(_fit_once(cfg, info))
+            print(f"{loss} seed {seed}: mean Dice {per_seed[-1]['val/mean_dice']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        cells = [_fmt([m[f"val/dice_{r}"] for m in per_seed], 3) for r in REGIONS]
+        cells.append(_fmt([m["val/mean_dice"] for m in per_seed], 3))
+        cells += [_fmt([m[f"val/hd95_{r}"] for m in per_seed], 1) for r in REGIONS]
+        rows.append((statistics.mean(m["val/mean_dice"] for m in per_seed), loss, cells))
+    rows.sort(key=lambda r: -r[0])
+    n_val = len(info.cases(0, train=False))
+    cfg = _config(args.losses[0], tmp, args, 0)
+    header = (f"Segmentation loss study (embedded BraTS-layout cohort, {args.cases} cases of 64 × 64 × 32 voxels, "
+              f"fold 0: {len(info.cases(0, train=True))} training / {n_val} validation volumes; "
+              f"{cfg.model.backbone} {cfg.model.spatial_dims}D {cfg.model.backbone_kwargs or ''}, patches "
+              f"{cfg.seg.patch_size} × {cfg.seg.samples_per_case} per case, {args.epochs} epochs, seeds "
+              f"{', '.join(map(str, args.seeds))}, {args.threads} CPU thread(s); best epoch by mean Dice; mean ± std over seeds; "
+              f"written by `bench/seg_losses.py {' '.join(sys.argv[1:])}`).\n\n")
+    table = "| loss | Dice wt | Dice tc | Dice et | mean Dice | HD95 wt (mm) | HD95 tc (mm) | HD95 et (mm) |\n"
+    table += "|---|---|---|---|---|---|---|---|\n"
+    table += "".join(f"| {loss} | " + " | ".join(cells) + " |\n" for _, loss, cells in rows)
+    return header + table
+
+
+def write_results(section: str, path: Path) -> None:
+    """Replace (or append) the text between the seg_losses markers of ``path``."""
+    text = path.read_text() if path.is_file() else "# Results\n"
+    block = f"{START}\n## Segmentation losses\n\n{section}{END}"
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------- speed
+def _bare_epoch(model, loss_fn, loader, optimizer, grad_clip: float) -> None:
+    model.train()
+    for batch in loader:
+        logits = model(batch["image"])
+        loss = loss_fn(logits, batch["label"], dist_maps=batch["dist"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+
+
+def _direct_validation(model, loader, roi, sw_batch_size: int, overlap: float) -> float:
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+
+    model.eval()
+    dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    with torch.no_grad():
+        for batch in loader:
+            logits = sliding_window_inference(batch["image"], roi, sw_batch_size, model, overlap=overlap)
+            dice((torch.sigmoid(logits) > 0.5).float(), batch["label"])
+    return float(dice.aggregate().mean())
+
+
+def _epoch_times(args, cfg, info) -> tuple[float, float]:
+    from losslab.data.seg_datasets import make_seg_loaders
+    from losslab.engine.callbacks import CallbackList
+    from losslab.engine.loop import FitState, build_optimizer, seed_everything
+    from losslab.engine.segmentation import _train_epoch
+    from losslab.pipelines.seg_train import build_seg_task
+
+    times = {"losslab": [], "bare": []}
+    for repeat in range(args.repeats):
+        for variant in (("losslab", "bare") if repeat % 2 == 0 else ("bare", "losslab")):
+            seed_everything(0)
+            task, model = build_seg_task(cfg, info.channel_names)
+            train, _ = make_seg_loaders(info, 0, cfg.seg, 3, cfg.data.batch_size, seed=0)
+            optimizer = build_optimizer(model, task.loss_fn, cfg.optim)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+            t0 = time.perf_counter()
+            if variant == "bare":
+                _bare_epoch(model, task.loss_fn, train, optimizer, cfg.train.grad_clip)
+            else:
+                _train_epoch(model, task, train, optimizer, scheduler, torch.device("cpu"), cfg.train, 0,
+                             CallbackList([]), FitState())
+            times[variant].append(time.perf_counter() - t0)
+    return statistics.median(times["losslab"]), statistics.median(times["bare"])
+
+
+def _validation_rates(args, cfg, info) -> tuple[float, float, float]:
+    from losslab.data.seg_datasets import make_seg_loaders
+    from losslab.engine.loop import seed_everything
+    from losslab.pipelines.seg_train import build_seg_task
+
+    seed_everything(0)
+    task, model = build_seg_task(cfg.model_copy(update={"seg": cfg.seg.model_copy(update={"hd95": False})}),
+                                 info.channel_names)
+    _, val = make_seg_loaders(info, 0, cfg.seg, 3, 1, seed=0)
+    n = len(val.dataset)
+    rates = {"losslab": [], "direct": []}
+    for repeat in range(args.repeats):
+        for variant in (("losslab", "direct") if repeat % 2 == 0 else ("direct", "losslab")):
+            t0 = time.perf_counter()
+            if variant == "losslab":
+                ours = task.validate(model, val, torch.device("cpu"))[0]["val/mean_dice"]
+            else:
+                direct = _direct_validation(model, val, cfg.seg.patch_size, cfg.seg.sw_batch_size, cfg.seg.overlap)
+            rates[variant].append(n / (time.perf_counter() - t0))
+    if abs(ours - direct) > 1e-6:
+        print(f"WARNING: the two validations disagree: mean Dice {ours:.6f} vs {direct:.6f}")
+    return statistics.median(rates["losslab"]), statistics.median(rates["direct"]), ours
+
+
+def _peak_memory(args, tmp: Path) -> float:
+    """Max RSS (GiB) of `losslab train` on the embedded cohort in a child process (``--threads``)."""
+    overrides = [f"data.root={tmp / 'data'}", f"data.cache_dir={tmp / 'cache'}", "data.salt=bench",
+                 "train.epochs=2", "train.device=cpu", f"train.checkpoint_dir={tmp / 'ckpt'}",
+                 f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *args.override]
+    cmd = [sys.executable, "-c", f"import torch; torch.set_num_threads({args.threads}); from losslab.cli import run; run()",
+           "train", "-c", str(REPO / "configs" / "experiment" / "seg_compound_learnable.yaml")]
+    for o in overrides:
+        cmd += ["-o", o]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_speed(args, tmp: Path) -> None:
+    from losslab.data.seg_cache import build_seg_cache
+
+    cfg = _config("compound", tmp, args, 0)
+    info = build_seg_cache(cfg.data, cfg.seg)
+    ours, bare = _epoch_times(args, cfg, info)
+    print(f"training epoch: losslab {ours:.2f} s, bare MONAI loop {bare:.2f} s, ratio {ours / bare:.3f} (bar <= 1.05)")
+    ours_rate, direct_rate, dice = _validation_rates(args, cfg, info)
+    print(f"validation: losslab {ours_rate:.2f} volumes/s, direct sliding_window_inference + DiceMetric "
+          f"{direct_rate:.2f} volumes/s, ratio {ours_rate / direct_rate:.3f} (bar >= 0.95; same mean Dice {dice:.4f})")
+    print(f"peak memory of the embedded run (2 epochs, {args.threads} thread(s)): {_peak_memory(args, tmp):.2f} GiB "
+          "(bar < 4 GiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["losses", "speed", "all"], default="all")
+    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a loaded 2-core machine more threads spin in OpenMP barriers)")
+    parser.add_argument("--override", "-o", action="append", default=[],
+                        help="dotted config override applied to every run, e.g. -o seg.patch_size=[32,32,16]")
+    parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--workdir", default=None, help="keep data and cache here (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.workdir or scratch)
+        if not (tmp / "data").is_dir():
+            _data(tmp, args)
+        if args.part in ("speed", "all"):
+            run_speed(args, tmp)
+        if args.part in ("losses", "all"):
+            section = run_losses(args, tmp)
+            print(section)
+            write_results(section, Path(args.results))
+            print(f"written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
