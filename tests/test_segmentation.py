@@ -299,9 +299,11 @@ def test_segmentation_refusals_name_the_key():
         build_model(ModelConfig(kind="segmentation", backbone="unet", backbone_kwargs={"nope": 1}), num_outputs=2)
     with pytest.raises(ConfigError, match="seg.patch_size"):
         load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["model.spatial_dims=2"])
-    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["loss=focal"])
+    with pytest.raises(ConfigError, match="loss.name='focal' .* is a classification loss; task 'segmentation'"):
+        load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["loss=focal"])
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml")  # past the loader, the builder refuses too
     with pytest.raises(ValueError, match="loss.name='focal' is not a segmentation loss"):
-        build_seg_task(cfg, REGIONS)
+        build_seg_task(cfg.model_copy(update={"loss": cfg.loss.model_validate({"name": "focal"})}), REGIONS)
 
 
 def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root, seg_cache_dir, tmp_path):
@@ -334,11 +336,15 @@ def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root,
             terms = run.data.params["loss.terms"]
             assert f'"weight": {t.params["loss.terms.2.weight"]}' in terms, terms
     table = run_compare("seg-sweep", metrics=["mean_dice", "dice_wt", "dice_tc", "dice_et", "hd95_wt"], log_run=False)
-    expected = {}
-    for r in folds:
-        expected.setdefault(r.data.tags["losslab.loss"], []).append(r.data.metrics["best_val/mean_dice"])
-    means = {loss: float(np.mean(v)) for loss, v in expected.items()}
-    assert list(table.table.index) == sorted(means, key=lambda k: -means[k])
-    for loss, mean in means.items():
-        assert table.table.loc[loss, "mean_dice_mean"] == pytest.approx(mean)
-        assert {"dice_wt_mean", "dice_tc_mean", "dice_et_mean", "hd95_wt_mean"} <= set(table.table.columns)
+    by_id = {r.info.run_id: r for r in folds}
+    pooled = table.runs  # like with like: the runs compare pooled (same config apart from the grouping key)
+    assert set(pooled["run_id"]) <= set(by_id) and len(pooled) >= 2
+    means = {}
+    for loss, members in pooled.groupby("losslab.loss"):
+        means[loss] = float(np.mean([by_id[i].data.metrics["best_val/mean_dice"] for i in members["run_id"]]))
+        assert table.table.loc[loss, "mean_dice_mean"] == pytest.approx(means[loss])
+        wt = np.mean([by_id[i].data.metrics["best_val/dice_wt"] for i in members["run_id"]])
+        assert table.table.loc[loss, "dice_wt_mean"] == pytest.approx(wt)
+    ranked = [g for g in table.table.index if g in means]
+    assert ranked == sorted(means, key=lambda k: -means[k])
+    assert {"dice_tc_mean", "dice_et_mean", "hd95_wt_mean"} <= set(table.table.columns)

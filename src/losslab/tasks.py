@@ -11,7 +11,7 @@ task                          model.kind             losses (``task`` of the los
 ``image_classification``      image                  classification, ordinal
 ``volume_classification``     volume3d               classification, ordinal
 ``multitask``                 multimodal             classification (one head per task; ``losslab distill``)
-``segmentation``              (none yet)             segmentation
+``segmentation``              segmentation           segmentation
 ============================  =====================  =====================================================
 
 The experiment names its task with the top-level key ``task``; when absent it is inferred from
@@ -176,15 +176,22 @@ class MultitaskTask(Task):
 
 @register_task
 class SegmentationTask(Task):
-    """Voxel-wise segmentation with the segmentation losses (dice, tversky, boundary, ...).
-
-    Registered so that configs can name it and impossible pairings are refused; no model kind
-    trains it yet (the segmentation work builds ``model_kinds``, ``make_dataset`` and ``loss`` here)."""
+    """Voxel-wise segmentation with the segmentation losses (dice, tversky, boundary, compound of them)
+    by a MONAI network (``model.kind: segmentation``). Its own cache (volumes, targets, distance maps:
+    :mod:`losslab.data.seg_cache`), patch datasets (:mod:`losslab.data.seg_datasets`), batch → loss,
+    sliding-window validation and metrics (:class:`losslab.engine.segmentation.SegmentationTask`) and
+    loop (:func:`losslab.engine.segmentation.fit_segmentation`) live in those modules; the pipelines
+    route this task to :mod:`losslab.pipelines.seg_train` / ``seg_evaluate``."""
 
     name = "segmentation"
-    model_kinds = ()
+    model_kinds = ("segmentation",)
     loss_tasks = ("segmentation",)
-    entry_points = ()
+    entry_points = ("train", "evaluate", "sweep")
+
+    def make_dataset(self, cfg, info, rows, train, transform=None):
+        from losslab.data.seg_datasets import SegVolumeDataset, train_transforms
+
+        return SegVolumeDataset(info, rows, train_transforms(cfg.seg, cfg.model.spatial_dims) if train else None)
 
 
 #: model.kind -> task when the config names none

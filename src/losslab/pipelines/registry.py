@@ -38,6 +38,13 @@ def classifier_spec(cfg: ExperimentConfig, class_names: list[str], class_counts:
             "class_counts": [int(c) for c in class_counts]}
 
 
+def segmentation_spec(cfg: ExperimentConfig, channel_names: list[str]) -> dict[str, Any]:
+    """The spec of a segmentation run's model: the ``model``, ``loss`` and ``seg`` sections and the
+    output channel names (regions, or classes with background first)."""
+    return {"kind": "segmentation", "model": cfg.model.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
+            "seg": cfg.seg.model_dump(mode="json"), "channel_names": list(channel_names)}
+
+
 def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
     """``(model, loss or None)`` with random weights, shaped as ``spec`` says; no pretrained weights
     are read (the registered state dict replaces them)."""
@@ -52,6 +59,12 @@ def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
         cfg = ExperimentConfig.model_validate({"model": model_section, "loss": spec["loss"]})
         loss_fn, model = build_components(cfg, list(spec["class_counts"]))
         return model, loss_fn
+    if spec.get("kind") == "segmentation":
+        from losslab.pipelines.seg_train import build_seg_task
+
+        cfg = ExperimentConfig.model_validate({"model": spec["model"], "loss": spec["loss"], "seg": spec["seg"]})
+        task, model = build_seg_task(cfg, list(spec["channel_names"]))
+        return model, task.loss_fn
     raise ModelFormatError(f"unknown model kind {spec.get('kind')!r} in the model's spec")
 
 

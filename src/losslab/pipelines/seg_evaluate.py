@@ -1,11 +1,13 @@
 """evaluate (segmentation): score a registered segmentation model on its validation fold.
 
-``source`` is ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a run id. The model is rebuilt
-from the source run's ``config.yaml`` and loaded from its ``checkpoints/best.pt`` (``weights_only``:
-nothing that runs code is unpickled), the same weights the registered version holds. It is validated
-by the training code path (sliding windows, ``DiceMetric``, ``HausdorffDistanceMetric``) on the
-run's segmentation cache and fold (``fold`` overrides it), so ``val/mean_dice`` reproduces the run's
-``best_val/mean_dice``. Metrics go to a new run tagged ``losslab.entry_point=evaluate``.
+``source`` is ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a run id. A registered model
+is loaded by :func:`losslab.pipelines.registry.load_registered_model` (safetensors + spec, rebuilt by
+our builders; a pickle-format model only with ``evaluate.allow_pickle``); a run id is rebuilt from the
+run's ``config.yaml`` with its ``checkpoints/best.pt`` (``weights_only``). The data and fold come from
+the source run's ``config.yaml`` (``fold`` overrides the fold). The model is validated by the training
+code path (sliding windows, ``DiceMetric``, ``HausdorffDistanceMetric``), so ``val/mean_dice``
+reproduces the run's ``best_val/mean_dice``. Metrics go to a new run tagged
+``losslab.entry_point=evaluate``.
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ def run_seg_evaluate(cfg: ExperimentConfig, source: str | None = None, fold: int
     fold = run_cfg.data.fold if fold is None else int(fold)
     info = build_seg_cache(run_cfg.data, run_cfg.seg)
     task, model = build_seg_task(run_cfg, info.channel_names)
-    model.load_state_dict(_load_weights(run_id))
+    if source.startswith("models:/"):
+        from losslab.pipelines.registry import load_registered_model
+
+        model = load_registered_model(source, allow_pickle=bool(cfg.evaluate.get("allow_pickle", False))).model
+    else:
+        model.load_state_dict(_load_weights(run_id))
     _, val_loader = make_seg_loaders(info, fold, run_cfg.seg, run_cfg.model.spatial_dims, 1)
     device = resolve_device(run_cfg.train.device)
     metrics, _ = task.validate(model.to(device), val_loader, device, run_cfg.train.amp)

@@ -67,6 +67,7 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
     """Train one fold (``cfg`` is already the fold's config, see ``train.fold_config``) in its own MLflow
     run (FAILED with the reason on any error); returns a FoldResult."""
     from losslab.data.seg_datasets import make_seg_loaders
+    from losslab.pipelines.registry import segmentation_spec
     from losslab.pipelines.train import FoldResult
     from losslab.tracking_seg import SegmentationMLflowCallback
 
@@ -101,7 +102,8 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
             example = volume[(slice(None), slice(None)) + patch + ((0,) if cfg.model.spatial_dims == 2 else ())]
             mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
                                         cfg.tracking.alias if not nested else None,
-                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id})
+                                        version_tags={"fold": fold, "loss": cfg.loss.name, "run_id": run_id},
+                                        spec=segmentation_spec(cfg, info.channel_names))
             version = f"{mv.version}" if mv is not None else None
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
 
