@@ -26,7 +26,8 @@ def test_registry_names_and_inference_from_model_kind(make_config):
     assert list_tasks() == ["bag_classification", "image_classification", "multitask", "segmentation",
                             "volume_classification"]
     assert TASK_OF_KIND == {"mil": "bag_classification", "slices25d": "bag_classification", "image": "image_classification",
-                            "volume3d": "volume_classification", "multimodal": "multitask"}
+                            "volume3d": "volume_classification", "multimodal": "multitask",
+                            "segmentation": "segmentation"}
     assert task_of(make_config()).name == "bag_classification"
     assert task_of(make_config("model.kind=volume3d", "model.backbone=monai_resnet10")).name == "volume_classification"
     assert task_of(make_config("task=bag_classification")).name == "bag_classification"
@@ -65,7 +66,7 @@ def test_refuses_an_ordinal_loss_on_a_segmentation_task(tmp_path):
 def test_refuses_a_classifier_model_on_the_segmentation_task(tmp_path):
     path = _yaml(tmp_path, {"task": "segmentation", "loss": {"name": "dice"}, "model": {"kind": "mil"}})
     with pytest.raises(ConfigError, match=rf"task='segmentation' \(in {path.resolve()}\) cannot train "
-                                          r"model.kind='mil'.*its model kinds: none yet"):
+                                          r"model.kind='mil'.*its model kinds: segmentation"):
         load_config(path)
 
 
