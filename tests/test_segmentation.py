@@ -97,11 +97,12 @@ def test_a_short_run_per_loss_logs_region_dice_each_epoch_and_registers_a_model(
         np.testing.assert_allclose(_history(client, run_id, "loss_weight/boundary"), [0.0, 0.02], atol=1e-12)
 
 
-def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, tmp_path):
+def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, tmp_path, monkeypatch):
     run_id = _train("seg_dice", seg_root, seg_cache_dir, tmp_path, "seg-evaluate", "tracking.alias=candidate")
     client = MlflowClient()
     best = client.get_run(run_id).data.metrics
     version = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")[0].version
+    monkeypatch.setenv("LOSSLAB_SALT", "test-salt")  # the logged config holds only the salt's fingerprint
     out = _cli("evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"),
                "-m", f"models:/test-seg/{version}")
     eval_run = out.split("evaluate run ")[1].split(":")[0]
