@@ -95,15 +95,21 @@ def train(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
 @app.command()
 def main(config: Optional[str] = typer.Option("configs/experiment/demo.yaml", "--config", "-c"),
          override: Optional[list[str]] = OverrideOpt, overrides: str = OverridesOpt,
-         losses: str = typer.Option("ce focal", help="Space-separated loss names to compare.")) -> None:
-    """The demo: embedded data -> preprocess -> train fold 0 per loss -> per-class recall table."""
+         losses: str = typer.Option("ce focal", help="Space-separated loss names to compare."),
+         folds: int = typer.Option(3, help="Train each loss on folds 0..folds-1 and compare them paired by fold.")) -> None:
+    """The demo: embedded data -> preprocess -> each loss on k folds -> comparison with paired statistics."""
     _setup_logging()
     _load(config, override, overrides)  # fail fast on a bad config
+    from losslab.config import ConfigError
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.demo import run_demo
 
-    with entry_point_run("main"):
-        run_demo(config, _overrides(override, overrides), losses.split())
+    try:
+        with entry_point_run("main"):
+            run_demo(config, _overrides(override, overrides), losses.split(), folds)
+    except ConfigError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -462,20 +462,26 @@ def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequ
     if filter_string:
         tags["losslab.compare.filter"] = filter_string[:5000]
     with managed_run(run_name=f"compare-{group_by}", tags=tags, nested=mlflow.active_run() is not None) as run:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            result.table.reset_index().to_csv(root / "comparison.csv", index=False)
-            (root / "comparison.md").write_text(result.markdown() + "\n")
-            result.runs.to_csv(root / "runs.csv", index=False)
-            result.stats.to_csv(root / "comparison_stats.csv", index=False)
-            result.odd_runs.to_csv(root / "runs_not_pooled.csv", index=False)
-            for name in ("comparison.csv", "comparison.md", "runs.csv", "comparison_stats.csv", "runs_not_pooled.csv"):
-                mlflow.log_artifact(str(root / name))
-        for path, figure in comparison_figures(result, metrics, prefix).items():
-            log_figure(figure, path)
-        mlflow.set_tag("losslab.compare.n_not_pooled", str(len(result.odd_runs)))
+        log_comparison(result, metrics, prefix)
         result.run_id = run.info.run_id
     return result
+
+
+def log_comparison(result: CompareResult, metrics: Sequence[str], prefix: str = DEFAULT_PREFIX) -> None:
+    """Log ``result`` to the active run: the CSV/markdown artifacts and plots of the module docstring
+    and the tag ``losslab.compare.n_not_pooled``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        result.table.reset_index().to_csv(root / "comparison.csv", index=False)
+        (root / "comparison.md").write_text(result.markdown() + "\n")
+        result.runs.to_csv(root / "runs.csv", index=False)
+        result.stats.to_csv(root / "comparison_stats.csv", index=False)
+        result.odd_runs.to_csv(root / "runs_not_pooled.csv", index=False)
+        for name in ("comparison.csv", "comparison.md", "runs.csv", "comparison_stats.csv", "runs_not_pooled.csv"):
+            mlflow.log_artifact(str(root / name))
+    for path, figure in comparison_figures(result, metrics, prefix).items():
+        log_figure(figure, path)
+    mlflow.set_tag("losslab.compare.n_not_pooled", str(len(result.odd_runs)))
 
 
 def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
@@ -505,5 +511,6 @@ def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
 
 
 __all__ = ["CompareResult", "DEFAULT_METRICS", "ExperimentNotFoundError", "GroupByError", "MISSING", "compare_table",
-           "comparison_figures", "comparison_stats", "epoch_curves", "format_mean_std", "resolve_group_by",
+           "comparison_figures", "comparison_stats", "epoch_curves", "format_mean_std", "log_comparison",
+           "resolve_group_by",
            "run_compare", "search_experiment_runs", "select_fold_runs", "split_like_runs", "stats_display"]

@@ -1,50 +1,168 @@
-"""main: the demo pipeline on the embedded data — generate, preprocess, train fold 0 per loss (best
-epoch on validation, then one score on the held-out test split), print per-class recall per loss and
-the test balanced accuracy with its interval, and how to open the MLflow UI."""
+"""main: the demo pipeline on the embedded data, showing the method end to end.
+
+Generate and preprocess the cohort, train every loss on folds ``0 .. folds-1`` (each fold a child run
+of the main job's own run: the run ``mlflow run`` opened, else a new run named ``main``), then
+``compare`` those fold runs like with like with paired statistics (:mod:`losslab.stats`), and log to
+the main run: the comparison artifacts (``comparison.csv``, ``comparison_stats.csv``,
+``comparison.md``, plots), the metrics ``compare/<loss>/<metric>_mean`` and ``_std``, the tags
+``losslab.verdict.<metric>`` (one line per pair of losses, from the Nadeau–Bengio test after Holm)
+and ``losslab.doctor`` (the alarms the doctor found over the fold runs, or ``healthy``). The
+registered model version of the best fold of the best loss gets the alias ``tracking.alias``
+(``models:/<name>@candidate`` for ``evaluate``). Prints the table, the verdicts, the doctor's summary
+and how to open the MLflow UI.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
-from losslab.config import ExperimentConfig, load_config
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from losslab.config import ConfigError, ExperimentConfig, load_config
+from losslab.pipelines.compare import CompareResult, log_comparison, run_compare
+from losslab.pipelines.doctor import run_doctor
 from losslab.pipelines.preprocess import run_preprocess
 from losslab.pipelines.train import run_train
-from losslab.tracking import resolve_tracking_uri
+from losslab.stats import NB_TEST
+from losslab.tracking import managed_run, resolve_tracking_uri, setup_tracking
+
+# best_val/* of each fold run, and the one score of its best model on the held-out test split
+DEMO_METRICS = ("balanced_accuracy", "f1_macro", "auc", "test/balanced_accuracy")
 
 
-def run_demo(config: str | None, overrides: list[str], losses: list[str]) -> dict[str, dict[str, float]]:
+@dataclass
+class DemoResult:
+    run_id: str
+    comparison: CompareResult
+    alarms: dict[str, list[str]]  # fold run id -> alarms the doctor found
+    candidate_version: str | None
+    seconds: float
+
+
+@contextlib.contextmanager
+def _main_run() -> Iterator[str]:
+    """The active run (``mlflow run`` opened it and :func:`entry_point_run` adopted it), else a new one."""
+    active = mlflow.active_run()
+    if active is not None:
+        yield active.info.run_id
+        return
+    with managed_run(run_name="main", tags={"losslab.entry_point": "main"}) as run:
+        yield run.info.run_id
+
+
+def run_demo(config: str | None, overrides: list[str], losses: list[str], folds: int = 3) -> DemoResult:
     t0 = time.perf_counter()
     base = load_config(config, overrides)
-    info = run_preprocess(base)
-    results: dict[str, dict[str, float]] = {}
-    for loss in losses:
-        cfg: ExperimentConfig = load_config(config, list(overrides) + [f"loss={loss}"])
-        result = run_train(cfg, info=info)
-        results[loss] = result.folds[0].metrics
-    _print_table(results, info.class_names, time.perf_counter() - t0, base)
-    return results
+    if not 2 <= folds <= base.data.num_folds:
+        raise ConfigError(f"main --folds {folds}: needs 2 <= folds <= data.num_folds ({base.data.num_folds}) "
+                          f"to compare losses over folds")
+    setup_tracking(base.tracking)
+    with _main_run() as run_id:
+        mlflow.log_params({"main.losses": " ".join(losses), "main.folds": folds})
+        info = run_preprocess(base)
+        for loss in losses:
+            for fold in range(folds):
+                cfg = load_config(config, list(overrides) + [f"loss={loss}", f"data.fold={fold}", "cv.folds=null"])
+                run_train(cfg, info=info)
+        comparison = run_compare(base.tracking.experiment, f"tags.mlflow.parentRunId = '{run_id}'", DEMO_METRICS,
+                                 tracking_uri=base.tracking.tracking_uri, log_run=False)
+        log_comparison(comparison, DEMO_METRICS)
+        _log_summary(comparison)
+        doctor = run_doctor(run_id, base.tracking.tracking_uri)
+        alarms = {r: [f.alarm for f in found] for r, found in doctor.findings.items()}
+        found = sorted({a for names in alarms.values() for a in names})
+        mlflow.set_tag("losslab.doctor", ",".join(found) or "healthy")
+        version = _set_candidate(base, comparison)
+    result = DemoResult(run_id, comparison, alarms, version, time.perf_counter() - t0)
+    _print(result, base)
+    return result
 
 
-def _print_table(results, class_names, seconds, cfg) -> None:
+def _log_summary(comparison: CompareResult) -> None:
+    """``compare/<loss>/<metric>_mean|_std`` metrics and one ``losslab.verdict.<metric>`` tag per metric."""
+    metrics = {}
+    for group, row in comparison.table.iterrows():
+        for name in DEMO_METRICS:
+            for stat in ("mean", "std"):
+                value = row.get(f"{name}_{stat}", math.nan)
+                if not math.isnan(value):
+                    metrics[f"compare/{group}/{name}_{stat}"] = float(value)
+    mlflow.log_metrics(metrics)
+    for name in DEMO_METRICS:
+        lines = [_verdict_line(r) for r in _headline(comparison, name).itertuples()]
+        if lines:
+            mlflow.set_tag(f"losslab.verdict.{name}", "; ".join(lines)[:5000])
+
+
+def _headline(comparison: CompareResult, metric: str):
+    table = comparison.stats
+    return table[(table["metric"] == metric) & (table["test"] == NB_TEST)]
+
+
+def _verdict_line(row) -> str:
+    if math.isnan(row.p_holm):
+        return f"{row.group_a} vs {row.group_b}: {row.verdict} (n = {row.n_pairs})"
+    return (f"{row.group_a} vs {row.group_b}: {row.verdict} (mean difference {row.mean_diff:+.3f}, 95% CI "
+            f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], Nadeau-Bengio p = {row.p_value:.3g}, Holm {row.p_holm:.3g}, "
+            f"n = {row.n_pairs} folds)")
+
+
+def _set_candidate(cfg: ExperimentConfig, comparison: CompareResult) -> str | None:
+    """Alias ``tracking.alias`` -> the registered version of the best fold run of the best loss."""
+    name, runs = cfg.tracking.registered_model_name, comparison.runs
+    if not (cfg.tracking.log_model and name and cfg.tracking.alias) or comparison.table.empty:
+        return None
+    best_loss = comparison.table.index[0]
+    members = runs[runs[comparison.table.index.name] == best_loss].dropna(subset=[DEMO_METRICS[0]])
+    if members.empty:
+        return None
+    best_run = members.sort_values(DEMO_METRICS[0], ascending=False)["run_id"].iloc[0]
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name='{name}' and run_id='{best_run}'")
+    if not versions:
+        return None
+    version = f"{max(int(v.version) for v in versions)}"
+    client.set_registered_model_alias(name, cfg.tracking.alias, version)
+    mlflow.set_tags({"losslab.candidate_run": best_run, "losslab.candidate_version": version})
+    return version
+
+
+def _print(result: DemoResult, cfg: ExperimentConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Validation fold {cfg.data.fold}: best epoch per loss; test: that model on the "
-                        "held-out test split (95 % patient-bootstrap interval)")
-    table.add_column("loss")
-    for c in class_names:
-        table.add_column(f"recall {c}", justify="right")
-    for key in ("balanced_accuracy", "f1_macro", "auc", "test balanced_accuracy"):
-        table.add_column(key, justify="right")
-    for loss, m in results.items():
-        test = (f"{m['test/balanced_accuracy']:.3f} [{m['test/balanced_accuracy_ci_low']:.3f}, "
-                f"{m['test/balanced_accuracy_ci_high']:.3f}]" if "test/balanced_accuracy" in m else "no test split")
-        table.add_row(loss, *[f"{m.get(f'val/recall_{c}', float('nan')):.3f}" for c in class_names],
-                      *[f"{m.get(f'val/{k}', float('nan')):.3f}" for k in ("balanced_accuracy", "f1_macro", "auc")],
-                      test)
     console = Console()
+    display = result.comparison.display
+    table = Table(title="Per loss, mean ± std over folds: the best epoch of each fold run on its validation fold; "
+                        "test/*: that model on the held-out test split")
+    table.add_column("loss")
+    for column in display.columns:
+        table.add_column(column, justify="right")
+    for loss, row in display.iterrows():
+        table.add_row(str(loss), *[str(v) for v in row])
     console.print(table)
+    headline = _headline(result.comparison, DEMO_METRICS[0])
+    console.print(f"Verdict on {DEMO_METRICS[0]} (paired over folds; Nadeau-Bengio corrected t-test, Holm):")
+    for row in headline.itertuples():
+        console.print("  " + _verdict_line(row))
+    if not result.comparison.odd_runs.empty:
+        console.print(f"{len(result.comparison.odd_runs)} run(s) not pooled: their config differs")
+    sick = {r: a for r, a in result.alarms.items() if a}
+    console.print(f"doctor: {len(result.alarms)} fold run(s), "
+                  + (f"alarms in {len(sick)}: {sorted({x for a in sick.values() for x in a})} "
+                     f"(see `losslab doctor {result.run_id}`)" if sick else "no alarm"))
+    if result.candidate_version:
+        console.print(f"models:/{cfg.tracking.registered_model_name}@{cfg.tracking.alias} -> version "
+                      f"{result.candidate_version}")
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    console.print(f"main job wall time: {seconds:.1f} s")
+    console.print(f"main run {result.run_id}; main job wall time: {result.seconds:.1f} s")
     console.print(f"Open the MLflow UI on this store:  mlflow ui --backend-store-uri {uri} --port 5000"
                   f"   (then http://127.0.0.1:5000, experiment '{cfg.tracking.experiment}')")
+
+
+__all__ = ["DEMO_METRICS", "DemoResult", "run_demo"]
