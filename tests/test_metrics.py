@@ -242,6 +242,16 @@ def test_alarm_unstable_balanced_accuracy():
     # a more lenient threshold lets the same series pass
     lenient = Alarms(bal_acc_var_threshold=0.05)
     assert all(lenient.update(e, epoch_metrics(bal_acc=v)) == [] for e, v in enumerate(values))
+    # a model that is learning is not unstable: raw variance 0.0184 > 0.01, but around the
+    # least-squares line (slope 0.09, by hand: residuals .02 -.07 .04 .05 -.04) only 0.0022
+    learning = [0.5, 0.5, 0.7, 0.8, 0.8]
+    assert np.var(learning) == pytest.approx(0.0184)
+    assert np.var([0.02, -0.07, 0.04, 0.05, -0.04]) == pytest.approx(0.0022)
+    rising = Alarms(bal_acc_var_window=5, bal_acc_var_threshold=0.01)
+    assert all(rising.update(e, epoch_metrics(bal_acc=v)) == [] for e, v in enumerate(learning))
+    tight = Alarms(bal_acc_var_window=5, bal_acc_var_threshold=0.002)  # the residual variance is above this
+    fired = [tight.update(e, epoch_metrics(bal_acc=v)) for e, v in enumerate(learning)][4]
+    assert [a.name for a in fired] == ["unstable"] and "0.0022 > 0.002" in fired[0].message
 
 
 def test_alarms_skip_missing_keys():

@@ -348,10 +348,13 @@ class Alarms:
       ``dead_class_patience`` consecutive epochs (via :class:`DeadClassMonitor`).
     - ``overfitting``: ``val/loss - train/loss > loss_gap_threshold`` (default 0.5, the
       RSNA plan's table).
-    - ``unstable``: the population variance (``ddof=0``) of ``val/balanced_accuracy`` over the
-      last ``bal_acc_var_window`` epochs exceeds ``bal_acc_var_threshold`` (default 0.01, i.e.
-      a standard deviation of 0.1); checked once the window is full. Hand-written rolling
-      variance (a deque and ``np.var``).
+    - ``unstable``: over the last ``bal_acc_var_window`` epochs, the population variance
+      (``ddof=0``) of ``val/balanced_accuracy`` *around its least-squares line* exceeds
+      ``bal_acc_var_threshold`` (default 0.01, i.e. swings of about 0.1); checked once the window
+      is full. The trend is removed first (``np.polyfit`` of degree 1) so that a model that is
+      learning — balanced accuracy rising from 0.5 to 0.8 in five epochs — is not called unstable;
+      a curve that swings up and down is (for ``[0.5, 0.8, 0.5, 0.8, 0.5]`` the line is flat and
+      the variance is 0.0216).
 
     Each kind fires **at most once per run**: after it fires its name is kept in ``fired`` and
     later epochs never report it again (so a run logs one tag / one warning per problem, not
@@ -415,12 +418,15 @@ class Alarms:
         if bal_acc is not None and not math.isnan(float(bal_acc)):
             self._bal_acc.append(float(bal_acc))
             if len(self._bal_acc) == self.bal_acc_var_window:
-                variance = float(np.var(np.asarray(self._bal_acc)))
+                values = np.asarray(self._bal_acc)
+                epochs = np.arange(len(values), dtype=float)
+                trend = np.polyval(np.polyfit(epochs, values, 1), epochs)
+                variance = float(np.var(values - trend))
                 if variance > self.bal_acc_var_threshold:
                     new.append(
                         Alarm(
                             "unstable",
-                            f"variance of balanced accuracy over the last "
+                            f"variance of balanced accuracy around its trend over the last "
                             f"{self.bal_acc_var_window} epochs = {variance:.4f} > "
                             f"{self.bal_acc_var_threshold}",
                             int(epoch),

@@ -512,5 +512,4 @@ def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
 
 __all__ = ["CompareResult", "DEFAULT_METRICS", "ExperimentNotFoundError", "GroupByError", "MISSING", "compare_table",
            "comparison_figures", "comparison_stats", "epoch_curves", "format_mean_std", "log_comparison",
-           "resolve_group_by",
-           "run_compare", "search_experiment_runs", "select_fold_runs", "split_like_runs", "stats_display"]
+           "resolve_group_by", "run_compare", "search_experiment_runs", "select_fold_runs", "split_like_runs", "stats_display"]
