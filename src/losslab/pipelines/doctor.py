@@ -59,8 +59,9 @@ RULES: tuple[Rule, ...] = (
           ("dead_classes", "val/", 0), ("metric_above", "best_val/dead_class_count", 0)),
          "the argmax never picks a minority class: the loss and the class prior pull every logit toward "
          "the majority (often with a too small or too large learning rate)",
-         (Change("evaluate.calibration.enabled=true", "evaluate fits per-class logit offsets / a threshold on "
-                 "validation, which revives a class the argmax never picks without retraining"),
+         (Change("evaluate.calibration.enabled=true", "no retraining: `losslab evaluate --model <this run id>` "
+                 "(calibration is on by default) fits per-class logit offsets / a threshold on validation, which "
+                 "revives a class the argmax never picks; read test_calibrated/*"),
           Change("loss=logit_adjusted", "adds tau·log(prior) to the logits during training, so rare classes "
                  "must win by a margin (Menon et al., ICLR 2021)"),
           Change("loss.class_weights=inverse_freq", "weights each sample by its class's inverse frequency, so a "
