@@ -92,8 +92,9 @@ def test_main_job_then_evaluate_split_test_on_its_alias(embedded_root, tmp_path,
                  "model.head_kwargs={hidden_dim: 16}", "train.epochs=1", "train.max_train_batches=2",
                  "train.device=cpu", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
                  "tracking.experiment=readme-flow", "tracking.registered_model_name=readme-flow-model"]
-    results = run_demo("configs/experiment/demo.yaml", overrides, ["ce"])
-    assert "test/balanced_accuracy_ci_low" in results["ce"]
+    demo = run_demo("configs/experiment/demo.yaml", overrides, ["ce"])
+    candidate = MlflowClient().get_run(MlflowClient().get_run(demo.run_id).data.tags["losslab.candidate_run"])
+    assert "test/balanced_accuracy_ci_low" in candidate.data.metrics
     args = ["evaluate", "-c", "configs/experiment/demo.yaml", "--split", "test",
             "--model", "models:/readme-flow-model@candidate"] + [a for o in overrides for a in ("-o", o)]
     args += ["-o", "evaluate.tta.enabled=false", "-o", "evaluate.latency.enabled=false"]
@@ -103,4 +104,4 @@ def test_main_job_then_evaluate_split_test_on_its_alias(embedded_root, tmp_path,
     run = MlflowClient().get_run(run_id)
     n_test = int(run.data.params["evaluate.n_cases"])
     assert run.data.tags["losslab.eval_split"] == "test" and n_test > 0
-    assert run.data.metrics["test/balanced_accuracy"] == pytest.approx(results["ce"]["test/balanced_accuracy"])
+    assert run.data.metrics["test/balanced_accuracy"] == pytest.approx(candidate.data.metrics["test/balanced_accuracy"])
