@@ -14,9 +14,11 @@ from losslab.tracking import config_params
 
 def test_fold_seed_and_bookkeeping_are_ignored_the_rest_is_not():
     for key in ("data.fold", "train.seed", "cv.folds", "tracking.run_name", "data.n_train", "data.n_val",
-                "data.class_counts_train", "train.checkpoint_dir", "loss.formula", "data.salt"):
+                "data.class_counts_train", "train.checkpoint_dir", "loss.formula", "data.salt",
+                "data.normalize_mean", "data.normalize_std"):
         assert is_ignored(key), key
-    for key in ("loss.gamma", "train.epochs", "optim.lr", "data.sampler", "data.num_folds", "model.backbone"):
+    for key in ("loss.gamma", "train.epochs", "optim.lr", "data.sampler", "data.num_folds", "model.backbone",
+                "data.normalize", "data.normalize_resolved"):
         assert not is_ignored(key), key
     assert is_ignored("loss.gamma", also=("loss.",)) and not is_ignored("lossy", also=("loss.",))
 

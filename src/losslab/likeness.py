@@ -41,6 +41,8 @@ IGNORED: dict[str, str] = {
     "data.class_counts_": "class counts that follow from the fold",
     "data.effective_batch_size": "derived from data.batch_size and ddp.world_size",
     "loss.formula": "the loss printed with fold-dependent class counts",
+    "data.normalize_mean": "statistics of the training fold (data.normalize: dataset); the mode is compared",
+    "data.normalize_std": "statistics of the training fold (data.normalize: dataset); the mode is compared",
 }
 
 
