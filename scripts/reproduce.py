@@ -167,8 +167,9 @@ def run_setting(setting: Setting, args, mode: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- tables
-def test_runs(study: str, mode: str, stores: list[str]) -> pd.DataFrame:
-    """The study's finished test-evaluation runs in the stores: tags and metrics, one row a run."""
+def test_runs(study: str, mode: str, stores: list[str], entry_point: str = "evaluate") -> pd.DataFrame:
+    """The study's finished runs of ``entry_point`` (default the test evaluations) in the stores:
+    tags, params and metrics, one row a run."""
     from mlflow.tracking import MlflowClient
 
     frames = []
@@ -178,10 +179,11 @@ def test_runs(study: str, mode: str, stores: list[str]) -> pd.DataFrame:
         if experiment is None:
             continue
         found = client.search_runs([experiment.experiment_id],
-                                   f"tags.`losslab.entry_point` = 'evaluate' and tags.`repro.mode` = '{mode}' "
+                                   f"tags.`losslab.entry_point` = '{entry_point}' and tags.`repro.mode` = '{mode}' "
                                    "and attributes.status = 'FINISHED'", max_results=50000)
         frames += [{"run_id": r.info.run_id, "start_time": r.info.start_time}
                    | {f"tags.{k}": v for k, v in r.data.tags.items()}
+                   | {f"params.{k}": v for k, v in r.data.params.items()}
                    | {f"metrics.{k}": v for k, v in r.data.metrics.items()} for r in found]
     runs = pd.DataFrame(frames)
     if len(runs) == 0:
@@ -265,7 +267,6 @@ def long_tailed_markdown(summary: pd.DataFrame) -> str:
             cells += [f"{_fmt(r['bal_acc_mean'], r['bal_acc_std'], int(r['n']))} (n={int(r['n'])})",
                       _fmt(r["min_recall_mean"], r["min_recall_std"], int(r["n"]))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", long_tailed_ordering(summary)]
     return "\n".join(lines)
 
 
@@ -303,21 +304,38 @@ def paired_markdown(paired: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def long_tailed_ordering(summary: pd.DataFrame) -> str:
-    """One sentence per ratio: LDAM-DRW and logit adjustment against plain CE (balanced accuracy)."""
+def long_tailed_ordering(runs: pd.DataFrame) -> str:
+    """One sentence per ratio: LDAM-DRW and logit adjustment against plain CE in test balanced
+    accuracy, over the seeds both have (paired: the same subsample and initialisation seed)."""
     sentences = []
-    for ratio in sorted(summary["ratio"].unique()):
-        at = summary[summary["ratio"] == ratio].set_index("variant")["bal_acc_mean"]
-        if "ce" not in at:
+    for ratio, group in sorted(runs.groupby("tags.repro.ratio"), key=lambda item: float(item[0])):
+        wide = group.pivot_table(index="tags.repro.repetition", columns="tags.repro.loss_variant",
+                                 values="metrics.test/balanced_accuracy")
+        if "ce" not in wide:
             continue
         parts = []
         for variant in ("ldam + DRW", "logit_adjusted"):
-            if variant in at:
-                delta = at[variant] - at["ce"]
-                parts.append(f"{variant} {'ahead of' if delta > 0 else 'not ahead of'} ce by {delta:+.3f}")
+            if variant in wide:
+                shared = wide[["ce", variant]].dropna()
+                if len(shared):
+                    delta = float((shared[variant] - shared["ce"]).mean())
+                    parts.append(f"{variant} {'ahead of' if delta > 0 else 'not ahead of'} ce by {delta:+.3f} "
+                                 f"(n={len(shared)} seed(s))")
         if parts:
-            sentences.append(f"Ratio {ratio:g}: " + "; ".join(parts) + " (balanced accuracy, mean over seeds).")
+            sentences.append(f"Ratio {float(ratio):g}: " + "; ".join(parts) + " in test balanced accuracy.")
     return " ".join(sentences)
+
+
+def drw_note(train_runs: pd.DataFrame) -> str:
+    """How often the kept (best-validation) epoch of an LDAM-DRW run came before DRW switched on."""
+    if len(train_runs) == 0 or "tags.repro.loss_variant" not in train_runs:
+        return ""
+    drw = train_runs[train_runs["tags.repro.loss_variant"] == "ldam + DRW"]
+    if len(drw) == 0:
+        return ""
+    before = int((drw["metrics.best_epoch"].astype(float) < drw["params.loss.drw_start_epoch"].astype(float)).sum())
+    return (f"LDAM-DRW: the epoch kept by validation (train.monitor) came before DRW started in {before} of "
+            f"{len(drw)} run(s); such a run is the plain-LDAM model.")
 
 
 def study_section(study: str, mode: str, stores: list[str]) -> str:
@@ -327,7 +345,8 @@ def study_section(study: str, mode: str, stores: list[str]) -> str:
     if study == MNIST_BAGS:
         return mnist_bags_markdown(mnist_bags_summary(runs))
     paired = paired_markdown(long_tailed_paired(runs))
-    body = long_tailed_markdown(long_tailed_summary(runs))
+    body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
+            + drw_note(test_runs(study, mode, stores, entry_point="train")))
     return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds):\n\n"
                    + paired if paired else "")
 

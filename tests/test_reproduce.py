@@ -70,7 +70,13 @@ def test_quick_reproduction_tables_come_from_the_store(reproduce, tmp_path):
         assert cells[2] == f"{low.mean():.3f} ± {low.std(ddof=1):.3f}"
     delta = np.mean([r.data.metrics["test/balanced_accuracy"] for r in digits if r.data.tags["repro.loss_variant"] == "ldam + DRW"]) \
         - np.mean([r.data.metrics["test/balanced_accuracy"] for r in digits if r.data.tags["repro.loss_variant"] == "ce"])
-    assert f"ce by {delta:+.3f}" in text
+    assert f"ce by {delta:+.3f} (n=2 seed(s))" in text
+    client = MlflowClient(tracking_uri=uri)
+    trained = [r for r in client.search_runs([client.get_experiment_by_name(reproduce.LONG_TAILED).experiment_id],
+                                             "tags.`losslab.entry_point` = 'train'")
+               if r.data.tags.get("repro.loss_variant") == "ldam + DRW"]
+    early = sum(r.data.metrics["best_epoch"] < float(r.data.params["loss.drw_start_epoch"]) for r in trained)
+    assert f"came before DRW started in {early} of 2 run(s)" in text
     paired = _row(text, "10")  # the paired table: ce − ldam + DRW over the two seeds
     assert paired[1] == "ce − ldam + DRW" and paired[2] == "2" and paired[3] == f"{-delta:+.3f}"
 
