@@ -57,8 +57,9 @@ def test_the_flagship_configs_say_what_the_plan_says():
     assert (dsmil.model.head, dsmil.data.bag_size, dsmil.data.sampler) == ("dual_stream", 32, "weighted_random")
     assert dsmil.loss.name == "ce" and dsmil.loss.params["label_smoothing"] > 0 and dsmil.train.ema_decay
     v8 = load_config("experiment/rsna_lumbar_v8")
+    # data/embedded_lumbar is the embedded generator's default location: generated there, nowhere else
     assert (v8.data.source, v8.data.generate, v8.data.root, v8.data.cache_dir) == (
-        "rsna_lumbar", "embedded_lumbar", "data/embedded_lumbar", "cache/embedded_lumbar")
+        "rsna_lumbar", None, "data/embedded_lumbar", "cache/embedded_lumbar")
     assert v8.model.kind == "slices25d" and v8.model.in_chans == 3 and v8.model.head_kwargs["num_slices"] == 7
     assert v8.loss.params["class_weights"] == [1, 2, 4]
     assert v8.train.freeze_backbone_epochs == 2 and v8.train.swa_epochs > 0 and v8.train.mixup_alpha == 0

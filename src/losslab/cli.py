@@ -1,13 +1,18 @@
 """The ``losslab`` command line: one thin command per entry point.
 
 Each command loads a YAML config, applies dotted overrides (``-o loss.gamma=2.0`` or
-``--overrides "loss.gamma=2.0 data.fold=1"``) and calls a pipeline. Heavy modules are imported inside
-the commands so that ``losslab --help`` stays fast.
+``--overrides "loss.gamma=2.0 data.fold=1"``), checks it (:func:`losslab.pipelines.checks.check_config`)
+and calls a pipeline. Heavy modules are imported inside the commands so that ``losslab --help`` stays fast.
+
+Errors reach the user as one line (``losslab: <message>``, exit status 1; 2 for a config error);
+the traceback only with ``--debug`` anywhere on the command line or ``LOSSLAB_DEBUG=1``. SIGTERM
+ends the current MLflow run KILLED with the reason (exit status 143).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -29,10 +34,12 @@ def _overrides(override: Optional[list[str]], overrides: str) -> list[str]:
 
 
 def _load(config, override, overrides):
+    """Load, override and check a config; a problem is one line naming key, value and file (exit 2)."""
     from losslab.config import ConfigError, load_config
+    from losslab.pipelines.checks import check_config
 
     try:
-        return load_config(config, _overrides(override, overrides))
+        return check_config(load_config(config, _overrides(override, overrides)))
     except ConfigError as exc:
         _error(exc)
         raise typer.Exit(2) from None
@@ -99,13 +106,15 @@ def main(config: Optional[str] = typer.Option("configs/experiment/demo.yaml", "-
          folds: int = typer.Option(3, help="Train each loss on folds 0..folds-1 and compare them paired by fold.")) -> None:
     """The demo: embedded data -> preprocess -> each loss on k folds -> comparison with paired statistics."""
     _setup_logging()
-    _load(config, override, overrides)  # fail fast on a bad config
+    cfg = _load(config, override, overrides)
+    for loss in losses.split():  # fail fast on a bad config, for every loss the demo will train
+        _load(config, list(override or []) + [f"loss={loss}"], overrides)
     from losslab.config import ConfigError
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.demo import run_demo
 
     try:
-        with entry_point_run("main"):
+        with entry_point_run("main", cfg.tracking):
             run_demo(config, _overrides(override, overrides), losses.split(), folds)
     except ConfigError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
@@ -246,9 +255,47 @@ def distill(config: Optional[str] = typer.Option("configs/experiment/distill_med
                f"teacher outputs {result.teacher_cache_key} ({'reused' if result.teacher_cache_reused else 'computed'})")
 
 
-def run() -> None:  # pragma: no cover
-    app()
+DEBUG_ENV = "LOSSLAB_DEBUG"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _one_line(exc: BaseException) -> str:
+    from losslab.config import ConfigError
+
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {text}"
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    """The console script: ``--debug`` (anywhere) or ``LOSSLAB_DEBUG=1`` shows tracebacks; otherwise
+    an error is one line on stderr. Returns the exit status."""
+    from losslab.termination import Terminated, sigterm_raises
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        with sigterm_raises():
+            app(args=args, prog_name="losslab")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Terminated as exc:
+        typer.secho(f"losslab: {exc}", fg=typer.colors.RED, err=True)
+        return 143
+    except Exception as exc:
+        if _debug():
+            raise
+        typer.secho(f"losslab: {_one_line(exc)} (--debug or {DEBUG_ENV}=1 for the traceback)",
+                    fg=typer.colors.RED, err=True)
+        from losslab.config import ConfigError
+
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(run())

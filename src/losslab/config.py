@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
 SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill", "seg")
@@ -70,7 +70,9 @@ class DataConfig(_Strict):
 
     source: str = "brats"
     root: str = "data/embedded_brats"
-    generate: str | None = "embedded_brats"  # generator used when `root` is missing; None = never
+    # a missing `root` is generated only when it is a generator's default location (data/<generator>,
+    # e.g. data/embedded_brats) or when `generate` names a generator explicitly; otherwise an error
+    generate: str | None = None
     generator_kwargs: dict[str, Any] = Field(default_factory=dict)
     source_kwargs: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str = "cache/embedded_brats"
@@ -249,6 +251,8 @@ class ExperimentConfig(_Strict):
     sweep: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
     distill: dict[str, Any] = Field(default_factory=dict)
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> file (or override) that set it
+    _path: str | None = PrivateAttr(default=None)  # the experiment file loaded
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -265,6 +269,15 @@ class ExperimentConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         return data
+
+    def origin(self, key: str) -> str:
+        """Which file (or command-line override) set the dotted ``key``; the nearest parent key's
+        origin, else the experiment file, else ``<defaults>``."""
+        return self._origins.get(key) or _nearest_origin(key, self._origins) or self._path or "<defaults>"
+
+    def key_error(self, key: str, value: Any, problem: str) -> "ConfigError":
+        """A one-line :class:`ConfigError` naming ``key``, ``value`` and the file that set it."""
+        return ConfigError(f"{key} = {value!r} in {self.origin(key)}: {problem}")
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -307,9 +320,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:  # an empty file would silently train the built-in defaults
+        raise ConfigError(f"{path}: the config file is empty (no keys); refusing to run the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -379,6 +394,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
         if len(keys) == 1 and keys[0] in SECTIONS and isinstance(value, str):
             # `loss=focal` selects the file configs/loss/focal.yaml for the whole section
             section_file = config_root() / keys[0] / f"{value}.yaml"
+            _forget_origins(keys[0], origins)
             if section_file.is_file():
                 sub = _compose(section_file.resolve(), config_root().resolve(), origins, keys[0], ())
                 out[keys[0]] = sub
@@ -398,6 +414,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
             node[int(keys[-1])] = value
         else:
             node[keys[-1]] = value
+        _forget_origins(".".join(keys), origins)
         origins[".".join(keys)] = f"command-line override {text!r}"
     return out
 
@@ -408,8 +425,14 @@ def _list_item(items: list, part: str, text: str) -> Any:
     return items[int(part)]
 
 
+def _forget_origins(key: str, origins: dict[str, str]) -> None:
+    """``key`` was replaced as a whole: the files that set its sub-keys no longer explain them."""
+    for stale in [k for k in origins if k.startswith(key + ".")]:
+        del origins[stale]
+
+
 def _format_validation_error(exc: ValidationError, origins: dict[str, str], path: str | None, data: dict) -> str:
-    lines = []
+    lines: list[str] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         source = origins.get(loc) or _nearest_origin(loc, origins) or path or "<defaults>"
@@ -418,6 +441,8 @@ def _format_validation_error(exc: ValidationError, origins: dict[str, str], path
             lines.append(f"unknown key {loc!r} (value {value!r}) in {source}")
         else:
             lines.append(f"{loc} = {value!r} in {source}: {err['msg']}")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -437,8 +462,24 @@ def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None,
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origins or {}, path, data)) from None
+    cfg._origins, cfg._path = dict(origins or {}), path
+    _check_folds(cfg)
     _check_task(cfg, origins or {}, path)
     return cfg
+
+
+def _check_folds(cfg: ExperimentConfig) -> None:
+    """Fold indices must exist: ``data.fold`` and every ``cv.folds`` entry in ``0..data.num_folds-1``."""
+    n = cfg.data.num_folds
+    if cfg.data.fold >= n:
+        raise cfg.key_error("data.fold", cfg.data.fold, f"out of range: folds are 0..{n - 1} (data.num_folds={n})")
+    folds = cfg.cv.folds
+    if isinstance(folds, int) and not 1 <= folds <= n:
+        raise cfg.key_error("cv.folds", folds, f"must be between 1 and data.num_folds={n}")
+    if isinstance(folds, list):
+        bad = [f for f in folds if not 0 <= f < n]
+        if bad or not folds:
+            raise cfg.key_error("cv.folds", folds, f"fold indices must be in 0..{n - 1} (data.num_folds={n})")
 
 
 def _check_task(cfg: ExperimentConfig, origins: dict[str, str], path: str | None) -> None:
@@ -453,7 +494,9 @@ def _check_task(cfg: ExperimentConfig, origins: dict[str, str], path: str | None
 
     try:
         check_task(cfg, where)
-    except (TaskError, UnknownLossError) as exc:
+    except UnknownLossError as exc:
+        raise cfg.key_error("loss.name", cfg.loss.name, str(exc)) from None
+    except TaskError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 

@@ -48,7 +48,8 @@ import numpy as np
 import pandas as pd
 
 from losslab.data.deid import resolve_salt
-from losslab.data.sources import Case, SkipReport, Source, Task, build_source, run_generator, source_reads_root
+from losslab.data.sources import (Case, SkipReport, Source, Task, build_source, default_generator_for, list_generators,
+                                  run_generator, source_reads_root)
 from losslab.data.splits import TEST_FOLD, assign_folds
 
 CACHE_VERSION = 2  # 2: a source's own test split is the held-out test (fold -1)
@@ -106,15 +107,23 @@ def _settings_fingerprint(data_cfg: Any, salt: str) -> str:
 
 
 def ensure_raw_data(data_cfg: Any) -> bool:
-    """Generate the embedded dataset when ``data.root`` is missing; return True if generated."""
+    """Generate synthetic data when ``data.root`` is missing or empty, but only where that is asked
+    for: into the default embedded location of a generator (``data/<generator>`` under the working
+    directory, e.g. ``data/embedded_brats``), or anywhere when ``data.generate`` names a generator.
+    Any other missing root is an error naming the path (a mistyped real data path must not train on
+    synthetic data). Returns True if data was generated."""
     root = Path(data_cfg.root)
     if root.exists() and any(root.iterdir()):
         return False
-    if not data_cfg.generate:
-        raise FileNotFoundError(f"data.root {root} does not exist and data.generate is not set")
+    generator = data_cfg.generate or default_generator_for(root)
+    if not generator:
+        state = "is empty" if root.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"data.root {root} {state} ({root.resolve()}); point data.root at the data set, or set "
+            f"data.generate=<generator> to write synthetic data there (generators: {', '.join(list_generators())})")
     tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=str(root.parent) if root.parent.exists() else None))
     try:
-        run_generator(data_cfg.generate, str(tmp), seed=data_cfg.seed, **data_cfg.generator_kwargs)
+        run_generator(generator, str(tmp), seed=data_cfg.seed, **data_cfg.generator_kwargs)
         root.parent.mkdir(parents=True, exist_ok=True)
         if root.exists():
             root.rmdir()

@@ -6,7 +6,8 @@ imports each loss module explicitly, which registers its losses.
 """
 
 from .base import LossBase, LossReduction, class_weights_from_counts
-from .registry import UnknownLossError, build_loss, get_loss_class, list_losses, register_loss
+from .registry import (UnknownLossError, UnknownLossParamError, build_loss, check_loss_params, get_loss_class, list_losses,
+                       register_loss)
 
 from . import classification  # noqa: E402,F401  (registers ce, focal, ldam, ...)
 from . import ordinal  # noqa: E402,F401  (coral, corn)
@@ -21,7 +22,9 @@ __all__ = [
     "LossReduction",
     "NormedLinear",
     "UnknownLossError",
+    "UnknownLossParamError",
     "build_loss",
+    "check_loss_params",
     "class_weights_from_counts",
     "get_loss_class",
     "list_losses",

@@ -17,7 +17,8 @@ import fnmatch
 import inspect
 from typing import Any, Callable, TypeVar
 
-__all__ = ["register_loss", "build_loss", "list_losses", "get_loss_class", "UnknownLossError", "AUTO_PARAMS"]
+__all__ = ["register_loss", "build_loss", "check_loss_params", "list_losses", "get_loss_class", "UnknownLossError",
+           "UnknownLossParamError", "AUTO_PARAMS"]
 
 T = TypeVar("T", bound=type)
 
@@ -32,6 +33,14 @@ class UnknownLossError(KeyError):
 
     def __str__(self) -> str:  # KeyError's str() would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownLossParamError(TypeError):
+    """A param the loss's constructor does not take; ``params`` lists them."""
+
+    def __init__(self, message: str, params: list[str]) -> None:
+        super().__init__(message)
+        self.params = params
 
 
 def register_loss(arg: type | str | None = None, *, key: str | None = None) -> Any:
@@ -101,6 +110,17 @@ def build_loss(name: str, **params: Any) -> Any:
         ValueError: a bad param value, or ``class_counts`` missing for a loss that needs it
             (raised by the loss's constructor, naming the loss and the param).
     """
+    return get_loss_class(name)(**check_loss_params(name, params))
+
+
+def check_loss_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The params ``build_loss`` would pass to the loss ``name`` (``None`` values and auto params the
+    loss does not take dropped), without building it.
+
+    Raises:
+        UnknownLossError: ``name`` is not registered.
+        UnknownLossParamError: a param the loss does not take (named, with the accepted ones).
+    """
     cls = get_loss_class(name)
     params = {k: v for k, v in params.items() if v is not None}
     names, var_kw = accepted_params(cls)
@@ -110,11 +130,10 @@ def build_loss(name: str, **params: Any) -> Any:
                 params.pop(auto)
         unknown = sorted(set(params) - set(names))
         if unknown:
-            raise TypeError(
+            raise UnknownLossParamError(
                 f"loss {name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                f"accepted parameters: {', '.join(names)}"
-            )
-    return cls(**params)
+                f"accepted parameters: {', '.join(names)}", unknown)
+    return params
 
 
 def _registered() -> dict[str, type]:

@@ -24,6 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError, ExperimentConfig, load_config
+from losslab.pipelines.checks import check_config
 from losslab.pipelines.compare import CompareResult, log_comparison, run_compare
 from losslab.pipelines.doctor import run_doctor
 from losslab.pipelines.preprocess import run_preprocess
@@ -57,7 +58,9 @@ def _main_run() -> Iterator[str]:
 
 def run_demo(config: str | None, overrides: list[str], losses: list[str], folds: int = 3) -> DemoResult:
     t0 = time.perf_counter()
-    base = load_config(config, overrides)
+    base = check_config(load_config(config, overrides))
+    for loss in losses:  # every loss's config is checked before anything runs
+        check_config(load_config(config, list(overrides) + [f"loss={loss}"]))
     if not 2 <= folds <= base.data.num_folds:
         raise ConfigError(f"main --folds {folds}: needs 2 <= folds <= data.num_folds ({base.data.num_folds}) "
                           f"to compare losses over folds")

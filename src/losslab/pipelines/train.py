@@ -30,6 +30,7 @@ from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
+from losslab.pipelines.checks import check_config
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import classifier_spec
 from losslab.tasks import task_of
@@ -312,6 +313,7 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
     ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``).
     The ``segmentation`` task goes to :func:`losslab.pipelines.seg_train.run_seg_train` (one process)."""
+    check_config(cfg)  # before any run opens or the cache is built
     task = task_of(cfg)
     task.check_entry_point("train")  # before any run opens
     if task.name == "segmentation":

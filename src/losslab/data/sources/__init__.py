@@ -2,12 +2,17 @@
 
 from losslab.data.sources.base import (  # noqa: F401
     Case,
+    PositiveSize,
     SkipReport,
     Source,
+    SourceKwargsError,
     Task,
     UnknownSourceError,
     build_source,
+    check_source_kwargs,
+    default_generator_for,
     default_normalization,
+    get_source_class,
     list_generators,
     list_sources,
     register_generator,

@@ -12,9 +12,13 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 import numpy as np
+from pydantic import Field
+
+#: A source parameter that must be a positive integer (image sides, slice counts); checked at load time.
+PositiveSize = Annotated[int, Field(ge=1)]
 
 
 @dataclass
@@ -200,11 +204,62 @@ def register_source(arg: Any = None, *, key: str | None = None) -> Any:
     return _register
 
 
-def build_source(name: str, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> Source:
+def get_source_class(name: str) -> Callable[..., Source]:
+    """The class registered under ``name``; :class:`UnknownSourceError` lists the known names."""
     if name not in _sources:
         raise UnknownSourceError(f"unknown data source {name!r}; known: {', '.join(sorted(_sources))}")
+    return _sources[name]
+
+
+def build_source(name: str, root: str, salt: str, report: SkipReport | None = None, **kwargs: Any) -> Source:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return _sources[name](root=root, salt=salt, report=report, **kwargs)
+    return get_source_class(name)(root=root, salt=salt, report=report, **kwargs)
+
+
+class SourceKwargsError(ValueError):
+    """A ``data.source_kwargs`` entry the source does not take, or a value its parameter refuses."""
+
+    def __init__(self, key: str, value: Any, problem: str) -> None:
+        super().__init__(f"{key} = {value!r}: {problem}")
+        self.key, self.value, self.problem = key, value, problem
+
+
+_FIXED_PARAMS = ("self", "root", "salt", "report")
+
+
+def check_source_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check ``data.source_kwargs`` against the source's constructor before anything is read: every
+    key must be one of its parameters and every value must fit the parameter's annotation (pydantic,
+    lax mode; ``Annotated[int, Field(ge=1)]`` bounds such as :data:`PositiveSize` are enforced).
+
+    Raises:
+        UnknownSourceError: ``name`` is not registered.
+        SourceKwargsError: an unknown key (the message lists the parameters) or a refused value.
+    """
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    init = get_source_class(name).__init__
+    signature = inspect.signature(init)
+    params = [p.name for p in signature.parameters.values()
+              if p.name not in _FIXED_PARAMS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    try:
+        hints = typing.get_type_hints(init, include_extras=True)
+    except Exception:  # an annotation that cannot be resolved: check the names only
+        hints = {}
+    for key, value in kwargs.items():
+        if value is None:  # dropped by build_source: the parameter keeps its default
+            continue
+        if key not in params:
+            raise SourceKwargsError(key, value, f"source {name!r} has no parameter {key!r}; "
+                                                f"its parameters: {', '.join(params)}")
+        if key in hints:
+            try:
+                TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError as exc:
+                raise SourceKwargsError(key, value, f"{exc.errors()[0]['msg']} (source {name!r})") from None
 
 
 def default_normalization(name: str) -> Any:
@@ -248,3 +303,21 @@ def run_generator(name: str, root: str, seed: int = 0, **kwargs: Any) -> None:
 
 def list_generators() -> list[str]:
     return sorted(_generators)
+
+
+#: Where an embedded data set (a generator named ``embedded_*``) lives by default:
+#: ``<working directory>/data/<generator name>``. Other generators (``msd``, ``medmnist`` test
+#: data) have no default location: ``data/msd`` may well be meant for the real data.
+EMBEDDED_DATA_DIR = "data"
+
+
+def default_generator_for(root: "str | os.PathLike") -> str | None:
+    """The embedded generator whose default location is ``root`` (``data/embedded_brats`` ->
+    ``embedded_brats``), else None."""
+    from pathlib import Path
+
+    target = Path(root).resolve()
+    for name in _generators:
+        if name.startswith("embedded_") and (Path.cwd() / EMBEDDED_DATA_DIR / name).resolve() == target:
+            return name
+    return None

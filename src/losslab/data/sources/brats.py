@@ -26,7 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, Source, refused_link, register_generator, register_source, shown_columns
+from losslab.data.sources.base import (Case, PositiveSize, Source, refused_link, register_generator, register_source,
+                                       shown_columns)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 names of the same four modalities
@@ -186,7 +187,7 @@ class BratsSource(Source):
     class_names = ["LGG", "HGG"]
 
     def __init__(self, root: str, salt: str, report=None, labels_csv: str | None = None,
-                 min_brain_fraction: float = 0.05, image_size: int | None = None) -> None:
+                 min_brain_fraction: float = 0.05, image_size: PositiveSize | None = None) -> None:
         super().__init__(root, salt, report)
         self.labels_csv = labels_csv
         self.min_brain_fraction = float(min_brain_fraction)

@@ -34,8 +34,8 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import (Case, SkipReport, Source, confined_file, read_csv_table, register_source,
-                                       resolve_under)
+from losslab.data.sources.base import (Case, PositiveSize, SkipReport, Source, confined_file, read_csv_table,
+                                       register_source, resolve_under)
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
 _PHI_COLUMN_NAMES = {re.sub(r"[^a-z]", "", k.lower()) for k in dicom.PHI_KEYWORDS} | {
@@ -134,7 +134,7 @@ class ManifestSource(Source):
     name = "manifest"
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, manifest: str = "manifest.csv",
-                 class_names: Sequence[str] | None = None, image_size: int | None = None,
+                 class_names: Sequence[str] | None = None, image_size: PositiveSize | None = None,
                  normalise: str = "none") -> None:
         super().__init__(root, salt, report)
         self.manifest = manifest

@@ -33,8 +33,8 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, read_csv_table, register_generator, register_source
-from losslab.data.sources.base import resolve_under
+from losslab.data.sources.base import (Case, PositiveSize, SkipReport, Source, read_csv_table, register_generator,
+                                       register_source, resolve_under)
 from losslab.data.sources.manifest import nifti_to_stack, sorted_labels
 
 
@@ -68,7 +68,7 @@ class MsdSource(Source):
 
     def __init__(self, root: str, salt: str, report: SkipReport | None = None, label_mode: str = "presence",
                  label_class: int = 1, min_voxels: int = 1, labels_csv: str | None = None,
-                 class_names: Sequence[str] | None = None, image_size: int | None = None,
+                 class_names: Sequence[str] | None = None, image_size: PositiveSize | None = None,
                  normalise: str = "zscore") -> None:
         super().__init__(root, salt, report)
         if label_mode not in ("presence", "csv"):

@@ -36,7 +36,8 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, Task, read_csv_table, refused_link, register_source
+from losslab.data.sources.base import (Case, PositiveSize, SkipReport, Source, Task, read_csv_table, refused_link,
+                                       register_source)
 from losslab.data.sources.embedded_lumbar import CONDITIONS, LEVELS, column_name
 
 LABELS = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2}
@@ -90,8 +91,8 @@ class RsnaLumbarSource(Source):
         report: SkipReport | None = None,
         conditions: Sequence[str] | None = None,
         series_descriptions: Sequence[str] | None = None,
-        stack_slices: int = 7,
-        image_size: int = 64,
+        stack_slices: PositiveSize = 7,
+        image_size: PositiveSize = 64,
         windows: Sequence[Any] = dicom.DEFAULT_WINDOWS,
         radius_factor: float = 0.75,
         clahe: bool = False,
