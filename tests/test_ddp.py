@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -86,16 +87,19 @@ def test_torchrun_two_ranks_matches_one_process_and_logs_one_run(make_config, sm
     counts = [sum(v) for v in zip(*(_history(client, ddp_run.info.run_id, f"val/pred_count_{c}") for c in ("LGG", "HGG")))]
     assert counts == [n_val, n_val]
 
-    ddp_ckpt = load_checkpoint(Path(ddp_cfg.train.checkpoint_dir) / ddp_run.info.run_id / "last.pt")
-    single_ckpt = load_checkpoint(Path(single_cfg.train.checkpoint_dir) / single_run.info.run_id / "last.pt")
+    def last_checkpoint(run_id):  # the uploaded copy (the local one is removed after the upload)
+        return load_checkpoint(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
+                                                                   dst_path=str(tmp_path / run_id)))
+
+    ddp_ckpt, single_ckpt = last_checkpoint(ddp_run.info.run_id), last_checkpoint(single_run.info.run_id)
     # each rank took half the data: as many optimiser steps as one process with the doubled batch
     assert ddp_ckpt["global_step"] == single_ckpt["global_step"] > 0
     assert set(ddp_ckpt["model"]) == set(single_ckpt["model"])  # no "module." prefix: interchangeable
     train_counts = np.bincount(small_cache.index.query("fold != 0 and fold >= 0")["label"], minlength=2).tolist()
     _, model = build_components(ddp_cfg, train_counts)
     model.load_state_dict(ddp_ckpt["model"])
-    # only rank 0 wrote checkpoints: one folder per run
-    assert {p.name for p in Path(ddp_cfg.train.checkpoint_dir).iterdir()} == {ddp_run.info.run_id, single_run.info.run_id}
+    # only rank 0 wrote checkpoints (one per run, uploaded, then the local copies removed)
+    assert not any(Path(ddp_cfg.train.checkpoint_dir).iterdir())
 
 
 def test_torchrun_refuses_frozen_backbone_with_the_option_in_the_error(make_config, tmp_path):

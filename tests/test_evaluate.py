@@ -105,7 +105,8 @@ def test_run_id_and_checkpoint_sources_give_the_same_numbers(trained):
     logged = MlflowClient().get_run(fold.run_id).data.metrics
     by_run = run_evaluate(_eval_cfg(trained, split="val", fold=0), source=fold.run_id)
     assert _same_metrics(by_run.metrics, logged, "test") == []
-    checkpoint = Path(cfg.train.checkpoint_dir) / fold.run_id / "best.pt"
+    checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=fold.run_id, artifact_path="checkpoints/best.pt",
+                                                          dst_path=str(Path(cfg.train.checkpoint_dir) / "copy")))
     by_file = run_evaluate(_eval_cfg(trained, split="val", fold=0), source=str(checkpoint))
     assert _same_metrics(by_file.metrics, logged, "test") == []
     assert MlflowClient().get_run(by_file.run_id).data.tags["losslab.source_checkpoint"] == str(checkpoint.resolve())

@@ -83,20 +83,14 @@ def _cli(config_path, *args, env=None, cwd=None):
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, small_cache, tmp_path):
-    common = ("train.device=cpu", "train.epochs=3", "train.max_train_batches=3", "train.ema_decay=0.9",
-              "tracking.log_model=false")
-    killed_cfg = make_config(*common, experiment="resume-killed")
-    config_path = tmp_path / "killed.yaml"
-    config_path.write_text(dump_yaml(killed_cfg))
-    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
-    proc = _cli(config_path, env=env, cwd=tmp_path)
-    client = MlflowClient()
+def _signal_after_epoch_0(proc, client, experiment: str, signum: int) -> str:
+    """Send ``signum`` to the training subprocess once epoch 0 is checkpointed and logged (it is then
+    in epoch 1); return the run id."""
     try:
         run_id, deadline = None, time.monotonic() + 150
-        while time.monotonic() < deadline:  # epoch 0 is checkpointed and logged: the process is in epoch 1
+        while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read()
-            exp = client.get_experiment_by_name("resume-killed")
+            exp = client.get_experiment_by_name(experiment)
             runs = client.search_runs([exp.experiment_id]) if exp else []
             if runs:
                 run_id = runs[0].info.run_id
@@ -106,14 +100,31 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
         else:
             pytest.fail("the training subprocess did not finish epoch 0 in time")
         time.sleep(0.3)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+    return run_id
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, small_cache, tmp_path):
+    # train/lr falls every epoch: with it as the monitor the best epoch (0) comes before the kill (in epoch 1)
+    common = ("train.device=cpu", "train.epochs=3", "train.max_train_batches=3", "train.ema_decay=0.9",
+              "tracking.log_model=false", "train.monitor=train/lr", "optim.warmup_epochs=0",
+              "train.upload_checkpoint_every=0")
+    killed_cfg = make_config(*common, experiment="resume-killed")
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(dump_yaml(killed_cfg))
+    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
+    proc = _cli(config_path, env=env, cwd=tmp_path)
+    client = MlflowClient()
+    run_id = _signal_after_epoch_0(proc, client, "resume-killed", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     ckpt_dir = Path(killed_cfg.train.checkpoint_dir) / run_id
     assert load_checkpoint(ckpt_dir / "last.pt")["epoch"] == 0  # killed inside epoch 1
+    assert load_checkpoint(ckpt_dir / "best.pt")["epoch"] == 0
+    assert client.list_artifacts(run_id, "checkpoints") == []  # SIGKILL: nothing was uploaded
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0]
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
 
@@ -125,6 +136,17 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
     assert run.data.tags["losslab.resumed_from"].endswith("last.pt")
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1, 2]
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, no new one
+    # best.pt of epoch 0 (before the kill) survives the resume: evaluate on the run id scores it
+    assert run.data.metrics["best_epoch"] == 0
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    evaluate = subprocess.run([sys.executable, "-m", "losslab.cli", "evaluate", "-c", str(config_path), "--model", run_id,
+                               "--split", "val", "-o", "evaluate.tta.enabled=false", "-o", "evaluate.latency.enabled=false"],
+                              cwd=tmp_path, env=env | {"LOSSLAB_TEST_SLEEP_PER_BATCH": "0"}, capture_output=True,
+                              text=True, timeout=240)
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    ev_run = client.get_run(evaluate.stdout.split("evaluate run ")[1].split(":")[0])
+    assert ev_run.data.metrics["test/balanced_accuracy"] == pytest.approx(run.data.metrics["best_val/balanced_accuracy"],
+                                                                          abs=1e-6)
 
     reference = run_train(make_config(*common, experiment="resume-reference"), info=small_cache)
     expected = _val_metrics_at(client, reference.folds[0].run_id, 2)
@@ -132,3 +154,31 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
     assert expected.keys() == got.keys() and "val/balanced_accuracy" in got
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+def test_sigterm_ends_the_run_killed_uploads_checkpoints_and_resume_clears_the_error(make_config, tmp_path):
+    cfg = make_config("train.device=cpu", "train.epochs=2", "train.max_train_batches=3", "tracking.log_model=false",
+                      "train.upload_checkpoint_every=0", experiment="resume-sigterm")
+    config_path = tmp_path / "term.yaml"
+    config_path.write_text(dump_yaml(cfg))
+    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
+    proc = _cli(config_path, env=env, cwd=tmp_path)
+    client = MlflowClient()
+    run_id = _signal_after_epoch_0(proc, client, "resume-sigterm", signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.returncode == 143, out
+    assert out.strip().splitlines()[-1] == "losslab: got SIGTERM (stopped from outside: a scheduler, `kill` or `docker stop`)"
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["losslab.error"].startswith("Terminated: got SIGTERM")
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}  # uploaded on the way out ...
+    assert not (Path(cfg.train.checkpoint_dir) / run_id).exists()  # ... so the local copies are gone
+
+    resume = _cli(config_path, "--resume", run_id, env=dict(env, LOSSLAB_TEST_SLEEP_PER_BATCH="0"), cwd=tmp_path)
+    out, _ = resume.communicate(timeout=240)
+    assert resume.returncode == 0, out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"  # resumed from the artifact
+    assert "losslab.error" not in run.data.tags and "losslab.traceback" not in run.data.tags
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1]

@@ -22,7 +22,12 @@ def _history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_config, small_cache, capfd):
+def _artifact_checkpoint(run_id: str, name: str, dst: Path) -> dict:
+    return load_checkpoint(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{name}",
+                                                               dst_path=str(dst)))
+
+
+def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_config, small_cache, capfd, tmp_path):
     cfg = make_config("train.epochs=2", "tracking.alias=candidate", experiment="train-e2e")
     result = run_train(cfg, info=small_cache)
     fold = result.folds[0]
@@ -45,6 +50,7 @@ def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_con
     assert "config.yaml" in artifacts
     ckpts = {a.path for a in client.list_artifacts(fold.run_id, "checkpoints")}
     assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert not (Path(cfg.train.checkpoint_dir) / fold.run_id).exists()  # local copies removed once uploaded
     plots = {a.path for a in client.list_artifacts(fold.run_id, "plots")}
     assert "plots/confusion_matrix.png" in plots
 
@@ -65,7 +71,7 @@ def test_short_train_run_logs_everything_and_registers_a_loadable_model(make_con
     assert registered.spec["class_names"] == ["LGG", "HGG"] and registered.spec["loss"]["name"] == "ce"
     counts_train = np.bincount(small_cache.index.query("fold != 0")["label"], minlength=2).tolist()
     _, model = build_components(cfg, counts_train)
-    best = load_checkpoint(Path(cfg.train.checkpoint_dir) / fold.run_id / "best.pt")
+    best = _artifact_checkpoint(fold.run_id, "best.pt", tmp_path)
     model.load_state_dict(best["model"])
     model.eval()
     x = torch.randn(3, 5, 4, 48, 48)
@@ -136,7 +142,7 @@ def _register_nan_loss():
     _NAN_REGISTERED = True
 
 
-def test_nan_loss_fails_with_epoch_and_batch_and_keeps_last_good_checkpoint(make_config, small_cache):
+def test_nan_loss_fails_with_epoch_and_batch_and_keeps_last_good_checkpoint(make_config, small_cache, tmp_path):
     _register_nan_loss()
     cfg = make_config("train.epochs=3", "loss.name=nan_from_epoch1_for_test", experiment="train-nan")
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch 0"):
@@ -144,7 +150,7 @@ def test_nan_loss_fails_with_epoch_and_batch_and_keeps_last_good_checkpoint(make
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("train-nan").experiment_id])[0]
     assert run.info.status == "FAILED" and "non-finite training loss (nan) at epoch 1, batch 0" in run.data.tags["losslab.error"]
-    last = load_checkpoint(Path(cfg.train.checkpoint_dir) / run.info.run_id / "last.pt")
+    last = _artifact_checkpoint(run.info.run_id, "last.pt", tmp_path)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert len(client.get_metric_history(run.info.run_id, "val/balanced_accuracy")) == 1

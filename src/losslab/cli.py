@@ -68,7 +68,7 @@ def preprocess(config: Optional[str] = ConfigOpt, override: Optional[list[str]] 
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.preprocess import run_preprocess
 
-    with entry_point_run("preprocess"):
+    with entry_point_run("preprocess", cfg.tracking):
         info = run_preprocess(cfg, force=force)
     typer.echo(f"{len(info.index)} cases in {info.cache_dir}; skipped {info.report.get('skipped_count', 0)}"
                f" (reused cache: {info.reused})")
@@ -88,7 +88,7 @@ def train(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
     from losslab.pipelines.train import run_train
 
     # under torchrun only rank 0 touches MLflow (and prints the result)
-    with entry_point_run("train") if is_main_process() else contextlib.nullcontext():
+    with entry_point_run("train", cfg.tracking) if is_main_process() else contextlib.nullcontext():
         result = run_train(cfg, resume_run_id=resume or None)
     if not is_main_process():
         return
@@ -141,7 +141,7 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
     from losslab.tracking import UnsafeModelError
 
     try:
-        with entry_point_run("evaluate"):
+        with entry_point_run("evaluate", cfg.tracking):
             result = run_evaluate(cfg, source=model or None, split=split or None, fold=fold, cache_dir=cache_dir or None,
                                   allow_pickle=allow_pickle or None)
     except (SourceNotFoundError, UnsafeModelError) as exc:
@@ -174,7 +174,8 @@ def compare(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = O
 
     chosen = list(metric or []) + metrics.split() or list(DEFAULT_METRICS)
     try:
-        with entry_point_run("compare"):
+        compared = cfg.tracking.model_copy(update={"experiment": experiment or cfg.tracking.experiment})
+        with entry_point_run("compare", compared):
             result = run_compare(experiment or cfg.tracking.experiment, filter_string or None, chosen, group_by,
                                  prefix, cfg.tracking.tracking_uri, log_run=log_run)
     except ExperimentNotFoundError as exc:
@@ -229,7 +230,7 @@ def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
         if best:
             typer.echo(best_config_yaml(cfg, settings), nl=False)
             return
-        with entry_point_run("sweep"):
+        with entry_point_run("sweep", cfg.tracking):
             result = run_sweep(cfg, settings)
     except ConfigError as exc:
         _error(exc)
@@ -247,7 +248,7 @@ def distill(config: Optional[str] = typer.Option("configs/experiment/distill_med
     from losslab.pipelines.common import entry_point_run
     from losslab.pipelines.distill import distillation_table, run_distill
 
-    with entry_point_run("distill"):
+    with entry_point_run("distill", cfg.tracking):
         result = run_distill(cfg)
     table = distillation_table(cfg.tracking.experiment, parent_run_id=result.parent_run_id)
     typer.echo(table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -265,7 +266,9 @@ def _debug() -> bool:
 def _one_line(exc: BaseException) -> str:
     from losslab.config import ConfigError
 
-    text = " ".join(str(exc).split())
+    from losslab.redaction import redact_text
+
+    text = " ".join(redact_text(str(exc)).split())
     return text if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {text}"
 
 

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from losslab.config import ExperimentConfig, dump_yaml, flatten
 from losslab.engine.callbacks import Callback
 from losslab.redaction import redact_config, redact_text
+from losslab.termination import Terminated
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -52,9 +53,46 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     return None  # a server assigns its own artifact root
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local store (``sqlite:///x.db``, ``file:///dir``, a bare path), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri and not uri.startswith(("databricks", "sqlite:")):
+        return Path(uri)
+    return None
+
+
+def prepare_store(uri: str) -> None:
+    """Before MLflow touches a local store: warn, naming it, when its folder does not exist (MLflow
+    would silently create a new, empty store there: usually a mistyped URI); and create or migrate a
+    SQLite store's schema once, under a file lock (``<db>.lock``), so that workers starting together
+    on a fresh store do not race on MLflow's schema migration."""
+    path = local_store_path(uri)
+    if path is None:
+        return
+    folder = path.parent if uri.startswith("sqlite:") else path
+    if not folder.exists():
+        warnings.warn(f"tracking store {uri}: folder {folder.resolve()} does not exist; MLflow creates a new, "
+                      "empty store there (check MLFLOW_TRACKING_URI / tracking.tracking_uri)", stacklevel=3)
+        log.warning("new MLflow store in a folder that did not exist: %s", folder.resolve())
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking store: creates or migrates the tables
+        client.search_registered_models(max_results=1)  # the model registry on the same database
+
+
 def setup_tracking(tracking_cfg: Any) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
+    """Point MLflow at the configured store (prepared by :func:`prepare_store`) and experiment;
+    return the experiment id."""
     uri = resolve_tracking_uri(tracking_cfg.tracking_uri)
+    prepare_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(tracking_cfg.experiment)
@@ -94,10 +132,22 @@ def _safe(fn):
     return wrapper
 
 
+ERROR_TAGS = ("losslab.error", "losslab.traceback")  # written by managed_run when a run fails or is killed
+
+
+def clear_error_tags(run_id: str) -> None:
+    """Remove the tags of an earlier failure (a resumed run, a pruned trial); absent tags are fine."""
+    client = MlflowClient()
+    for key in ERROR_TAGS:
+        with contextlib.suppress(Exception):
+            client.delete_tag(run_id, key)
+
+
 @contextlib.contextmanager
 def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None, nested: bool = False,
                 run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, with ``run_id``) a run; end it FAILED with the reason on any error."""
+    """Start (or resume, with ``run_id``) a run; end it FAILED with the reason on any error, KILLED
+    on Ctrl-C or SIGTERM (:class:`losslab.termination.Terminated`)."""
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
     try:
         yield run
@@ -107,7 +157,7 @@ def managed_run(run_name: str | None = None, tags: dict[str, str] | None = None,
             client = MlflowClient()
             client.set_tag(run.info.run_id, "losslab.error", reason[:5000])
             client.set_tag(run.info.run_id, "losslab.traceback", redact_text(traceback.format_exc())[-5000:])
-        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        mlflow.end_run(status="KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
@@ -179,12 +229,16 @@ class MLflowCallback(Callback):
         self.log_checkpoints = log_checkpoints
         self.checkpoint_every = checkpoint_every
         self._pending: dict[str, str] = {}  # kind -> path written but not uploaded yet
+        self._uploaded: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when it was uploaded
         self.synchronous = synchronous
         self.client = MlflowClient()
         self.alarm_tags: dict[str, str] = {}
 
     @_safe
     def on_fit_start(self, state):
+        best = Path(state.checkpoint_dir or ".") / "best.pt"
+        if self.log_checkpoints and best.is_file():  # a resumed fit whose best epoch came before the kill
+            self._pending["best"] = str(best)
         history = state.history
         n = max((len(v) for v in history.values()), default=0)
         if not n:
@@ -217,8 +271,34 @@ class MLflowCallback(Callback):
 
     def _upload_checkpoints(self) -> None:
         for kind in sorted(self._pending):  # best, then last
-            self.client.log_artifact(self.run_id, self._pending[kind], artifact_path="checkpoints")
+            path = Path(self._pending[kind])
+            stat = path.stat()
+            self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
+            self._uploaded[str(path)] = (stat.st_size, stat.st_mtime_ns)
         self._pending.clear()
+
+    def remove_uploaded_checkpoints(self) -> list[str]:
+        """Delete the local checkpoint files this callback uploaded and that have not changed since
+        (same size and modification time), then their folder if it is empty: the run's
+        ``checkpoints/`` artifacts are the copies that stay. A file whose upload failed stays (with a
+        warning). Returns the paths removed."""
+        removed, folders = [], set()
+        for path_text, (size, mtime) in list(self._uploaded.items()):
+            path = Path(path_text)
+            folders.add(path.parent)
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                if (stat.st_size, stat.st_mtime_ns) == (size, mtime):
+                    path.unlink()
+                    removed.append(path_text)
+                    del self._uploaded[path_text]
+        for folder in folders:
+            kept = sorted(p.name for p in folder.glob("*.pt"))
+            if kept:
+                log.warning("checkpoint(s) %s of run %s not uploaded: kept in %s", ", ".join(kept), self.run_id, folder)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return removed
 
     @_safe
     def on_alarm(self, state, alarm):
@@ -234,6 +314,7 @@ class MLflowCallback(Callback):
     def on_exception(self, state, exc):
         self._flush()
         self._upload_checkpoints()
+        self.remove_uploaded_checkpoints()  # `--resume` downloads them again
 
     def _flush(self) -> None:
         if not self.synchronous:
@@ -400,9 +481,7 @@ def mark_trial_run(run_id: str, trial_state: str, reason: str | None = None, ste
     client.set_terminated(run_id, status=_TRIAL_STATUS[trial_state])
     client.set_tag(run_id, TRIAL_STATE_TAG, trial_state)
     if trial_state == "PRUNED":
-        for key in ("losslab.error", "losslab.traceback"):  # written by managed_run; pruning is no error
-            with contextlib.suppress(Exception):
-                client.delete_tag(run_id, key)
+        clear_error_tags(run_id)  # written by managed_run; pruning is no error
         if step is not None:
             client.set_tag(run_id, "losslab.pruned_at_step", str(step))
     elif reason:

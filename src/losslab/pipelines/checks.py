@@ -65,4 +65,21 @@ def check_data_source(cfg: ExperimentConfig) -> None:
         raise cfg.key_error(f"data.source_kwargs.{exc.key}", exc.value, exc.problem) from None
 
 
-__all__ = ["ConfigError", "check_config", "check_data_source", "check_loss", "known_num_classes"]
+def check_checkpoint_dir(cfg: ExperimentConfig) -> None:
+    """``train.checkpoint_dir`` can be created and written (found before training, not after the
+    first epoch)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(cfg.train.checkpoint_dir)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise cfg.key_error("train.checkpoint_dir", str(folder),
+                            f"not writable ({exc.strerror or exc}: {exc.filename or folder})") from None
+
+
+__all__ = ["ConfigError", "check_checkpoint_dir", "check_config", "check_data_source", "check_loss", "known_num_classes"]

@@ -30,11 +30,12 @@ from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
-from losslab.pipelines.checks import check_config
+from losslab.pipelines.checks import check_checkpoint_dir, check_config
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import classifier_spec
 from losslab.tasks import task_of
-from losslab.tracking import MLflowCallback, log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
+from losslab.tracking import (MLflowCallback, clear_error_tags, log_and_register_model, log_config, log_metrics_batch,
+                              managed_run, setup_tracking)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def fold_config(cfg: ExperimentConfig, fold: int, seed: int | None = None) -> Ex
 
 def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool = False,
                resume_run_id: str | None = None, extra_callbacks: list | None = None,
-               extra_tags: dict[str, str] | None = None, seed: int | None = None) -> FoldResult:
+               extra_tags: dict[str, str] | None = None, seed: int | None = None,
+               set_alias: bool = False) -> FoldResult:
     """Train one fold (with training seed ``seed``, default ``train.seed``) in its own MLflow run;
     the run is FAILED (with the reason) on any error, including a fold that cannot be built (e.g. no
     validation cases). The best epoch is chosen on validation; the best model is then scored once
@@ -167,7 +169,10 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
     FINISHED; a run left RUNNING by a killed process can be resumed this way.
 
     Under torchrun only rank 0 opens the run, logs, checkpoints and registers the model; the other
-    ranks train their shard (:func:`_train_fold_replica`) and never call MLflow."""
+    ranks train their shard (:func:`_train_fold_replica`) and never call MLflow.
+
+    ``set_alias``: point ``tracking.alias`` at the registered version (a single-fold train, also
+    under ``mlflow run``); cross-validation folds and sweep trials leave the alias alone."""
     cfg = fold_config(cfg, fold, seed)
     if task_of(cfg).name == "segmentation":
         from losslab.pipelines.seg_train import train_seg_fold
@@ -199,6 +204,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         else:
             resume_from = _find_resume_checkpoint(cfg, run_id)
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
+            clear_error_tags(run_id)  # the kill or failure being resumed from is no longer the run's state
         # every rank resumes from the same file (a local path: one machine, or a shared disk)
         ddp.broadcast_object(str(resume_from) if resume_from is not None else None)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
@@ -223,11 +229,12 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         if cfg.tracking.log_model:
             example = _input_example(val_ds)
             mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
-                                        cfg.tracking.alias if not nested else None,
+                                        cfg.tracking.alias if set_alias else None,
                                         version_tags={"fold": fold, "seed": cfg.train.seed, "loss": cfg.loss.name,
                                                       "run_id": run_id},
                                         spec=classifier_spec(cfg, class_names, class_counts))
             version = f"{mv.version}" if mv is not None else None
+        callbacks[0].remove_uploaded_checkpoints()  # the run's artifacts are the copies that stay
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
 
 
@@ -243,7 +250,9 @@ def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, model
     summary = {f"best_{k}": v for k, v in best_metrics.items()}
     summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
     test_metrics = score_test_split(cfg, info, model, loss_fn, device, val_loader.dataset.normalizer)
-    log_metrics_batch(run_id, summary | test_metrics, step=int(state.epoch))
+    # at the best epoch's step: these numbers describe that epoch's weights
+    step = int(state.best_epoch if state.best_epoch is not None else state.epoch)
+    log_metrics_batch(run_id, summary | test_metrics, step=step)
     return best_metrics | test_metrics
 
 
@@ -293,14 +302,30 @@ def _input_example(val_ds) -> np.ndarray:
 
 
 def _find_resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
-    local = _checkpoint_dir(cfg, run_id) / "last.pt"
-    if local.is_file():
-        return local
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt")
-    except Exception as exc:
-        raise FileNotFoundError(f"run {run_id} has no last checkpoint locally ({local}) or as an artifact: {exc}") from exc
-    return Path(path)
+    """The run's ``last.pt``: the local copy, else its artifact, downloaded into the local checkpoint
+    folder together with ``best.pt`` (so a best epoch before the kill is kept and re-uploaded)."""
+    folder = _checkpoint_dir(cfg, run_id)
+    local = folder / "last.pt"
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).is_file():
+            continue
+        try:
+            _download_checkpoint(run_id, name, folder)
+        except Exception as exc:
+            if name == "last.pt":
+                raise FileNotFoundError(f"run {run_id} has no last checkpoint locally ({local}) or as an "
+                                        f"artifact: {exc}") from exc
+    return local
+
+
+def _download_checkpoint(run_id: str, name: str, folder: Path) -> None:
+    import shutil
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{name}", dst_path=tmp)
+        shutil.move(path, folder / name)
 
 
 def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: CacheInfo | None = None,
@@ -316,6 +341,8 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     check_config(cfg)  # before any run opens or the cache is built
     task = task_of(cfg)
     task.check_entry_point("train")  # before any run opens
+    if ddp.is_main_process():
+        check_checkpoint_dir(cfg)
     if task.name == "segmentation":
         return _run_segmentation(cfg, resume_run_id, info, extra_callbacks)
     with ddp.distributed_context(cfg.train.device) as distributed:
@@ -334,7 +361,7 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
         nested = mlflow.active_run() is not None
         if not cfg.cv.is_multi_run:
             result = train_fold(cfg, info, cfg.data.fold, nested=nested, resume_run_id=resume_run_id,
-                                extra_callbacks=extra_callbacks)
+                                extra_callbacks=extra_callbacks, set_alias=True)
             return TrainResult([result], None, info.class_names)
         return run_cv(cfg, info, extra_callbacks)
 
