@@ -261,3 +261,41 @@ def test_coordinate_outside_the_image(small_lumbar):
     cases = list(build_source("rsna_lumbar", str(small_lumbar), salt="s", report=report).iter_cases())
     assert len(cases) == 8
     assert "coordinate (500, " in reasons(report) and reasons(report).count("outside the image (64x64)") == 2
+
+
+def test_conflicting_duplicate_labels_fail_or_skip_and_identical_duplicates_pass(small_lumbar):
+    def duplicate(change):
+        def edit(rows):
+            again = list(rows[1])
+            if change:
+                col = rows[0].index("spinal_canal_stenosis_l2_l3")
+                again[col] = "Severe" if again[col] != "Severe" else "Moderate"
+            return rows + [again]
+        return edit
+
+    edit_csv(small_lumbar / "train.csv", duplicate(change=False))  # an identical duplicate row: no conflict
+    assert len(list(build_source("rsna_lumbar", str(small_lumbar), salt="s").iter_cases())) == 10
+    edit_csv(small_lumbar / "train.csv", duplicate(change=True))  # line 5 contradicts line 2
+    with pytest.raises(ValueError, match=r"conflicting labels for study \d+ in train.csv column "
+                                         r"'spinal_canal_stenosis_l2_l3': '[\w/]+' on line 2, '[\w/]+' on line 5"):
+        list(build_source("rsna_lumbar", str(small_lumbar), salt="s").iter_cases())
+    report = SkipReport()
+    source = build_source("rsna_lumbar", str(small_lumbar), salt="s", report=report, on_label_conflict="skip")
+    cases = list(source.iter_cases())
+    assert len(cases) == 9 and reasons(report).count("conflicting labels") == 1
+    assert "L2/L3: conflicting labels for study" in reasons(report)
+
+
+def test_fractional_instance_number_is_rejected_naming_file_and_line(small_lumbar):
+    def fractional(rows):
+        col = rows[0].index("instance_number")
+        rows[3][col] = rows[3][col] + ".7"
+        rows[4][col] = rows[4][col] + ".0"  # an integer written as a float is fine
+        return rows
+
+    edit_csv(small_lumbar / "train_label_coordinates.csv", fractional)
+    report = SkipReport()
+    cases = list(build_source("rsna_lumbar", str(small_lumbar), salt="s", report=report).iter_cases())
+    assert len(cases) == 9
+    assert [s["item"] for s in report.skipped] == ["train_label_coordinates.csv line 4"]
+    assert report.skipped[0]["reason"].startswith("instance_number '") and ".7' is not an integer" in reasons(report)

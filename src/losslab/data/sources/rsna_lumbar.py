@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -53,6 +53,14 @@ def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (the RSNA lumbar layout needs it)")
     return read_csv_table(path, list(required))[1]
+
+
+def _is_integer(value: str) -> bool:
+    """``"12"`` and ``"12.0"`` are instance numbers; ``"12.7"``, ``""`` and ``"x"`` are not."""
+    try:
+        return float(value).is_integer()  # False for nan and inf too
+    except ValueError:
+        return False
 
 
 def _key(value: str) -> str:
@@ -79,6 +87,9 @@ class RsnaLumbarSource(Source):
         mixed_series: ``"largest"`` (default) or ``"skip"`` for folders holding several series.
         on_gap: ``"keep"`` (default) or ``"skip"`` series with missing slices.
         images_dir: folder of the DICOM tree (default ``train_images``).
+        on_label_conflict: a study listed twice in ``train.csv`` with different labels: ``"fail"``
+            (default: ``ValueError`` naming the study, the column and both lines) or ``"skip"`` the
+            conflicting (study, condition, level) cases, each reported. Identical duplicates are fine.
     """
 
     name = "rsna_lumbar"
@@ -99,6 +110,7 @@ class RsnaLumbarSource(Source):
         mixed_series: str = "largest",
         on_gap: str = "keep",
         images_dir: str = "train_images",
+        on_label_conflict: Literal["fail", "skip"] = "fail",
     ) -> None:
         super().__init__(root, salt, report)
         unknown = [c for c in (conditions or []) if c not in CONDITIONS]
@@ -121,6 +133,10 @@ class RsnaLumbarSource(Source):
         self.mixed_series = mixed_series
         self.on_gap = on_gap
         self.images_dir = images_dir
+        if on_label_conflict not in ("fail", "skip"):
+            raise ValueError(f"on_label_conflict must be 'fail' or 'skip', got {on_label_conflict!r}")
+        self.on_label_conflict = on_label_conflict
+        self.label_conflicts: dict[tuple[str, str], str] = {}  # (study, column) -> why (on_label_conflict='skip')
 
     # ------------------------------------------------------------------ tables
     def _tables(self) -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str], list[dict[str, str]]]:
@@ -129,10 +145,30 @@ class RsnaLumbarSource(Source):
         train = read_csv(root / TRAIN_CSV, ["study_id", *level_columns])
         coordinates = read_csv(root / COORDINATES_CSV, COORDINATE_COLUMNS)
         descriptions = read_csv(root / DESCRIPTIONS_CSV, DESCRIPTION_COLUMNS)
-        labels = {_key(r["study_id"]): r for r in train}
+        labels = self._labels_by_study(train, level_columns)
         series_description = {(_key(r["study_id"]), _key(r["series_id"])): r["series_description"]
                               for r in descriptions}
         return labels, series_description, coordinates
+
+    def _labels_by_study(self, train: list[dict[str, str]], columns: list[str]) -> dict[str, dict[str, str]]:
+        """``train.csv`` rows by study; a study listed again with a different label in a column is a
+        conflict: ``on_label_conflict='fail'`` raises naming both lines, ``'skip'`` records it."""
+        labels: dict[str, dict[str, str]] = {}
+        lines: dict[str, int] = {}
+        for line, row in enumerate(train, start=2):  # line 1 is the header
+            study = _key(row["study_id"])
+            if study not in labels:
+                labels[study], lines[study] = row, line
+                continue
+            for column in columns:
+                first, again = labels[study].get(column, ""), row.get(column, "")
+                if first != again:
+                    why = (f"conflicting labels for study {study} in {TRAIN_CSV} column {column!r}: {first!r} on "
+                           f"line {lines[study]}, {again!r} on line {line}")
+                    if self.on_label_conflict == "fail":
+                        raise ValueError(f"{why} (fix the file, or set data.source_kwargs.on_label_conflict=skip)")
+                    self.label_conflicts[(study, column)] = why
+        return labels
 
     def iter_cases(self) -> Iterator[Case]:
         for task in self.tasks():
@@ -150,7 +186,7 @@ class RsnaLumbarSource(Source):
         by_series: dict[tuple[str, str], list[tuple[str, str, str, str, str]]] = {}
         seen: set[tuple[str, str, str]] = set()
         duplicates = 0
-        for row in coordinates:
+        for line, row in enumerate(coordinates, start=2):  # line 1 is the header
             study, series = _key(row["study_id"]), _key(row["series_id"])
             condition, level = row["condition"], row["level"]
             item = f"{COORDINATES_CSV}"
@@ -167,6 +203,11 @@ class RsnaLumbarSource(Source):
                 continue
             if (study, condition, level) in seen:
                 duplicates += 1
+                continue
+            if not _is_integer(row["instance_number"]):  # never truncated: 12.7 is no instance
+                seen.add((study, condition, level))  # its case is rejected here (the first coordinate wins)
+                report.skip(f"{COORDINATES_CSV} line {line}", f"instance_number {row['instance_number']!r} is not an "
+                                                              f"integer (study {study}, {condition} {level})")
                 continue
             seen.add((study, condition, level))
             by_series.setdefault((study, series), []).append(
@@ -215,6 +256,9 @@ class RsnaLumbarSource(Source):
                 report.skip(rel, f"{condition} {level}: no label: study {study} not in {TRAIN_CSV}")
                 continue
             value = labels[study].get(column, "")
+            if (study, column) in self.label_conflicts:
+                report.skip(rel, f"{condition} {level}: {self.label_conflicts[(study, column)]}")
+                continue
             if value == "" or value.lower() == "nan":
                 report.skip(rel, f"{condition} {level}: no label: empty {TRAIN_CSV} cell {column!r}")
                 continue
