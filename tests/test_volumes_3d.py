@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -69,7 +70,9 @@ def test_train_3d_through_the_cli_then_evaluate_with_calibration_and_tta(make_co
     registered = load_registered_model("models:/test-resnet3d@candidate")
     assert registered.spec["model"]["kind"] == "volume3d"
     _, model = build_components(cfg, [1, 1])
-    model.load_state_dict(load_checkpoint(Path(cfg.train.checkpoint_dir) / run.info.run_id / "best.pt")["model"])
+    best_pt = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/best.pt",
+                                                  dst_path=str(tmp_path / "best"))  # the local copy is removed
+    model.load_state_dict(load_checkpoint(best_pt)["model"])
     model.eval()
     x = torch.randn(2, 4, 8, 48, 48)
     with torch.no_grad():
