@@ -108,18 +108,26 @@ def _signal_after_epoch_0(proc, client, experiment: str, signum: int) -> str:
     return run_id
 
 
+def _train_then_signal(make_config, tmp_path, experiment: str, signum: int, *overrides: str):
+    """``losslab train`` in a subprocess (half a second per batch), ``signum`` sent once epoch 0 is
+    logged; returns the config, its file, the environment, the finished process and the run id."""
+    cfg = make_config(*overrides, experiment=experiment)
+    config_path = tmp_path / f"{experiment}.yaml"
+    config_path.write_text(dump_yaml(cfg))
+    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
+    proc = _cli(config_path, env=env, cwd=tmp_path)
+    run_id = _signal_after_epoch_0(proc, MlflowClient(), experiment, signum)
+    return cfg, config_path, env, proc, run_id
+
+
 def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, small_cache, tmp_path):
     # train/lr falls every epoch: with it as the monitor the best epoch (0) comes before the kill (in epoch 1)
     common = ("train.device=cpu", "train.epochs=3", "train.max_train_batches=3", "train.ema_decay=0.9",
               "tracking.log_model=false", "train.monitor=train/lr", "optim.warmup_epochs=0",
               "train.upload_checkpoint_every=0")
-    killed_cfg = make_config(*common, experiment="resume-killed")
-    config_path = tmp_path / "killed.yaml"
-    config_path.write_text(dump_yaml(killed_cfg))
-    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
-    proc = _cli(config_path, env=env, cwd=tmp_path)
+    killed_cfg, config_path, env, proc, run_id = _train_then_signal(make_config, tmp_path, "resume-killed",
+                                                                    signal.SIGKILL, *common)
     client = MlflowClient()
-    run_id = _signal_after_epoch_0(proc, client, "resume-killed", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     ckpt_dir = Path(killed_cfg.train.checkpoint_dir) / run_id
     assert load_checkpoint(ckpt_dir / "last.pt")["epoch"] == 0  # killed inside epoch 1
@@ -157,14 +165,10 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
 
 
 def test_sigterm_ends_the_run_killed_uploads_checkpoints_and_resume_clears_the_error(make_config, tmp_path):
-    cfg = make_config("train.device=cpu", "train.epochs=2", "train.max_train_batches=3", "tracking.log_model=false",
-                      "train.upload_checkpoint_every=0", experiment="resume-sigterm")
-    config_path = tmp_path / "term.yaml"
-    config_path.write_text(dump_yaml(cfg))
-    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
-    proc = _cli(config_path, env=env, cwd=tmp_path)
+    cfg, config_path, env, proc, run_id = _train_then_signal(
+        make_config, tmp_path, "resume-sigterm", signal.SIGTERM, "train.device=cpu", "train.epochs=2",
+        "train.max_train_batches=3", "tracking.log_model=false", "train.upload_checkpoint_every=0")
     client = MlflowClient()
-    run_id = _signal_after_epoch_0(proc, client, "resume-sigterm", signal.SIGTERM)
     out = proc.stdout.read()
     assert proc.returncode == 143, out
     assert out.strip().splitlines()[-1] == "losslab: got SIGTERM (stopped from outside: a scheduler, `kill` or `docker stop`)"
