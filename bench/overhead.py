@@ -180,7 +180,8 @@ def peak_memory_resnet3d(tmp: Path) -> float:
 
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "losslab.cli", "train", "-c", str(repo / "configs/experiment/brats_resnet3d.yaml"),
-           "-o", "train.epochs=2", "-o", f"data.root={tmp / 'brats'}", "-o", f"data.cache_dir={tmp / 'brats_cache'}",
+           "-o", "train.epochs=2", "-o", f"data.root={tmp / 'brats'}", "-o", "data.generate=embedded_brats",
+           "-o", f"data.cache_dir={tmp / 'brats_cache'}",
            "-o", f"train.checkpoint_dir={tmp / 'ckpt3d'}", "-o", f"tracking.tracking_uri=sqlite:///{tmp / 'mem.db'}",
            "-o", "train.progress=false"]
     t0 = time.perf_counter()

@@ -43,7 +43,8 @@ def populate(store: Path, experiment: str, work: Path) -> None:
 
     base = [
         f"data.root={work / 'embedded_brats'}", f"data.cache_dir={work / 'cache'}", "data.num_folds=2",
-        "data.generator_kwargs={num_cases: 40, shape: [48, 48, 16]}", "data.salt=screenshot", "data.bag_size=4",
+        "data.generate=embedded_brats", "data.generator_kwargs={num_cases: 40, shape: [48, 48, 16]}",
+        "data.salt=screenshot", "data.bag_size=4",
         "model.backbone=test_resnet", "model.head_kwargs={hidden_dim: 16}", "train.epochs=3",
         f"train.checkpoint_dir={work / 'ckpt'}", f"tracking.experiment={experiment}", "optim.lr=0.003",
         "cv.folds=2", "tracking.registered_model_name=screenshot-mil",
