@@ -30,7 +30,7 @@ def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "LOSSLAB_DEBUG"} | {"PYTHONPATH": str(REPO / "src")} | env
     full_env["MLFLOW_TRACKING_URI"] = f"sqlite:///{cwd / 'mlflow.db'}"
     return subprocess.run([sys.executable, "-m", "losslab.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 # ------------------------------------------------------------------------------ data.root
