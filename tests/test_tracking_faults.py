@@ -63,7 +63,7 @@ def test_workers_starting_together_on_a_fresh_sqlite_store(tmp_path):
     go = time.time() + 12  # every worker has imported everything by then; they start their store together
     workers = [subprocess.Popen([sys.executable, str(script), uri, str(go), str(i)], env=env, cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
-    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0], "\n---\n".join(o[-3000:] for o in outputs)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
