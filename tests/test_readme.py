@@ -39,6 +39,7 @@ def _readme_line(prefix: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the real main job (90 cases) plus evaluate with TTA and latency, on 2 cores
 def test_readme_flow_main_job_then_evaluate_on_the_alias_then_compare(tmp_path):
     """The README's commands in the order given, from a clean copy of the project: the main job under
     ``mlflow run`` (only the epochs shortened, through the MLproject's ``overrides`` parameter), then
