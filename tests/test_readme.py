@@ -65,7 +65,7 @@ def test_readme_flow_main_job_then_evaluate_on_the_alias_then_compare(tmp_path):
 
     main_job = _commands()[0].split("&& ")[-1]  # after the install steps
     assert main_job.startswith("MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow run . -e main")
-    run(main_job + ' -P overrides="train.epochs=2 train.max_train_batches=4"', timeout=1200)
+    run(main_job + ' -P overrides="train.epochs=1 train.max_train_batches=4"', timeout=2400)
     cli = f"{shlex.quote(sys.executable)} -m losslab.cli "
     evaluate = _readme_line("losslab evaluate -c configs/experiment/demo.yaml --model models:/losslab-brats-mil@candidate")
     assert "--split test" in evaluate
@@ -81,4 +81,5 @@ def test_readme_flow_main_job_then_evaluate_on_the_alias_then_compare(tmp_path):
     version = client.get_model_version_by_alias("losslab-brats-mil", "candidate")
     exp = client.get_experiment_by_name("losslab-demo")
     trains = client.search_runs([exp.experiment_id], "tags.`losslab.entry_point` = 'train'")
-    assert version.run_id in {r.info.run_id for r in trains} and len(trains) == 2
+    assert version.run_id in {r.info.run_id for r in trains}  # the alias is on one of the main job's fold runs
+    assert {r.data.tags["losslab.loss"] for r in trains} == {"ce", "focal"}
