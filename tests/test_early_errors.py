@@ -88,9 +88,9 @@ def test_an_empty_config_file_is_refused(tmp_path):
                                  "ValueError"),
     ("loss.class_weights=[1, 2, 3]", "loss.class_weights = [1, 2, 3] in command-line override "
                                      "'loss.class_weights=[1, 2, 3]': ValueError: loss 'ce': class_weights has 3"),
-    ("data.fold=5", "data.fold = 5 in command-line override 'data.fold=5': out of range: folds are 0..4 "
-                    "(data.num_folds=5)"),
-    ("cv.folds=[0, 5]", "cv.folds = [0, 5] in command-line override 'cv.folds=[0, 5]': fold indices must be in 0..4"),
+    ("data.fold=5", "data.fold = 5 in command-line override 'data.fold=5': out of range: folds are 0..2 "
+                    "(data.num_folds=3)"),
+    ("cv.folds=[0, 5]", "cv.folds = [0, 5] in command-line override 'cv.folds=[0, 5]': fold indices must be in 0..2"),
     ("data.source_kwargs.min_brain_fractoin=0.1", "data.source_kwargs.min_brain_fractoin = 0.1 in command-line "
                                                   "override 'data.source_kwargs.min_brain_fractoin=0.1': source 'brats' "
                                                   "has no parameter 'min_brain_fractoin'; its parameters: labels_csv, "
