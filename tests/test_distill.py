@@ -266,3 +266,61 @@ def test_a_pickle_teacher_is_refused_before_it_is_unpickled(distilled, tmp_path)
     with pytest.raises(UnsafeModelError, match="is refused"):
         run_distill(again)
     assert not marker.exists()
+
+
+def test_labelled_subset_keeps_the_fraction_of_each_class():
+    from losslab.pipelines.distill import labelled_subset
+
+    labels = ["a"] * 10 + ["b"] * 4 + ["c"] * 1
+    mask = labelled_subset(labels, 0.3, seed=0)
+    kept = pd.Series(labels)[mask].value_counts().to_dict()
+    assert kept == {"a": 3, "b": 1, "c": 1}  # round(3.0), round(1.2), max(1, round(0.3))
+    assert labelled_subset(labels, 1.0, seed=0).all()
+    assert (labelled_subset(labels, 0.3, seed=0) == mask).all()  # the seed fixes the draw
+
+
+def test_labelled_cross_entropy_ignores_unlabelled_cases():
+    from losslab.pipelines.distill import UNLABELLED, labelled_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    target = torch.tensor([0, UNLABELLED, 2, UNLABELLED, 1])
+    keep = torch.tensor([0, 2, 4])
+    expected = F.cross_entropy(logits[keep], target[keep])
+    assert float(labelled_cross_entropy(logits, target)) == pytest.approx(float(expected), rel=1e-6)
+    none = labelled_cross_entropy(logits, torch.full((5,), UNLABELLED))
+    assert float(none) == 0.0 and torch.isfinite(none)
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5, "half", True])
+def test_bad_student_label_fraction_is_refused(tmp_path, mlflow_store, fraction):
+    cfg = _config(tmp_path / "raw", tmp_path / "cache", f"distill.student_label_fraction={fraction}",
+                  experiment="distill-errors")
+    with pytest.raises(ValueError, match=r"distill.student_label_fraction must be a number in \(0, 1\]"):
+        run_distill(cfg)
+
+
+def test_students_see_a_fraction_of_the_labels_and_distill_on_every_case(tmp_path, mlflow_store):
+    """``distill.student_label_fraction``: the student alone trains on the labelled cases only; the
+    KD student trains on every training case (its CE only on the labelled ones)."""
+    from collections import Counter
+
+    from losslab.data.cache import build_cache
+
+    cfg = _config(tmp_path / "raw", tmp_path / "cache", "distill.student_label_fraction=0.25",
+                  "distill.losses=[vanilla]", "train.epochs=1", "distill.teacher.epochs=1",
+                  experiment="distill-fraction")
+    result = run_distill(cfg)
+    index = build_cache(cfg.data).index
+    train = index[(index["fold"] != cfg.data.fold) & (index["fold"] >= 0)]
+    expected = sum(max(1, round(0.25 * n)) for n in Counter(train["label"]).values())
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id).data.params
+    assert int(parent["data.n_train"]) == len(train)
+    assert int(parent["data.n_train_labelled"]) == expected < len(train)
+    alone = client.get_run(result.student_run_ids["none"]).data
+    vanilla = client.get_run(result.student_run_ids["vanilla"]).data
+    assert int(alone.params["data.n_train_cases"]) == expected
+    assert int(vanilla.params["data.n_train_cases"]) == len(train)
+    assert float(vanilla.params["student_label_fraction"]) == 0.25
+    assert math.isfinite(vanilla.metrics["best_val/mean_accuracy"])

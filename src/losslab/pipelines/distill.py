@@ -30,6 +30,10 @@ row per run.
     losses: [vanilla, crd, {name: rkd, distance_weight: 25.0}]   # a name or {name, loss params...}
                                     # vanilla = kd; per loss also ce_weight / distill_weight (below)
     student_alone: true             # also train the student on the labels only
+    student_label_fraction: 1.0     # in (0, 1]: the students see the labels of only this fraction of the
+                                    # training cases (drawn per class with data.seed; logged as
+                                    # data.n_train_labelled); the distillation term still covers every
+                                    # training case, and the student alone trains on the labelled ones
     ce_weight: 1.0                  # weight of Σ_task CE(student, labels)
     distill_weight: 1.0             # weight of the distillation term
     monitor: val/mean_accuracy      # picks the best epoch (max)
@@ -112,6 +116,29 @@ _DEFAULT_STUDENT = {"fusion": "cross_attention", "fusion_dim": 32, "fusion_layer
 
 
 # ------------------------------------------------------------------------------------ the objective
+UNLABELLED = -100  # a label the students do not see (``F.cross_entropy``'s ignore_index)
+
+
+def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean CE over the cases whose target is not :data:`UNLABELLED`; ``0`` when a batch has none."""
+    labelled = target != UNLABELLED
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], target[labelled])
+
+
+def labelled_subset(labels: Sequence, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask ``(N,)``: ``round(fraction · n_c)`` cases of each class ``c`` of ``labels``
+    (at least one), drawn with ``seed``; all ``True`` for ``fraction = 1``."""
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for value in pd.unique(labels):
+        members = np.flatnonzero(labels == value)
+        keep = max(1, int(round(fraction * len(members))))
+        mask[rng.choice(members, size=keep, replace=False)] = True
+    return mask
+
 class MultiTaskDistillation(nn.Module):
     """``L = ce_weight · Σ_t CE(s_t, y_t) + distill_weight · D`` with D from the loss library.
 
@@ -174,7 +201,7 @@ class MultiTaskDistillation(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         ce = student_features.new_zeros(())
         for task in self.tasks:
-            ce_t = F.cross_entropy(student_logits[task].float(), labels[task])
+            ce_t = labelled_cross_entropy(student_logits[task].float(), labels[task])
             terms[f"ce/{task}"] = ce_t.detach()
             ce = ce + ce_t
         distill = student_features.new_zeros(())
@@ -226,6 +253,7 @@ class _Settings:
     tasks: Any
     losses: list[tuple[str, dict[str, Any]]]
     student_alone: bool
+    student_label_fraction: float
     ce_weight: float
     distill_weight: float
     monitor: str
@@ -235,7 +263,7 @@ class _Settings:
     student: dict[str, Any]
 
 
-_TOP_KEYS = {"tasks", "losses", "student_alone", "ce_weight", "distill_weight", "monitor", "cache_dir", "batch_size",
+_TOP_KEYS = {"tasks", "losses", "student_alone", "student_label_fraction", "ce_weight", "distill_weight", "monitor", "cache_dir", "batch_size",
              "teacher", "student"}
 _TEACHER_KEYS = {"model_uri", "allow_pickle", "model", "epochs", "lr", "registered_model_name", "alias"}
 _STUDENT_KEYS = {"model", "epochs", "lr", "registered_model_name"}
@@ -261,7 +289,11 @@ def _settings(cfg: ExperimentConfig) -> _Settings:
             raise ValueError(f"distill.losses: unknown loss {name!r}; expected one of {', '.join(DISTILL_LOSSES)}")
         losses.append((name, spec))
     cache_dir = Path(d.get("cache_dir") or Path(cfg.data.cache_dir) / "teacher_outputs")
+    fraction = d.get("student_label_fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"distill.student_label_fraction must be a number in (0, 1], got {fraction!r}")
     return _Settings(tasks=d.get("tasks"), losses=losses, student_alone=bool(d.get("student_alone", True)),
+                     student_label_fraction=float(fraction),
                      ce_weight=float(d.get("ce_weight", 1.0)), distill_weight=float(d.get("distill_weight", 1.0)),
                      monitor=str(d.get("monitor", "val/mean_accuracy")), cache_dir=cache_dir,
                      batch_size=int(d.get("batch_size") or cfg.data.batch_size), teacher=teacher, student=student)
@@ -326,8 +358,10 @@ class _Fitted:
 
 def _fit(model: nn.Module, objective: nn.Module, train_loader, val_loader, task_classes, epochs: int, lr: float,
          cfg: ExperimentConfig, monitor: str, teacher_train: dict[str, torch.Tensor] | None,
-         on_epoch: Callable[[int, dict[str, float]], None]) -> _Fitted:
-    """Train ``model``; keep (and restore) the weights of the best epoch by ``monitor`` (max)."""
+         on_epoch: Callable[[int, dict[str, float]], None], labelled: torch.Tensor | None = None) -> _Fitted:
+    """Train ``model``; keep (and restore) the weights of the best epoch by ``monitor`` (max).
+    ``labelled`` ``(N_train,)`` bool: the training cases whose labels the objective sees (the others
+    get :data:`UNLABELLED`)."""
     device = resolve_device(cfg.train.device)
     model.to(device)
     objective.to(device)
@@ -350,6 +384,9 @@ def _fit(model: nn.Module, objective: nn.Module, train_loader, val_loader, task_
         loss_sum, n, term_sums = 0.0, 0, {}
         for batch in train_loader:
             batch = _to_device(batch, device)
+            if labelled is not None:
+                seen = labelled.to(device)[batch["index"]]
+                batch["labels"] = {t: torch.where(seen, y, UNLABELLED) for t, y in batch["labels"].items()}
             logits, features = _forward(model, batch)
             if teacher_train is not None:
                 idx = batch["index"]
@@ -577,8 +614,9 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
                            "losslab.dataset": cfg.data.source}, nested=nested) as parent:
         parent_id = parent.info.run_id
         log_config(cfg)
+        labelled = labelled_subset(train_df["label"], s.student_label_fraction, cfg.data.seed)
         mlflow.log_params({"distill.task_classes": json.dumps(task_classes), "data.n_train": len(train_df),
-                           "data.n_val": len(val_df)})
+                           "data.n_val": len(val_df), "data.n_train_labelled": int(labelled.sum())})
         all_metrics: dict[str, dict[str, float]] = {}
 
         # ---- teacher
@@ -656,7 +694,8 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
                 seed_everything(cfg.train.seed, cfg.train.deterministic)  # same init and order for every student
                 student = build_multimodal_model(student_spec, task_classes, texts=texts, in_chans=in_chans)
                 student.preprocessing = preprocessing
-                train_loader, val_loader = _loaders(student, train_df, val_df, info, task_classes, s.batch_size,
+                cases = train_df if role == "student" else train_df[labelled].reset_index(drop=True)
+                train_loader, val_loader = _loaders(student, cases, val_df, info, task_classes, s.batch_size,
                                                     cfg.train.seed, preprocessing)
                 if role == "student":
                     objective = MultiTaskDistillation(name, params, tasks, student.feature_dim, teacher_dim,
@@ -668,9 +707,11 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
                                    "lr": student_lr, "loss.params": json.dumps(params)[:6000],
                                    "ce_weight": ce_weight if role == "student" else 1.0,
                                    "distill_weight": distill_weight if role == "student" else 0.0,
-                                   "teacher_uri": teacher_uri or "", "teacher_cache_key": key})
+                                   "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
+                                   "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
                 fitted = _fit(student, objective, train_loader, val_loader, task_classes, student_epochs, student_lr,
-                              cfg, s.monitor, teacher_train if role == "student" else None, _log_epoch(run_id))
+                              cfg, s.monitor, teacher_train if role == "student" else None, _log_epoch(run_id),
+                              torch.as_tensor(labelled) if role == "student" and not labelled.all() else None)
                 latency = measure_latency(student, val_loader, device)
                 summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
                 log_metrics_batch(run_id, summary, step=fitted.best_epoch)
