@@ -1,0 +1,543 @@
+"""Reproduce the cohort studies of the reproductions list with losslab's own pipelines, and write their
+tables into ``docs/results.md`` from the MLflow store (never typed).
+
+Studies (``--study``):
+
+- ``dual_stream_mil``: **the dual-stream MIL loss study** on the embedded BraTS cohort (HGG : LGG
+  2.8 : 1, patient-level folds, 20 % of patients held out as the test split). CE + weighted sampler
+  (that study's choice) against CE + class weights, focal, LDAM-DRW and logit adjustment. Each fold
+  model is trained (``losslab train``, the fold's validation split picks the best epoch) and scored
+  on the held-out test split by ``losslab evaluate`` before and after its threshold calibration
+  (temperature + threshold fitted on the fold's validation split only). Folds with a dead class
+  (a class never predicted on the test split, :func:`losslab.engine.metrics.dead_class_names`) are
+  counted before and after calibration.
+- ``lumbar_spine``: **the lumbar-spine plan** on the embedded RSNA 2024 lumbar cohort (Normal/Mild :
+  Moderate : Severe ≈ 88 : 7 : 5, 2.5D stacks): competition-weighted CE [1, 2, 4] against plain CE
+  + weighted sampler, CORAL and CORN; per-class test recall, balanced accuracy, the competition's
+  weighted log loss (``evaluate``'s ``test/rsna_weighted_log_loss``) and the training epochs whose
+  validation predictions have a dead class.
+- ``distillation``: **the distillation-loss study** where distillation should help: the student sees
+  the labels of only ``--label-fraction`` of the training cases (``distill.student_label_fraction``)
+  while vanilla KD distils the teacher on every training case; KD against the student alone (same
+  initial weights and batch order), over several seeds.
+
+Every run is tagged ``repro.study``, ``repro.variant``, ``repro.mode`` (``quick`` | ``full``),
+``repro.fold`` and ``repro.seed``; a (variant, fold, seed) whose runs are already in the store is not
+run again, so an interrupted study resumes. The tables are computed from the store only
+(mean ± sample std over the runs, :func:`losslab.pipelines.compare.format_mean_std`; paired
+statistics with :func:`losslab.stats.paired_comparisons`, blocks = (seed, fold)) and written between
+``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->`` in ``--output``.
+
+    python scripts/reproduce_cohorts.py --study all --quick     # one seed, 1-2 epochs, 2 folds
+    nice -n 10 python scripts/reproduce_cohorts.py --study dual_stream_mil --folds 0 1 2 --epochs 4
+    python scripts/reproduce_cohorts.py --study all --tables-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "experiment"
+
+STUDY_TITLES = {
+    "dual_stream_mil": "The dual-stream MIL loss study (embedded BraTS cohort)",
+    "lumbar_spine": "The lumbar-spine plan (embedded RSNA 2024 lumbar cohort)",
+    "distillation": "The distillation-loss study: a student with few labels, distilling on every case",
+}
+EXPERIMENTS = {"dual_stream_mil": "repro-dual-stream-mil", "lumbar_spine": "repro-lumbar-spine",
+               "distillation": "repro-distillation"}
+
+REFERENCE_MIL = "ce + weighted sampler"
+MIL_VARIANTS = {  # variant -> overrides on configs/experiment/demo.yaml (attention MIL, resnet10t, bags of 12)
+    REFERENCE_MIL: ["loss=ce", "data.sampler=weighted_random"],
+    "ce + class weights": ["loss=ce", "loss.class_weights=inverse_freq"],
+    "focal": ["loss=focal", "loss.gamma=2.0"],
+    "ldam-drw": ["loss=ldam", "loss.drw=true"],  # loss.drw_start_epoch is set from the epochs
+    "logit adjustment": ["loss=logit_adjusted", "loss.tau=1.0"],
+}
+REFERENCE_LUMBAR = "weighted ce [1, 2, 4]"
+LUMBAR_VARIANTS = {  # variant -> overrides on configs/experiment/rsna_lumbar_v8.yaml
+    REFERENCE_LUMBAR: [],
+    "ce + weighted sampler": ["loss.class_weights=null", "data.sampler=weighted_random"],
+    "coral": ["loss=coral"],
+    "corn": ["loss=corn"],
+}
+DISTILL_VARIANTS = {"student alone": "none", "vanilla kd": "vanilla"}  # variant -> losslab.loss of the student run
+
+QUICK = {"epochs": 1, "folds": [0, 1], "seeds": [0]}
+
+
+@dataclass
+class Run:
+    """One (variant, fold, seed) of a study: the overrides of its config."""
+
+    study: str
+    variant: str
+    config: Path
+    overrides: list[str]
+    fold: int
+    seed: int
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- running
+def _common_overrides(args, study: str) -> list[str]:
+    work = Path(args.workdir).resolve()
+    return [f"tracking.tracking_uri={args.tracking_uri}", f"tracking.experiment={EXPERIMENTS[study]}",
+            "tracking.registered_model_name=null", "tracking.log_model=false",
+            f"data.root={work}/data/{study}", f"data.cache_dir={work}/cache/{study}",
+            *[s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == study]]
+
+
+def _repro_tags(run: Run, mode: str) -> dict[str, str]:
+    return {"repro.study": run.study, "repro.variant": run.variant, "repro.mode": mode, "repro.fold": str(run.fold),
+            "repro.seed": str(run.seed), **run.tags}
+
+
+def _client(args):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=args.tracking_uri)
+
+
+def _done(client, run: Run, mode: str, entry_point: str) -> bool:
+    experiment = client.get_experiment_by_name(EXPERIMENTS[run.study])
+    if experiment is None:
+        return False
+    found = client.search_runs([experiment.experiment_id], _filter(run.study, mode, entry_point)
+                               + f" and tags.`repro.variant` = '{run.variant}' and tags.`repro.fold` = '{run.fold}'"
+                               + f" and tags.`repro.seed` = '{run.seed}' and attributes.status = 'FINISHED'")
+    return bool(found)
+
+
+def train_and_evaluate(run: Run, args, mode: str) -> str | None:
+    """``losslab train`` on one fold, then ``losslab evaluate --split test`` (calibration fitted on
+    the fold's validation split; no TTA, no latency); both runs tagged. Returns the evaluate run id,
+    None when it was already in the store."""
+    from losslab.config import load_config
+    from losslab.pipelines.evaluate import run_evaluate
+    from losslab.pipelines.train import run_train
+
+    client = _client(args)
+    if _done(client, run, mode, "evaluate"):
+        return None
+    cfg = load_config(run.config, [*run.overrides, *_common_overrides(args, run.study), f"data.fold={run.fold}",
+                                   f"train.seed={run.seed}"])
+    trained = run_train(cfg).folds[0]
+    if trained.status != "FINISHED":
+        raise SystemExit(f"{run.study}/{run.variant} fold {run.fold} seed {run.seed}: train {trained.status}: "
+                         f"{trained.error}")
+    tags = _repro_tags(run, mode)
+    for key, value in tags.items():
+        client.set_tag(trained.run_id, key, value)
+    result = run_evaluate(cfg, source=trained.run_id, split="test", tta={"enabled": False},
+                          latency={"enabled": False})
+    for key, value in (tags | {"repro.train_run": trained.run_id}).items():
+        client.set_tag(result.run_id, key, value)
+    return result.run_id
+
+
+def dual_stream_runs(args) -> list[Run]:
+    drw_start = max(1, int(0.75 * args.epochs))  # the paper's 160 of 200 epochs, scaled (0-based)
+    extra = [f"train.epochs={args.epochs}", "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
+    return [Run("dual_stream_mil", variant, CONFIGS / "demo.yaml",
+                overrides + extra + ([f"loss.drw_start_epoch={drw_start}"] if variant == "ldam-drw" else []),
+                fold, seed)
+            for seed in args.seeds for fold in args.folds for variant, overrides in MIL_VARIANTS.items()
+            if variant in args.variants_for("dual_stream_mil")]
+
+
+def lumbar_runs(args) -> list[Run]:
+    frozen = 1 if args.epochs >= 4 else 0
+    swa = max(0, min(4, args.epochs // 3)) if args.epochs >= 4 else 0
+    extra = [f"train.epochs={args.epochs}", f"train.freeze_backbone_epochs={frozen}", f"train.swa_epochs={swa}",
+             "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
+    return [Run("lumbar_spine", variant, CONFIGS / "rsna_lumbar_v8.yaml", overrides + extra, fold, seed)
+            for seed in args.seeds for fold in args.folds for variant, overrides in LUMBAR_VARIANTS.items()
+            if variant in args.variants_for("lumbar_spine")]
+
+
+def run_dual_stream_mil(args, mode: str) -> None:
+    for run in dual_stream_runs(args):
+        print(f"[dual_stream_mil] {run.variant} fold {run.fold} seed {run.seed}", flush=True)
+        train_and_evaluate(run, args, mode)
+
+
+def run_lumbar_spine(args, mode: str) -> None:
+    for run in lumbar_runs(args):
+        print(f"[lumbar_spine] {run.variant} fold {run.fold} seed {run.seed}", flush=True)
+        train_and_evaluate(run, args, mode)
+
+
+def run_distillation(args, mode: str) -> None:
+    """One ``losslab distill`` per seed (fold 0): the teacher on every label, vanilla KD and the
+    student alone with ``distill.student_label_fraction``; the runs are tagged afterwards."""
+    from losslab.config import load_config
+    from losslab.pipelines.distill import run_distill
+
+    client = _client(args)
+    for seed in args.seeds:
+        marker = Run("distillation", "vanilla kd", CONFIGS / "distill_medpix.yaml", [], 0, seed)
+        if _done(client, marker, mode, "distill"):
+            continue
+        print(f"[distillation] seed {seed}", flush=True)
+        cfg = load_config(marker.config, [
+            *_common_overrides(args, "distillation"), "distill.losses=[vanilla]", "distill.student_alone=true",
+            f"distill.student_label_fraction={args.label_fraction}", f"train.epochs={args.epochs}",
+            f"distill.teacher.epochs={args.teacher_epochs}", f"train.seed={seed}", "data.fold=0",
+            f"distill.teacher.registered_model_name=repro-distill-teacher-{mode}"])
+        result = run_distill(cfg)
+        for variant, loss in DISTILL_VARIANTS.items():
+            tags = _repro_tags(Run("distillation", variant, marker.config, [], 0, seed), mode)
+            tags["repro.parent_run"] = result.parent_run_id
+            for key, value in tags.items():
+                client.set_tag(result.student_run_ids[loss], key, value)
+
+
+# ------------------------------------------------------------------------------------- reading back
+def _filter(study: str, mode: str, entry_point: str) -> str:
+    return (f"tags.`repro.study` = '{study}' and tags.`repro.mode` = '{mode}' "
+            f"and tags.`losslab.entry_point` = '{entry_point}'")
+
+
+def study_runs(stores: list[str], study: str, mode: str, entry_point: str) -> list[tuple[str, object]]:
+    """``(store, run)`` for the FINISHED runs of ``study`` in ``mode`` with ``entry_point`` in every
+    store (MlflowClient.search_runs; one store per process of a parallel study)."""
+    from mlflow.tracking import MlflowClient
+
+    found = []
+    for store in stores:
+        client = MlflowClient(tracking_uri=store)
+        experiment = client.get_experiment_by_name(EXPERIMENTS[study])
+        if experiment is None:
+            continue
+        runs = client.search_runs([experiment.experiment_id], _filter(study, mode, entry_point), max_results=5000)
+        found += [(store, r) for r in runs if r.info.status == "FINISHED"]
+    return found
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """``(mean, sample std (ddof=1; NaN with one value), n)`` of the finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+def cell(values, total: int | None = None) -> str:
+    from losslab.pipelines.compare import format_mean_std
+
+    values = list(values)
+    mean, std, n = mean_std(values)
+    return format_mean_std(mean, std, n, len(values) if total is None else total)
+
+
+def _dead(metrics: dict[str, float], prefix: str, class_names: list[str]) -> float:
+    """1.0 when :func:`dead_class_names` finds a class with no prediction among ``<prefix>pred_count_*``."""
+    from losslab.engine.metrics import dead_class_names
+
+    counts = {c: metrics[f"{prefix}pred_count_{c}"] for c in class_names if f"{prefix}pred_count_{c}" in metrics}
+    return float(bool(dead_class_names(counts))) if counts else math.nan
+
+
+def _class_names(run) -> list[str]:
+    return [c for c in run.data.tags.get("losslab.class_names", "").split(",") if c]
+
+
+def _train_params(tracking_uri: str, run) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri).get_run(run.data.tags["repro.train_run"]).data.params
+
+
+def evaluated_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
+    """One row per evaluate run of ``study``: variant, seed, fold, block, ``test_train_ratio``
+    (test cases / training cases), every ``test/*`` and ``test_calibrated/*`` metric, and
+    ``dead/test`` / ``dead/test_calibrated`` (1 when a class is never predicted)."""
+    rows = []
+    for store, run in study_runs(stores, study, mode, "evaluate"):
+        tags, metrics, names = run.data.tags, run.data.metrics, _class_names(run)
+        n_train = float(_train_params(store, run).get("data.n_train", "nan"))
+        row = {"store": store, "variant": tags["repro.variant"], "seed": tags["repro.seed"], "fold": tags["repro.fold"],
+               "block": f"{tags['repro.seed']}/{tags['repro.fold']}", "run_id": run.info.run_id,
+               "train_run": tags["repro.train_run"],
+               "test_train_ratio": float(run.data.params.get("evaluate.n_cases", "nan")) / n_train}
+        row |= {k: v for k, v in metrics.items() if k.startswith(("test/", "test_calibrated/"))}
+        row |= {"dead/test": _dead(metrics, "test/", names),
+                "dead/test_calibrated": _dead(metrics, "test_calibrated/", names)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired(frame: pd.DataFrame, metric: str, order: list[str], reference: str | None = None,
+           higher_is_better: bool = True, label: str | None = None) -> pd.DataFrame:
+    """:func:`losslab.stats.paired_comparisons` of ``metric`` across ``frame['variant']`` (Holm over
+    every pair); only the pairs with ``reference`` when it is given."""
+    from losslab import stats
+
+    values = pd.DataFrame({"group": frame["variant"], "block": frame["block"],
+                           "value": pd.to_numeric(frame.get(metric), errors="coerce"),
+                           "test_train_ratio": frame["test_train_ratio"]})
+    table = stats.paired_comparisons(values, label or metric, higher_is_better,
+                                     groups=[g for g in order if g in set(values["group"])])
+    if reference is not None:
+        table = table[(table["group_a"] == reference) | (table["group_b"] == reference)]
+    return table
+
+
+def stats_markdown(table: pd.DataFrame) -> str:
+    from losslab.pipelines.compare import stats_display
+
+    if table.empty:
+        return "(no pairs with shared folds)"
+    shown = stats_display(table)[["metric", "group_a", "group_b", "n_pairs", "mean_diff", "ci_low", "ci_high",
+                                  "p_value", "p_holm", "test", "verdict"]]
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def _ordered(frame: pd.DataFrame, variants) -> list[str]:
+    present = set(frame["variant"]) if not frame.empty else set()
+    return [v for v in variants if v in present]
+
+
+def dual_stream_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant: test AUC, macro F1, balanced accuracy and minimum class recall before
+    and after calibration (mean ± std over the folds), and the folds with a dead class."""
+    rows = []
+    for variant in _ordered(frame, MIL_VARIANTS):
+        part = frame[frame["variant"] == variant]
+        row = {"variant": variant, "folds": str(len(part)), "AUC": cell(part.get("test/auc", []))}
+        for metric, name in (("f1_macro", "F1"), ("balanced_accuracy", "bal. acc."), ("min_class_recall", "min recall")):
+            row[f"{name} before"] = cell(part.get(f"test/{metric}", []))
+            row[f"{name} calibrated"] = cell(part.get(f"test_calibrated/{metric}", []))
+        for when, key in (("before", "dead/test"), ("calibrated", "dead/test_calibrated")):
+            dead = part[key].dropna()
+            row[f"dead-class folds {when}"] = f"{int(dead.sum())}/{len(dead)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def calibration_pairs(frame: pd.DataFrame, metric: str = "f1_macro") -> pd.DataFrame:
+    """Per variant, calibrated against uncalibrated ``metric`` on the same folds (paired)."""
+    tables = []
+    for variant in _ordered(frame, MIL_VARIANTS):
+        part = frame[frame["variant"] == variant]
+        long = pd.concat([part.assign(variant="calibrated", value=part.get(f"test_calibrated/{metric}")),
+                          part.assign(variant="before", value=part.get(f"test/{metric}"))])
+        table = paired(long, "value", ["calibrated", "before"], label=f"{metric} [{variant}]")
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def table_dual_stream_mil(stores: list[str], mode: str) -> str:
+    frame = evaluated_frame(stores, "dual_stream_mil", mode)
+    if frame.empty:
+        return "(no runs in the store)"
+    order = _ordered(frame, MIL_VARIANTS)
+    against = pd.concat([paired(frame, f"test_calibrated/{m}", order, REFERENCE_MIL, label=f"{m} (calibrated)")
+                         for m in ("f1_macro", "balanced_accuracy")]
+                        + [paired(frame, "test/auc", order, REFERENCE_MIL, label="auc")], ignore_index=True)
+    return "\n".join([
+        "Held-out test split (fold −1), one model per validation fold; mean ± sample std over the folds. "
+        "\"calibrated\": `evaluate`'s temperature + decision threshold fitted on the fold's validation split "
+        "(objective balanced accuracy), applied to the test split. A dead-class fold never predicts one class "
+        "on the test split (`engine.metrics.dead_class_names`).", "",
+        dual_stream_table(frame).to_markdown(index=False, disable_numparse=True), "",
+        f"Paired against {REFERENCE_MIL} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over all "
+        "pairs of variants):", "", stats_markdown(against), "",
+        "Does calibration change macro F1? (calibrated − before, paired over folds, per variant):", "",
+        stats_markdown(calibration_pairs(frame))])
+
+
+def dead_epochs(tracking_uri: str, train_run_id: str, class_names: list[str]) -> float:
+    """The number of epochs whose validation predictions have a dead class (history of
+    ``val/pred_count_<class>``)."""
+    from mlflow.tracking import MlflowClient
+
+    from losslab.engine.metrics import dead_class_names
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    per_epoch: dict[int, dict[str, float]] = {}
+    for name in class_names:
+        for m in client.get_metric_history(train_run_id, f"val/pred_count_{name}"):
+            per_epoch.setdefault(m.step, {})[name] = m.value
+    return float(sum(bool(dead_class_names(counts)) for counts in per_epoch.values()))
+
+
+def lumbar_table(frame: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    rows = []
+    for variant in _ordered(frame, LUMBAR_VARIANTS):
+        part = frame[frame["variant"] == variant]
+        row = {"variant": variant, "folds": str(len(part))}
+        row |= {f"recall {c}": cell(part.get(f"test/recall_{c}", [])) for c in class_names}
+        row["bal. acc."] = cell(part.get("test/balanced_accuracy", []))
+        row["weighted log loss"] = cell(part.get("test/rsna_weighted_log_loss", []))
+        row["epochs with a dead class"] = cell(part["dead_epochs"])
+        row["epochs"] = cell(part["epochs"])
+        row["dead-class folds (test)"] = f"{int(part['dead/test'].dropna().sum())}/{len(part['dead/test'].dropna())}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_lumbar_spine(stores: list[str], mode: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    frame = evaluated_frame(stores, "lumbar_spine", mode)
+    if frame.empty:
+        return "(no runs in the store)"
+    class_names = _class_names(MlflowClient(tracking_uri=frame["store"].iloc[0]).get_run(frame["run_id"].iloc[0]))
+    frame["dead_epochs"] = [dead_epochs(s, r, class_names) for s, r in zip(frame["store"], frame["train_run"])]
+    frame["epochs"] = [float(len(MlflowClient(tracking_uri=s).get_metric_history(r, "val/balanced_accuracy")))
+                       for s, r in zip(frame["store"], frame["train_run"])]
+    order = _ordered(frame, LUMBAR_VARIANTS)
+    against = pd.concat([paired(frame, "test/balanced_accuracy", order, REFERENCE_LUMBAR, label="balanced_accuracy"),
+                         paired(frame, "test/rsna_weighted_log_loss", order, REFERENCE_LUMBAR,
+                                higher_is_better=False, label="rsna_weighted_log_loss")], ignore_index=True)
+    return "\n".join([
+        "Held-out test split (fold −1), one model per validation fold; mean ± sample std over the folds. "
+        "Weighted log loss: the competition's sample-weighted log loss (weights 1, 2, 4; lower is better). "
+        "Epochs with a dead class: validation epochs in which one grade was never predicted.", "",
+        lumbar_table(frame, class_names).to_markdown(index=False, disable_numparse=True), "",
+        f"Paired against {REFERENCE_LUMBAR} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over "
+        "all pairs):", "", stats_markdown(against)])
+
+
+def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
+    """One row per student run: variant, seed, block, ``test_train_ratio`` (validation / training
+    cases, from the parent run) and the ``best_val/*`` metrics."""
+    from mlflow.tracking import MlflowClient
+
+    rows = []
+    for store, run in study_runs(stores, "distillation", mode, "distill"):
+        parent = MlflowClient(tracking_uri=store).get_run(run.data.tags["repro.parent_run"]).data.params
+        rows.append({"variant": run.data.tags["repro.variant"], "seed": run.data.tags["repro.seed"],
+                     "block": f"{run.data.tags['repro.seed']}/0", "run_id": run.info.run_id,
+                     "test_train_ratio": float(parent["data.n_val"]) / float(parent["data.n_train"]),
+                     "labelled": float(parent["data.n_train_labelled"]), "n_train": float(parent["data.n_train"]),
+                     **{k: v for k, v in run.data.metrics.items() if k.startswith("best_val/")}})
+    return pd.DataFrame(rows)
+
+
+def table_distillation(stores: list[str], mode: str) -> str:
+    frame = distill_frame(stores, mode)
+    if frame.empty:
+        return "(no runs in the store)"
+    metrics = ["mean_accuracy", "mean_f1_macro"] + sorted(
+        {k[len("best_val/"):] for k in frame.columns if k.startswith("best_val/") and k.count("/") == 2
+         and k.endswith(("/accuracy", "/auc"))})
+    rows = []
+    for variant in _ordered(frame, DISTILL_VARIANTS):
+        part = frame[frame["variant"] == variant]
+        rows.append({"student": variant, "seeds": str(len(part)),
+                     **{m: cell(part.get(f"best_val/{m}", [])) for m in metrics}})
+    order = _ordered(frame, DISTILL_VARIANTS)
+    pairs = pd.concat([paired(frame, f"best_val/{m}", order, label=m) for m in ("mean_accuracy", "mean_f1_macro")],
+                      ignore_index=True)
+    labelled, n_train = frame["labelled"].iloc[0], frame["n_train"].iloc[0]
+    return "\n".join([
+        f"The student sees the labels of {int(labelled)} of {int(n_train)} training cases (per class, "
+        "`distill.student_label_fraction`); vanilla KD distils the teacher (trained on every label) on all "
+        f"{int(n_train)}. Validation split of fold 0 (the best epoch is picked on it, the same way for both); "
+        "mean ± sample std over seeds.", "",
+        pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), "",
+        "Paired (blocks = seeds; Nadeau–Bengio corrected t-test):", "", stats_markdown(pairs)])
+
+
+STUDIES: dict[str, tuple[Callable, Callable]] = {
+    "dual_stream_mil": (run_dual_stream_mil, table_dual_stream_mil),
+    "lumbar_spine": (run_lumbar_spine, table_lumbar_spine),
+    "distillation": (run_distillation, table_distillation),
+}
+
+
+# ------------------------------------------------------------------------------------- results.md
+def write_section(path: Path, study: str, body: str) -> None:
+    """Replace (or append) the text between ``<!-- study:<study>:start -->`` and ``:end -->``."""
+    start, end = f"<!-- study:{study}:start -->", f"<!-- study:{study}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Reproduced results\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def section(study: str, body: str, mode: str, protocol: str) -> str:
+    note = " — quick mode (one seed, 1 epoch, 2 folds: checks the machinery, not the result)" if mode == "quick" else ""
+    return f"## {STUDY_TITLES[study]}{note}\n\n{protocol}\n\n{body}\n\n_Generated by `scripts/reproduce_cohorts.py`._"
+
+
+def protocol(study: str, args, mode: str) -> str:
+    folds = ", ".join(map(str, args.folds))
+    seeds = ", ".join(map(str, args.seeds))
+    if study == "distillation":
+        return (f"Run: `configs/experiment/distill_medpix.yaml` (tiny ViT + text teacher, smaller student), "
+                f"student label fraction {args.label_fraction}, student {args.epochs} epoch(s), teacher "
+                f"{args.teacher_epochs} epoch(s), seed(s) {seeds}.")
+    config = "demo.yaml` (attention MIL, resnet10t, bags of 12 slices)" if study == "dual_stream_mil" else \
+        "rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding, no SWA or frozen phase under 4 epochs)"
+    return (f"Run: `configs/experiment/{config}, {args.epochs} epoch(s), validation folds {folds} of 5 "
+            f"(one model each), training seed(s) {seeds}.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="one seed, 1 epoch, folds 0 and 1")
+    parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the store")
+    parser.add_argument("--no-tables", action="store_true", help="only run (a parallel process; tables later)")
+    parser.add_argument("--folds", type=int, nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--teacher-epochs", type=int)
+    parser.add_argument("--label-fraction", type=float, default=0.1)
+    parser.add_argument("--variants", nargs="+", help="run only these variants (names as in the tables)")
+    parser.add_argument("--set", action="append", default=[], metavar="STUDY:KEY=VALUE",
+                        help="an extra config override for one study's runs, e.g. dual_stream_mil:data.bag_size=8")
+    parser.add_argument("--workdir", default=str(REPO / "outputs" / "reproduce_cohorts"))
+    parser.add_argument("--tracking-uri", help="the store the runs go to (default sqlite:///<workdir>/mlflow.db)")
+    parser.add_argument("--read-stores", nargs="+", metavar="URI",
+                        help="the stores the tables are read from (default: --tracking-uri); one per parallel process")
+    parser.add_argument("--output", default=str(REPO / "docs" / "results.md"))
+    args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    defaults = QUICK if args.quick else {"epochs": 4, "folds": [0, 1, 2, 3, 4], "seeds": [0]}
+    args.folds = args.folds or defaults["folds"]
+    args.seeds = args.seeds or defaults["seeds"]
+    args.epochs = args.epochs or defaults["epochs"]
+    args.teacher_epochs = args.teacher_epochs or (1 if args.quick else 10)
+    args.tracking_uri = args.tracking_uri or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
+    args.read_stores = args.read_stores or [args.tracking_uri]
+    args.variants_for = lambda study: args.variants or list(
+        {"dual_stream_mil": MIL_VARIANTS, "lumbar_spine": LUMBAR_VARIANTS}.get(study, {}))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    studies = list(STUDIES) if args.study == "all" else [args.study]
+    for study in studies:
+        runner, table = STUDIES[study]
+        if not args.tables_only:
+            runner(args, args.mode)
+        if args.no_tables:
+            continue
+        body = table(args.read_stores, args.mode)
+        write_section(Path(args.output), study, section(study, body, args.mode, protocol(study, args, args.mode)))
+        print(f"[{study}] table written to {args.output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""scripts/reproduce_cohorts.py --quick: the dual-stream MIL loss study, the lumbar-spine plan and the
+distillation-loss study run into a real SQLite MLflow store, and the tables written to results.md are
+checked against the runs read back with MlflowClient (mean and sample std recomputed with the
+standard library, dead classes from the raw prediction counts).
+
+Tiny cohorts (``--set``) and a subset of the variants keep it to a few minutes on two cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BRATS = "dual_stream_mil:data.generator_kwargs={num_cases: 30, hgg_ratio: 2.8, shape: [32, 32, 16]}"
+TINY_LUMBAR = "lumbar_spine:data.generator_kwargs={studies: 20, size: 32}"
+TINY_MEDPIX = "distillation:data.generator_kwargs={num_samples: 120, image_size: 32}"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_cohorts", REPO / "scripts" / "reproduce_cohorts.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_cohorts"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("reproduce_cohorts", None)
+
+
+@pytest.fixture(scope="module")
+def quick(reproduce, tmp_path_factory):
+    base = tmp_path_factory.mktemp("repro_cohorts")
+    uri = f"sqlite:///{base / 'repro.db'}"
+    output = base / "results.md"
+    output.write_text("# Reproduced results\n\nkept text\n")
+    common = ["--quick", "--workdir", str(base / "work"), "--tracking-uri", uri, "--output", str(output)]
+    reproduce.main(["--study", "dual_stream_mil", "--variants", "ce + weighted sampler", "logit adjustment",
+                    "--set", TINY_BRATS, "--set", "dual_stream_mil:data.bag_size=4", *common])
+    reproduce.main(["--study", "lumbar_spine", "--variants", "weighted ce [1, 2, 4]", "coral",
+                    "--set", TINY_LUMBAR, "--set", "lumbar_spine:data.source_kwargs={stack_slices: 3, image_size: 32}",
+                    "--set", "lumbar_spine:model.head_kwargs.num_slices=3", *common])
+    reproduce.main(["--study", "distillation", "--seeds", "0", "1", "--set", TINY_MEDPIX,
+                    "--set", "distillation:distill.teacher.model={image: {backbone: test_vit, kwargs: {img_size: 32, "
+                    "patch_size: 8}}, text: {dim: 32, depth: 1, max_length: 24}}",
+                    "--set", "distillation:distill.student.model={image: {backbone: test_vit, kwargs: {img_size: 32, "
+                    "patch_size: 8}}, text: {dim: 16, depth: 1, max_length: 24}}", *common])
+    return reproduce, uri, output.read_text()
+
+
+def _runs(uri: str, experiment: str, entry_point: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id], f"tags.`losslab.entry_point` = '{entry_point}'")
+            if r.data.tags.get("repro.mode") == "quick"]
+
+
+def _section(text: str, study: str) -> str:
+    start, end = f"<!-- study:{study}:start -->", f"<!-- study:{study}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1
+    return text[text.index(start):text.index(end)]
+
+
+def _row(text: str, first_cell: str) -> dict[str, str]:
+    """The first markdown table row whose first cell is ``first_cell``, keyed by its header."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_cell and i >= 2:
+            header = [c.strip() for c in lines[i - 1].strip().strip("|").split("|")]
+            j = i - 1
+            while set(lines[j].replace("|", "").strip()) <= set("-: ") and j > 0:
+                j -= 1
+            header = [c.strip() for c in lines[j].strip().strip("|").split("|")]
+            return dict(zip(header, cells))
+    raise AssertionError(f"no table row {first_cell!r} in\n{text}")
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def test_the_other_text_of_results_md_is_kept(quick):
+    _, _, text = quick
+    assert text.startswith("# Reproduced results\n\nkept text\n")
+    for study in ("dual_stream_mil", "lumbar_spine", "distillation"):
+        assert "quick mode" in _section(text, study)
+
+
+def test_dual_stream_table_matches_the_evaluate_runs(quick):
+    module, uri, text = quick
+    section = _section(text, "dual_stream_mil")
+    runs = _runs(uri, module.EXPERIMENTS["dual_stream_mil"], "evaluate")
+    assert len(runs) == 4  # 2 variants x 2 folds, each evaluated once
+    for variant in ("ce + weighted sampler", "logit adjustment"):
+        mine = [r for r in runs if r.data.tags["repro.variant"] == variant]
+        assert sorted(r.data.tags["repro.fold"] for r in mine) == ["0", "1"]
+        assert all(r.data.tags["losslab.eval_split"] == "test" for r in mine)
+        row = _row(section, variant)
+        assert row["folds"] == "2"
+        assert row["AUC"] == _mean_std([r.data.metrics["test/auc"] for r in mine])
+        assert row["F1 before"] == _mean_std([r.data.metrics["test/f1_macro"] for r in mine])
+        assert row["F1 calibrated"] == _mean_std([r.data.metrics["test_calibrated/f1_macro"] for r in mine])
+        dead = sum(min(r.data.metrics["test/pred_count_LGG"], r.data.metrics["test/pred_count_HGG"]) == 0
+                   for r in mine)
+        assert row["dead-class folds before"] == f"{dead}/2"
+    assert "Paired against ce + weighted sampler" in section and "nadeau_bengio_t" in section
+
+
+def test_lumbar_table_matches_the_runs(quick):
+    module, uri, text = quick
+    section = _section(text, "lumbar_spine")
+    evaluations = _runs(uri, module.EXPERIMENTS["lumbar_spine"], "evaluate")
+    client = MlflowClient(tracking_uri=uri)
+    for variant in ("weighted ce [1, 2, 4]", "coral"):
+        mine = [r for r in evaluations if r.data.tags["repro.variant"] == variant]
+        assert len(mine) == 2
+        row = _row(section, variant)
+        assert row["weighted log loss"] == _mean_std([r.data.metrics["test/rsna_weighted_log_loss"] for r in mine])
+        assert row["bal. acc."] == _mean_std([r.data.metrics["test/balanced_accuracy"] for r in mine])
+        classes = mine[0].data.tags["losslab.class_names"].split(",")
+        assert len(classes) == 3
+        assert row[f"recall {classes[2]}"] == _mean_std([r.data.metrics[f"test/recall_{classes[2]}"] for r in mine])
+        dead_epochs = []
+        for r in mine:  # epochs whose validation counts have a zero, from the raw metric history
+            history = {}
+            for name in classes:
+                for m in client.get_metric_history(r.data.tags["repro.train_run"], f"val/pred_count_{name}"):
+                    history.setdefault(m.step, []).append(m.value)
+            dead_epochs.append(float(sum(0.0 in counts for counts in history.values())))
+        assert row["epochs with a dead class"] == _mean_std(dead_epochs)
+
+
+def test_distillation_table_matches_the_student_runs(quick):
+    module, uri, text = quick
+    section = _section(text, "distillation")
+    runs = _runs(uri, module.EXPERIMENTS["distillation"], "distill")
+    tagged = [r for r in runs if "repro.variant" in r.data.tags]
+    assert sorted((r.data.tags["repro.variant"], r.data.tags["repro.seed"]) for r in tagged) == [
+        ("student alone", "0"), ("student alone", "1"), ("vanilla kd", "0"), ("vanilla kd", "1")]
+    for variant, loss in (("student alone", "none"), ("vanilla kd", "vanilla")):
+        mine = [r for r in tagged if r.data.tags["repro.variant"] == variant]
+        assert all(r.data.tags["losslab.loss"] == loss for r in mine)
+        row = _row(section, variant)
+        assert row["mean_accuracy"] == _mean_std([r.data.metrics["best_val/mean_accuracy"] for r in mine])
+    parent = MlflowClient(tracking_uri=uri).get_run(tagged[0].data.tags["repro.parent_run"]).data.params
+    assert f"labels of {parent['data.n_train_labelled']} of {parent['data.n_train']} training cases" in section
+
+
+def test_a_second_quick_run_adds_no_runs_and_rewrites_the_same_table(quick, tmp_path):
+    module, uri, text = quick
+    before = len(_runs(uri, module.EXPERIMENTS["dual_stream_mil"], "train"))
+    output = tmp_path / "again.md"
+    module.main(["--study", "dual_stream_mil", "--quick", "--variants", "ce + weighted sampler", "logit adjustment",
+                 "--tracking-uri", uri, "--output", str(output), "--workdir", str(tmp_path / "unused")])
+    assert len(_runs(uri, module.EXPERIMENTS["dual_stream_mil"], "train")) == before
+    assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
