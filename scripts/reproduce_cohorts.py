@@ -26,7 +26,8 @@ Every run is tagged ``repro.study``, ``repro.variant``, ``repro.mode`` (``quick`
 run again, so an interrupted study resumes. The tables are computed from the store only
 (mean ± sample std over the runs, :func:`losslab.pipelines.compare.format_mean_std`; paired
 statistics with :func:`losslab.stats.paired_comparisons`, blocks = (seed, fold)) and written between
-``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->`` in ``--output``.
+``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->`` in ``--output`` (``<name>:quick`` for a
+quick run, so it never overwrites the full table).
 
     python scripts/reproduce_cohorts.py --study all --quick     # one seed, 1-2 epochs, 2 folds
     nice -n 10 python scripts/reproduce_cohorts.py --study dual_stream_mil --folds 0 1 2 --epochs 4
@@ -267,10 +268,12 @@ def evaluated_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
     rows = []
     for store, run in study_runs(stores, study, mode, "evaluate"):
         tags, metrics, names = run.data.tags, run.data.metrics, _class_names(run)
-        n_train = float(_train_params(store, run).get("data.n_train", "nan"))
+        params = _train_params(store, run)
+        n_train = float(params.get("data.n_train", "nan"))
         row = {"store": store, "variant": tags["repro.variant"], "seed": tags["repro.seed"], "fold": tags["repro.fold"],
                "block": f"{tags['repro.seed']}/{tags['repro.fold']}", "run_id": run.info.run_id,
-               "train_run": tags["repro.train_run"],
+               "train_run": tags["repro.train_run"], "epochs_set": params.get("train.epochs", "?"),
+               "bag_size": params.get("data.bag_size", "?"),
                "test_train_ratio": float(run.data.params.get("evaluate.n_cases", "nan")) / n_train}
         row |= {k: v for k, v in metrics.items() if k.startswith(("test/", "test_calibrated/"))}
         row |= {"dead/test": _dead(metrics, "test/", names),
@@ -348,6 +351,7 @@ def table_dual_stream_mil(stores: list[str], mode: str) -> str:
                          for m in ("f1_macro", "balanced_accuracy")]
                         + [paired(frame, "test/auc", order, REFERENCE_MIL, label="auc")], ignore_index=True)
     return "\n".join([
+        protocol("dual_stream_mil", frame), "",
         "Held-out test split (fold −1), one model per validation fold; mean ± sample std over the folds. "
         "\"calibrated\": `evaluate`'s temperature + decision threshold fitted on the fold's validation split "
         "(objective balanced accuracy), applied to the test split. A dead-class fold never predicts one class "
@@ -404,6 +408,7 @@ def table_lumbar_spine(stores: list[str], mode: str) -> str:
                          paired(frame, "test/rsna_weighted_log_loss", order, REFERENCE_LUMBAR,
                                 higher_is_better=False, label="rsna_weighted_log_loss")], ignore_index=True)
     return "\n".join([
+        protocol("lumbar_spine", frame), "",
         "Held-out test split (fold −1), one model per validation fold; mean ± sample std over the folds. "
         "Weighted log loss: the competition's sample-weighted log loss (weights 1, 2, 4; lower is better). "
         "Epochs with a dead class: validation epochs in which one grade was never predicted.", "",
@@ -420,7 +425,9 @@ def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
     rows = []
     for store, run in study_runs(stores, "distillation", mode, "distill"):
         parent = MlflowClient(tracking_uri=store).get_run(run.data.tags["repro.parent_run"]).data.params
-        rows.append({"variant": run.data.tags["repro.variant"], "seed": run.data.tags["repro.seed"],
+        rows.append({"epochs_set": run.data.params.get("epochs", "?"),
+                     "label_fraction": run.data.params.get("student_label_fraction", "?"),
+                     "teacher_epochs": parent.get("distill.teacher.epochs", parent.get("train.epochs", "?")),"variant": run.data.tags["repro.variant"], "seed": run.data.tags["repro.seed"],
                      "block": f"{run.data.tags['repro.seed']}/0", "run_id": run.info.run_id,
                      "test_train_ratio": float(parent["data.n_val"]) / float(parent["data.n_train"]),
                      "labelled": float(parent["data.n_train_labelled"]), "n_train": float(parent["data.n_train"]),
@@ -445,6 +452,7 @@ def table_distillation(stores: list[str], mode: str) -> str:
                       ignore_index=True)
     labelled, n_train = frame["labelled"].iloc[0], frame["n_train"].iloc[0]
     return "\n".join([
+        protocol("distillation", frame), "",
         f"The student sees the labels of {int(labelled)} of {int(n_train)} training cases (per class, "
         "`distill.student_label_fraction`); vanilla KD distils the teacher (trained on every label) on all "
         f"{int(n_train)}. Validation split of fold 0 (the best epoch is picked on it, the same way for both); "
@@ -472,22 +480,29 @@ def write_section(path: Path, study: str, body: str) -> None:
     path.write_text(text)
 
 
-def section(study: str, body: str, mode: str, protocol: str) -> str:
+def section(study: str, body: str, mode: str) -> str:
     note = " — quick mode (one seed, 1 epoch, 2 folds: checks the machinery, not the result)" if mode == "quick" else ""
-    return f"## {STUDY_TITLES[study]}{note}\n\n{protocol}\n\n{body}\n\n_Generated by `scripts/reproduce_cohorts.py`._"
+    return (f"## {STUDY_TITLES[study]}{note}\n\n{body}\n\n_Generated from the MLflow store by "
+            "`scripts/reproduce_cohorts.py`; do not edit by hand._")
 
 
-def protocol(study: str, args, mode: str) -> str:
-    folds = ", ".join(map(str, args.folds))
-    seeds = ", ".join(map(str, args.seeds))
+def _values(series) -> str:
+    return ", ".join(sorted({str(v) for v in series}, key=lambda v: (len(v), v)))
+
+
+def protocol(study: str, frame: pd.DataFrame) -> str:
+    """What was run, read from the runs themselves (epochs, folds, seeds, label fraction)."""
     if study == "distillation":
-        return (f"Run: `configs/experiment/distill_medpix.yaml` (tiny ViT + text teacher, smaller student), "
-                f"student label fraction {args.label_fraction}, student {args.epochs} epoch(s), teacher "
-                f"{args.teacher_epochs} epoch(s), seed(s) {seeds}.")
-    config = "demo.yaml` (attention MIL, resnet10t, bags of 12 slices)" if study == "dual_stream_mil" else \
-        "rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding, no SWA or frozen phase under 4 epochs)"
-    return (f"Run: `configs/experiment/{config}, {args.epochs} epoch(s), validation folds {folds} of 5 "
-            f"(one model each), training seed(s) {seeds}.")
+        return (f"Run (from the store): `configs/experiment/distill_medpix.yaml` (tiny ViT + text teacher, smaller "
+                f"student), student label fraction {_values(frame['label_fraction'])}, student "
+                f"{_values(frame['epochs_set'])} epoch(s), teacher {_values(frame['teacher_epochs'])} epoch(s), "
+                f"seed(s) {_values(frame['seed'])}.")
+    config = f"demo.yaml` (attention MIL, resnet10t, bags of {_values(frame['bag_size'])} slices)" \
+        if study == "dual_stream_mil" else \
+        "rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding; no SWA or frozen phase under 4 epochs)"
+    return (f"Run (from the store): `configs/experiment/{config}, {_values(frame['epochs_set'])} epoch(s), "
+            f"validation fold(s) {_values(frame['fold'])} of 5 (one model each), training seed(s) "
+            f"{_values(frame['seed'])}; {len(frame)} model(s).")
 
 
 def parse_args(argv=None):
@@ -504,6 +519,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", help="run only these variants (names as in the tables)")
     parser.add_argument("--set", action="append", default=[], metavar="STUDY:KEY=VALUE",
                         help="an extra config override for one study's runs, e.g. dual_stream_mil:data.bag_size=8")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per process (1: no spinning OpenMP threads on a shared machine)")
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "reproduce_cohorts"))
     parser.add_argument("--tracking-uri", help="the store the runs go to (default sqlite:///<workdir>/mlflow.db)")
     parser.add_argument("--read-stores", nargs="+", metavar="URI",
@@ -526,6 +543,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
     studies = list(STUDIES) if args.study == "all" else [args.study]
     for study in studies:
         runner, table = STUDIES[study]
@@ -534,7 +554,8 @@ def main(argv=None) -> int:
         if args.no_tables:
             continue
         body = table(args.read_stores, args.mode)
-        write_section(Path(args.output), study, section(study, body, args.mode, protocol(study, args, args.mode)))
+        key = study if args.mode == "full" else f"{study}:quick"  # a quick run never overwrites the full table
+        write_section(Path(args.output), key, section(study, body, args.mode))
         print(f"[{study}] table written to {args.output}", flush=True)
     return 0
 

@@ -59,7 +59,7 @@ def _runs(uri: str, experiment: str, entry_point: str) -> list:
 
 
 def _section(text: str, study: str) -> str:
-    start, end = f"<!-- study:{study}:start -->", f"<!-- study:{study}:end -->"
+    start, end = f"<!-- study:{study}:quick:start -->", f"<!-- study:{study}:quick:end -->"
     assert text.count(start) == 1 and text.count(end) == 1
     return text[text.index(start):text.index(end)]
 
