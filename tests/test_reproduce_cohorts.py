@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BRATS = "dual_stream_mil:data.generator_kwargs={num_cases: 30, hgg_ratio: 2.8, shape: [32, 32, 16]}"
-TINY_LUMBAR = "lumbar_spine:data.generator_kwargs={studies: 20, size: 32}"
+TINY_LUMBAR = "lumbar_spine:data.generator_kwargs={studies: 40, size: 32}"  # 40: severe patients in 5 folds + test
 TINY_MEDPIX = "distillation:data.generator_kwargs={num_samples: 120, image_size: 32}"
 
 
@@ -70,11 +70,10 @@ def _row(text: str, first_cell: str) -> dict[str, str]:
     for i, line in enumerate(lines):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells and cells[0] == first_cell and i >= 2:
-            header = [c.strip() for c in lines[i - 1].strip().strip("|").split("|")]
             j = i - 1
-            while set(lines[j].replace("|", "").strip()) <= set("-: ") and j > 0:
-                j -= 1
-            header = [c.strip() for c in lines[j].strip().strip("|").split("|")]
+            while j > 0 and not set(lines[j].replace("|", "").strip()) <= set("-: "):
+                j -= 1  # up to the |:---| line under the header
+            header = [c.strip() for c in lines[j - 1].strip().strip("|").split("|")]
             return dict(zip(header, cells))
     raise AssertionError(f"no table row {first_cell!r} in\n{text}")
 
