@@ -365,10 +365,32 @@ def write_section(path: Path, key: str, title: str, body: str, note: str) -> Non
     path.write_text(text)
 
 
+# ------------------------------------------------------------------------------------- cohort studies
+COHORT_STUDIES = ("dual_stream_mil", "lumbar_spine", "distillation")  # scripts/reproduce_cohorts.py
+
+
+def run_cohort_study(study: str, args) -> None:
+    """The dual-stream MIL loss study, the lumbar-spine plan and the distillation-loss study live in
+    ``scripts/reproduce_cohorts.py`` (their own options there); run one with this script's common
+    options (its runs go to ``<workdir>/cohorts``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_cohorts", Path(__file__).with_name("reproduce_cohorts.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_cohorts"] = module  # its dataclasses look the module up while it executes
+    spec.loader.exec_module(module)
+    argv = ["--study", study, "--workdir", str(Path(args.workdir) / "cohorts"), "--output", args.output,
+            "--tracking-uri", args.tracking_uri, "--threads", str(args.threads)]
+    argv += ["--quick"] * args.quick + ["--tables-only"] * args.tables_only
+    argv += ["--read-stores", *args.read_stores] if args.read_stores else []
+    argv += ["--epochs", str(args.epochs)] if args.epochs and not args.quick else []
+    module.main(argv)
+
+
 # ------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=["mnist_bags", "long_tailed", "all"], default="all")
+    p.add_argument("--study", choices=["mnist_bags", "long_tailed", *COHORT_STUDIES, "all"], default="all")
     p.add_argument("--quick", action="store_true", help="one repetition, 2 epochs (tables marked quick)")
     p.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the store")
     p.add_argument("--workdir", default=str(REPO / "repro"))
@@ -403,8 +425,11 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     if args.quick:
         args.epochs = args.epochs or 2
-    studies = ["mnist_bags", "long_tailed"] if args.study == "all" else [args.study]
+    studies = ["mnist_bags", "long_tailed", *COHORT_STUDIES] if args.study == "all" else [args.study]
     for study in studies:
+        if study in COHORT_STUDIES:
+            run_cohort_study(study, args)
+            continue
         builder, title = (mnist_bags_settings, MNIST_BAGS) if study == "mnist_bags" else (long_tailed_settings, LONG_TAILED)
         default_reps = 1 if args.quick else (5 if study == "mnist_bags" else 3)
         study_args = argparse.Namespace(**vars(args))

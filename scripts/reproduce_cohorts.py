@@ -59,13 +59,15 @@ EXPERIMENTS = {"dual_stream_mil": "repro-dual-stream-mil", "lumbar_spine": "repr
                "distillation": "repro-distillation"}
 
 REFERENCE_MIL = "ce + weighted sampler"
-MIL_VARIANTS = {  # variant -> overrides on configs/experiment/demo.yaml (attention MIL, resnet10t, bags of 12)
+MIL_VARIANTS = {  # variant -> overrides on configs/experiment/demo.yaml (attention MIL, resnet10t, bags of 12);
+    # the demo samples class-balanced batches, so every other variant sets the sampler off
     REFERENCE_MIL: ["loss=ce", "data.sampler=weighted_random"],
-    "ce + class weights": ["loss=ce", "loss.class_weights=inverse_freq"],
-    "focal": ["loss=focal", "loss.gamma=2.0"],
-    "ldam-drw": ["loss=ldam", "loss.drw=true"],  # loss.drw_start_epoch is set from the epochs
-    "logit adjustment": ["loss=logit_adjusted", "loss.tau=1.0"],
+    "ce + class weights": ["loss=ce", "loss.class_weights=inverse_freq", "data.sampler=none"],
+    "focal": ["loss=focal", "loss.gamma=2.0", "data.sampler=none"],
+    "ldam-drw": ["loss=ldam", "loss.drw=true", "data.sampler=none"],  # loss.drw_start_epoch is set from the epochs
+    "logit adjustment": ["loss=logit_adjusted", "loss.tau=1.0", "data.sampler=none"],
 }
+MIL_FOLDS = 5  # the audited study's 5 folds (the demo itself uses 3)
 REFERENCE_LUMBAR = "weighted ce [1, 2, 4]"
 LUMBAR_VARIANTS = {  # variant -> overrides on configs/experiment/rsna_lumbar_v8.yaml
     REFERENCE_LUMBAR: [],
@@ -97,12 +99,18 @@ def _common_overrides(args, study: str) -> list[str]:
     return [f"tracking.tracking_uri={args.tracking_uri}", f"tracking.experiment={EXPERIMENTS[study]}",
             "tracking.registered_model_name=null", "tracking.log_model=false",
             f"data.root={work}/data/{study}", f"data.cache_dir={work}/cache/{study}",
-            *[s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == study]]
+            *_extra(args, study)]
 
 
-def _repro_tags(run: Run, mode: str) -> dict[str, str]:
+def _repro_tags(run: Run, mode: str, extra: list[str] | None = None) -> dict[str, str]:
+    """The run's tags; ``repro.extra`` holds the ``--set`` overrides (e.g. a smaller cohort) so the
+    tables can say so."""
     return {"repro.study": run.study, "repro.variant": run.variant, "repro.mode": mode, "repro.fold": str(run.fold),
-            "repro.seed": str(run.seed), **run.tags}
+            "repro.seed": str(run.seed), "repro.extra": "; ".join(extra or [])[:4000], **run.tags}
+
+
+def _extra(args, study: str) -> list[str]:
+    return [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == study]
 
 
 def _client(args):
@@ -138,7 +146,7 @@ def train_and_evaluate(run: Run, args, mode: str) -> str | None:
     if trained.status != "FINISHED":
         raise SystemExit(f"{run.study}/{run.variant} fold {run.fold} seed {run.seed}: train {trained.status}: "
                          f"{trained.error}")
-    tags = _repro_tags(run, mode)
+    tags = _repro_tags(run, mode, _extra(args, run.study))
     for key, value in tags.items():
         client.set_tag(trained.run_id, key, value)
     result = run_evaluate(cfg, source=trained.run_id, split="test", tta={"enabled": False},
@@ -150,7 +158,8 @@ def train_and_evaluate(run: Run, args, mode: str) -> str | None:
 
 def dual_stream_runs(args) -> list[Run]:
     drw_start = max(1, int(0.75 * args.epochs))  # the paper's 160 of 200 epochs, scaled (0-based)
-    extra = [f"train.epochs={args.epochs}", "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
+    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}",
+             "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
     return [Run("dual_stream_mil", variant, CONFIGS / "demo.yaml",
                 overrides + extra + ([f"loss.drw_start_epoch={drw_start}"] if variant == "ldam-drw" else []),
                 fold, seed)
@@ -199,7 +208,7 @@ def run_distillation(args, mode: str) -> None:
             f"distill.teacher.registered_model_name=repro-distill-teacher-{mode}"])
         result = run_distill(cfg)
         for variant, loss in DISTILL_VARIANTS.items():
-            tags = _repro_tags(Run("distillation", variant, marker.config, [], 0, seed), mode)
+            tags = _repro_tags(Run("distillation", variant, marker.config, [], 0, seed), mode, _extra(args, "distillation"))
             tags["repro.parent_run"] = result.parent_run_id
             for key, value in tags.items():
                 client.set_tag(result.student_run_ids[loss], key, value)
@@ -270,10 +279,10 @@ def evaluated_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
         tags, metrics, names = run.data.tags, run.data.metrics, _class_names(run)
         params = _train_params(store, run)
         n_train = float(params.get("data.n_train", "nan"))
-        row = {"store": store, "variant": tags["repro.variant"], "seed": tags["repro.seed"], "fold": tags["repro.fold"],
+        row = {"store": store, "variant": tags["repro.variant"], "extra": tags.get("repro.extra", ""), "seed": tags["repro.seed"], "fold": tags["repro.fold"],
                "block": f"{tags['repro.seed']}/{tags['repro.fold']}", "run_id": run.info.run_id,
                "train_run": tags["repro.train_run"], "epochs_set": params.get("train.epochs", "?"),
-               "bag_size": params.get("data.bag_size", "?"),
+               "bag_size": params.get("data.bag_size", "?"), "num_folds": params.get("data.num_folds", "?"),
                "test_train_ratio": float(run.data.params.get("evaluate.n_cases", "nan")) / n_train}
         row |= {k: v for k, v in metrics.items() if k.startswith(("test/", "test_calibrated/"))}
         row |= {"dead/test": _dead(metrics, "test/", names),
@@ -425,7 +434,7 @@ def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
     rows = []
     for store, run in study_runs(stores, "distillation", mode, "distill"):
         parent = MlflowClient(tracking_uri=store).get_run(run.data.tags["repro.parent_run"]).data.params
-        rows.append({"epochs_set": run.data.params.get("epochs", "?"),
+        rows.append({"extra": run.data.tags.get("repro.extra", ""), "epochs_set": run.data.params.get("epochs", "?"),
                      "label_fraction": run.data.params.get("student_label_fraction", "?"),
                      "teacher_epochs": parent.get("distill.teacher.epochs", parent.get("train.epochs", "?")),"variant": run.data.tags["repro.variant"], "seed": run.data.tags["repro.seed"],
                      "block": f"{run.data.tags['repro.seed']}/0", "run_id": run.info.run_id,
@@ -491,7 +500,13 @@ def _values(series) -> str:
 
 
 def protocol(study: str, frame: pd.DataFrame) -> str:
-    """What was run, read from the runs themselves (epochs, folds, seeds, label fraction)."""
+    """What was run, read from the runs themselves (epochs, folds, seeds, label fraction, ``--set``)."""
+    extra = sorted({e for e in frame["extra"] if e})
+    changed = f" Config changed for these runs (`--set`): {' | '.join(extra)}." if extra else ""
+    return _protocol(study, frame) + changed
+
+
+def _protocol(study: str, frame: pd.DataFrame) -> str:
     if study == "distillation":
         return (f"Run (from the store): `configs/experiment/distill_medpix.yaml` (tiny ViT + text teacher, smaller "
                 f"student), student label fraction {_values(frame['label_fraction'])}, student "
@@ -501,7 +516,8 @@ def protocol(study: str, frame: pd.DataFrame) -> str:
         if study == "dual_stream_mil" else \
         "rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding; no SWA or frozen phase under 4 epochs)"
     return (f"Run (from the store): `configs/experiment/{config}, {_values(frame['epochs_set'])} epoch(s), "
-            f"validation fold(s) {_values(frame['fold'])} of 5 (one model each), training seed(s) "
+            f"validation fold(s) {_values(frame['fold'])} of {_values(frame['num_folds'])} (one model each), "
+            f"training seed(s) "
             f"{_values(frame['seed'])}; {len(frame)} model(s).")
 
 

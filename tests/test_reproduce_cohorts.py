@@ -23,11 +23,12 @@ TINY_MEDPIX = "distillation:data.generator_kwargs={num_samples: 120, image_size:
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_cohorts", REPO / "scripts" / "reproduce_cohorts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_cohorts"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
+    sys.path.insert(0, str(REPO / "scripts"))  # the script is a module of that folder
+    try:
+        import reproduce_cohorts
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    yield reproduce_cohorts
     sys.modules.pop("reproduce_cohorts", None)
 
 
@@ -156,4 +157,20 @@ def test_a_second_quick_run_adds_no_runs_and_rewrites_the_same_table(quick, tmp_
     module.main(["--study", "dual_stream_mil", "--quick", "--variants", "ce + weighted sampler", "logit adjustment",
                  "--tracking-uri", uri, "--output", str(output), "--workdir", str(tmp_path / "unused")])
     assert len(_runs(uri, module.EXPERIMENTS["dual_stream_mil"], "train")) == before
+    assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
+
+
+def test_reproduce_py_runs_the_cohort_studies(quick, tmp_path, monkeypatch):
+    """``scripts/reproduce.py --study dual_stream_mil`` hands the study to reproduce_cohorts (here
+    ``--tables-only`` on the quick store: the same table)."""
+    _, uri, text = quick
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # reproduce.py sets it; restored after the test
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    main_script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce", main_script)
+    spec.loader.exec_module(main_script)
+    assert {"dual_stream_mil", "lumbar_spine", "distillation"} <= set(main_script.COHORT_STUDIES)
+    output = tmp_path / "results.md"
+    main_script.main(["--study", "dual_stream_mil", "--quick", "--tables-only", "--tracking-uri", uri,
+                      "--output", str(output), "--workdir", str(tmp_path / "work")])
     assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
