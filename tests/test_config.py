@@ -93,3 +93,34 @@ def test_repository_configs_load():
     for path in sorted(repo.glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.loss.name, path
+
+
+@pytest.mark.parametrize("section, body, key, value", [
+    ("sweep", "sweep:\n  n_trial: 5\n", "sweep.n_trial", "5"),
+    ("sweep", "sweep:\n  space:\n    optim.lr: {type: float, high: 1}\n", "sweep.space.optim.lr", "needs 'low' and 'high'"),
+    ("evaluate", "evaluate:\n  split: train\n", "evaluate.split", "'train'"),
+    ("evaluate", "evaluate:\n  tta: {passes: 0}\n", "evaluate.tta.passes", "0"),
+    ("distill", "distill:\n  ce_weigth: 1.0\n", "distill.ce_weigth", "1.0"),
+    ("distill", "distill:\n  teacher: {epochs: 0}\n", "distill.teacher.epochs", "0"),
+])
+def test_sweep_evaluate_distill_sections_are_typed_with_the_same_errors(config_tree, section, body, key, value):
+    bad = write(config_tree / "experiment" / f"bad_{section}.yaml", body)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert key in msg and value in msg and str(bad) in msg
+
+
+def test_typed_sections_keep_what_was_set(config_tree):
+    from losslab.config import DistillConfig, EvaluateConfig, SweepConfig, section_dict
+
+    exp = write(config_tree / "experiment" / "sections.yaml",
+                "sweep:\n  n_trials: 3\n  space:\n    optim.lr: {type: float, low: 0.001, high: 0.1, log: true}\n"
+                "evaluate:\n  split: val\ndistill:\n  losses: [vanilla, crd]\n  teacher: {epochs: 2}\n")
+    cfg = load_config(exp)
+    assert isinstance(cfg.sweep, SweepConfig) and isinstance(cfg.evaluate, EvaluateConfig)
+    assert isinstance(cfg.distill, DistillConfig) and cfg.distill.teacher.epochs == 2
+    assert section_dict(cfg.sweep).keys() == {"n_trials", "space"} and section_dict(cfg.evaluate) == {"split": "val"}
+    assert section_dict(cfg.distill) == {"losses": ["vanilla", "crd"], "teacher": {"epochs": 2}}
+    assert load_config(None).sweep is None and load_config(None).distill is None
+    assert ExperimentConfig.model_validate(cfg.to_dict()).to_dict() == cfg.to_dict()  # round trip

@@ -99,7 +99,7 @@ def test_sweep_prunes_reports_best_and_continues(make_config, small_cache, tmp_p
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
     expected = best_config(cfg, study).to_dict()
     expected["data"]["salt"] = redacted_salt(cfg.data.salt)  # the salt is never printed, only its fingerprint
-    assert loaded.to_dict() == expected and loaded.sweep == {} and cfg.data.salt not in text
+    assert loaded.to_dict() == expected and loaded.sweep is None and cfg.data.salt not in text
 
     # the same command again continues the study; now every trial is pruned at its first report
     cfg2 = cfg.model_copy(update={"sweep": cfg.sweep | {"n_trials": 2, "pruner": {"name": "threshold", "lower": 1.01}}})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
 CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
 SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill", "seg")
@@ -236,6 +236,171 @@ class CVConfig(_Strict):
         return self.folds is not None or self.repeats > 1 or self.seeds is not None
 
 
+class SpaceParam(BaseModel):
+    """One searched config key: ``float``/``int`` in ``[low, high]`` (``log``, ``step``) or
+    ``categorical`` over ``choices``; ``when`` samples it only if earlier params have given values
+    (``{loss: focal}`` or ``{loss: [focal, ldam]}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpaceParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            bad = [c for c in self.choices if not (c is None or isinstance(c, (bool, int, float, str)))]
+            if bad:
+                raise ValueError(f"choices must be None/bool/int/float/str, got {bad!r}")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low}) > high ({self.high})")
+            if self.log and (self.low <= 0 or self.step is not None):
+                raise ValueError("log=true needs low > 0 and no step")
+        return self
+
+
+class SweepConfig(BaseModel):
+    """The ``sweep:`` section (see :mod:`losslab.pipelines.sweep`); command-line options override it."""
+
+    model_config = ConfigDict(extra="forbid")
+    study: str | None = None  # default: "<tracking.experiment>-sweep"
+    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL Optuna takes: postgresql://user:pw@host/db
+    # a file holding the storage URL (keeps a password off the command line and out of the YAML);
+    # $LOSSLAB_SWEEP_STORAGE wins over it, --storage over both
+    storage_file: str | None = None
+    n_trials: int | None = Field(20, ge=1)  # trials this worker runs (Optuna's n_trials)
+    max_trials: int | None = Field(None, ge=1)  # stop when the study has this many COMPLETE+PRUNED trials
+    timeout: float | None = Field(None, gt=0)  # seconds for this worker
+    metric: str | None = None  # default: train.monitor
+    direction: Literal["maximize", "minimize"] | None = None  # default: from train.monitor_mode
+    folds: int | list[int] | None = None  # None: data.fold; k: folds 0..k-1; or a list
+    sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})  # name + kwargs (seed, ...)
+    pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})  # median|hyperband|threshold|none
+    # what each epoch reports to the pruner: "best" = the best monitored value so far in this fold, i.e.
+    # the trial's objective if it stopped now (steadier than one epoch's value on a small validation
+    # set); "epoch" = that epoch's value
+    report: Literal["best", "epoch"] = "best"
+    heartbeat_interval: int | None = Field(60, ge=1)  # seconds; None disables the dead-worker check
+    grace_period: int | None = Field(None, ge=1)  # seconds without heartbeat -> FAIL; default 2 x interval
+    max_retry: int | None = Field(2, ge=0)  # retries of a trial whose worker died
+    catch_errors: bool = True  # a trial that raises is FAIL and the sweep goes on
+    log_model: bool = False  # log/register the model of every trial (off: a registry entry per trial is noise)
+    num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads in this worker
+    parent_wait_s: float = Field(30.0, ge=0)  # how long a worker waits for the study creator's parent run
+    space: dict[str, SpaceParam] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_when(self) -> "SweepConfig":
+        seen: list[str] = []
+        for key, param in self.space.items():
+            for cond in (param.when or {}):
+                if cond not in seen:
+                    raise ValueError(f"space.{key}.when refers to {cond!r}, which is not a space key listed before it")
+            seen.append(key)
+        return self
+
+
+class CalibrationConfig(_Strict):
+    enabled: bool = True
+    threshold_method: Literal["youden", "f1"] = "youden"
+    objective: Literal["balanced_accuracy", "f1_macro"] = "balanced_accuracy"
+
+
+class TTAConfig(_Strict):
+    enabled: bool = True
+    passes: int = Field(4, ge=1)
+    seed: int = 0
+    augment: dict[str, Any] = Field(default_factory=lambda: {"brightness": 0.1, "scale": 0.1, "prob": 1.0})
+
+
+class LatencyConfig(_Strict):
+    enabled: bool = True
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(30, ge=2)
+
+
+class IntervalConfig(_Strict):
+    """Patient-bootstrap intervals of the evaluated split's metrics (:mod:`losslab.engine.intervals`)."""
+
+    enabled: bool = True
+    n_resamples: int = Field(1000, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    """The ``evaluate:`` section (see :mod:`losslab.pipelines.evaluate`)."""
+
+    source: str | None = None
+    split: Literal["val", "test", "cache"] = "test"
+    fold: int | None = Field(None, ge=0)
+    cache_dir: str | None = None
+    experiment: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    device: str = "auto"
+    run_name: str | None = None
+    rsna_metric: bool | Literal["auto"] = "auto"
+    allow_pickle: bool = False
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    tta: TTAConfig = Field(default_factory=TTAConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    intervals: IntervalConfig = Field(default_factory=IntervalConfig)
+
+class DistillTeacherConfig(_Strict):
+    """``distill.teacher``: a registered teacher (``model_uri``) or one to train (``model``, ...)."""
+
+    model_uri: str | None = None
+    allow_pickle: bool = False
+    model: dict[str, Any] | None = None
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    registered_model_name: str | None = None
+    alias: str | None = None
+
+
+class DistillStudentConfig(_Strict):
+    """``distill.student``: the student model spec and its training."""
+
+    model: dict[str, Any] | None = None
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    registered_model_name: str | None = None
+
+
+class DistillConfig(_Strict):
+    """The ``distill:`` section (see :mod:`losslab.pipelines.distill`)."""
+
+    tasks: list[str] | dict[str, Any] | None = None
+    losses: list[str | dict[str, Any]] = Field(default_factory=lambda: ["vanilla"])
+    student_alone: bool = True
+    ce_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(1.0, ge=0)
+    monitor: str = "val/mean_accuracy"
+    cache_dir: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    teacher: DistillTeacherConfig = Field(default_factory=DistillTeacherConfig)
+    student: DistillStudentConfig = Field(default_factory=DistillStudentConfig)
+
+
+def section_dict(value: Any) -> dict[str, Any]:
+    """A ``sweep`` / ``evaluate`` / ``distill`` section as a plain dict of the keys that were set
+    (a section replaced by a dict through ``model_copy`` is returned as is; None gives ``{}``)."""
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    return dict(value)
+
+
 class ExperimentConfig(_Strict):
     # the task (losslab.tasks): bag_classification, image_classification, volume_classification,
     # multitask, segmentation; None = inferred from model.kind
@@ -248,9 +413,9 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     seg: SegConfig = Field(default_factory=SegConfig)
-    sweep: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
-    distill: dict[str, Any] = Field(default_factory=dict)
+    sweep: SweepConfig | None = None
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    distill: DistillConfig | None = None
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> file (or override) that set it
     _path: str | None = PrivateAttr(default=None)  # the experiment file loaded
 
@@ -265,6 +430,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"seg.patch_size={self.seg.patch_size} must have model.spatial_dims="
                              f"{self.model.spatial_dims} entries")
         return self
+
+    @field_serializer("sweep", "evaluate", "distill")
+    def _dump_section(self, value: Any) -> Any:
+        """Sections replaced by plain dicts (``model_copy(update=...)``) dump as they are."""
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")

@@ -65,7 +65,6 @@ pipeline adds ``ce_weight · Σ_t CE_t``):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -83,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from losslab.config import ExperimentConfig
+from losslab.config import ExperimentConfig, section_dict
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.text import (ImageTextDataset, check_image_text_manifest, collate_image_text, index_meta,
                                task_classes_from_index)
@@ -270,7 +269,7 @@ _STUDENT_KEYS = {"model", "epochs", "lr", "registered_model_name"}
 
 
 def _settings(cfg: ExperimentConfig) -> _Settings:
-    d = copy.deepcopy(cfg.distill)
+    d = section_dict(cfg.distill)  # the keys the config set (typed by losslab.config.DistillConfig)
     unknown = sorted(set(d) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"distill: unknown key(s) {unknown}; accepted: {', '.join(sorted(_TOP_KEYS))}")

@@ -60,7 +60,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -68,10 +68,11 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from losslab.config import ExperimentConfig, load_config
+from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, IntervalConfig, LatencyConfig, TTAConfig,
+                            load_config, section_dict)
 from losslab.data.cache import CacheInfo, build_cache, load_cache
 from losslab.data.datasets import collate_padded
 from losslab.data.splits import TEST_FOLD, split_fingerprint
@@ -99,59 +100,16 @@ class SourceNotFoundError(LookupError):
 
 
 # --------------------------------------------------------------------------- settings
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+CalibrationSettings, TTASettings, LatencySettings = CalibrationConfig, TTAConfig, LatencyConfig
+IntervalSettings = IntervalConfig
 
 
-class CalibrationSettings(_Strict):
-    enabled: bool = True
-    threshold_method: Literal["youden", "f1"] = "youden"
-    objective: Literal["balanced_accuracy", "f1_macro"] = "balanced_accuracy"
-
-
-class TTASettings(_Strict):
-    enabled: bool = True
-    passes: int = Field(4, ge=1)
-    seed: int = 0
-    augment: dict[str, Any] = Field(default_factory=lambda: {"brightness": 0.1, "scale": 0.1, "prob": 1.0})
-
-
-class LatencySettings(_Strict):
-    enabled: bool = True
-    warmup: int = Field(5, ge=0)
-    repeats: int = Field(30, ge=2)
-
-
-class IntervalSettings(_Strict):
-    """Patient-bootstrap intervals of the evaluated split's metrics (:mod:`losslab.engine.intervals`)."""
-
-    enabled: bool = True
-    n_resamples: int = Field(1000, ge=1)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
-
-
-class EvaluateSettings(_Strict):
-    """The ``evaluate:`` config section (see the module docstring)."""
-
-    source: str | None = None
-    split: Literal["val", "test", "cache"] = "test"
-    fold: int | None = Field(None, ge=0)
-    cache_dir: str | None = None
-    experiment: str | None = None
-    batch_size: int | None = Field(None, ge=1)
-    device: str = "auto"
-    run_name: str | None = None
-    rsna_metric: bool | Literal["auto"] = "auto"
-    allow_pickle: bool = False
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-    tta: TTASettings = Field(default_factory=TTASettings)
-    latency: LatencySettings = Field(default_factory=LatencySettings)
-    intervals: IntervalSettings = Field(default_factory=IntervalSettings)
+class EvaluateSettings(EvaluateConfig):
+    """The ``evaluate:`` section (:class:`losslab.config.EvaluateConfig`) with call overrides on top."""
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, **overrides: Any) -> "EvaluateSettings":
-        data = dict(cfg.evaluate)
+        data = section_dict(cfg.evaluate)
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(data)

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from losslab.config import ExperimentConfig
+from losslab.config import ExperimentConfig, section_dict
 from losslab.engine.loop import load_checkpoint, resolve_device
 from losslab.tracking import managed_run, resolve_tracking_uri
 
@@ -68,7 +68,7 @@ def run_seg_evaluate(cfg: ExperimentConfig, source: str | None = None, fold: int
     from losslab.pipelines.evaluate import _run_config
     from losslab.pipelines.seg_train import build_seg_task
 
-    source = source or cfg.evaluate.get("source")
+    source = source or section_dict(cfg.evaluate).get("source")
     if not source:
         raise ValueError("nothing to evaluate: pass --model models:/<name>@<alias> (or set evaluate.source)")
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
@@ -80,7 +80,8 @@ def run_seg_evaluate(cfg: ExperimentConfig, source: str | None = None, fold: int
     if source.startswith("models:/"):
         from losslab.pipelines.registry import load_registered_model
 
-        model = load_registered_model(source, allow_pickle=bool(cfg.evaluate.get("allow_pickle", False))).model
+        allow_pickle = bool(section_dict(cfg.evaluate).get("allow_pickle", False))
+        model = load_registered_model(source, allow_pickle=allow_pickle).model
     else:
         model.load_state_dict(_load_weights(run_id))
     _, val_loader = make_seg_loaders(info, fold, run_cfg.seg, run_cfg.model.spatial_dims, 1)

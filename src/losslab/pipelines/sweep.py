@@ -33,12 +33,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from losslab.config import SECTIONS, ConfigError, ExperimentConfig, apply_overrides, dump_yaml, validate_config
+from losslab.config import (SECTIONS, ConfigError, ExperimentConfig, SpaceParam, SweepConfig, apply_overrides, dump_yaml,
+                            section_dict, validate_config)
 from losslab.engine.callbacks import Callback
 from losslab.redaction import redact_text
 
@@ -46,80 +47,11 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 
 
-class SpaceParam(BaseModel):
-    """One searched config key: ``float``/``int`` in ``[low, high]`` (``log``, ``step``) or
-    ``categorical`` over ``choices``; ``when`` samples it only if earlier params have given values
-    (``{loss: focal}`` or ``{loss: [focal, ldam]}``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
-    when: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> "SpaceParam":
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("categorical needs a non-empty 'choices' list")
-            bad = [c for c in self.choices if not (c is None or isinstance(c, (bool, int, float, str)))]
-            if bad:
-                raise ValueError(f"choices must be None/bool/int/float/str, got {bad!r}")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"{self.type} needs 'low' and 'high'")
-            if self.low > self.high:
-                raise ValueError(f"low ({self.low}) > high ({self.high})")
-            if self.log and (self.low <= 0 or self.step is not None):
-                raise ValueError("log=true needs low > 0 and no step")
-        return self
-
-
 STORAGE_ENV = "LOSSLAB_SWEEP_STORAGE"  # the storage URL, kept off command lines and out of configs
 
 
-class SweepSettings(BaseModel):
-    """The ``sweep`` section. Command-line options (``--study``, ``--storage``, ...) override it."""
-
-    model_config = ConfigDict(extra="forbid")
-    study: str | None = None  # default: "<tracking.experiment>-sweep"
-    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL Optuna takes: postgresql://user:pw@host/db
-    # a file holding the storage URL (keeps a password off the command line and out of the YAML);
-    # $LOSSLAB_SWEEP_STORAGE wins over it, --storage over both
-    storage_file: str | None = None
-    n_trials: int | None = Field(20, ge=1)  # trials this worker runs (Optuna's n_trials)
-    max_trials: int | None = Field(None, ge=1)  # stop when the study has this many COMPLETE+PRUNED trials
-    timeout: float | None = Field(None, gt=0)  # seconds for this worker
-    metric: str | None = None  # default: train.monitor
-    direction: Literal["maximize", "minimize"] | None = None  # default: from train.monitor_mode
-    folds: int | list[int] | None = None  # None: data.fold; k: folds 0..k-1; or a list
-    sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})  # name + kwargs (seed, ...)
-    pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})  # median|hyperband|threshold|none
-    # what each epoch reports to the pruner: "best" = the best monitored value so far in this fold, i.e.
-    # the trial's objective if it stopped now (steadier than one epoch's value on a small validation
-    # set); "epoch" = that epoch's value
-    report: Literal["best", "epoch"] = "best"
-    heartbeat_interval: int | None = Field(60, ge=1)  # seconds; None disables the dead-worker check
-    grace_period: int | None = Field(None, ge=1)  # seconds without heartbeat -> FAIL; default 2 x interval
-    max_retry: int | None = Field(2, ge=0)  # retries of a trial whose worker died
-    catch_errors: bool = True  # a trial that raises is FAIL and the sweep goes on
-    log_model: bool = False  # log/register the model of every trial (off: a registry entry per trial is noise)
-    num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads in this worker
-    parent_wait_s: float = Field(30.0, ge=0)  # how long a worker waits for the study creator's parent run
-    space: dict[str, SpaceParam] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check_when(self) -> "SweepSettings":
-        seen: list[str] = []
-        for key, param in self.space.items():
-            for cond in (param.when or {}):
-                if cond not in seen:
-                    raise ValueError(f"space.{key}.when refers to {cond!r}, which is not a space key listed before it")
-            seen.append(key)
-        return self
+class SweepSettings(SweepConfig):
+    """The ``sweep`` section (:class:`losslab.config.SweepConfig`) with the command-line options on top."""
 
 
 def sweep_settings(cfg: ExperimentConfig, **cli: Any) -> SweepSettings:
@@ -128,7 +60,7 @@ def sweep_settings(cfg: ExperimentConfig, **cli: Any) -> SweepSettings:
     The storage URL comes from ``--storage``, else ``$LOSSLAB_SWEEP_STORAGE``, else the file
     ``sweep.storage_file``, else ``sweep.storage``: a URL with a password belongs in the variable or
     the file, never on a command line (``mlflow run`` logs and prints its parameters)."""
-    data = dict(cfg.sweep) | {k: v for k, v in cli.items() if v is not None}
+    data = section_dict(cfg.sweep) | {k: v for k, v in cli.items() if v is not None}
     if cli.get("storage") is None:
         if os.environ.get(STORAGE_ENV, "").strip():
             data["storage"] = os.environ[STORAGE_ENV].strip()
@@ -540,7 +472,7 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
         if new_parent:
             study.set_user_attr(PARENT_ATTR, parent_id)
             shown = settings.model_dump(mode="json") | {"storage": redact(settings.storage)}
-            log_config(cfg.model_copy(update={"sweep": shown}))  # no password in params
+            log_config(cfg.model_copy(update={"sweep": SweepConfig.model_validate(shown)}))  # no password in params
             mlflow.log_params({"sweep.storage_url": redact(settings.storage), "sweep.study_name": name})
             mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in settings.space.items()}, "sweep_space.json")
         callbacks = []
@@ -577,7 +509,7 @@ def best_config(cfg: ExperimentConfig, study: Any) -> ExperimentConfig:
     best = study.best_trial
     overrides = best.user_attrs.get("overrides") or _ordered(best.params)
     out = apply_trial_overrides(cfg, list(overrides))
-    return out.model_copy(update={"sweep": {}})
+    return out.model_copy(update={"sweep": None})
 
 
 def best_config_yaml(cfg: ExperimentConfig, settings: SweepSettings) -> str:
