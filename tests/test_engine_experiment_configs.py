@@ -32,14 +32,17 @@ def test_experiment_config_builds_loss_and_model(path):
         return
     class_names = cfg.data.class_names or _sources[cfg.data.source].class_names
     k = len(class_names)
-    counts = [60, 25, 15][:k] if k == 3 else [30, 70]
+    counts = {2: [30, 70], 3: [60, 25, 15]}.get(k) or [10 + c for c in range(k)]
     loss_fn, model = build_components(cfg, counts)
     n = cfg.model.head_kwargs.get("num_slices", 3) if cfg.model.kind == "slices25d" else 3
     torch.manual_seed(0)
-    batch = {"image": torch.randn(2, n, cfg.model.in_chans, 32, 32), "mask": torch.ones(2, n, dtype=torch.bool),
+    size = 28 if "lenet" in cfg.model.backbone else 32  # the LeNet encoder takes MNIST's 28 x 28
+    batch = {"image": torch.randn(2, n, cfg.model.in_chans, size, size), "mask": torch.ones(2, n, dtype=torch.bool),
              "label": torch.tensor([0, k - 1])}
     if cfg.model.kind == "volume3d":  # whole volumes (B, C, D, H, W)
         batch = {"image": torch.randn(2, cfg.model.in_chans, 16, 32, 32), "label": torch.tensor([0, k - 1])}
+    if cfg.model.kind == "image":  # one image per case (B, C, H, W)
+        batch = {"image": torch.randn(2, cfg.model.in_chans, size, size), "label": torch.tensor([0, k - 1])}
     if cfg.model.kind == "slices25d":
         batch["level"] = torch.tensor([0, 4])
     model.train()
