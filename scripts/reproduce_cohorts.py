@@ -77,6 +77,7 @@ LUMBAR_VARIANTS = {  # variant -> overrides on configs/experiment/rsna_lumbar_v8
 }
 DISTILL_VARIANTS = {"student alone": "none", "vanilla kd": "vanilla"}  # variant -> losslab.loss of the student run
 
+NO_RUNS = "(no runs in the store)"
 QUICK = {"epochs": 1, "folds": [0, 1], "seeds": [0]}
 
 
@@ -158,7 +159,7 @@ def train_and_evaluate(run: Run, args, mode: str) -> str | None:
 
 def dual_stream_runs(args) -> list[Run]:
     drw_start = max(1, int(0.75 * args.epochs))  # the paper's 160 of 200 epochs, scaled (0-based)
-    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}",
+    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}", "data.generate=embedded_brats",
              "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
     return [Run("dual_stream_mil", variant, CONFIGS / "demo.yaml",
                 overrides + extra + ([f"loss.drw_start_epoch={drw_start}"] if variant == "ldam-drw" else []),
@@ -204,6 +205,7 @@ def run_distillation(args, mode: str) -> None:
         cfg = load_config(marker.config, [
             *_common_overrides(args, "distillation"), "distill.losses=[vanilla]", "distill.student_alone=true",
             f"distill.student_label_fraction={args.label_fraction}", f"train.epochs={args.epochs}",
+            f"distill.student.epochs={args.epochs}",
             f"distill.teacher.epochs={args.teacher_epochs}", f"train.seed={seed}", "data.fold=0",
             f"distill.teacher.registered_model_name=repro-distill-teacher-{mode}"])
         result = run_distill(cfg)
@@ -354,7 +356,7 @@ def calibration_pairs(frame: pd.DataFrame, metric: str = "f1_macro") -> pd.DataF
 def table_dual_stream_mil(stores: list[str], mode: str) -> str:
     frame = evaluated_frame(stores, "dual_stream_mil", mode)
     if frame.empty:
-        return "(no runs in the store)"
+        return NO_RUNS
     order = _ordered(frame, MIL_VARIANTS)
     against = pd.concat([paired(frame, f"test_calibrated/{m}", order, REFERENCE_MIL, label=f"{m} (calibrated)")
                          for m in ("f1_macro", "balanced_accuracy")]
@@ -407,7 +409,7 @@ def table_lumbar_spine(stores: list[str], mode: str) -> str:
 
     frame = evaluated_frame(stores, "lumbar_spine", mode)
     if frame.empty:
-        return "(no runs in the store)"
+        return NO_RUNS
     class_names = _class_names(MlflowClient(tracking_uri=frame["store"].iloc[0]).get_run(frame["run_id"].iloc[0]))
     frame["dead_epochs"] = [dead_epochs(s, r, class_names) for s, r in zip(frame["store"], frame["train_run"])]
     frame["epochs"] = [float(len(MlflowClient(tracking_uri=s).get_metric_history(r, "val/balanced_accuracy")))
@@ -447,7 +449,7 @@ def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
 def table_distillation(stores: list[str], mode: str) -> str:
     frame = distill_frame(stores, mode)
     if frame.empty:
-        return "(no runs in the store)"
+        return NO_RUNS
     metrics = ["mean_accuracy", "mean_f1_macro"] + sorted(
         {k[len("best_val/"):] for k in frame.columns if k.startswith("best_val/") and k.count("/") == 2
          and k.endswith(("/accuracy", "/auc"))})
@@ -490,7 +492,7 @@ def write_section(path: Path, study: str, body: str) -> None:
 
 
 def section(study: str, body: str, mode: str) -> str:
-    note = " — quick mode (one seed, 1 epoch, 2 folds: checks the machinery, not the result)" if mode == "quick" else ""
+    note = " — quick mode (checks the machinery, not the result)" if mode == "quick" else ""
     return (f"## {STUDY_TITLES[study]}{note}\n\n{body}\n\n_Generated from the MLflow store by "
             "`scripts/reproduce_cohorts.py`; do not edit by hand._")
 
@@ -570,6 +572,10 @@ def main(argv=None) -> int:
         if args.no_tables:
             continue
         body = table(args.read_stores, args.mode)
+        if body == NO_RUNS:  # e.g. --tables-only on another study's stores: leave the section as it is
+            print(f"[{study}] no {args.mode} runs of this study in {', '.join(args.read_stores)}; "
+                  f"{args.output} left as it is", flush=True)
+            continue
         key = study if args.mode == "full" else f"{study}:quick"  # a quick run never overwrites the full table
         write_section(Path(args.output), key, section(study, body, args.mode))
         print(f"[{study}] table written to {args.output}", flush=True)
