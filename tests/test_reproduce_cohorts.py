@@ -174,3 +174,12 @@ def test_reproduce_py_runs_the_cohort_studies(quick, tmp_path, monkeypatch):
     main_script.main(["--study", "dual_stream_mil", "--quick", "--tables-only", "--tracking-uri", uri,
                       "--output", str(output), "--workdir", str(tmp_path / "work")])
     assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
+
+
+def test_a_study_without_runs_leaves_its_section_alone(reproduce, tmp_path):
+    output = tmp_path / "results.md"
+    output.write_text("# Results\n\n<!-- study:lumbar_spine:start -->\nearlier table\n<!-- study:lumbar_spine:end -->\n")
+    before = output.read_text()
+    reproduce.main(["--study", "lumbar_spine", "--tables-only", "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}",
+                    "--output", str(output), "--workdir", str(tmp_path / "work")])
+    assert output.read_text() == before
