@@ -78,6 +78,8 @@ LUMBAR_VARIANTS = {  # variant -> overrides on configs/experiment/rsna_lumbar_v8
 DISTILL_VARIANTS = {"student alone": "none", "vanilla kd": "vanilla"}  # variant -> losslab.loss of the student run
 
 NO_RUNS = "(no runs in the store)"
+# the embedded cohort each study writes into its own data.root (--set STUDY:data.generate=null for real data)
+GENERATORS = {"dual_stream_mil": "embedded_brats", "lumbar_spine": "embedded_lumbar", "distillation": "embedded_medpix"}
 QUICK = {"epochs": 1, "folds": [0, 1], "seeds": [0]}
 
 
@@ -99,7 +101,7 @@ def _common_overrides(args, study: str) -> list[str]:
     work = Path(args.workdir).resolve()
     return [f"tracking.tracking_uri={args.tracking_uri}", f"tracking.experiment={EXPERIMENTS[study]}",
             "tracking.registered_model_name=null", "tracking.log_model=false",
-            f"data.root={work}/data/{study}", f"data.cache_dir={work}/cache/{study}",
+            f"data.root={work}/data/{study}", f"data.cache_dir={work}/cache/{study}", f"data.generate={GENERATORS[study]}",
             *_extra(args, study)]
 
 
@@ -159,7 +161,7 @@ def train_and_evaluate(run: Run, args, mode: str) -> str | None:
 
 def dual_stream_runs(args) -> list[Run]:
     drw_start = max(1, int(0.75 * args.epochs))  # the paper's 160 of 200 epochs, scaled (0-based)
-    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}", "data.generate=embedded_brats",
+    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}",
              "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
     return [Run("dual_stream_mil", variant, CONFIGS / "demo.yaml",
                 overrides + extra + ([f"loss.drw_start_epoch={drw_start}"] if variant == "ldam-drw" else []),
