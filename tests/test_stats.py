@@ -35,7 +35,8 @@ def test_nadeau_bengio_with_no_correction_is_the_paired_t_test():
 
 
 def test_nadeau_bengio_degenerate_and_invalid():
-    assert stats.nadeau_bengio_ttest([0.1, 0.1, 0.1], 0.5) == (math.inf, 0.0)
+    t, p = stats.nadeau_bengio_ttest([0.1, 0.1, 0.1], 0.5)
+    assert t == math.inf and math.isnan(p)  # no spread: untested, never "significant"
     assert stats.nadeau_bengio_ttest([0.0, 0.0], 0.5) == (0.0, 1.0)
     with pytest.raises(ValueError, match="at least 2"):
         stats.nadeau_bengio_ttest([0.1], 0.5)
@@ -124,3 +125,13 @@ def test_critical_difference_against_scipy_and_demsar_table():
     figure = stats.plot_critical_difference(result, "bal_acc")
     assert "Friedman" in figure.axes[0].get_title()
     assert stats.critical_difference(_frame({"a": [0.1, 0.2], "b": [0.2, 0.3]})) is None  # two groups
+
+
+def test_identical_nonzero_differences_are_untested_not_significant():
+    """Two folds on which A beats B by exactly 0.25 (both models all-majority on the same cases,
+    say) are no evidence: the verdict says the differences have no spread, p stays NaN."""
+    table = stats.paired_comparisons(_frame({"a": [0.75, 0.75], "b": [0.5, 0.5]}), "bal_acc", n_resamples=200)
+    row = table.iloc[0]
+    assert row["n_pairs"] == 2 and row["mean_diff"] == pytest.approx(0.25)
+    assert math.isnan(row["p_value"]) and math.isnan(row["p_holm"])
+    assert row["verdict"] == stats.NO_SPREAD

@@ -59,6 +59,7 @@ WILCOXON_TEST = "wilcoxon"
 NO_DIFFERENCE = "no detectable difference"
 TOO_FEW = "too few pairs"
 UNTESTED = "untested: n_test/n_train unknown (runs lack data.n_val / data.n_train params)"
+NO_SPREAD = "untested: every paired difference is the same (no spread to test against)"
 COLUMNS = ["metric", "group_a", "group_b", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
            "test", "verdict"]
 
@@ -72,8 +73,10 @@ def nadeau_bengio_ttest(differences: Sequence[float], test_train_ratio: float) -
         test_train_ratio: :math:`n_{test}/n_{train}` of one run (validation cases over training
             cases; ``1/(k-1)`` for k-fold CV), > 0. With 0 this is the ordinary paired t-test.
 
-    When every difference is the same the variance is 0: ``t = ±inf, p = 0`` for a non-zero
-    difference and ``t = 0, p = 1`` when all are zero.
+    When every difference is the same the variance is 0 and the test has nothing to judge the
+    mean against: ``t = ±inf`` with ``p = NaN`` (untested, not "significant": two folds on which
+    both models predict one class differ by the same amount without that being evidence) for a
+    non-zero difference, and ``t = 0, p = 1`` when all are zero.
 
     Raises:
         ValueError: fewer than two differences, or a negative / non-finite ratio.
@@ -85,7 +88,7 @@ def nadeau_bengio_ttest(differences: Sequence[float], test_train_ratio: float) -
         raise ValueError(f"test_train_ratio must be a finite number >= 0, got {test_train_ratio}")
     n, mean, variance = d.size, float(d.mean()), float(d.var(ddof=1))
     if np.all(d == d[0]):  # no spread (np.var may leave rounding noise instead of 0)
-        return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+        return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), math.nan)
     t = mean / math.sqrt((1.0 / n + test_train_ratio) * variance)
     return t, float(2.0 * stats.t.sf(abs(t), n - 1))
 
@@ -118,11 +121,11 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 def _verdict(group_a: str, group_b: str, n_pairs: int, mean_diff: float, p_holm: float,
-             higher_is_better: bool, alpha: float) -> str:
+             higher_is_better: bool, alpha: float, no_spread: bool = False) -> str:
     if n_pairs < 2:
         return TOO_FEW
     if math.isnan(p_holm):
-        return UNTESTED
+        return NO_SPREAD if no_spread else UNTESTED
     if p_holm >= alpha or mean_diff == 0:
         return NO_DIFFERENCE
     a_wins = (mean_diff > 0) == higher_is_better
@@ -133,7 +136,8 @@ def _pair_rows(metric: str, a: str, b: str, x: np.ndarray, y: np.ndarray, ratio:
                n_resamples: int, seed: int) -> list[dict]:
     d = x - y
     base = {"metric": metric, "group_a": a, "group_b": b, "n_pairs": int(d.size),
-            "mean_diff": float(d.mean()) if d.size else math.nan, "ci_low": math.nan, "ci_high": math.nan}
+            "mean_diff": float(d.mean()) if d.size else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+            "no_spread": bool(d.size >= 2 and np.all(d == d[0]) and d[0] != 0)}
     if d.size < 2:
         return [base | {"p_value": math.nan, "test": NB_TEST}]
     base["ci_low"], base["ci_high"] = bootstrap_mean_difference(x, y, n_resamples=n_resamples, seed=seed)
@@ -176,12 +180,12 @@ def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool
         known = known[np.isfinite(known)]
         ratio = float(known.mean()) if known.size else math.nan
         rows += _pair_rows(metric, a, b, shared[a].to_numpy(), shared[b].to_numpy(), ratio, n_resamples, seed)
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")] + ["no_spread"])
     table["p_holm"] = np.nan
     for _, index in table.groupby("test").groups.items():
         table.loc[index, "p_holm"] = holm(table.loc[index, "p_value"].to_numpy())
-    table["verdict"] = [_verdict(r.group_a, r.group_b, r.n_pairs, r.mean_diff, r.p_holm, higher_is_better, alpha)
-                        for r in table.itertuples()]
+    table["verdict"] = [_verdict(r.group_a, r.group_b, r.n_pairs, r.mean_diff, r.p_holm, higher_is_better, alpha,
+                                 bool(r.no_spread)) for r in table.itertuples()]
     return table[COLUMNS]
 
 
