@@ -382,6 +382,9 @@ class DistillConfig(_Strict):
     tasks: list[str] | dict[str, Any] | None = None
     losses: list[str | dict[str, Any]] = Field(default_factory=lambda: ["vanilla"])
     student_alone: bool = True
+    # the students see the labels of only this fraction of the training cases (per class, seeded);
+    # distillation still uses every case. Strict: `true` or "half" are refused, not coerced.
+    student_label_fraction: float = Field(1.0, gt=0, le=1, strict=True)
     ce_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(1.0, ge=0)
     monitor: str = "val/mean_accuracy"
