@@ -577,12 +577,23 @@ def _check_teacher_tasks(teacher: nn.Module, task_classes: dict[str, list[str]],
             raise ValueError(f"teacher {uri}: task {task!r} classes {have[task]} differ from the data's {classes}")
 
 
-def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> DistillResult:
-    """Teacher (trained or from the registry), teacher-output cache, one student per loss, student alone."""
-    from losslab.models.multimodal import build_multimodal_model
+@dataclass
+class _DistillData:
+    """What every phase of a distill invocation shares: the splits, tasks, captions and preprocessing."""
 
-    s = _settings(cfg)
-    setup_tracking(cfg.tracking)
+    info: CacheInfo
+    tasks: list[str]
+    task_classes: dict[str, list[str]]
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    texts: list[str]
+    preprocessing: dict[str, Any]
+    in_chans: int
+    device: torch.device
+
+
+def _prepare_data(cfg: ExperimentConfig, s: _Settings, info: CacheInfo | None) -> _DistillData:
+    """The cache (built when not given), the tasks, the train/validation split and the image statistics."""
     if info is None:
         if cfg.data.source == "manifest":
             from losslab.data.cache import ensure_raw_data
@@ -599,131 +610,156 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
                          "path,label,patient_id,text)")
     task_classes = task_classes_from_index(info.index, tasks)
     train_df, val_df = _splits(cfg, info)
-    device = resolve_device(cfg.train.device)
     probe = ImageTextDataset(train_df, info.cache_dir, task_classes)  # checks captions and task values
-    texts = probe.texts
     mean, std = probe.channel_statistics()
-    preprocessing = {"image_mean": mean, "image_std": std}
-    in_chans = len(mean)
-    epochs_default, lr_default = cfg.train.epochs, cfg.optim.lr
+    return _DistillData(info, list(tasks), task_classes, train_df, val_df, probe.texts,
+                        {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device))
 
+
+def _teacher_from_registry(uri: str, allow_pickle: bool, d: _DistillData, s: _Settings, cfg: ExperimentConfig,
+                           run_id: str):
+    """A registered teacher, checked against the data's tasks and scored on the validation split."""
+    origin = _resolve_model_uri(uri)
+    mlflow.set_tag("losslab.teacher_uri", origin)
+    teacher = load_registered_model(uri, allow_pickle=allow_pickle).model
+    _check_teacher_tasks(teacher, d.task_classes, uri)
+    teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
+    _, val_loader = _loaders(teacher, d.train_df, d.val_df, d.info, d.task_classes, s.batch_size, cfg.train.seed,
+                             teacher_prep)
+    logits, _, labels = _predict(teacher.to(d.device), val_loader, d.device)
+    fitted = _Fitted(task_metrics(logits, labels, d.task_classes), -1)
+    log_metrics_batch(run_id, fitted.best_metrics, step=0)
+    return teacher, fitted, val_loader, origin
+
+
+def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metrics: dict):
+    """The teacher run: registered (``distill.teacher.model_uri``) or trained and registered here.
+    Returns ``(teacher, its run id, its registry uri or None, the origin string for the output cache)``."""
+    from losslab.models.multimodal import build_multimodal_model
+
+    t = s.teacher
+    with managed_run(run_name="teacher", tags=_tags(cfg, "teacher", "teacher"), nested=True) as run:
+        teacher_run = run.info.run_id
+        if t.get("model_uri"):
+            teacher_uri = str(t["model_uri"])
+            teacher, fitted, val_loader, origin = _teacher_from_registry(
+                teacher_uri, bool(t.get("allow_pickle", False)), d, s, cfg, teacher_run)
+        else:
+            seed_everything(cfg.train.seed, cfg.train.deterministic)
+            spec = t.get("model") or _DEFAULT_TEACHER
+            teacher = build_multimodal_model(spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
+            teacher.preprocessing = d.preprocessing
+            train_loader, val_loader = _loaders(teacher, d.train_df, d.val_df, d.info, d.task_classes, s.batch_size,
+                                                cfg.train.seed, d.preprocessing)
+            epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
+            mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
+            fitted = _fit(teacher, _LabelsOnly(d.tasks), train_loader, val_loader, d.task_classes, epochs, lr, cfg,
+                          s.monitor, None, _log_epoch(teacher_run))
+            teacher_uri = None
+        latency = measure_latency(teacher, val_loader, d.device)
+        summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
+        log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
+        all_metrics["teacher"] = summary
+        if not t.get("model_uri"):
+            teacher_uri = _log_model(teacher, t.get("registered_model_name", "losslab-distill-teacher"),
+                                     t.get("alias", "teacher"),
+                                     {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(d.tasks)}, d.in_chans)
+            origin = f"{teacher_uri} (run {teacher_run})" if teacher_uri else f"run {teacher_run}"
+            if teacher_uri:
+                mlflow.set_tag("losslab.teacher_uri", teacher_uri)
+    return teacher, teacher_run, teacher_uri, origin
+
+
+def _teacher_train_outputs(teacher, d: _DistillData, s: _Settings, origin: str):
+    """The teacher's outputs on every case, computed once per teacher and data (or reused), then
+    the training rows as tensors. Returns ``(outputs, cache key, 'reused'|'computed')``."""
+    full_index = d.info.index.reset_index(drop=True)  # every case (test fold included)
+    arrays, key, reused = teacher_outputs(teacher, d.info, full_index, d.task_classes, s.cache_dir, origin,
+                                          s.batch_size, d.device)
+    cache_tag = "reused" if reused else "computed"
+    mlflow.set_tags({"losslab.teacher_cache": cache_tag, "losslab.teacher_cache_key": key})
+    position = {cid: i for i, cid in enumerate(arrays["case_id"])}
+    rows = np.asarray([position[c] for c in d.train_df["case_id"]])
+    teacher.cpu()
+    return {k: torch.as_tensor(v[rows]) for k, v in arrays.items() if k != "case_id"}, key, cache_tag
+
+
+def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item: tuple, teacher_train: dict,
+                 labelled: np.ndarray, teacher_uri: str | None, key: str, cache_tag: str) -> tuple[str, str, dict]:
+    """One student run (a distillation loss, or the student alone on the labelled cases only).
+    Returns ``(label, run id, summary metrics)``."""
+    from losslab.models.multimodal import build_multimodal_model
+
+    name, params, role = plan_item
+    st = s.student
+    student_spec = st.get("model") or _DEFAULT_STUDENT
+    epochs, lr = int(st.get("epochs") or cfg.train.epochs), float(st.get("lr") or cfg.optim.lr)
+    params = dict(params)
+    ce_weight = float(params.pop("ce_weight", s.ce_weight))
+    distill_weight = float(params.pop("distill_weight", s.distill_weight))
+    distilling = role == "student"
+    label = name if distilling else "none"
+    with managed_run(run_name=f"student-{name}" if distilling else "student-alone",
+                     tags=_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag}, nested=True) as run:
+        run_id = run.info.run_id
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # same init and order for every student
+        student = build_multimodal_model(student_spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
+        student.preprocessing = d.preprocessing
+        cases = d.train_df if distilling else d.train_df[labelled].reset_index(drop=True)
+        train_loader, val_loader = _loaders(student, cases, d.val_df, d.info, d.task_classes, s.batch_size,
+                                            cfg.train.seed, d.preprocessing)
+        if distilling:
+            objective = MultiTaskDistillation(name, params, d.tasks, student.feature_dim,
+                                              int(teacher_train["features"].shape[1]), num_data=len(d.train_df),
+                                              ce_weight=ce_weight, distill_weight=distill_weight)
+        else:
+            objective = _LabelsOnly(d.tasks, ce_weight=1.0)
+        mlflow.log_params({"model.spec": json.dumps(student_spec)[:6000], "epochs": epochs,
+                           "lr": lr, "loss.params": json.dumps(params)[:6000],
+                           "ce_weight": ce_weight if distilling else 1.0,
+                           "distill_weight": distill_weight if distilling else 0.0,
+                           "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
+                           "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
+        fitted = _fit(student, objective, train_loader, val_loader, d.task_classes, epochs, lr,
+                      cfg, s.monitor, teacher_train if distilling else None, _log_epoch(run_id),
+                      torch.as_tensor(labelled) if distilling and not labelled.all() else None)
+        summary = _summary(fitted.best_metrics, fitted.best_epoch, measure_latency(student, val_loader, d.device))
+        log_metrics_batch(run_id, summary, step=fitted.best_epoch)
+        if cfg.tracking.log_model:
+            _log_model(student, st.get("registered_model_name"), None,
+                       {"role": role, "loss": label, "run_id": run_id}, d.in_chans)
+    return label, run_id, summary
+
+
+def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> DistillResult:
+    """Teacher (trained or from the registry), teacher-output cache, one student per loss, student alone."""
+    s = _settings(cfg)
+    setup_tracking(cfg.tracking)
+    d = _prepare_data(cfg, s, info)
     nested = mlflow.active_run() is not None
     with managed_run(run_name=cfg.tracking.run_name or "distill",
                      tags={"losslab.entry_point": "distill", "losslab.distill_parent": "true",
                            "losslab.dataset": cfg.data.source}, nested=nested) as parent:
         parent_id = parent.info.run_id
         log_config(cfg)
-        labelled = labelled_subset(train_df["label"], s.student_label_fraction, cfg.data.seed)
-        mlflow.log_params({"distill.task_classes": json.dumps(task_classes), "data.n_train": len(train_df),
-                           "data.n_val": len(val_df), "data.n_train_labelled": int(labelled.sum())})
+        labelled = labelled_subset(d.train_df["label"], s.student_label_fraction, cfg.data.seed)
+        mlflow.log_params({"distill.task_classes": json.dumps(d.task_classes), "data.n_train": len(d.train_df),
+                           "data.n_val": len(d.val_df), "data.n_train_labelled": int(labelled.sum())})
         all_metrics: dict[str, dict[str, float]] = {}
-
-        # ---- teacher
-        t = s.teacher
-        with managed_run(run_name="teacher", tags=_tags(cfg, "teacher", "teacher"), nested=True) as run:
-            teacher_run = run.info.run_id
-            if t.get("model_uri"):
-                uri = str(t["model_uri"])
-                origin = _resolve_model_uri(uri)
-                mlflow.set_tag("losslab.teacher_uri", origin)
-                teacher = load_registered_model(uri, allow_pickle=bool(t.get("allow_pickle", False))).model
-                _check_teacher_tasks(teacher, task_classes, uri)
-                teacher_prep = getattr(teacher, "preprocessing", preprocessing)
-                _, val_loader = _loaders(teacher, train_df, val_df, info, task_classes, s.batch_size, cfg.train.seed,
-                                         teacher_prep)
-                logits, _, labels = _predict(teacher.to(device), val_loader, device)
-                fitted = _Fitted(task_metrics(logits, labels, task_classes), -1)
-                log_metrics_batch(teacher_run, fitted.best_metrics, step=0)
-                teacher_uri = uri
-            else:
-                seed_everything(cfg.train.seed, cfg.train.deterministic)
-                spec = t.get("model") or _DEFAULT_TEACHER
-                teacher = build_multimodal_model(spec, task_classes, texts=texts, in_chans=in_chans)
-                teacher.preprocessing = preprocessing
-                train_loader, val_loader = _loaders(teacher, train_df, val_df, info, task_classes, s.batch_size,
-                                                    cfg.train.seed, preprocessing)
-                mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": t.get("epochs") or epochs_default,
-                                   "lr": t.get("lr") or lr_default})
-                fitted = _fit(teacher, _LabelsOnly(tasks), train_loader, val_loader, task_classes,
-                              int(t.get("epochs") or epochs_default), float(t.get("lr") or lr_default), cfg,
-                              s.monitor, None, _log_epoch(teacher_run))
-                teacher_uri = None
-            latency = measure_latency(teacher, val_loader, device)
-            summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
-            log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
-            all_metrics["teacher"] = summary
-            if not t.get("model_uri"):
-                name = t.get("registered_model_name", "losslab-distill-teacher")
-                teacher_uri = _log_model(teacher, name, t.get("alias", "teacher"),
-                                         {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(tasks)}, in_chans)
-                origin = f"{teacher_uri} (run {teacher_run})" if teacher_uri else f"run {teacher_run}"
-                if teacher_uri:
-                    mlflow.set_tag("losslab.teacher_uri", teacher_uri)
-
-        # ---- teacher outputs, once per teacher and data
-        full_index = info.index.reset_index(drop=True)  # every case (test fold included)
-        arrays, key, reused = teacher_outputs(teacher, info, full_index, task_classes, s.cache_dir, origin,
-                                              s.batch_size, device)
-        cache_tag = "reused" if reused else "computed"
-        mlflow.set_tags({"losslab.teacher_cache": cache_tag, "losslab.teacher_cache_key": key})
-        position = {cid: i for i, cid in enumerate(arrays["case_id"])}
-        rows = np.asarray([position[c] for c in train_df["case_id"]])
-        teacher_train = {k: torch.as_tensor(v[rows]) for k, v in arrays.items() if k != "case_id"}
-        teacher_dim = int(teacher_train["features"].shape[1])
-        teacher.cpu()
-
-        # ---- students
-        st = s.student
-        student_spec = st.get("model") or _DEFAULT_STUDENT
-        student_epochs = int(st.get("epochs") or epochs_default)
-        student_lr = float(st.get("lr") or lr_default)
-        runs: dict[str, str] = {}
+        teacher, teacher_run, teacher_uri, origin = _run_teacher(cfg, s, d, all_metrics)
+        teacher_train, key, cache_tag = _teacher_train_outputs(teacher, d, s, origin)
         plan = [(name, params, "student") for name, params in s.losses]
         if s.student_alone:
             plan.append(("none", {}, "student_alone"))
-        for name, params, role in plan:
-            params = dict(params)
-            ce_weight = float(params.pop("ce_weight", s.ce_weight))
-            distill_weight = float(params.pop("distill_weight", s.distill_weight))
-            label = name if role == "student" else "none"
-            run_name = f"student-{name}" if role == "student" else "student-alone"
-            with managed_run(run_name=run_name, tags=_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag},
-                             nested=True) as run:
-                run_id = run.info.run_id
-                seed_everything(cfg.train.seed, cfg.train.deterministic)  # same init and order for every student
-                student = build_multimodal_model(student_spec, task_classes, texts=texts, in_chans=in_chans)
-                student.preprocessing = preprocessing
-                cases = train_df if role == "student" else train_df[labelled].reset_index(drop=True)
-                train_loader, val_loader = _loaders(student, cases, val_df, info, task_classes, s.batch_size,
-                                                    cfg.train.seed, preprocessing)
-                if role == "student":
-                    objective = MultiTaskDistillation(name, params, tasks, student.feature_dim, teacher_dim,
-                                                      num_data=len(train_df), ce_weight=ce_weight,
-                                                      distill_weight=distill_weight)
-                else:
-                    objective = _LabelsOnly(tasks, ce_weight=1.0)
-                mlflow.log_params({"model.spec": json.dumps(student_spec)[:6000], "epochs": student_epochs,
-                                   "lr": student_lr, "loss.params": json.dumps(params)[:6000],
-                                   "ce_weight": ce_weight if role == "student" else 1.0,
-                                   "distill_weight": distill_weight if role == "student" else 0.0,
-                                   "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
-                                   "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
-                fitted = _fit(student, objective, train_loader, val_loader, task_classes, student_epochs, student_lr,
-                              cfg, s.monitor, teacher_train if role == "student" else None, _log_epoch(run_id),
-                              torch.as_tensor(labelled) if role == "student" and not labelled.all() else None)
-                latency = measure_latency(student, val_loader, device)
-                summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
-                log_metrics_batch(run_id, summary, step=fitted.best_epoch)
-                all_metrics[label] = summary
-                if cfg.tracking.log_model:
-                    _log_model(student, st.get("registered_model_name"), None,
-                               {"role": role, "loss": label, "run_id": run_id}, in_chans)
-                runs[label] = run_id
-        table = distillation_table(cfg.tracking.experiment, parent_run_id=parent_id)
+        runs: dict[str, str] = {}
+        for item in plan:
+            label, run_id, summary = _run_student(cfg, s, d, item, teacher_train, labelled, teacher_uri, key,
+                                                  cache_tag)
+            runs[label], all_metrics[label] = run_id, summary
         from losslab.tracking import log_table_artifacts
 
-        log_table_artifacts(table, "distillation_table")
-    return DistillResult(parent_id, teacher_run, runs, key, reused, teacher_uri, all_metrics)
+        log_table_artifacts(distillation_table(cfg.tracking.experiment, parent_run_id=parent_id), "distillation_table")
+    return DistillResult(parent_id, teacher_run, runs, key, cache_tag == "reused", teacher_uri, all_metrics)
 
 
 # ------------------------------------------------------------------------------------ reading back
