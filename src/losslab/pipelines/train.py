@@ -215,14 +215,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         step = task_of(cfg)
         state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
                     callbacks=callbacks, resume_from=resume_from, step=step)
-
-        if state.best_tiebreak:
-            mlflow.set_tag("losslab.best_tiebreak", f"epoch {state.best_epoch}: {state.best_tiebreak}")
-        dead = dead_class_names(pred_counts({k: v[-1] for k, v in state.history.items() if v}))
-        if dead:
-            log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
-            mlflow.set_tag("losslab.dead_classes", ",".join(dead))
-
+        _tag_fit_outcome(state)
         best_metrics = _score_best_model(cfg, info, run_id, model, loss_fn, val_loader, state,
                                          Path(train_cfg.checkpoint_dir) / "best.pt")
         version = None
@@ -236,6 +229,17 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             version = f"{mv.version}" if mv is not None else None
         callbacks[0].remove_uploaded_checkpoints()  # the run's artifacts are the copies that stay
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
+
+
+def _tag_fit_outcome(state) -> None:
+    """Tags on the active run: how a tie on the monitored metric was broken, and the classes the
+    last epoch never predicted on validation."""
+    if state.best_tiebreak:
+        mlflow.set_tag("losslab.best_tiebreak", f"epoch {state.best_epoch}: {state.best_tiebreak}")
+    dead = dead_class_names(pred_counts({k: v[-1] for k, v in state.history.items() if v}))
+    if dead:
+        log.warning("dead class(es) on validation at the last epoch: %s", ", ".join(dead))
+        mlflow.set_tag("losslab.dead_classes", ",".join(dead))
 
 
 def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, model, loss_fn, val_loader, state,
