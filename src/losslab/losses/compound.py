@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base import LossBase, check_choice, check_number
-from .registry import UnknownLossError, build_loss, register_loss
+from .registry import UnknownLossError, UnknownLossParamError, build_loss, register_loss
 
 __all__ = ["CompoundLoss", "WEIGHTINGS"]
 
@@ -113,6 +113,8 @@ class CompoundLoss(LossBase):
                 term = build_loss(name, class_counts=class_counts, num_classes=num_classes, **params)
             except UnknownLossError as exc:
                 raise UnknownLossError(f"loss {self.name!r}: terms[{i}]: {exc}") from None
+            except UnknownLossParamError as exc:  # keep the unknown names for the caller
+                raise UnknownLossParamError(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}", exc.params) from None
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}") from None
             seen[name] = seen.get(name, 0) + 1

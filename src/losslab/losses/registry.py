@@ -38,9 +38,9 @@ class UnknownLossError(KeyError):
 class UnknownLossParamError(TypeError):
     """A param the loss's constructor does not take; ``params`` lists them."""
 
-    def __init__(self, message: str, params: list[str]) -> None:
+    def __init__(self, message: str, params: list[str] | None = None) -> None:
         super().__init__(message)
-        self.params = params
+        self.params = list(params or [])
 
 
 def register_loss(arg: type | str | None = None, *, key: str | None = None) -> Any:
