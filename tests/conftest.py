@@ -86,3 +86,15 @@ def _session_tracking_uri(mlflow_store):
     yield
     if mlflow.active_run() is not None:  # a failed test must not leave a run open for the next one
         mlflow.end_run(status="FAILED")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's thread count (the reproduction scripts run in-process set it to 1)
+    must not change it for the tests after it: a float reduction over 1 thread and over 2 differs in
+    the last bits, and the resume test compares an in-process run with a subprocess to 1e-6."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
