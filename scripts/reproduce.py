@@ -238,7 +238,7 @@ def mnist_bags_markdown(summary: pd.DataFrame) -> str:
 
 def long_tailed_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Balanced accuracy and minimum class recall (test) mean/std/n per loss variant and ratio."""
-    recall_cols = [c for c in runs.columns if re.fullmatch(r"metrics\.test/recall_[^/]+", c)]
+    recall_cols = [c for c in runs.columns if re.fullmatch(r"metrics\.test/recall_(?!.*_ci_(?:low|high)$)[^/]+", c)]
     runs = runs.assign(min_recall=runs[recall_cols].min(axis=1))
     rows = []
     for (variant, ratio), group in runs.groupby(["tags.repro.loss_variant", "tags.repro.ratio"]):
