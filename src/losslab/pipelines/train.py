@@ -31,10 +31,11 @@ from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
                                  validation_metrics)
 from losslab.pipelines.checks import check_checkpoint_dir, check_config
+from losslab.likeness import config_hash
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import classifier_spec
 from losslab.tasks import task_of
-from losslab.tracking import (MLflowCallback, clear_error_tags, log_and_register_model, log_config, log_metrics_batch,
+from losslab.tracking import (MLflowCallback, config_params, clear_error_tags, log_and_register_model, log_config, log_metrics_batch,
                               managed_run, setup_tracking)
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
                                "loss.formula": str(loss_fn)[:6000], "ddp.world_size": ddp.world_size(),
                                "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size}
                               | train_ds.normalizer.params())
-            mlflow.set_tag("losslab.class_names", ",".join(class_names))
+            # the fingerprint covers the resolved normalisation too (the params compare reads back)
+            mlflow.set_tags({"losslab.class_names": ",".join(class_names), "losslab.config_hash": config_hash(
+                config_params(cfg) | train_ds.normalizer.params())})
         else:
             resume_from = _find_resume_checkpoint(cfg, run_id)
             mlflow.set_tag("losslab.resumed_from", str(resume_from))
