@@ -56,10 +56,12 @@ def test_fake_identifiers_never_reach_cache_logs_or_mlflow(tmp_path, caplog, cap
     hits = []
     text_sources = {"log records": caplog.text, "stdout": captured.out, "stderr": captured.err,
                     "index": pd.read_parquet(info.cache_dir / "index.parquet").to_csv()}
-    for folder in (tmp_path / "cache", store, tmp_path / "ckpt"):
+    # local checkpoint copies are removed once uploaded: the checkpoints are scanned in the store
+    ckpt_files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()] if (tmp_path / "ckpt").exists() else []
+    for folder in (tmp_path / "cache", store):
         files = [p for p in folder.rglob("*") if p.is_file()]
         assert files, folder
-        for path in files:
+        for path in files + ckpt_files:
             text_sources[str(path)] = path.read_bytes().decode("latin-1")
     for where, text in text_sources.items():
         for ident in identifiers:
@@ -68,4 +70,5 @@ def test_fake_identifiers_never_reach_cache_logs_or_mlflow(tmp_path, caplog, cap
     assert hits == []
     # and the store really holds the run's params, tags, metrics and artifacts that were scanned
     assert any(p.name == "config.yaml" for p in (store / "artifacts").rglob("*"))
+    assert {"best.pt", "last.pt"} <= {p.name for p in (store / "artifacts").rglob("*.pt")}
     assert len(info.index) > 0
