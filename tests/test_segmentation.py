@@ -46,7 +46,7 @@ def seg_cache_dir(tmp_path_factory) -> Path:
 
 
 def _overrides(seg_root: Path, cache_dir: Path, ckpt: Path, experiment: str, *extra: str) -> list[str]:
-    return [f"data.root={seg_root}", f"data.cache_dir={cache_dir}", "data.num_folds=2", "data.salt=test-salt",
+    return [f"data.root={seg_root}", f"data.cache_dir={cache_dir}", "data.num_folds=2", "data.test_fraction=0", "data.salt=test-salt",
             "data.batch_size=2", "seg.patch_size=[16, 16, 16]", "seg.samples_per_case=1", "train.epochs=2",
             f"train.checkpoint_dir={ckpt}", f"tracking.experiment={experiment}",
             "tracking.registered_model_name=test-seg", "optim.lr=0.01", "train.plot_every=1", *extra]
