@@ -144,14 +144,12 @@ class ImageClassificationTask(Task):
 
 
 @register_task
-class VolumeClassificationTask(Task):
-    """Whole volumes ``(B, C, D, H, W)`` → a MONAI 3D encoder (``model.kind: volume3d``)."""
+class VolumeClassificationTask(ImageClassificationTask):
+    """Whole volumes ``(B, C, D, H, W)`` → a MONAI 3D encoder (``model.kind: volume3d``); the batch
+    goes to the model as an image does, only the dataset differs."""
 
     name = "volume_classification"
     model_kinds = ("volume3d",)
-
-    def inputs(self, batch, device):
-        return (batch["image"].to(device, non_blocking=True),), {}
 
     def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
         from losslab.data.datasets import VolumeDataset
