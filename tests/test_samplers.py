@@ -42,3 +42,38 @@ def test_unknown_sampler_and_too_small_batch_are_clear_errors():
         build_sampler("oversample", np.array([0, 1]), 2)
     with pytest.raises(ValueError, match="batch_size >= number of classes"):
         ClassBalancedBatchSampler(np.array([0, 1, 2]), batch_size=2)
+
+
+@pytest.mark.parametrize("name", ["none", "weighted_random", "sqrt_weighted_random", "class_balanced_batch"])
+def test_sampled_class_distribution_is_what_the_sampler_draws(name):
+    from losslab.data.samplers import sampled_class_distribution
+
+    labels = np.array([0] * 60 + [1] * 15 + [2] * 5)
+    torch.manual_seed(3)
+    sampler, batch_sampler = build_sampler(name, labels, batch_size=6)
+    if batch_sampler is not None:
+        draws = np.concatenate([labels[b] for _ in range(100) for b in batch_sampler])
+    elif sampler is not None:
+        draws = np.concatenate([labels[list(sampler)] for _ in range(200)])
+    else:
+        draws = labels
+    observed = np.bincount(draws, minlength=3) / len(draws)
+    expected = sampled_class_distribution(name, np.bincount(labels))
+    # hand-worked: uniform, counts/80, sqrt(counts)/sum
+    by_hand = {"none": [60 / 80, 15 / 80, 5 / 80], "weighted_random": [1 / 3] * 3,
+               "class_balanced_batch": [1 / 3] * 3,
+               "sqrt_weighted_random": np.sqrt([60, 15, 5]) / np.sqrt([60, 15, 5]).sum()}[name]
+    np.testing.assert_allclose(expected, by_hand, rtol=1e-12)
+    np.testing.assert_allclose(observed, expected, atol=0.03)
+
+
+def test_classifier_bias_starts_at_the_prior_of_the_batches(make_config):
+    """A balancing sampler draws classes uniformly: the classifier must not start at the data's
+    2.8 : 1 prior (it predicted only the majority class for the demo's first two epochs)."""
+    from losslab.pipelines.train import build_components
+
+    counts = [20, 56]
+    for sampler, prior in (("none", np.array(counts) / 76), ("weighted_random", np.array([0.5, 0.5]))):
+        _, model = build_components(make_config(f"data.sampler={sampler}"), counts)
+        bias = model.head.classifier.bias.detach().double()
+        np.testing.assert_allclose(torch.softmax(bias, 0).numpy(), prior, atol=1e-6)

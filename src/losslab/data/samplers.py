@@ -56,6 +56,27 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             yield batch
 
 
+def sampled_class_distribution(name: str, class_counts) -> np.ndarray:
+    """The class distribution the training batches are drawn from under sampler ``name``: the counts
+    themselves for ``none``, ∝ n_c · n_c^-1 (uniform over the present classes) for ``weighted_random``
+    and ``class_balanced_batch``, ∝ n_c · n_c^-0.5 = sqrt(n_c) for ``sqrt_weighted_random``. Sums to 1.
+
+    A classifier whose bias starts at the log prior should start at *this* prior: with a balancing
+    sampler the data's own prior (e.g. HGG : LGG 2.8 : 1) makes the first epochs predict only the
+    majority class although every batch is balanced."""
+    counts = np.asarray(class_counts, dtype=float)
+    present = counts > 0
+    if name in ("weighted_random", "class_balanced_batch"):
+        mass = present.astype(float)
+    elif name == "sqrt_weighted_random":
+        mass = np.sqrt(counts)
+    elif name == "none":
+        mass = counts
+    else:
+        raise ValueError(f"data.sampler {name!r} not in none, weighted_random, sqrt_weighted_random, class_balanced_batch")
+    return mass / mass.sum()
+
+
 def build_sampler(name: str, labels: np.ndarray, batch_size: int) -> tuple[Sampler | None, Sampler | None]:
     """Return ``(sampler, batch_sampler)`` for a DataLoader (at most one is not None)."""
     if name == "none":

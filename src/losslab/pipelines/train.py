@@ -65,14 +65,17 @@ class TrainResult:
 
 def build_components(cfg: ExperimentConfig, class_counts: list[int]):
     """The loss and the model for ``cfg`` (the loss decides the output size, e.g. K-1 for CORAL)."""
+    from losslab.data.samplers import sampled_class_distribution
     from losslab.losses import build_loss
     from losslab.models import build_model
 
     num_classes = len(class_counts)
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.params, class_counts=list(class_counts), num_classes=num_classes)
     num_outputs = loss_fn.output_dim(num_classes) if hasattr(loss_fn, "output_dim") else num_classes
-    total = float(sum(class_counts))
-    priors = [max(c, 1) / total for c in class_counts]
+    # the bias starts at the log of the class distribution the batches are drawn from (uniform under a
+    # balancing sampler), floored so that a class absent from the training fold gets a finite bias
+    drawn = sampled_class_distribution(cfg.data.sampler, [max(c, 1) for c in class_counts])
+    priors = [float(p) for p in drawn]
     model = build_model(cfg.model, num_outputs=num_outputs, class_priors=priors if num_outputs == num_classes else None)
     if getattr(loss_fn, "head", "linear") == "normed_linear":
         _use_cosine_classifier(model, cfg.loss.name)
