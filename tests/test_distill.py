@@ -84,10 +84,18 @@ def test_every_loss_trains_a_student_with_per_task_metrics(distilled):
             assert [m.step for m in history] == [0, 1]
             for key in ("accuracy", "f1_macro", "auc"):
                 assert 0.0 <= run.data.metrics[f"best_val/{task}/{key}"] <= 1.0
-            assert math.isfinite(run.data.metrics[f"train/ce/{task}"])
+            assert math.isfinite(run.data.metrics[f"train/loss_ce/{task}"])
         for term in expected_terms[loss]:
-            assert math.isfinite(run.data.metrics[f"train/{term}"]), (loss, term)
-        assert run.data.metrics["latency_ms_per_sample"] > 0
+            assert math.isfinite(run.data.metrics[f"train/loss_{term}"]), (loss, term)
+        assert run.data.metrics["latency/p50_ms"] > 0 and run.data.metrics["latency/throughput_per_s"] > 0
+        # trained through the engine's fit: the best epoch's checkpoint is uploaded to the run, and the
+        # best weights scored again give the numbers that epoch logged (a second code path)
+        best = int(run.data.metrics["best_epoch"])
+        for task in TASKS:
+            logged = {m.step: m.value for m in client.get_metric_history(run_id, f"val/{task}/f1_macro")}
+            assert run.data.metrics[f"best_val/{task}/f1_macro"] == pytest.approx(logged[best], abs=1e-6)
+        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt",
+                                                                                 "checkpoints/last.pt"}
     teacher = client.get_run(result.teacher_run_id)
     assert teacher.data.tags["losslab.role"] == "teacher" and teacher.data.tags["losslab.loss"] == "teacher"
     assert len(client.get_metric_history(result.teacher_run_id, "val/location/accuracy")) == 8
@@ -102,7 +110,7 @@ def test_distillation_table_matches_the_runs(distilled):
     assert table["loss"].tolist() == ["teacher", *LOSSES, "none"]
     assert table["role"].tolist() == ["teacher"] + ["student"] * 5 + ["student_alone"]
     assert list(table.columns) == ["loss", "role"] + [f"{t}/{k}" for t in TASKS for k in ("accuracy", "f1_macro", "auc")] \
-        + ["latency_ms_per_sample", "run_id"]
+        + ["latency/p50_ms", "run_id"]
     client = MlflowClient()
     for _, row in table.iterrows():
         metrics = client.get_run(row["run_id"]).data.metrics
@@ -110,14 +118,14 @@ def test_distillation_table_matches_the_runs(distilled):
             for key in ("accuracy", "f1_macro", "auc"):
                 assert row[f"{task}/{key}"] == pytest.approx(metrics[f"best_val/{task}/{key}"])
                 assert row[f"{task}/{key}"] == pytest.approx(result.metrics[row["loss"]][f"best_val/{task}/{key}"])
-        assert row["latency_ms_per_sample"] == pytest.approx(metrics["latency_ms_per_sample"])
+        assert row["latency/p50_ms"] == pytest.approx(metrics["latency/p50_ms"])
     # a fresh table of the whole experiment is the latest distill run
     latest = distillation_table(EXPERIMENT)
     assert set(latest["run_id"]).isdisjoint(table["run_id"]) or latest["run_id"].tolist() == table["run_id"].tolist()
 
 
 @pytest.mark.slow
-def test_compare_on_a_distillation_experiment_prints_the_seed_table(distilled):
+def test_compare_on_a_distillation_experiment_prints_the_distillation_table(distilled):
     from losslab.pipelines.compare import run_compare
 
     _, result = distilled
@@ -127,7 +135,7 @@ def test_compare_on_a_distillation_experiment_prints_the_seed_table(distilled):
     for task in TASKS:
         pd.testing.assert_series_equal(compared.table[f"{task}/accuracy"], expected[f"{task}/accuracy"])
     markdown = compared.markdown()
-    assert "latency_ms_per_sample" in markdown and "teacher" in markdown and "location/auc" in markdown
+    assert "latency/p50_ms" in markdown and "teacher" in markdown and "location/auc" in markdown
     run = MlflowClient().get_run(compared.run_id)
     assert run.data.tags["losslab.compare.kind"] == "distillation"
     assert {a.path for a in MlflowClient().list_artifacts(compared.run_id)} >= {"distillation_table.csv", "distillation_table.md"}
@@ -325,3 +333,74 @@ def test_students_see_a_fraction_of_the_labels_and_distill_on_every_case(tmp_pat
     assert int(vanilla.params["data.n_train_cases"]) == len(train)
     assert float(vanilla.params["student_label_fraction"]) == 0.25
     assert math.isfinite(vanilla.metrics["best_val/mean_accuracy"])
+
+
+def test_distill_trains_through_the_engine_with_ema_and_early_stopping(tmp_path, mlflow_store):
+    """train.* works in distill as in train: EMA weights are the ones validated and checkpointed, and
+    early stopping stops a monitor that never improves (train/lr under a cosine decay: best at epoch
+    0, one epoch of patience, so exactly two epochs are logged)."""
+    from losslab.engine.loop import load_checkpoint
+
+    cfg = _config(tmp_path / "raw", tmp_path / "cache", "distill.losses=[]", "train.epochs=5",
+                  "distill.teacher.epochs=5", "train.ema_decay=0.5", "train.early_stopping_patience=1",
+                  "distill.monitor=train/lr", "optim.warmup_epochs=0",
+                  experiment="distill-engine")
+    result = run_distill(cfg)
+    client = MlflowClient()
+    for run_id in (result.teacher_run_id, result.student_run_ids["none"]):
+        lrs = [m.value for m in client.get_metric_history(run_id, "train/lr")]
+        assert len(lrs) == 2 and lrs[1] < lrs[0]
+        assert client.get_run(run_id).data.metrics["best_epoch"] == 0
+        path = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / run_id))
+        best = load_checkpoint(path)
+        assert best["eval_source"] == "ema" and best["ema"] is not None and best["epoch"] == 0
+
+
+def test_mixup_is_refused_by_distill_before_any_run(tmp_path, mlflow_store):
+    cfg = _config(tmp_path / "raw", tmp_path / "cache", "train.mixup_alpha=0.4", experiment="distill-mixup")
+    with pytest.raises(ValueError, match=r"train.mixup_alpha=0.4: .*set it to 0"):
+        run_distill(cfg)
+    assert mlflow.get_experiment_by_name("distill-mixup") is None
+
+
+def test_multitask_metrics_match_scikit_learn():
+    import numpy as np
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss, roc_auc_score
+
+    from losslab.engine.metrics import multitask_metrics
+
+    rng = np.random.default_rng(0)
+    logits = {"a": rng.normal(size=(40, 3)), "b": rng.normal(size=(40, 2))}
+    labels = {"a": np.arange(40) % 3, "b": (np.arange(40) // 3) % 2}
+    got = multitask_metrics(logits, labels, {"a": ["x", "y", "z"], "b": ["n", "p"]})
+    loss = 0.0
+    for task, z in logits.items():
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        y = labels[task]
+        assert got[f"val/{task}/accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)))
+        assert got[f"val/{task}/f1_macro"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+        assert got[f"val/{task}/balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+        auc = roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else roc_auc_score(y, p, multi_class="ovr")
+        assert got[f"val/{task}/auc"] == pytest.approx(auc)
+        loss += log_loss(y, p, labels=list(range(p.shape[1])))
+    assert got["val/loss"] == pytest.approx(loss)
+    assert got["val/mean_accuracy"] == pytest.approx((got["val/a/accuracy"] + got["val/b/accuracy"]) / 2)
+
+
+def test_evaluate_and_distill_time_models_with_one_function(monkeypatch):
+    """distill's latency/* come from the function evaluate uses (the engine's), through the task's step."""
+    from types import SimpleNamespace
+
+    from losslab.engine import latency
+    from losslab.pipelines import distill, evaluate
+
+    assert evaluate.measure_latency is latency.measure_latency
+    calls = []
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: calls.append((a, k)) or {"latency/p50_ms": 1.0})
+    cfg = load_config(None, ["train.device=cpu"])
+    loader = SimpleNamespace(dataset=["case"], batch_size=3)
+    step = distill.MultitaskTask({"a": ["x", "y"]})
+    assert distill._latency("model", step, loader, cfg) == {"latency/p50_ms": 1.0}
+    (args, kwargs), = calls
+    assert args[0] == "model" and args[1] == ["case"] and args[3] == 3 and kwargs["step"] is step

@@ -325,9 +325,12 @@ class MLflowCallback(Callback):
         from losslab.engine.metrics import confusion_matrix
 
         hist = state.history
-        curves = [k for k in ("train/loss", "val/loss", "val/balanced_accuracy", "val/min_class_recall") if k in hist]
+        curves = [k for k in ("train/loss", "val/loss", "val/balanced_accuracy", "val/min_class_recall",
+                              "val/mean_balanced_accuracy", "val/mean_f1_macro") if k in hist]
         log_figure(plots.plot_curves(hist, curves), "plots/curves.png")
         log_figure(plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist]), "plots/loss_curves.png")
+        if not self.class_names:  # one head per task (distill): the curves say it, per task
+            return
         log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
         out = state.last_val_outputs
         if out is not None:

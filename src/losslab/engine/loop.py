@@ -216,7 +216,7 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
     loss_sum, n = 0.0, 0
     diag_sums: dict[str, list[float]] = {}
     for batch in loader:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = step.forward(model, batch, device)
         target = step.target(batch, device)
         out.logits = out.logits.float()
@@ -256,7 +256,7 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
     return result
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -469,7 +469,7 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
             batch, target_b, lam = mixup_batch(batch, cfg.mixup_alpha)
             target_b = target_b.to(run.device, non_blocking=True)
         target = step.target(batch, run.device)
-        with _autocast(run.device, cfg.amp):
+        with autocast(run.device, cfg.amp):
             out = step.forward(run.train_model, batch, run.device)
         loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
         if not torch.isfinite(loss):
@@ -477,10 +477,11 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
         lr = _optimizer_step(run, loss)
         state.global_step += 1
         batch_loss = float(loss.detach())
-        loss_sum += batch_loss * len(target)
-        seen += len(target)
+        size = step.size(target)
+        loss_sum += batch_loss * size
+        seen += size
         for k, v in (loss_fn.terms().items() if hasattr(loss_fn, "terms") else ()):
-            term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(target)
+            term_sums[k] = term_sums.get(k, 0.0) + float(v) * size
         run.cbs.on_train_batch_end(state, b, batch_loss)
         if sleep_per_batch:
             time.sleep(sleep_per_batch)
@@ -516,7 +517,7 @@ def _epoch_metrics(run: FitRun, outputs: dict[str, Any], class_names: list[str],
     if hasattr(run.loss_fn, "weights"):
         metrics.update({f"loss_weight/{k}": float(v) for k, v in run.loss_fn.weights().items()})
     metrics.update(_class_weight_metrics(run.loss_fn, class_names))
-    metrics.update(validation_metrics(outputs, class_names, run.loss_fn))
+    metrics.update(run.step.metrics(outputs, class_names, run.loss_fn))
     return metrics
 
 
@@ -528,7 +529,7 @@ def _validate(run: FitRun, state: FitState, val_loader, class_names: list[str], 
 
     chosen = [c.validation_model(state) for c in run.training]
     eval_model, state.eval_source = next((c for c in chosen if c is not None), (run.model, "model"))
-    outputs = predict(eval_model, val_loader, run.device, run.loss_fn, run.train_cfg.amp, run.step)
+    outputs = run.step.predict(eval_model, val_loader, run.device, run.loss_fn, run.train_cfg.amp)
     metrics = _epoch_metrics(run, outputs, class_names, stats)
     for k, v in metrics.items():
         state.history.setdefault(k, []).append(float(v))

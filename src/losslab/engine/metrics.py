@@ -25,6 +25,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 __all__ = [
+    "multitask_metrics",
     "Alarm",
     "Alarms",
     "DeadClassMonitor",
@@ -435,3 +436,25 @@ class Alarms:
         fresh = [alarm for alarm in new if alarm.name not in self.fired]
         self.fired.update(alarm.name for alarm in fresh)
         return fresh
+
+
+def multitask_metrics(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                      task_classes: Mapping[str, list[str]], prefix: str = "val") -> dict[str, float]:
+    """One head per task (image + text models): ``<prefix>/<task>/{accuracy,f1_macro,auc,balanced_accuracy}``
+    from the softmax of each head's logits ``(N, K_t)``, ``<prefix>/loss`` = Σ_t mean cross-entropy,
+    and ``<prefix>/mean_{accuracy,f1_macro,balanced_accuracy}`` over the tasks."""
+    from scipy.special import log_softmax
+
+    out: dict[str, float] = {}
+    loss = 0.0
+    for task, classes in task_classes.items():
+        log_p = log_softmax(np.asarray(logits[task], dtype=np.float64), axis=1)
+        y = np.asarray(labels[task])
+        loss += float(-log_p[np.arange(len(y)), y].mean())
+        m = classification_metrics(y, np.exp(log_p), classes)
+        for key in ("accuracy", "f1_macro", "auc", "balanced_accuracy"):
+            out[f"{prefix}/{task}/{key}"] = float(m[key])
+    out[f"{prefix}/loss"] = loss
+    for key in ("accuracy", "f1_macro", "balanced_accuracy"):
+        out[f"{prefix}/mean_{key}"] = float(np.mean([out[f"{prefix}/{t}/{key}"] for t in task_classes]))
+    return out

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from losslab.engine.callbacks import CallbackList
-from losslab.engine.loop import (FitState, NonFiniteLossError, _autocast, build_optimizer, cosine_with_warmup,
+from losslab.engine.loop import (FitState, NonFiniteLossError, autocast, build_optimizer, cosine_with_warmup,
                                  resolve_device, save_checkpoint)
 
 
@@ -114,7 +114,7 @@ class SegmentationTask:
         loss_sum, n, overlay = 0.0, 0, {}
         for batch in loader:
             image = batch["image"].to(device)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = self.infer(model, image)
             logits = logits.float()
             pred, truth = self.discretise(logits), self.one_hot(batch["label"].to(device))
@@ -150,7 +150,7 @@ def _train_epoch(model, task: SegmentationTask, loader, optimizer, scheduler, de
     for b, batch in enumerate(loader):
         if train_cfg.max_train_batches is not None and b >= train_cfg.max_train_batches:
             break
-        with _autocast(device, train_cfg.amp):
+        with autocast(device, train_cfg.amp):
             logits = model(batch["image"].to(device, non_blocking=True))
         loss = task.loss(logits, batch, device)
         if not torch.isfinite(loss):

@@ -52,3 +52,20 @@ class ClassificationStep:
     def batch_diagnostics(self, out: StepOutput, batch: dict[str, Any]) -> dict[str, float]:
         """Per-batch validation statistics averaged over samples into ``val/<name>`` (none here)."""
         return {}
+
+    def size(self, target: Any) -> int:
+        """Samples in a batch's target (the weight of its loss in the epoch mean)."""
+        return len(target)
+
+    def predict(self, model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+                amp: bool = False) -> dict[str, Any]:
+        """The validation outputs over ``loader`` (:func:`losslab.engine.loop.predict`)."""
+        from losslab.engine.loop import predict
+
+        return predict(model, loader, device, loss_fn, amp, self)
+
+    def metrics(self, outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
+        """``val/*`` metrics of :meth:`predict`'s outputs (:func:`losslab.engine.loop.validation_metrics`)."""
+        from losslab.engine.loop import validation_metrics
+
+        return validation_metrics(outputs, class_names, loss_fn)

@@ -17,12 +17,18 @@ its preprocessing and the data fingerprint, so a second run with the same teache
 the file (the parent and student runs carry the tag ``losslab.teacher_cache`` = ``reused`` or
 ``computed``).
 
-Every run logs per epoch ``train/loss``, ``train/<term>``, ``val/loss``, ``val/<task>/accuracy``,
-``val/<task>/f1_macro``, ``val/<task>/auc``, ``val/<task>/balanced_accuracy``, ``val/mean_accuracy``,
-``val/mean_f1_macro``; at the end the best epoch's (by ``distill.monitor``) ``best_val/<task>/…``,
-``best_epoch`` and ``latency_ms_per_sample`` (model forward on the validation set, batch
-``data.batch_size``, after one warm-up batch). :func:`distillation_table` reads them back as one
-row per run.
+The teacher and every student train through the engine's :func:`losslab.engine.loop.fit` with the
+``multitask`` task (:class:`losslab.tasks.MultitaskTask`): ``train.*`` works as in ``losslab train``
+(bf16 autocast on CUDA, clipping, EMA, SWA, early stopping, the alarms, atomic ``best``/``last``
+checkpoints in ``<train.checkpoint_dir>/<run id>`` uploaded to the run's ``checkpoints/``); the
+objectives are :mod:`losslab.losses.multitask`. Every run logs per epoch ``train/loss``,
+``train/loss_<term>`` (``ce/<task>``, ``kd/<task>``, ``hint``, ``crd``, ...), ``train/lr``,
+``val/loss`` (Σ_t cross-entropy), ``val/<task>/{accuracy,f1_macro,auc,balanced_accuracy}``,
+``val/mean_{accuracy,f1_macro,balanced_accuracy}``; at the end the best epoch's (by
+``distill.monitor``) weights are scored again as ``best_val/<task>/…`` with ``best_epoch`` and the
+latency ``evaluate`` reports (``latency/p50_ms``, ``latency/p95_ms``, ``latency/throughput_per_s``:
+:func:`losslab.engine.latency.measure_latency`, warm-up and repeats from ``evaluate.latency``).
+:func:`distillation_table` reads them back as one row per run.
 
 ``distill:`` keys (all optional; ``configs/experiment/distill_*.yaml`` are complete examples)::
 
@@ -68,17 +74,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -86,9 +89,11 @@ from losslab.config import ExperimentConfig, section_dict
 from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.text import (ImageTextDataset, check_image_text_manifest, collate_image_text, index_meta,
                                task_classes_from_index)
-from losslab.engine.loop import cosine_with_warmup, resolve_device, seed_everything
-from losslab.engine.metrics import classification_metrics
+from losslab.engine.loop import resolve_device, seed_everything
+from losslab.losses.multitask import (DISTILL_LOSSES, UNLABELLED, LabelsOnly, MultiTaskDistillation,  # noqa: F401
+                                      labelled_cross_entropy, labelled_subset)
 from losslab.pipelines.registry import load_registered_model
+from losslab.tasks import MultitaskTask
 from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -98,152 +103,16 @@ __all__ = [
     "DistillResult",
     "MultiTaskDistillation",
     "distillation_table",
-    "measure_latency",
     "run_distill",
     "teacher_outputs",
 ]
 
-#: Loss names ``distill.losses`` accepts (``vanilla`` is ``kd``).
-DISTILL_LOSSES = ("vanilla", "kd", "combined", "crd", "rkd", "mmd")
-_PER_TASK = ("kd", "combined")
 _DEFAULT_TEACHER = {"fusion": "cross_attention", "fusion_dim": 64, "fusion_layers": 2,
                     "image": {"backbone": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "patch_size": 8}},
                     "text": {"name": "small_transformer", "dim": 64, "depth": 2, "max_length": 32}}
 _DEFAULT_STUDENT = {"fusion": "cross_attention", "fusion_dim": 32, "fusion_layers": 1,
                     "image": {"backbone": "test_vit", "kwargs": {"img_size": 64, "patch_size": 8}},
                     "text": {"name": "small_transformer", "dim": 32, "depth": 1, "max_length": 32}}
-
-
-# ------------------------------------------------------------------------------------ the objective
-UNLABELLED = -100  # a label the students do not see (``F.cross_entropy``'s ignore_index)
-
-
-def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean CE over the cases whose target is not :data:`UNLABELLED`; ``0`` when a batch has none."""
-    labelled = target != UNLABELLED
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[labelled], target[labelled])
-
-
-def labelled_subset(labels: Sequence, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask ``(N,)``: ``round(fraction · n_c)`` cases of each class ``c`` of ``labels``
-    (at least one), drawn with ``seed``; all ``True`` for ``fraction = 1``."""
-    labels = np.asarray(labels)
-    mask = np.zeros(len(labels), dtype=bool)
-    rng = np.random.default_rng(seed)
-    for value in pd.unique(labels):
-        members = np.flatnonzero(labels == value)
-        keep = max(1, int(round(fraction * len(members))))
-        mask[rng.choice(members, size=keep, replace=False)] = True
-    return mask
-
-class MultiTaskDistillation(nn.Module):
-    """``L = ce_weight · Σ_t CE(s_t, y_t) + distill_weight · D`` with D from the loss library.
-
-    Args:
-        name: one of :data:`DISTILL_LOSSES` (see the module docstring for D).
-        params: the loss's own parameters (``temperature``, ``hint_weight``, ``mode``, ...); ``alpha``
-            (kd/combined) and the loss's own ``ce_weight`` are set here and may not be given.
-        tasks: task names, in head order.
-        student_dim / teacher_dim: fused feature sizes ``D_s``, ``D_t``.
-        num_data: training-set size (``crd`` memory bank).
-        ce_weight, distill_weight: ≥ 0.
-
-    ``forward(student_logits {t: (B, K_t)}, teacher_logits {t: (B, K_t)}, labels {t: (B,)},
-    student_features (B, D_s), teacher_features (B, D_t), index (B,)) -> scalar``; :meth:`terms`
-    returns the last unweighted terms (``ce/<task>``, ``kd/<task>``, ``hint``, ``crd``, ...).
-
-    Raises:
-        ValueError: unknown name, a reserved parameter, a negative weight.
-    """
-
-    def __init__(self, name: str, params: dict[str, Any], tasks: Sequence[str], student_dim: int, teacher_dim: int,
-                 num_data: int | None = None, ce_weight: float = 1.0, distill_weight: float = 1.0) -> None:
-        super().__init__()
-        from losslab.losses import build_loss
-        from losslab.losses.registry import accepted_params, get_loss_class
-
-        if name not in DISTILL_LOSSES:
-            raise ValueError(f"distill loss {name!r} is not supported; expected one of {', '.join(DISTILL_LOSSES)}")
-        for what, value in (("ce_weight", ce_weight), ("distill_weight", distill_weight)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"distill loss {name!r}: {what} must be a number >= 0, got {value!r}")
-        self.name = name
-        self.registry_name = "kd" if name == "vanilla" else name
-        self.tasks = list(tasks)
-        self.ce_weight = float(ce_weight)
-        self.distill_weight = float(distill_weight)
-        params = dict(params)
-        reserved = "alpha" if self.registry_name in _PER_TASK else "ce_weight"
-        if reserved in params:
-            raise ValueError(f"distill loss {name!r}: {reserved!r} is set by the distill pipeline; weight the terms "
-                             f"with distill.ce_weight and distill.distill_weight (or per loss) instead")
-        names, _ = accepted_params(get_loss_class(self.registry_name))
-        auto = {"student_dim": student_dim, "teacher_dim": teacher_dim}
-        if self.registry_name == "crd" and params.get("mode") == "memory_bank":
-            auto["num_data"] = num_data
-        params = {k: v for k, v in auto.items() if k in names and k not in params} | params
-        if self.registry_name in _PER_TASK:
-            losses = {}
-            for i, task in enumerate(self.tasks):
-                task_params = dict(params, alpha=1.0)
-                if self.registry_name == "combined" and i > 0:
-                    task_params["hint_weight"] = 0.0  # one hint on the shared fused features
-                losses[task] = build_loss(self.registry_name, **task_params)
-            self.losses = nn.ModuleDict(losses)
-        else:
-            self.losses = nn.ModuleDict({"features": build_loss(self.registry_name, **params, ce_weight=0.0)})
-        self._terms: dict[str, float] = {}
-
-    def forward(self, student_logits, teacher_logits, labels, student_features, teacher_features, index=None):
-        terms: dict[str, torch.Tensor] = {}
-        ce = student_features.new_zeros(())
-        for task in self.tasks:
-            ce_t = labelled_cross_entropy(student_logits[task].float(), labels[task])
-            terms[f"ce/{task}"] = ce_t.detach()
-            ce = ce + ce_t
-        distill = student_features.new_zeros(())
-        if self.registry_name in _PER_TASK:
-            for task in self.tasks:
-                loss = self.losses[task]
-                distill = distill + loss(student_logits[task].float(), teacher_logits[task].float(), labels[task],
-                                         student_features.float(), teacher_features.float(), index)
-                for k, v in loss.terms().items():
-                    if k != "ce":
-                        terms[k if k == "hint" else f"{k}/{task}"] = torch.tensor(v)
-        else:
-            first = self.tasks[0]
-            loss = self.losses["features"]
-            distill = loss(student_logits[first].float(), teacher_logits[first].float(), labels[first],
-                           student_features.float(), teacher_features.float(), index)
-            terms.update({k: torch.tensor(v) for k, v in loss.terms().items() if k != "ce"})
-        self._terms = {k: float(v) for k, v in terms.items()}
-        return self.ce_weight * ce + self.distill_weight * distill
-
-    def terms(self) -> dict[str, float]:
-        return dict(self._terms)
-
-
-class _LabelsOnly(nn.Module):
-    """``Σ_t CE(s_t, y_t)`` (teacher and student alone)."""
-
-    def __init__(self, tasks: Sequence[str], ce_weight: float = 1.0) -> None:
-        super().__init__()
-        self.tasks = list(tasks)
-        self.ce_weight = float(ce_weight)
-        self._terms: dict[str, float] = {}
-
-    def forward(self, student_logits, teacher_logits, labels, student_features, teacher_features, index=None):
-        total = student_features.new_zeros(())
-        for task in self.tasks:
-            ce = F.cross_entropy(student_logits[task].float(), labels[task])
-            self._terms[f"ce/{task}"] = float(ce.detach())
-            total = total + ce
-        return self.ce_weight * total
-
-    def terms(self) -> dict[str, float]:
-        return dict(self._terms)
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -270,6 +139,9 @@ _STUDENT_KEYS = {"model", "epochs", "lr", "registered_model_name"}
 
 def _settings(cfg: ExperimentConfig) -> _Settings:
     d = section_dict(cfg.distill)  # the keys the config set (typed by losslab.config.DistillConfig)
+    if cfg.train.mixup_alpha:
+        raise ValueError(f"train.mixup_alpha={cfg.train.mixup_alpha}: mixup mixes one label per case and cannot mix "
+                         f"the per-task labels and teacher outputs of distill; set it to 0")
     unknown = sorted(set(d) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"distill: unknown key(s) {unknown}; accepted: {', '.join(sorted(_TOP_KEYS))}")
@@ -299,148 +171,46 @@ def _settings(cfg: ExperimentConfig) -> _Settings:
 
 
 # ------------------------------------------------------------------------------------ training
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = dict(batch)
-    for key in ("image", "input_ids", "attention_mask", "index"):
-        out[key] = batch[key].to(device)
-    out["labels"] = {t: v.to(device) for t, v in batch["labels"].items()}
-    return out
-
-
-def _forward(model, batch):
-    text = model.text_encoder is not None
-    return model(batch["image"], batch["input_ids"] if text else None, batch["attention_mask"] if text else None)
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, loader, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
-    """``({task: logits (N, K)}, features (N, D), {task: labels (N,)})`` over a loader."""
-    model.eval()
-    logits: dict[str, list] = {}
-    labels: dict[str, list] = {}
-    features = []
-    for batch in loader:
-        batch = _to_device(batch, device)
-        out, feats = _forward(model, batch)
-        for task, value in out.items():
-            logits.setdefault(task, []).append(value.float().cpu())
-            labels.setdefault(task, []).append(batch["labels"][task].cpu())
-        features.append(feats.float().cpu())
-    return ({t: torch.cat(v).numpy() for t, v in logits.items()}, torch.cat(features).numpy(),
-            {t: torch.cat(v).numpy() for t, v in labels.items()})
-
-
-def task_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                 task_classes: dict[str, list[str]], prefix: str = "val") -> dict[str, float]:
-    """``<prefix>/<task>/{accuracy,f1_macro,auc,balanced_accuracy}``, ``<prefix>/loss`` (Σ CE) and means."""
-    out: dict[str, float] = {}
-    loss = 0.0
-    for task, classes in task_classes.items():
-        z = torch.as_tensor(logits[task])
-        y = torch.as_tensor(labels[task])
-        loss += float(F.cross_entropy(z, y))
-        m = classification_metrics(labels[task], torch.softmax(z, 1).numpy(), classes)
-        for key in ("accuracy", "f1_macro", "auc", "balanced_accuracy"):
-            out[f"{prefix}/{task}/{key}"] = float(m[key])
-    out[f"{prefix}/loss"] = loss
-    for key in ("accuracy", "f1_macro"):
-        out[f"{prefix}/mean_{key}"] = float(np.mean([out[f"{prefix}/{t}/{key}"] for t in task_classes]))
-    return out
-
-
 @dataclass
 class _Fitted:
     best_metrics: dict[str, float]
     best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _fit(model: nn.Module, objective: nn.Module, train_loader, val_loader, task_classes, epochs: int, lr: float,
-         cfg: ExperimentConfig, monitor: str, teacher_train: dict[str, torch.Tensor] | None,
-         on_epoch: Callable[[int, dict[str, float]], None], labelled: torch.Tensor | None = None) -> _Fitted:
-    """Train ``model``; keep (and restore) the weights of the best epoch by ``monitor`` (max).
-    ``labelled`` ``(N_train,)`` bool: the training cases whose labels the objective sees (the others
-    get :data:`UNLABELLED`)."""
-    device = resolve_device(cfg.train.device)
-    model.to(device)
-    objective.to(device)
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    optim_cfg = cfg.optim
-    if optim_cfg.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
-    else:
-        cls = torch.optim.AdamW if optim_cfg.name == "adamw" else torch.optim.Adam
-        optimizer = cls(params, lr=lr, weight_decay=optim_cfg.weight_decay)
-    steps = epochs * len(train_loader)
-    scheduler = None
-    if optim_cfg.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
-            steps, optim_cfg.warmup_epochs * len(train_loader), optim_cfg.min_lr_ratio))
-    best, best_epoch, best_state, history = -math.inf, -1, None, []
-    for epoch in range(epochs):
-        model.train()
-        objective.train()
-        loss_sum, n, term_sums = 0.0, 0, {}
-        for batch in train_loader:
-            batch = _to_device(batch, device)
-            if labelled is not None:
-                seen = labelled.to(device)[batch["index"]]
-                batch["labels"] = {t: torch.where(seen, y, UNLABELLED) for t, y in batch["labels"].items()}
-            logits, features = _forward(model, batch)
-            if teacher_train is not None:
-                idx = batch["index"]
-                t_logits = {t: teacher_train[f"logits/{t}"].to(device)[idx] for t in task_classes}
-                t_features = teacher_train["features"].to(device)[idx]
-            else:
-                t_logits, t_features = logits, features
-            loss = objective(logits, t_logits, batch["labels"], features, t_features, batch["index"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {float(loss)} at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            b = len(batch["index"])
-            loss_sum += float(loss.detach()) * b
-            n += b
-            for k, v in objective.terms().items():
-                term_sums[k] = term_sums.get(k, 0.0) + v * b
-        val_logits, _, val_labels = _predict(model, val_loader, device)
-        metrics = {"train/loss": loss_sum / max(n, 1), **{f"train/{k}": v / max(n, 1) for k, v in term_sums.items()}}
-        metrics.update(task_metrics(val_logits, val_labels, task_classes))
-        history.append(metrics)
-        on_epoch(epoch, metrics)
-        score = metrics.get(monitor)
-        if score is None:
-            raise KeyError(f"distill.monitor {monitor!r} is not a logged metric; e.g. {sorted(metrics)[:8]}")
-        if score > best or best_state is None:
-            best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    val_logits, _, val_labels = _predict(model, val_loader, device)
-    return _Fitted(task_metrics(val_logits, val_labels, task_classes), best_epoch, history)
+def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskTask, loaders: tuple,
+         epochs: int, lr: float, monitor: str, run_id: str) -> _Fitted:
+    """Train through the engine's :func:`losslab.engine.loop.fit` (AMP, clipping, EMA, SWA, the frozen
+    phase, checkpoints in ``<train.checkpoint_dir>/<run id>`` uploaded to the run, early stopping,
+    alarms, per-epoch metrics logged to ``run_id``), the best epoch by ``monitor`` (its mode by name:
+    ``val/loss`` lower, else higher); then load the best epoch's validated weights (EMA/SWA when on)
+    back into ``model`` and score them on the validation split."""
+    from losslab.engine.loop import evaluation_weights, fit, load_checkpoint
+    from losslab.engine.monitor import default_mode
+    from losslab.tracking import MLflowCallback
+
+    train_loader, val_loader = loaders
+    train_cfg = cfg.train.model_copy(update={
+        "epochs": epochs, "monitor": monitor, "monitor_mode": default_mode(monitor),
+        "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
+    tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
+                             checkpoint_every=cfg.train.upload_checkpoint_every)
+    state = fit(model, objective, train_loader, val_loader, train_cfg, cfg.optim.model_copy(update={"lr": lr}), [],
+                callbacks=[tracker], step=step)
+    model.load_state_dict(evaluation_weights(load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")))
+    tracker.remove_uploaded_checkpoints()  # the run's checkpoints/ artifacts are the copies that stay
+    scored = step.metrics(step.predict(model, val_loader, resolve_device(cfg.train.device)), [])
+    return _Fitted(scored, state.best_epoch, state.history)
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, loader, device: torch.device | str = "cpu", warmup_batches: int = 1) -> float:
-    """Milliseconds per sample of ``model``'s forward over ``loader`` (after ``warmup_batches``)."""
-    device = torch.device(device)
-    model.eval().to(device)
-    batches = [_to_device(b, device) for b in loader]
-    for batch in batches[:warmup_batches]:
-        _forward(model, batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, n = time.perf_counter(), 0
-    for batch in batches:
-        _forward(model, batch)
-        n += len(batch["index"])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000.0 / max(n, 1)
+def _latency(model: nn.Module, step: MultitaskTask, val_loader, cfg: ExperimentConfig) -> dict[str, float]:
+    """``latency/*`` of :func:`losslab.engine.latency.measure_latency` (the one ``evaluate`` reports),
+    with the evaluate section's warm-up and repeats, at the distill batch size."""
+    from losslab.engine.latency import measure_latency
+
+    latency = cfg.evaluate.latency
+    return measure_latency(model, val_loader.dataset, resolve_device(cfg.train.device), val_loader.batch_size,
+                           latency.warmup, latency.repeats, step=step)
 
 
 # ------------------------------------------------------------------------------------ teacher cache
@@ -477,9 +247,9 @@ def teacher_outputs(teacher: nn.Module, info: CacheInfo, index: pd.DataFrame, ta
     dataset = ImageTextDataset(index, info.cache_dir, task_classes, tokenizer, teacher.max_length,
                                preprocessing.get("image_mean"), preprocessing.get("image_std"))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text)
-    logits, features, _ = _predict(teacher.to(device), loader, device)
-    arrays = {"case_id": np.asarray(index["case_id"].tolist()), "features": features.astype(np.float32)}
-    arrays.update({f"logits/{t}": v.astype(np.float32) for t, v in logits.items()})
+    outputs = MultitaskTask(task_classes).predict(teacher.to(device), loader, device)
+    arrays = {"case_id": np.asarray(index["case_id"].tolist()), "features": outputs["features"].astype(np.float32)}
+    arrays.update({f"logits/{t}": v.astype(np.float32) for t, v in outputs["logits"].items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
@@ -526,15 +296,10 @@ def _tags(cfg: ExperimentConfig, role: str, loss: str) -> dict[str, str]:
             "losslab.dataset": cfg.data.source, "losslab.fold": str(cfg.data.fold)}
 
 
-def _log_epoch(run_id: str) -> Callable[[int, dict[str, float]], None]:
-    return lambda epoch, metrics: log_metrics_batch(run_id, metrics, step=epoch)
-
-
-def _summary(fitted_metrics: dict[str, float], best_epoch: int, latency: float) -> dict[str, float]:
+def _summary(fitted_metrics: dict[str, float], best_epoch: int, latency: dict[str, float]) -> dict[str, float]:
     out = {k.replace("val/", "best_val/", 1): v for k, v in fitted_metrics.items()}
     out["best_epoch"] = float(best_epoch)
-    out["latency_ms_per_sample"] = float(latency)
-    return out
+    return out | latency
 
 
 def _log_model(model: nn.Module, registered_model_name: str | None, alias: str | None,
@@ -626,8 +391,8 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: _DistillData, s: _Se
     teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
     _, val_loader = _loaders(teacher, d.train_df, d.val_df, d.info, d.task_classes, s.batch_size, cfg.train.seed,
                              teacher_prep)
-    logits, _, labels = _predict(teacher.to(d.device), val_loader, d.device)
-    fitted = _Fitted(task_metrics(logits, labels, d.task_classes), -1)
+    step = MultitaskTask(d.task_classes)
+    fitted = _Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1)
     log_metrics_batch(run_id, fitted.best_metrics, step=0)
     return teacher, fitted, val_loader, origin
 
@@ -653,10 +418,10 @@ def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metri
                                                 cfg.train.seed, d.preprocessing)
             epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
-            fitted = _fit(teacher, _LabelsOnly(d.tasks), train_loader, val_loader, d.task_classes, epochs, lr, cfg,
-                          s.monitor, None, _log_epoch(teacher_run))
+            fitted = _fit(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes), (train_loader, val_loader),
+                          epochs, lr, s.monitor, teacher_run)
             teacher_uri = None
-        latency = measure_latency(teacher, val_loader, d.device)
+        latency = _latency(teacher, MultitaskTask(d.task_classes), val_loader, cfg)
         summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
         log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
         all_metrics["teacher"] = summary
@@ -713,17 +478,17 @@ def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item
                                               int(teacher_train["features"].shape[1]), num_data=len(d.train_df),
                                               ce_weight=ce_weight, distill_weight=distill_weight)
         else:
-            objective = _LabelsOnly(d.tasks, ce_weight=1.0)
+            objective = LabelsOnly(d.tasks, ce_weight=1.0)
         mlflow.log_params({"model.spec": json.dumps(student_spec)[:6000], "epochs": epochs,
                            "lr": lr, "loss.params": json.dumps(params)[:6000],
                            "ce_weight": ce_weight if distilling else 1.0,
                            "distill_weight": distill_weight if distilling else 0.0,
                            "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
                            "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
-        fitted = _fit(student, objective, train_loader, val_loader, d.task_classes, epochs, lr,
-                      cfg, s.monitor, teacher_train if distilling else None, _log_epoch(run_id),
-                      torch.as_tensor(labelled) if distilling and not labelled.all() else None)
-        summary = _summary(fitted.best_metrics, fitted.best_epoch, measure_latency(student, val_loader, d.device))
+        step = MultitaskTask(d.task_classes, teacher_train if distilling else None,
+                             torch.as_tensor(labelled) if distilling and not labelled.all() else None)
+        fitted = _fit(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id)
+        summary = _summary(fitted.best_metrics, fitted.best_epoch, _latency(student, step, val_loader, cfg))
         log_metrics_batch(run_id, summary, step=fitted.best_epoch)
         if cfg.tracking.log_model:
             _log_model(student, st.get("registered_model_name"), None,
@@ -771,7 +536,7 @@ def distillation_table(experiment_name: str, parent_run_id: str | None = None) -
 
     Columns: ``loss`` (``teacher``, the loss name, ``none``), ``role``, then per task
     ``<task>/accuracy``, ``<task>/f1_macro``, ``<task>/auc`` (the runs' ``best_val/<task>/…``
-    metrics), ``latency_ms_per_sample`` and ``run_id``. Rows: teacher first, then the students in
+    metrics), ``latency/p50_ms`` and ``run_id``. Rows: teacher first, then the students in
     run order, then the student alone.
 
     Args:
@@ -811,9 +576,9 @@ def distillation_table(experiment_name: str, parent_run_id: str | None = None) -
         for task in tasks:
             for key in ("accuracy", "f1_macro", "auc"):
                 row[f"{task}/{key}"] = r.data.metrics.get(f"best_val/{task}/{key}", float("nan"))
-        row["latency_ms_per_sample"] = r.data.metrics.get("latency_ms_per_sample", float("nan"))
+        row["latency/p50_ms"] = r.data.metrics.get("latency/p50_ms", float("nan"))
         row["run_id"] = r.info.run_id
         rows.append(row)
     columns = ["loss", "role"] + [f"{t}/{k}" for t in tasks for k in ("accuracy", "f1_macro", "auc")] \
-        + ["latency_ms_per_sample", "run_id"]
+        + ["latency/p50_ms", "run_id"]
     return pd.DataFrame(rows, columns=columns)

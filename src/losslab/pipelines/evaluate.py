@@ -53,11 +53,9 @@ confusion_matrix_calibrated}.png``.
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import re
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +72,11 @@ from torch.utils.data import DataLoader
 from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, IntervalConfig, LatencyConfig, TTAConfig,
                             load_config, section_dict)
 from losslab.data.cache import CacheInfo, build_cache, load_cache
-from losslab.data.datasets import collate_padded
 from losslab.data.splits import TEST_FOLD, split_fingerprint
 from losslab.engine.calibration import Calibrator
+from losslab.engine.latency import measure_latency
 from losslab.engine.loop import load_checkpoint, predict, resolve_device
 from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
-from losslab.engine.steps import ClassificationStep
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import load_registered_model
 from losslab.pipelines.train import build_components, make_datasets
@@ -419,37 +416,6 @@ def _intervals(outputs: dict[str, Any], rows: pd.DataFrame, class_names: list[st
     groups = rows["patient_id"].to_numpy()[order] if "patient_id" in rows else rows["case_id"].to_numpy()[order]
     return interval_metrics(outputs, groups, class_names, "test", settings.n_resamples, settings.confidence,
                             settings.seed)
-
-
-def measure_latency(model, dataset, device: torch.device, batch_size: int, warmup: int = 5,
-                    repeats: int = 30, step=None) -> dict[str, float]:
-    """Per-sample latency at batch size 1 (p50, p95 in ms, after ``warmup`` calls) and throughput
-    (samples/s) of the model alone at ``batch_size`` (data loading excluded)."""
-    model.eval()
-    step = step or ClassificationStep()
-    collate = getattr(step, "collate", collate_padded)
-    one = collate([dataset[0]])
-    batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timings(b, n) -> list[float]:
-        out = []
-        with torch.no_grad():
-            for _ in range(warmup):
-                step.forward(model, b, device)
-            sync()
-            for _ in range(n):
-                start = time.perf_counter()
-                step.forward(model, b, device)
-                sync()
-                out.append(time.perf_counter() - start)
-        return out
-
-    single = np.asarray(timings(one, repeats)) * 1000.0
-    batched = np.asarray(timings(batch, max(2, repeats // 4)))
-    return {"latency/p50_ms": float(np.percentile(single, 50)), "latency/p95_ms": float(np.percentile(single, 95)),
-            "latency/throughput_per_s": float(batch_size * len(batched) / batched.sum()),
-            "latency/batch_size": float(batch_size)}
 
 
 def _use_rsna(setting, cfg: ExperimentConfig, loss_fn, num_classes: int) -> bool:
