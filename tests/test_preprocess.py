@@ -254,3 +254,16 @@ def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path, mlf
     assert len(kept) >= 5 * done
     assert not journal.exists()
     assert _tree(cache_dir) == _tree(reference)  # byte for byte, arrays, index and report
+
+
+def test_float16_round_trip_is_numpys_rounding_bit_for_bit():
+    """The cache's fast float16 conversion (torch) stores the bits numpy's astype would."""
+    from losslab.data.cache import _float16_round_trip
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.random(100_000), rng.normal(0, 300, 100_000), [0.0, -0.0, 1.0, 2.0**-25, 2.0**-24,
+                             6.1e-5, 65504.0, 1 + 2.0**-11, 1 + 3 * 2.0**-11]]).astype(np.float32)
+    stored, back = _float16_round_trip(values)
+    assert stored.dtype == np.float16 and back.dtype == np.float32
+    np.testing.assert_array_equal(stored.view(np.uint16), values.astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(back, values.astype(np.float16).astype(np.float32))

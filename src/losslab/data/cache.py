@@ -271,6 +271,20 @@ def save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _float16_round_trip(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(float16 copy, its float32 values)`` of a float32 array. torch's conversion (F16C, round to
+    nearest even) gives the same bits as ``ndarray.astype(np.float16)`` about 4x faster (numpy
+    converts in software: 6.6 ms against 1.4 ms for a 15 x 3 x 256 x 256 stack, measured here)."""
+    import torch
+
+    if torch.get_num_threads() != 1 and _worker:
+        # a forked pool worker: entering the parent's OpenMP pool hangs (GNU libgomp after fork); one
+        # thread runs the conversion inline (the parallelism is across the pool's tasks anyway)
+        torch.set_num_threads(1)
+    half = torch.from_numpy(image).to(torch.float16)
+    return half.numpy(), half.to(torch.float32).numpy()
+
+
 def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any] | None:
     """Write one case's array; its index row (statistics of the stored values), or None if skipped."""
     if not (0 <= case.label < len(store.class_names)):
@@ -278,12 +292,11 @@ def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any]
         return None
     image = np.ascontiguousarray(case.image, dtype=np.float32)
     if store.dtype == "float16":
-        peak = float(np.abs(image).max()) if image.size else 0.0
+        peak = max(float(image.max()), -float(image.min())) if image.size else 0.0
         if peak > FLOAT16_MAX:
             raise ValueError(f"data.cache_dtype=float16: case {case.case_id} has values up to {peak:g}, beyond "
                              f"float16's {FLOAT16_MAX:g}; use data.cache_dtype=float32")
-        stored = image.astype(np.float16)
-        image = stored.astype(np.float32)
+        stored, image = _float16_round_trip(image)
     else:
         stored = image
     save_atomic(store.arrays / f"{case.case_id}.npy", stored)
@@ -309,10 +322,11 @@ def channel_statistics(image: np.ndarray) -> tuple[list[float], list[float]]:
     ``std = sqrt(S2 / n - mean**2)``. A channel with no non-zero voxel gets ``(0, 1)``; a zero
     std becomes 1 (the z-score of a constant channel is then 0).
     """
-    flat = np.moveaxis(image, 1, 0).reshape(image.shape[1], -1)
-    count = np.count_nonzero(flat, axis=1)
-    total = flat.sum(axis=1, dtype=np.float64)
-    squares = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    axes = (0,) + tuple(range(2, image.ndim))  # reduced in place: no channel-first copy (2x faster at 256²)
+    count = np.count_nonzero(image, axis=axes)
+    total = image.sum(axis=axes, dtype=np.float64)
+    rows = np.ascontiguousarray(image).reshape(image.shape[0], image.shape[1], -1)  # a view when contiguous
+    squares = np.einsum("ncx,ncx->c", rows, rows, dtype=np.float64)
     mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     variance = np.divide(squares, count, out=np.zeros_like(total), where=count > 0) - mean**2
     std = np.sqrt(np.maximum(variance, 0.0))
