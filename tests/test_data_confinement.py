@@ -132,3 +132,28 @@ def test_rsna_series_folders_linked_out_of_the_root_or_dangling_are_refused_and_
     rel = [str(p.relative_to(root)) for p in series[:2]]
     assert by_item[rel[0]] == {"symlink leads outside the data root (refused)"}
     assert by_item[rel[1]] == {"dangling symlink (refused)"}
+
+
+def test_link_guard_agrees_with_refused_link_on_every_kind_of_path(tmp_path):
+    """The per-folder cache of LinkGuard gives the same verdict as the full per-path check."""
+    import os
+
+    from losslab.data.sources.base import LinkGuard, refused_link
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.dcm").write_bytes(b"x")
+    (outside / "inner.dcm").write_bytes(b"x")
+    (root / "a" / "plain.dcm").write_bytes(b"x")
+    os.symlink(root / "a" / "plain.dcm", root / "a" / "link_in.dcm")
+    os.symlink(outside / "secret.dcm", root / "a" / "link_out.dcm")
+    os.symlink(root / "a" / "missing.dcm", root / "a" / "dangling.dcm")
+    os.symlink(outside, root / "linked_folder")  # a folder that leads out: its files are out too
+    os.symlink(root / "a", root / "folder_in")
+    paths = [root / "a" / name for name in ("plain.dcm", "link_in.dcm", "link_out.dcm", "dangling.dcm")]
+    paths += [root / "linked_folder" / "inner.dcm", root / "folder_in" / "plain.dcm", root / "folder_in" / "link_out.dcm"]
+    guard = LinkGuard(str(root))
+    verdicts = {p.name + str(p.parent.name): guard.refused(str(p)) for p in paths}
+    assert verdicts == {p.name + str(p.parent.name): refused_link(str(root), str(p)) for p in paths}
+    assert [v is None for v in verdicts.values()] == [True, True, False, False, False, True, False]

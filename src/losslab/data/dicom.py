@@ -249,12 +249,13 @@ def series_files(folder: str | os.PathLike[str]) -> list[str]:
 
 def _scan(folder: str | os.PathLike[str], report: SkipReport, root: str | os.PathLike[str] | None,
           header_only: bool) -> dict[str, list[tuple[Any, str]]]:
-    from losslab.data.sources.base import refused_link
+    from losslab.data.sources.base import LinkGuard
 
     root_s = str(root) if root is not None else str(folder)
+    guard = LinkGuard(root_s)
     series: dict[str, list[tuple[Any, str]]] = {}
     for path in series_files(folder):
-        refused = refused_link(root_s, path)
+        refused = guard.refused(path)
         if refused:  # a symlink out of the data root, or a dangling one: named, never read
             report.skip(_rel(path, root_s), refused)
             continue

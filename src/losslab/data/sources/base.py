@@ -132,6 +132,26 @@ def refused_link(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     return None
 
 
+class LinkGuard:
+    """:func:`refused_link` for the many files of one data root, with the root and each folder
+    resolved once: a file that is not itself a symlink is inside the root exactly when its folder
+    resolves inside it (one ``lstat`` per file instead of a ``realpath`` walk of every path
+    component, about 1 ms per 15-file series). A symlinked file gets the full check."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = root
+        self._folders: dict[str, bool] = {}
+
+    def refused(self, path: str | os.PathLike[str]) -> str | None:
+        if os.path.islink(path):
+            return refused_link(self.root, path)
+        folder = os.path.dirname(os.fspath(path))
+        inside = self._folders.get(folder)
+        if inside is None:
+            inside = self._folders[folder] = resolve_under(self.root, folder) is not None
+        return None if inside else "symlink leads outside the data root (refused)"
+
+
 def confined_file(root: str | os.PathLike[str], path: str, key: str) -> str:
     """A file named in the config (``key``, e.g. ``data.source_kwargs.manifest``), relative to the
     data root, resolved; it must stay inside the root.
