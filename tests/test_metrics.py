@@ -11,6 +11,7 @@ import torch
 from sklearn import metrics as skm
 
 from losslab.engine.metrics import (
+    unexplained_variance,
     Alarm,
     Alarms,
     DeadClassMonitor,
@@ -235,23 +236,36 @@ def test_alarm_unstable_balanced_accuracy():
     for epoch, value in enumerate([0.70, 0.72, 0.71, 0.73, 0.70, 0.72]):
         assert steady.update(epoch, epoch_metrics(bal_acc=value)) == []
     swinging = Alarms(bal_acc_var_window=5, bal_acc_var_threshold=0.01)
-    values = [0.5, 0.8, 0.5, 0.8, 0.5]  # population variance 0.0216
+    # around its line (flat) the variance is 0.0216; around the isotonic fit (by hand: PAVA pools to
+    # [0.5, .65, .65, .65, .65], residuals 0, .15, -.15, .15, -.15) 0.018: the smaller is what counts
+    values = [0.5, 0.8, 0.5, 0.8, 0.5]
+    assert unexplained_variance(values) == pytest.approx(0.018)
     results = [swinging.update(e, epoch_metrics(bal_acc=v)) for e, v in enumerate(values)]
     assert all(r == [] for r in results[:4])
     assert [a.name for a in results[4]] == ["unstable"] and results[4][0].epoch == 4
+    assert "0.0180 > 0.01" in results[4][0].message
     # a more lenient threshold lets the same series pass
     lenient = Alarms(bal_acc_var_threshold=0.05)
     assert all(lenient.update(e, epoch_metrics(bal_acc=v)) == [] for e, v in enumerate(values))
     # a model that is learning is not unstable: raw variance 0.0184 > 0.01, but around the
-    # least-squares line (slope 0.09, by hand: residuals .02 -.07 .04 .05 -.04) only 0.0022
+    # least-squares line (slope 0.09, by hand: residuals .02 -.07 .04 .05 -.04) only 0.0022, and the
+    # curve never falls, so the isotonic fit is exact (0)
     learning = [0.5, 0.5, 0.7, 0.8, 0.8]
     assert np.var(learning) == pytest.approx(0.0184)
     assert np.var([0.02, -0.07, 0.04, 0.05, -0.04]) == pytest.approx(0.0022)
+    assert unexplained_variance(learning) == pytest.approx(0.0, abs=1e-12)
     rising = Alarms(bal_acc_var_window=5, bal_acc_var_threshold=0.01)
     assert all(rising.update(e, epoch_metrics(bal_acc=v)) == [] for e, v in enumerate(learning))
-    tight = Alarms(bal_acc_var_window=5, bal_acc_var_threshold=0.002)  # the residual variance is above this
-    fired = [tight.update(e, epoch_metrics(bal_acc=v)) for e, v in enumerate(learning)][4]
-    assert [a.name for a in fired] == ["unstable"] and "0.0022 > 0.002" in fired[0].message
+    # a late start (the demo's fold 0: at chance for three epochs, then 0.86): around the line 0.0133
+    # would fire; the isotonic fit pools 0.5, 0.44 to 0.47 (residuals .03 -.03 0 0): 0.00045
+    late = [0.5, 0.44, 0.5, 0.86]
+    epochs = np.arange(4.0)
+    assert np.var(late - np.polyval(np.polyfit(epochs, late, 1), epochs)) > 0.01
+    assert unexplained_variance(late) == pytest.approx(0.00045)
+    late_start = Alarms(bal_acc_var_window=4)
+    assert all(late_start.update(e, epoch_metrics(bal_acc=v)) == [] for e, v in enumerate(late))
+    # a steady decline is explained by the line
+    assert unexplained_variance([0.9, 0.8, 0.7, 0.6]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_alarms_skip_missing_keys():

@@ -87,6 +87,7 @@ class DataConfig(_Strict):
     bag_size: int = Field(16, ge=1)
     bag_sampling: Literal["random", "evenly_spaced", "all"] = "random"
     volume_depth: int = Field(32, ge=1)  # model.kind=volume3d: slices per volume after resampling (D)
+    volume_size: list[int] | None = None  # model.kind=volume3d: [H, W] after resampling; null keeps the cache's
     sampler: Literal["none", "weighted_random", "sqrt_weighted_random", "class_balanced_batch"] = "none"
     batch_size: int = Field(4, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -159,7 +160,7 @@ class TrainConfig(_Strict):
     dead_class_patience: int = Field(2, ge=1)  # alarm after this many epochs with 0 predictions of a class
     loss_gap_threshold: float = Field(0.5, gt=0)  # overfitting alarm: val/loss - train/loss above this
     bal_acc_var_window: int = Field(5, ge=2)  # unstable alarm: window of epochs ...
-    bal_acc_var_threshold: float = Field(0.01, gt=0)  # ... whose val/balanced_accuracy variance around its trend exceeds this
+    bal_acc_var_threshold: float = Field(0.01, gt=0)  # ... whose val/balanced_accuracy variance around its trend (line or isotonic) exceeds this
     max_train_batches: int | None = None  # for smoke tests
     ema_decay: float | None = Field(None, ge=0.0, le=1.0)  # EMA of the weights; validation and best.pt use it
     swa_epochs: int = Field(0, ge=0)  # SWA over the last N epochs (constant swa_lr, BN re-estimated)

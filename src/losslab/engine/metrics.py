@@ -26,6 +26,7 @@ from sklearn import metrics as skm
 
 __all__ = [
     "multitask_metrics",
+    "unexplained_variance",
     "Alarm",
     "Alarms",
     "DeadClassMonitor",
@@ -350,12 +351,13 @@ class Alarms:
     - ``overfitting``: ``val/loss - train/loss > loss_gap_threshold`` (default 0.5, the
       RSNA plan's table).
     - ``unstable``: over the last ``bal_acc_var_window`` epochs, the population variance
-      (``ddof=0``) of ``val/balanced_accuracy`` *around its least-squares line* exceeds
+      (``ddof=0``) of ``val/balanced_accuracy`` *around its trend* exceeds
       ``bal_acc_var_threshold`` (default 0.01, i.e. swings of about 0.1); checked once the window
-      is full. The trend is removed first (``np.polyfit`` of degree 1) so that a model that is
-      learning — balanced accuracy rising from 0.5 to 0.8 in five epochs — is not called unstable;
-      a curve that swings up and down is (for ``[0.5, 0.8, 0.5, 0.8, 0.5]`` the line is flat and
-      the variance is 0.0216).
+      is full. The trend is the better of the least-squares line and the non-decreasing isotonic
+      fit (:func:`unexplained_variance`), so that a model that is learning — balanced accuracy
+      rising from 0.5 to 0.8 in five epochs, or at chance for three epochs and then 0.86 — is not
+      called unstable; a curve that swings up and down is (for ``[0.5, 0.8, 0.5, 0.8, 0.5]`` the
+      variance around either fit is at least 0.018).
 
     Each kind fires **at most once per run**: after it fires its name is kept in ``fired`` and
     later epochs never report it again (so a run logs one tag / one warning per problem, not
@@ -419,10 +421,7 @@ class Alarms:
         if bal_acc is not None and not math.isnan(float(bal_acc)):
             self._bal_acc.append(float(bal_acc))
             if len(self._bal_acc) == self.bal_acc_var_window:
-                values = np.asarray(self._bal_acc)
-                epochs = np.arange(len(values), dtype=float)
-                trend = np.polyval(np.polyfit(epochs, values, 1), epochs)
-                variance = float(np.var(values - trend))
+                variance = unexplained_variance(np.asarray(self._bal_acc))
                 if variance > self.bal_acc_var_threshold:
                     new.append(
                         Alarm(
@@ -436,6 +435,21 @@ class Alarms:
         fresh = [alarm for alarm in new if alarm.name not in self.fired]
         self.fired.update(alarm.name for alarm in fresh)
         return fresh
+
+
+def unexplained_variance(values: np.ndarray) -> float:
+    """Population variance of ``values`` (one per epoch) around the better of two smooth fits: the
+    least-squares line (a steady rise or decline) and the non-decreasing isotonic fit (scikit-learn's
+    ``IsotonicRegression``: a model that learns in steps, e.g. at chance for three epochs, then good).
+    What neither explains is swinging up and down: ``[0.5, 0.8, 0.5, 0.8, 0.5]`` gives 0.018;
+    ``[0.5, 0.44, 0.5, 0.86]`` (a late start) gives 0.00045."""
+    from sklearn.isotonic import IsotonicRegression
+
+    values = np.asarray(values, dtype=float)
+    epochs = np.arange(len(values), dtype=float)
+    line = np.polyval(np.polyfit(epochs, values, 1), epochs)
+    steps = IsotonicRegression(increasing=True).fit_transform(epochs, values)
+    return float(min(np.var(values - line), np.var(values - steps)))
 
 
 def multitask_metrics(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
