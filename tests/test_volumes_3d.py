@@ -119,3 +119,74 @@ def test_resumed_3d_run_matches_the_uninterrupted_one(make_config, small_cache, 
     a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_densenet_input_rule_matches_a_real_forward_pass():
+    """input_shape_problem says a size fails exactly when MONAI's DenseNet fails on it."""
+    from losslab.models.volumes import create_volume_encoder, input_shape_problem
+
+    encoder = create_volume_encoder("monai_densenet121", in_chans=1).eval()
+    for depth in (16, 24, 28, 29, 32):
+        try:
+            with torch.no_grad():
+                encoder(torch.zeros(1, 1, depth, 32, 32))
+            works = True
+        except RuntimeError:
+            works = False
+        assert (input_shape_problem("monai_densenet121", (depth, 32, 32)) is None) == works, depth
+    assert "at least 29 voxels" in input_shape_problem("monai_densenet121", (8, 48, 48))
+    assert input_shape_problem("swinunetr", (8, 48, 48)) is None and input_shape_problem("monai_resnet10", (1, 5, 5)) is None
+
+
+def test_volume_size_resamples_in_plane_and_a_too_small_volume_is_refused(make_config, small_cache):
+    from losslab.tasks import TaskError
+
+    cfg = make_config(*VOLUME[:-2], "data.volume_depth=6", "data.volume_size=[32, 40]")
+    train_ds, val_ds = make_datasets(cfg, small_cache, 0)
+    raw = np.load(Path(small_cache.cache_dir) / val_ds.index.iloc[0]["array_path"])  # (D, C, H, W)
+    item = val_ds[0]["image"]
+    assert item.shape == (4, 6, 32, 40)
+    row = val_ds.index.iloc[0]
+    mean = np.asarray(row["channel_mean"])[None, :, None, None]
+    std = np.asarray(row["channel_std"])[None, :, None, None]
+    z = np.where(raw != 0, (raw - mean) / std, 0.0).transpose(1, 0, 2, 3)
+    expected = torch.nn.functional.interpolate(torch.as_tensor(z, dtype=torch.float32)[None], size=(6, 32, 40),
+                                               mode="trilinear", align_corners=False)[0]
+    torch.testing.assert_close(item, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TaskError, match=r"model.backbone=monai_densenet121 cannot take the volumes \(D, H, W\) = "
+                                        r"\(8, 48, 48\): .* set data.volume_depth and data.volume_size"):
+        make_datasets(make_config(*VOLUME, "model.backbone=monai_densenet121"), small_cache, 0)
+
+
+@pytest.mark.parametrize("backbone, extra", [("monai_densenet121", ()),
+                                             ("swinunetr", ("model.backbone_kwargs={feature_size: 12}",))])
+def test_densenet_and_swinunetr_train_as_cv_folds_and_register(make_config, small_cache, tmp_path, backbone, extra):
+    """The other 3D encoders train end to end: cv.folds as child runs, checkpoints, a registered model
+    that gives the best checkpoint's logits."""
+    from losslab.pipelines.train import run_train
+
+    name = f"test-{backbone}"
+    cfg = make_config("model.kind=volume3d", f"model.backbone={backbone}", "model.head_kwargs={}", *extra,
+                      "data.volume_depth=32", "data.volume_size=[32, 32]", "train.epochs=1", "cv.folds=[0, 1]",
+                      f"tracking.registered_model_name={name}", experiment=f"volume3d-{backbone}")
+    result = run_train(cfg, info=small_cache)
+    assert result.parent_run_id and [f.fold for f in result.folds] == [0, 1]
+    client = MlflowClient()
+    for fold in result.folds:
+        run = client.get_run(fold.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert run.data.tags["losslab.model"].startswith(f"volume3d:{backbone}")
+        counts = sum(run.data.metrics[f"val/pred_count_{c}"] for c in small_cache.class_names)
+        assert counts == int((small_cache.index["fold"] == fold.fold).sum())
+    last = result.folds[-1]
+    registered = load_registered_model(f"models:/{name}/{last.model_version}")
+    assert registered.spec["model"]["backbone"] == backbone
+    _, model = build_components(cfg, list(registered.spec["class_counts"]))
+    best_pt = mlflow.artifacts.download_artifacts(run_id=last.run_id, artifact_path="checkpoints/best.pt",
+                                                  dst_path=str(tmp_path / "best"))
+    model.load_state_dict(load_checkpoint(best_pt)["model"])
+    registered.model.eval()
+    model.eval()
+    x = torch.randn(2, 4, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(registered.model(x)[0], model(x)[0])

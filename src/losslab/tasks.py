@@ -154,8 +154,17 @@ class VolumeClassificationTask(ImageClassificationTask):
     def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
         from losslab.data.datasets import VolumeDataset
 
-        return VolumeDataset(rows, info.cache_dir, depth=cfg.data.volume_depth, transform=transform,
-                             **_normalizer_kwargs(normalizer))
+        dataset = VolumeDataset(rows, info.cache_dir, depth=cfg.data.volume_depth, size=cfg.data.volume_size,
+                                transform=transform, **_normalizer_kwargs(normalizer))
+        if len(rows):
+            from losslab.models.volumes import input_shape_problem
+
+            shape = dataset.output_shape(tuple(rows.iloc[0]["shape"]))
+            problem = input_shape_problem(cfg.model.backbone, shape)
+            if problem:
+                raise TaskError(f"model.backbone={cfg.model.backbone} cannot take the volumes (D, H, W) = {shape}: "
+                                f"{problem}; set data.volume_depth and data.volume_size")
+        return dataset
 
     def collate(self, items):
         from torch.utils.data import default_collate

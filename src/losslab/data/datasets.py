@@ -132,25 +132,35 @@ class SliceStackDataset(_CaseArrays):
 
 class VolumeDataset(_CaseArrays):
     """Whole volumes for 3D models: the cached slices ``(D, C, H, W)`` of a case, normalised,
-    optionally augmented like a bag, then transposed to ``(C, D, H, W)`` and resampled along depth
-    to ``depth`` slices with MONAI's ``Resize`` (trilinear; H and W kept), so every case of a batch
-    has the same shape. Item: ``image (C, depth, H, W)`` float32, ``label``, ``index``."""
+    optionally augmented like a bag, then transposed to ``(C, D, H, W)`` and resampled with MONAI's
+    ``Resize`` (trilinear) to ``depth`` slices and, when ``size = (H, W)`` is given, to that in-plane
+    size (else H and W are kept), so every case of a batch has the same shape.
+    Item: ``image (C, depth, H, W)`` float32, ``label``, ``index``."""
 
-    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, depth: int = 32, **kwargs: Any) -> None:
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path, depth: int = 32,
+                 size: tuple[int, int] | list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(index, cache_dir, **kwargs)
         from monai.transforms import Resize
 
         if int(depth) < 1:
             raise ValueError(f"data.volume_depth must be >= 1, got {depth}")
+        if size is not None and (len(size) != 2 or min(int(v) for v in size) < 1):
+            raise ValueError(f"data.volume_size must be [H, W] with H, W >= 1, got {list(size)}")
         self.depth = int(depth)
-        self.resize = Resize(spatial_size=(self.depth, -1, -1), mode="trilinear", align_corners=False)
+        self.size = tuple(int(v) for v in size) if size is not None else None
+        self.resize = Resize(spatial_size=(self.depth,) + (self.size or (-1, -1)), mode="trilinear",
+                             align_corners=False)
+
+    def output_shape(self, cached_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """``(D, H, W)`` of the items for a cached case of shape ``(D0, C, H0, W0)``."""
+        return (self.depth,) + (self.size or tuple(int(v) for v in cached_shape[2:]))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         slices = self._normalise(i, self._load(i))  # (D, C, H, W)
         if self.transform is not None:
             slices = self.transform(slices)
         volume = torch.from_numpy(np.ascontiguousarray(np.transpose(slices, (1, 0, 2, 3))))  # (C, D, H, W)
-        if volume.shape[1] != self.depth:
+        if tuple(volume.shape[1:]) != self.output_shape((volume.shape[1], 0) + tuple(volume.shape[2:])):
             volume = torch.as_tensor(self.resize(volume)).float()
         return {"image": volume.contiguous(), "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
 

@@ -127,6 +127,32 @@ def _make_swinunetr(in_chans: int, drop_path_rate: float = 0.0, normalize: bool 
     return SwinViTEncoder(net.swinViT, num_features=16 * kwargs["feature_size"], normalize=normalize)
 
 
+def _densenet_final_size(n: int) -> int:
+    """Spatial size after MONAI DenseNet's stem (conv k7 s2 p3, max-pool k3 s2 p1) and its three
+    transitions (average pool k2 s2); 0 when a transition gets less than 2."""
+    n = (n + 2 * 3 - 7) // 2 + 1
+    n = (n + 2 * 1 - 3) // 2 + 1
+    for _ in range(3):
+        if n < 2:
+            return 0
+        n //= 2
+    return n
+
+
+def input_shape_problem(name: str, shape: tuple[int, ...]) -> str | None:
+    """Why encoder ``name`` cannot take volumes of spatial ``shape`` (D, H, W), or None.
+
+    MONAI's DenseNet pools each axis by 32 in all; an axis that becomes smaller than its average
+    pool's kernel fails in the forward pass (e.g. 24 slices). The ResNets (padded convolutions) and
+    the Swin encoder (pads to its windows) take any size."""
+    if name.startswith("monai_densenet"):
+        short = [n for n in shape if _densenet_final_size(int(n)) < 1]
+        if short:
+            least = next(n for n in range(1, 1024) if _densenet_final_size(n) >= 1)
+            return f"its 5 reductions by 2 need at least {least} voxels on every axis (too short: {short})"
+    return None
+
+
 def create_volume_encoder(
     name: str,
     in_chans: int,
