@@ -64,6 +64,10 @@ def test_main_job_compares_over_folds_and_logs_to_its_own_run(embedded_root, sma
     assert client.get_run(version.run_id).data.tags["losslab.loss"] == result.comparison.table.index[0]
     out = capsys.readouterr().out
     assert "Verdict on balanced_accuracy" in out and f"main run {result.run_id}" in out
+    # captured output is no terminal: the table is printed whole, every cell as computed
+    for value in result.comparison.display.to_numpy().ravel():
+        assert str(value) in out
+    assert "…" not in out
 
 
 def test_main_refuses_more_folds_than_the_cache_has(embedded_root, small_cache, tmp_path, mlflow_store):

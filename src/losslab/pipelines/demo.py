@@ -139,7 +139,11 @@ def _print(result: DemoResult, cfg: ExperimentConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    # a log or a pipe (e.g. under `mlflow run`) gets no terminal width: rich would squeeze the table
+    # to 80 columns and cut every number ("0.6…"); print it whole there
+    console = Console() if sys.stdout.isatty() else Console(width=240)
     display = result.comparison.display
     table = Table(title="Per loss, mean ± std over folds: the best epoch of each fold run on its validation fold; "
                         "test/*: that model on the held-out test split")
