@@ -104,7 +104,7 @@ def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, t
     version = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")[0].version
     monkeypatch.setenv("LOSSLAB_SALT", "test-salt")  # the logged config holds only the salt's fingerprint
     out = _cli("evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"),
-               "-m", f"models:/test-seg/{version}")
+               "-m", f"models:/test-seg/{version}", "--split", "val")
     eval_run = out.split("evaluate run ")[1].split(":")[0]
     got = client.get_run(eval_run).data.metrics
     for key in ["mean_dice"] + [f"dice_{r}" for r in REGIONS]:
@@ -112,6 +112,60 @@ def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, t
     # and the best epoch's logged value is that same number
     history = _history(client, run_id, "val/mean_dice")
     assert abs(max(history) - got["val/mean_dice"]) <= 1e-5
+    # the run has no held-out test patients (data.test_fraction=0): the default split is refused in one
+    # line, and a fold the model trained on cannot be scored
+    from losslab.cli import app
+
+    for extra, message in (([], "evaluate.split=test: the segmentation cache"),
+                           (["--split", "val", "--fold", "1"], "evaluate.fold=1: the model trained on fold 1")):
+        result = CliRunner().invoke(app, ["evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"),
+                                          "-m", f"models:/test-seg/{version}", *extra])
+        assert result.exit_code != 0 and message in result.output + str(result.exception), result.output
+
+
+def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg_root, tmp_path, monkeypatch):
+    """data.test_fraction holds patients out: train scores its best model on them (test/*), equal to a
+    direct sliding_window_inference + DiceMetric over the same volumes, and evaluate --split test gives
+    the same numbers."""
+    from monai.data import DataLoader
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+
+    from losslab.config import load_config
+    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.seg_datasets import SegVolumeDataset
+    from losslab.engine.loop import load_checkpoint
+    from losslab.pipelines.seg_train import build_seg_task
+
+    run_id = _train("seg_dice", seg_root, tmp_path / "cache", tmp_path, "seg-test-split", "data.test_fraction=0.25",
+                    "tracking.alias=candidate")
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml",
+                      _overrides(seg_root, tmp_path / "cache", tmp_path / "ckpt", "seg-test-split", "data.test_fraction=0.25"))
+    info = build_seg_cache(cfg.data, cfg.seg)
+    rows = [r for r in info.index if r["fold"] == -1]
+    assert metrics["test/n_cases"] == len(rows) == 2  # 25 % of 8 patients
+    _, model = build_seg_task(cfg, info.channel_names)
+    best = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
+    model.load_state_dict(load_checkpoint(best)["model"])
+    model.eval()
+    dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    with torch.no_grad():
+        for batch in DataLoader(SegVolumeDataset(info, rows), batch_size=1):
+            logits = sliding_window_inference(batch["image"], cfg.seg.patch_size, cfg.seg.sw_batch_size, model,
+                                              overlap=cfg.seg.overlap)
+            dice((torch.sigmoid(logits) > 0.5).float(), batch["label"])
+    per_region = dice.aggregate().numpy()
+    for r, value in zip(REGIONS, per_region):
+        if np.isfinite(value):
+            assert metrics[f"test/dice_{r}"] == pytest.approx(float(value), abs=1e-6), r
+    monkeypatch.setenv("LOSSLAB_SALT", "test-salt")
+    version = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")[0].version
+    out = _cli("evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"), "-m", f"models:/test-seg/{version}")
+    got = client.get_run(out.split("evaluate run ")[1].split(":")[0]).data
+    assert got.tags["losslab.split"] == "test"
+    assert got.metrics["test/mean_dice"] == pytest.approx(metrics["test/mean_dice"], abs=1e-5)
 
 
 def test_learned_compound_weights_change_and_are_logged_each_epoch(seg_root, seg_cache_dir, tmp_path):

@@ -151,7 +151,8 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
     typer.echo(f"evaluate run {result.run_id}: " + ", ".join(
         f"{k}={m[k]:.4f}" for k in ("test/auc", "test/balanced_accuracy", "test_calibrated/balanced_accuracy",
                                     "test/dead_class_count", "latency/p50_ms") if k in m)
-        + ", ".join(f"{k}={v:.6f}" for k, v in m.items() if k.startswith(("val/dice_", "val/mean_dice"))))
+        + ", ".join(f"{k}={v:.6f}" for k, v in m.items()
+                    if k.startswith(("val/dice_", "val/mean_dice", "test/dice_", "test/mean_dice"))))
 
 
 @app.command()

@@ -450,10 +450,13 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
 
     ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``.
     """
-    if cfg.model.kind == "segmentation":  # a segmentation model: Dice/HD95 on its validation fold
+    if cfg.model.kind == "segmentation":  # a segmentation model: Dice/HD95 on the test patients or its validation fold
         from losslab.pipelines.seg_evaluate import run_seg_evaluate
 
-        return run_seg_evaluate(cfg, source, overrides.get("fold"))
+        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split"))
+        if unsupported:
+            raise ValueError(f"evaluate of a segmentation model takes only --split and --fold; got {unsupported}")
+        return run_seg_evaluate(cfg, source, overrides.get("fold"), overrides.get("split"))
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "

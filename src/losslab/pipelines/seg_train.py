@@ -5,7 +5,8 @@ Run naming and tags as for classification (``<loss>-f<fold>``, ``losslab.loss``,
 ...). Every epoch: ``train/loss``, ``train/loss_<term>``, ``loss_weight/<term>`` (compound and
 scheduled losses), ``val/loss``, ``val/dice_<region>``, ``val/mean_dice``, ``val/hd95_<region>``;
 an overlay plot every ``train.plot_every`` epochs. At the end the best checkpoint is validated again
-(``best_val/*``, what ``compare`` and ``evaluate`` read) and logged and registered as a model.
+(``best_val/*``, what ``compare`` and ``evaluate`` read), scored once on the held-out test patients
+(``test/*``, when ``data.test_fraction`` > 0) and logged and registered as a model.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
                                  callbacks + list(extra_callbacks or []))
         best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
         model.load_state_dict(best["model"])
-        best_metrics, _ = task.validate(model.to(resolve_device(cfg.train.device)), val_loader,
-                                        resolve_device(cfg.train.device), cfg.train.amp)
+        device = resolve_device(cfg.train.device)
+        best_metrics, _ = task.validate(model.to(device), val_loader, device, cfg.train.amp)
         summary = {f"best_{k}": v for k, v in best_metrics.items()}
         summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
-        log_metrics_batch(run_id, summary, step=int(state.epoch))
+        test_metrics = score_seg_test_split(cfg, info, task, model, device)
+        log_metrics_batch(run_id, summary | test_metrics, step=int(state.epoch))
+        best_metrics = best_metrics | test_metrics
         version = None
         if cfg.tracking.log_model:
             volume = val_loader.dataset[0]["image"][None].numpy()  # (1, C, X, Y, Z) -> one training-sized patch
@@ -106,6 +109,27 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
                                         spec=segmentation_spec(cfg, info.channel_names))
             version = f"{mv.version}" if mv is not None else None
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
+
+
+def score_seg_test_split(cfg: ExperimentConfig, info: SegCacheInfo, task: SegmentationTask, model, device
+                         ) -> dict[str, float]:
+    """``test/*`` (Dice per region, mean Dice, HD95, loss) of the best model on the held-out test
+    patients (fold -1, ``data.test_fraction``), scored once; ``{}`` and one log line without them."""
+    from monai.data import DataLoader
+
+    from losslab.data.seg_datasets import SegVolumeDataset
+    from losslab.data.splits import TEST_FOLD
+
+    rows = [r for r in info.index if r["fold"] == TEST_FOLD]
+    if not rows:
+        log.warning("no held-out test split in the segmentation cache %s (data.test_fraction=%s): no test/* metrics",
+                    info.cache_dir, cfg.data.test_fraction)
+        return {}
+    loader = DataLoader(SegVolumeDataset(info, rows), batch_size=1, shuffle=False, num_workers=0)
+    metrics, _ = task.validate(model, loader, device, cfg.train.amp)
+    out = {f"test/{k[len('val/'):]}": v for k, v in metrics.items()}
+    out["test/n_cases"] = float(len(rows))
+    return out
 
 
 def run_seg_train(cfg: ExperimentConfig, info: SegCacheInfo | None = None, extra_callbacks: list | None = None):
