@@ -10,9 +10,11 @@ written by this script into ``docs/results.md`` between ``<!-- seg_losses:start 
 Part 2 (``--part speed``), same model (UNet 3D), transforms, loss (compound dice + focal + boundary)
 and data:
 
-* training epoch: losslab's epoch (``engine.segmentation._train_epoch``: loss with distance maps,
-  clipping, scheduler, term and weight bookkeeping) against a bare MONAI loop (``model(x)``, loss,
-  backward, clipping, step) over the same loader; median seconds per epoch, bar ≤ 1.05;
+* training epoch: losslab's epoch (the training epoch of the engine's one loop,
+  ``engine.loop._train_epoch`` with the segmentation task as its step: loss with distance maps, NaN
+  check, clipping, scheduler, term and weight bookkeeping, callbacks) against a bare MONAI loop
+  (``model(x)``, loss, backward, clipping, step) over the same loader; median seconds per epoch,
+  bar ≤ 1.05;
 * validation: :meth:`SegmentationTask.validate` (HD95 off; it also computes ``val/loss`` on whole
   volumes, with the compound loss and with Dice) against a direct ``sliding_window_inference`` +
   ``DiceMetric`` loop; volumes per second, bar ≥ 0.95;
@@ -36,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,15 +64,14 @@ def _data(tmp: Path, args) -> None:
 def _fit_once(cfg, info):
     """Best-checkpoint validation metrics of one training run (no MLflow)."""
     from losslab.data.seg_datasets import make_seg_loaders
-    from losslab.engine.loop import load_checkpoint, seed_everything
-    from losslab.engine.segmentation import fit_segmentation
+    from losslab.engine.loop import fit, load_checkpoint, seed_everything
     from losslab.pipelines.seg_train import build_seg_task
 
     seed_everything(cfg.train.seed)
     task, model = build_seg_task(cfg, info.channel_names)
     train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                   seed=cfg.train.seed)
-    fit_segmentation(model, task, train, val, cfg.train, cfg.optim)
+    fit(model, task.loss_fn, train, val, cfg.train, cfg.optim, task.metric_names, step=task)
     model.load_state_dict(load_checkpoint(Path(cfg.train.checkpoint_dir) / "best.pt")["model"])
     metrics, _ = task.validate(model, val, torch.device("cpu"))
     return metrics
@@ -154,9 +154,7 @@ def _direct_validation(model, loader, roi, sw_batch_size: int, overlap: float) -
 
 def _epoch_times(args, cfg, info) -> tuple[float, float]:
     from losslab.data.seg_datasets import make_seg_loaders
-    from losslab.engine.callbacks import CallbackList
-    from losslab.engine.loop import FitState, build_optimizer, seed_everything
-    from losslab.engine.segmentation import _train_epoch
+    from losslab.engine.loop import FitState, _prepare, _train_epoch, build_optimizer, seed_everything
     from losslab.pipelines.seg_train import build_seg_task
 
     times = {"losslab": [], "bare": []}
@@ -165,14 +163,15 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
             seed_everything(0)
             task, model = build_seg_task(cfg, info.channel_names)
             train, _ = make_seg_loaders(info, 0, cfg.seg, 3, cfg.data.batch_size, seed=0)
-            optimizer = build_optimizer(model, task.loss_fn, cfg.optim)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-            t0 = time.perf_counter()
             if variant == "bare":
+                optimizer = build_optimizer(model, task.loss_fn, cfg.optim)
+                t0 = time.perf_counter()
                 _bare_epoch(model, task.loss_fn, train, optimizer, cfg.train.grad_clip)
             else:
-                _train_epoch(model, task, train, optimizer, scheduler, torch.device("cpu"), cfg.train, 0,
-                             CallbackList([]), FitState())
+                run = _prepare(model, task.loss_fn, train, cfg.train, cfg.optim, task, [])
+                run.train_model = model
+                t0 = time.perf_counter()
+                _train_epoch(run, FitState(run=run), 0)
             times[variant].append(time.perf_counter() - t0)
     return statistics.median(times["losslab"]), statistics.median(times["bare"])
 

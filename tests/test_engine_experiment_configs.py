@@ -88,6 +88,6 @@ def _segmentation_step(cfg):
     model.train()
     logits = model(batch["image"])
     assert logits.shape == (2, 3, *size)
-    loss = task.loss(logits, batch, torch.device("cpu"))
+    loss = task.batch_loss(logits, batch, torch.device("cpu"))
     assert torch.isfinite(loss)
     loss.backward()

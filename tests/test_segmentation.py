@@ -359,6 +359,9 @@ def test_segmentation_refusals_name_the_key():
     cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml")  # past the loader, the builder refuses too
     with pytest.raises(ValueError, match="loss.name='focal' is not a segmentation loss"):
         build_seg_task(cfg.model_copy(update={"loss": cfg.loss.model_validate({"name": "focal"})}), REGIONS)
+    mixed = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["train.mixup_alpha=0.4"])
+    with pytest.raises(ValueError, match=r"train.mixup_alpha=0.4: mixup of whole volumes .* set it to 0"):
+        build_seg_task(mixed, REGIONS)
 
 
 def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root, seg_cache_dir, tmp_path):
@@ -403,3 +406,38 @@ def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root,
     ranked = [g for g in table.table.index if g in means]
     assert ranked == sorted(means, key=lambda k: -means[k])
     assert {"dice_tc_mean", "dice_et_mean", "hd95_wt_mean"} <= set(table.table.columns)
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def test_a_killed_segmentation_run_resumes_and_ends_like_the_uninterrupted_one(seg_root, seg_cache_dir, tmp_path):
+    """Segmentation trains through the engine's fit: `train --resume` continues a run stopped at epoch 1
+    from its last checkpoint and ends with the uninterrupted run's metrics (the crops, flips and
+    shuffle are reseeded per epoch, so the resumed epochs draw the same patches)."""
+    from losslab.config import load_config
+    from losslab.engine.callbacks import Callback
+    from losslab.pipelines.train import run_train
+
+    class StopAt(Callback):
+        def on_epoch_start(self, state):
+            if state.epoch == 1:
+                raise _Interrupt("stopped at epoch 1")
+
+    def config(experiment):
+        return load_config(REPO / "configs" / "experiment" / "seg_compound_learnable.yaml",
+                           _overrides(seg_root, seg_cache_dir, tmp_path / "ckpt", experiment, "train.epochs=3",
+                                      "tracking.log_model=false"))
+
+    reference = run_train(config("seg-resume-ref")).folds[0]
+    with pytest.raises(_Interrupt):
+        run_train(config("seg-resume"), extra_callbacks=[StopAt()])
+    client = MlflowClient()
+    (cut,) = client.search_runs([client.get_experiment_by_name("seg-resume").experiment_id])
+    assert cut.info.status == "FAILED"
+    resumed = run_train(config("seg-resume"), resume_run_id=cut.info.run_id).folds[0]
+    assert resumed.run_id == cut.info.run_id and client.get_run(cut.info.run_id).info.status == "FINISHED"
+    for key in ["val/mean_dice", "val/loss", "train/loss", "loss_weight/dice"] + [f"val/dice_{r}" for r in REGIONS]:
+        got, want = _history(client, resumed.run_id, key), _history(client, reference.run_id, key)
+        assert len(got) == 3 and got == pytest.approx(want, abs=1e-6, nan_ok=True), key

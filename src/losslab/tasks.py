@@ -257,8 +257,8 @@ class SegmentationTask(Task):
     """Voxel-wise segmentation with the segmentation losses (dice, tversky, boundary, compound of them)
     by a MONAI network (``model.kind: segmentation``). Its own cache (volumes, targets, distance maps:
     :mod:`losslab.data.seg_cache`), patch datasets (:mod:`losslab.data.seg_datasets`), batch → loss,
-    sliding-window validation and metrics (:class:`losslab.engine.segmentation.SegmentationTask`) and
-    loop (:func:`losslab.engine.segmentation.fit_segmentation`) live in those modules; the pipelines
+    sliding-window validation and metrics (:class:`losslab.engine.segmentation.SegmentationTask`, the
+    step the engine's :func:`losslab.engine.loop.fit` trains with) live in those modules; the pipelines
     route this task to :mod:`losslab.pipelines.seg_train` / ``seg_evaluate``."""
 
     name = "segmentation"

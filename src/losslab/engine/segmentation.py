@@ -10,28 +10,27 @@ region, or argmax over classes) and the validation metrics:
   ``HausdorffDistanceMetric(percentile=95)`` in the units of the voxel spacing; NaN when undefined),
   ``val/loss`` (the loss on whole volumes).
 
-:func:`fit_segmentation` is the loop: epochs, AdamW/Adam/SGD with cosine warm-up
-(:func:`losslab.engine.loop.build_optimizer`, so learnable loss weights train too), bf16 autocast on
-CUDA, gradient clipping, ``loss.on_epoch_start`` (α schedules), ``train/loss``, ``train/loss_<term>``
-and ``loss_weight/<term>`` per epoch, the best (``train.monitor``) and last checkpoints and early
-stopping. Shapes: ``image (B, C, *spatial)``, ``label (B, R or 1, *spatial)``, ``dist (B, R or K,
+The task is also the step of the engine's one loop (:func:`losslab.engine.loop.fit`, through
+:class:`losslab.engine.steps.ClassificationStep`'s seam: ``forward``, ``target``, ``loss``,
+``predict``, ``metrics``), so segmentation gets what every task gets there: AdamW/Adam/SGD with
+cosine warm-up (learnable loss weights train too), bf16 autocast on CUDA, clipping,
+``loss.on_epoch_start`` (α schedules), ``train/loss``, ``train/loss_<term>``, ``loss_weight/<term>``,
+EMA, SWA, early stopping, the alarms, atomic best/last checkpoints and ``--resume``. Shapes: ``image (B, C, *spatial)``, ``label (B, R or 1, *spatial)``, ``dist (B, R or K,
 *spatial)``, logits ``(B, R or K, *spatial)``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from losslab.engine.callbacks import CallbackList
-from losslab.engine.loop import (FitState, NonFiniteLossError, autocast, build_optimizer, cosine_with_warmup,
-                                 resolve_device, save_checkpoint)
+from losslab.engine.callbacks import Callback
+from losslab.engine.loop import autocast
+from losslab.engine.steps import ClassificationStep, StepOutput
 
 
 def _takes_dist_maps(loss_fn: nn.Module) -> bool:
@@ -41,7 +40,7 @@ def _takes_dist_maps(loss_fn: nn.Module) -> bool:
     return accepted is None or "dist_maps" in accepted
 
 
-class SegmentationTask:
+class SegmentationTask(ClassificationStep):
     """Batch -> loss, volume -> logits -> prediction, validation metrics.
 
     Args:
@@ -70,13 +69,33 @@ class SegmentationTask:
         """Names the metrics are reported for (regions, or classes without background)."""
         return self.names if self.sigmoid else self.names[1:]
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    def batch_loss(self, logits: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The loss of ``logits`` against the batch's target (and distance maps, when the loss takes them)."""
+        out = StepOutput(logits, aux={"dist": batch["dist"]} if self.pass_dist else {})
+        return self.loss(self.loss_fn, out, self.target(batch, device))
+
+    # ------------------------------------------------------------------ the step of engine.loop.fit
+    def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> StepOutput:
+        logits = model(batch["image"].to(device, non_blocking=True))
+        return StepOutput(logits, aux={"dist": batch["dist"]} if self.pass_dist else {})
+
+    def target(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         target = batch["label"].to(device, non_blocking=True)
-        if not self.sigmoid:
-            target = target.long()
+        return target if self.sigmoid else target.long()
+
+    def loss(self, loss_fn: nn.Module, out: StepOutput, target: torch.Tensor) -> torch.Tensor:
         if self.pass_dist:
-            return self.loss_fn(logits.float(), target, dist_maps=batch["dist"].to(device, non_blocking=True))
-        return self.loss_fn(logits.float(), target)
+            return loss_fn(out.logits.float(), target, dist_maps=out.aux["dist"].to(target.device, non_blocking=True))
+        return loss_fn(out.logits.float(), target)
+
+    def predict(self, model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+                amp: bool = False) -> dict[str, Any]:
+        """:meth:`validate`'s overlay (``image``, ``truth``, ``pred``, ``names``) with its ``metrics``."""
+        metrics, overlay = self.validate(model, loader, device, amp)
+        return dict(overlay, metrics=metrics)
+
+    def metrics(self, outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
+        return dict(outputs["metrics"])
 
     def infer(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, R or K, X, Y, Z)`` of a volume ``(1, C, X, Y, Z)`` by sliding windows."""
@@ -121,7 +140,7 @@ class SegmentationTask:
             dice(pred, truth)
             if self.hd95:
                 hd95(pred, truth, spacing=[float(s) for s in batch["spacing"][0]])
-            loss_sum += float(self.loss(logits, batch, device))
+            loss_sum += float(self.batch_loss(logits, batch, device))
             n += 1
             if not overlay:
                 overlay = {"image": image[0].cpu().numpy(), "truth": truth[0].cpu().numpy(),
@@ -141,105 +160,19 @@ class SegmentationTask:
         return out
 
 
-def _train_epoch(model, task: SegmentationTask, loader, optimizer, scheduler, device, train_cfg, epoch: int,
-                 cbs: CallbackList, state: FitState) -> dict[str, float]:
-    model.train()
-    task.loss_fn.train()
-    loss_sum, seen, term_sums = 0.0, 0, {}
-    lr = optimizer.param_groups[-1]["lr"]
-    for b, batch in enumerate(loader):
-        if train_cfg.max_train_batches is not None and b >= train_cfg.max_train_batches:
-            break
-        with autocast(device, train_cfg.amp):
-            logits = model(batch["image"].to(device, non_blocking=True))
-        loss = task.loss(logits, batch, device)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        lr = optimizer.param_groups[-1]["lr"]
-        optimizer.step()
-        scheduler.step()
-        state.global_step += 1
-        size = len(batch["image"])
-        loss_sum += float(loss.detach()) * size
-        seen += size
-        for k, v in (task.loss_fn.terms() if hasattr(task.loss_fn, "terms") else {}).items():
-            term_sums[k] = term_sums.get(k, 0.0) + float(v) * size
-        cbs.on_train_batch_end(state, b, float(loss.detach()))
-    out = {"train/loss": loss_sum / max(seen, 1), "train/lr": lr}
-    out.update({f"train/loss_{k}": v / max(seen, 1) for k, v in term_sums.items()})
-    return out
+class ReseedEachEpoch(Callback):
+    """The training loader's crops and flips (MONAI random transforms) and its shuffle come from their
+    own generators, not from the global RNGs a checkpoint saves: reseed both from ``(seed, epoch)`` at
+    the start of every epoch, so that a resumed run draws the patches the uninterrupted run drew."""
 
+    def __init__(self, loader, seed: int) -> None:
+        self.loader = loader
+        self.seed = int(seed)
 
-def fit_segmentation(model: nn.Module, task: SegmentationTask, train_loader, val_loader, train_cfg: Any,
-                     optim_cfg: Any, callbacks: list | None = None) -> FitState:
-    """Train ``model`` on ``task``; validate every epoch; checkpoint ``best.pt`` and ``last.pt``.
-
-    Raises:
-        NonFiniteLossError: the training loss became NaN/inf (epoch and batch named).
-        KeyError: ``train.monitor`` is not one of the logged metrics.
-    """
-    cbs = CallbackList(callbacks)
-    device = resolve_device(train_cfg.device)
-    model.to(device)
-    task.loss_fn.to(device)
-    optimizer = build_optimizer(model, task.loss_fn, optim_cfg)
-    steps = len(train_loader) if train_cfg.max_train_batches is None else min(len(train_loader), train_cfg.max_train_batches)
-    factor = (cosine_with_warmup(steps * train_cfg.epochs, optim_cfg.warmup_epochs * steps, optim_cfg.min_lr_ratio)
-              if optim_cfg.scheduler == "cosine" else (lambda step: 1.0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    state = FitState(checkpoint_dir=Path(train_cfg.checkpoint_dir))
-    patience = train_cfg.early_stopping_patience
-    try:
-        cbs.on_fit_start(state)
-        for epoch in range(train_cfg.epochs):
-            state.epoch = epoch
-            if hasattr(task.loss_fn, "on_epoch_start"):
-                task.loss_fn.on_epoch_start(epoch)
-            cbs.on_epoch_start(state)
-            t0 = time.perf_counter()
-            metrics = _train_epoch(model, task, train_loader, optimizer, scheduler, device, train_cfg, epoch, cbs, state)
-            metrics["train/epoch_time_s"] = time.perf_counter() - t0
-            if hasattr(task.loss_fn, "weights"):
-                metrics.update({f"loss_weight/{k}": float(v) for k, v in task.loss_fn.weights().items()})
-            val_metrics, state.last_val_outputs = task.validate(model, val_loader, device, train_cfg.amp)
-            metrics.update(val_metrics)
-            improved = _checkpoint(state, metrics, model, task.loss_fn, optimizer, scheduler, train_cfg, cbs)
-            patience = train_cfg.early_stopping_patience if improved else (None if patience is None else patience - 1)
-            metrics["epoch"] = epoch
-            cbs.on_epoch_end(state, metrics)
-            if patience is not None and patience <= 0:
-                state.stopped_early = True
-                break
-        cbs.on_fit_end(state)
-    except BaseException as exc:
-        cbs.on_exception(state, exc)
-        raise
-    return state
-
-
-def _checkpoint(state: FitState, metrics: dict[str, float], model, loss_fn, optimizer, scheduler, train_cfg,
-                cbs: CallbackList) -> bool:
-    """Record the epoch's metrics, write ``last.pt`` (and ``best.pt`` when the monitor improved)."""
-    for k, v in metrics.items():
-        state.history.setdefault(k, []).append(float(v))
-    monitored = metrics.get(train_cfg.monitor)
-    if monitored is None:
-        raise KeyError(f"train.monitor {train_cfg.monitor!r} is not a logged metric; available: {sorted(metrics)}")
-    sign = 1.0 if train_cfg.monitor_mode == "max" else -1.0
-    improved = monitored == monitored and (state.best_metric is None or sign * monitored > sign * state.best_metric)
-    if improved:
-        state.best_metric, state.best_epoch = float(monitored), state.epoch
-    payload = {"model": model.state_dict(), "loss": loss_fn.state_dict() or None, "eval_source": "model",
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": state.epoch,
-               "global_step": state.global_step, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-               "history": state.history}
-    best, last = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
-    save_checkpoint(last, payload, copies=(best,) if improved else ())
-    if improved:
-        cbs.on_checkpoint(state, best, "best")
-    cbs.on_checkpoint(state, last, "last")
-    return improved
+    def on_epoch_start(self, state):
+        epoch_seed = (self.seed * 1_000_003 + int(state.epoch)) % (2**32)
+        transform = getattr(self.loader.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=epoch_seed)
+        if getattr(self.loader, "generator", None) is not None:
+            self.loader.generator.manual_seed(epoch_seed)

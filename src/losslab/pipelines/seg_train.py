@@ -4,7 +4,8 @@
 Run naming and tags as for classification (``<loss>-f<fold>``, ``losslab.loss``, ``losslab.fold``,
 ...). Every epoch: ``train/loss``, ``train/loss_<term>``, ``loss_weight/<term>`` (compound and
 scheduled losses), ``val/loss``, ``val/dice_<region>``, ``val/mean_dice``, ``val/hd95_<region>``;
-an overlay plot every ``train.plot_every`` epochs. At the end the best checkpoint is validated again
+an overlay plot every ``train.plot_every`` epochs. Trained by the engine's one loop (EMA, SWA, early
+stopping, the alarms, checkpoints, ``--resume``). At the end the best checkpoint is validated again
 (``best_val/*``, what ``compare`` and ``evaluate`` read), scored once on the held-out test patients
 (``test/*``, when ``data.test_fraction`` > 0) and logged and registered as a model.
 """
@@ -20,8 +21,8 @@ import mlflow
 
 from losslab.config import ExperimentConfig
 from losslab.data.seg_cache import SegCacheInfo, build_seg_cache
-from losslab.engine.loop import load_checkpoint, resolve_device, seed_everything
-from losslab.engine.segmentation import SegmentationTask, fit_segmentation
+from losslab.engine.loop import evaluation_weights, fit, load_checkpoint, resolve_device, seed_everything
+from losslab.engine.segmentation import ReseedEachEpoch, SegmentationTask
 from losslab.pipelines.common import base_tags
 from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run
 
@@ -50,6 +51,9 @@ def build_seg_task(cfg: ExperimentConfig, channel_names: list[str]):
     from losslab.losses.registry import get_loss_class
     from losslab.models import build_model
 
+    if cfg.train.mixup_alpha:
+        raise ValueError(f"train.mixup_alpha={cfg.train.mixup_alpha}: mixup of whole volumes and their masks is not "
+                         f"supported for model.kind=segmentation; set it to 0")
     if getattr(get_loss_class(cfg.loss.name), "task", None) != "segmentation" and cfg.loss.name != "compound":
         seg = [n for n in list_losses() if getattr(get_loss_class(n), "task", None) == "segmentation"]
         raise ValueError(f"loss.name={cfg.loss.name!r} is not a segmentation loss; with model.kind=segmentation use "
@@ -64,9 +68,11 @@ def build_seg_task(cfg: ExperimentConfig, channel_names: list[str]):
 
 
 def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested: bool = False,
-                   extra_callbacks: list | None = None, extra_tags: dict[str, str] | None = None):
+                   extra_callbacks: list | None = None, extra_tags: dict[str, str] | None = None,
+                   resume_run_id: str | None = None):
     """Train one fold (``cfg`` is already the fold's config, see ``train.fold_config``) in its own MLflow
-    run (FAILED with the reason on any error); returns a FoldResult."""
+    run (FAILED with the reason on any error) through the engine's :func:`losslab.engine.loop.fit`;
+    with ``resume_run_id`` that run continues from its last checkpoint. Returns a FoldResult."""
     from losslab.data.seg_datasets import make_seg_loaders
     from losslab.pipelines.registry import segmentation_spec
     from losslab.pipelines.train import FoldResult
@@ -75,22 +81,20 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     tags = base_tags(cfg, "train", fold) | {"losslab.task": "segmentation", "losslab.seed": str(cfg.train.seed)}
     tags |= extra_tags or {}
-    with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}", tags=tags, nested=nested) as run:
+    with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}", tags=tags, nested=nested,
+                     run_id=resume_run_id) as run:
         run_id = run.info.run_id
         task, model = build_seg_task(cfg, info.channel_names)
         train_loader, val_loader = make_seg_loaders(info, fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                                     cfg.data.num_workers, seed=cfg.train.seed + fold)
-        log_config(cfg)
-        mlflow.log_params({"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
-                           "loss.formula": str(task.loss_fn)[:6000], "seg.channels": ",".join(info.channel_names)})
-        mlflow.set_tag("losslab.class_names", ",".join(task.metric_names))
+        resume_from = _resume_or_log(cfg, info, task, run_id, resume_run_id, (train_loader, val_loader))
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
-        callbacks = [SegmentationMLflowCallback(run_id, task.metric_names, plot_every=cfg.train.plot_every,
+        callbacks = [ReseedEachEpoch(train_loader, cfg.train.seed + fold),
+                     SegmentationMLflowCallback(run_id, task.metric_names, plot_every=cfg.train.plot_every,
                                                 synchronous=False, checkpoint_every=cfg.train.upload_checkpoint_every)]
-        state = fit_segmentation(model, task, train_loader, val_loader, train_cfg, cfg.optim,
-                                 callbacks + list(extra_callbacks or []))
-        best = load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")
-        model.load_state_dict(best["model"])
+        state = fit(model, task.loss_fn, train_loader, val_loader, train_cfg, cfg.optim, task.metric_names,
+                    callbacks=callbacks + list(extra_callbacks or []), resume_from=resume_from, step=task)
+        model.load_state_dict(evaluation_weights(load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")))
         device = resolve_device(cfg.train.device)
         best_metrics, _ = task.validate(model.to(device), val_loader, device, cfg.train.amp)
         summary = {f"best_{k}": v for k, v in best_metrics.items()}
@@ -109,6 +113,25 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
                                         spec=segmentation_spec(cfg, info.channel_names))
             version = f"{mv.version}" if mv is not None else None
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
+
+
+def _resume_or_log(cfg: ExperimentConfig, info: SegCacheInfo, task: SegmentationTask, run_id: str,
+                   resume_run_id: str | None, loaders: tuple) -> Path | None:
+    """A new run: log the config and the data sizes; ``None``. A resumed one: its ``last.pt``."""
+    from losslab.pipelines.train import _find_resume_checkpoint
+    from losslab.tracking import clear_error_tags
+
+    if resume_run_id is not None:
+        resume_from = _find_resume_checkpoint(cfg, run_id)
+        mlflow.set_tag("losslab.resumed_from", str(resume_from))
+        clear_error_tags(run_id)
+        return resume_from
+    train_loader, val_loader = loaders
+    log_config(cfg)
+    mlflow.log_params({"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
+                       "loss.formula": str(task.loss_fn)[:6000], "seg.channels": ",".join(info.channel_names)})
+    mlflow.set_tag("losslab.class_names", ",".join(task.metric_names))
+    return None
 
 
 def score_seg_test_split(cfg: ExperimentConfig, info: SegCacheInfo, task: SegmentationTask, model, device
@@ -132,14 +155,18 @@ def score_seg_test_split(cfg: ExperimentConfig, info: SegCacheInfo, task: Segmen
     return out
 
 
-def run_seg_train(cfg: ExperimentConfig, info: SegCacheInfo | None = None, extra_callbacks: list | None = None):
-    """Train ``data.fold``, or every (seed, fold) of ``cv`` as children of one parent run; a TrainResult."""
+def run_seg_train(cfg: ExperimentConfig, info: SegCacheInfo | None = None, extra_callbacks: list | None = None,
+                  resume_run_id: str | None = None):
+    """Train ``data.fold``, or every (seed, fold) of ``cv`` as children of one parent run; a TrainResult.
+    ``resume_run_id``: continue that (single-fold) run from its last checkpoint."""
     from losslab.pipelines.train import TrainResult, run_cv, train_fold
 
     info = info or build_seg_cache(cfg.data, cfg.seg)
     build_seg_task(cfg, info.channel_names)  # a bad loss/model is refused before any run opens
+    if resume_run_id is not None and cfg.cv.is_multi_run:
+        raise ValueError("--resume continues one run: resume each fold run by its own id (without cv.folds)")
     if not cfg.cv.is_multi_run:  # train_fold gives the run its fold config and comes back here
         result = train_fold(cfg, info, cfg.data.fold, nested=mlflow.active_run() is not None,
-                            extra_callbacks=extra_callbacks)
+                            extra_callbacks=extra_callbacks, resume_run_id=resume_run_id)
         return TrainResult([result], None, info.class_names)
     return run_cv(cfg, info, extra_callbacks)

@@ -8,7 +8,6 @@ model is logged with a signature and registered with an alias.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +180,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
     if task_of(cfg).name == "segmentation":
         from losslab.pipelines.seg_train import train_seg_fold
 
-        return train_seg_fold(cfg, info, fold, nested, extra_callbacks, extra_tags)
+        return train_seg_fold(cfg, info, fold, nested, extra_callbacks, extra_tags, resume_run_id)
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     if not ddp.is_main_process():
         return _train_fold_replica(cfg, info, fold)
@@ -379,12 +378,10 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
 def _run_segmentation(cfg: ExperimentConfig, resume_run_id: str | None, info, extra_callbacks: list | None) -> TrainResult:
     from losslab.pipelines.seg_train import run_seg_train
 
-    if resume_run_id is not None:
-        raise ValueError("--resume is not supported for model.kind=segmentation yet; start a new run")
     if ddp.world_size() > 1:
         raise ValueError("model.kind=segmentation trains in one process; run it without torchrun")
     setup_tracking(cfg.tracking)
-    return run_seg_train(cfg, info, extra_callbacks)
+    return run_seg_train(cfg, info, extra_callbacks, resume_run_id)
 
 
 def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:
