@@ -315,3 +315,27 @@ def test_attention_heads_learn_separable_toy(name):
     bright = x.mean(dim=(2, 3, 4)).argmax(dim=1)
     positives = labels == 1
     assert torch.all(out[1][positives].argmax(dim=1) == bright[positives])
+
+
+def test_dual_stream_head_takes_cosine_classifiers_for_ldam(make_config):
+    """LDAM (normed_linear) on the dual-stream head: both streams give cosine logits, equal to the
+    cosine of the (flattened) inputs and the classifier weights computed by hand."""
+    import torch.nn.functional as F
+
+    from losslab.pipelines.train import build_components
+
+    cfg = make_config("loss=ldam", "model.head=dual_stream", "model.head_kwargs={query_dim: 8}")
+    _, model = build_components(cfg, [10, 30])
+    head = model.head
+    features = torch.randn(2, 5, head.instance_classifier.in_features)
+    logits, _, extras = head(features)
+    w_inst = head.instance_classifier.weight  # (D, K)
+    inst = torch.einsum("bnd,dk->bnk", features / features.norm(dim=-1, keepdim=True), w_inst / w_inst.norm(dim=0))
+    torch.testing.assert_close(extras["instance_logits"], inst)
+    max_stream, bag_stream = extras["stream_logits"]
+    attention = extras["class_attention"]  # (B, K, N)
+    bags = torch.einsum("bkn,bnd->bkd", attention, features).flatten(1)  # (B, K * D)
+    w_bag = head.bag_classifier.linear.weight  # (K * D, K)
+    torch.testing.assert_close(bag_stream, F.normalize(bags, dim=1) @ F.normalize(w_bag, dim=0))
+    assert max_stream.abs().max() <= 1 + 1e-6 and bag_stream.abs().max() <= 1 + 1e-6
+    torch.testing.assert_close(logits, (max_stream + bag_stream) / 2)

@@ -95,7 +95,8 @@ class NormedLinear(nn.Module):
         self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+        """``(..., in_features) -> (..., out_features)`` (e.g. the instances of a bag, ``(B, N, D)``)."""
+        return F.normalize(x, dim=-1).matmul(F.normalize(self.weight, dim=0))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -443,6 +443,16 @@ class DualStreamHead(MILHead):
         init_bias_from_priors(self.instance_classifier.bias, class_priors)
         init_bias_from_priors(self.bag_classifier.bias, class_priors)
 
+    def use_cosine_classifiers(self) -> None:
+        """Cosine logits in [-1, 1] on both streams, for margin losses such as LDAM: the instance
+        classifier becomes a :class:`losslab.losses.NormedLinear` over ``D``, the bag classifier (a
+        linear map of the flattened ``(K, D)`` bag embeddings) one over ``K·D``."""
+        from losslab.losses import NormedLinear
+
+        k, d = self.bag_classifier.out_channels, self.bag_classifier.kernel_size[0] * self.bag_classifier.in_channels
+        self.instance_classifier = NormedLinear(self.instance_classifier.in_features, self.instance_classifier.out_features)
+        self.bag_classifier = _FlatNormedLinear(NormedLinear(d, k))
+
     def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
         mask = _valid_mask(features, mask)
         batch = features.shape[0]
@@ -472,6 +482,17 @@ class DualStreamHead(MILHead):
             "critical_index": critical_index,
         }
         return logits, attention, extras
+
+
+class _FlatNormedLinear(nn.Module):
+    """A cosine classifier in the bag classifier's place: ``(B, K, D) -> (B, K, 1)`` like the Conv1d."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, bag_embeddings: Tensor) -> Tensor:
+        return self.linear(bag_embeddings.flatten(1)).unsqueeze(-1)
 
 
 # ------------------------------------------------------------------------------------------ model

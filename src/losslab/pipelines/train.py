@@ -89,6 +89,9 @@ def _use_cosine_classifier(model, loss_name: str) -> None:
     from losslab.losses import NormedLinear
 
     owner = getattr(model, "head", model)
+    if hasattr(owner, "use_cosine_classifiers"):  # a head with several classifiers (dual-stream MIL)
+        owner.use_cosine_classifiers()
+        return
     classifier = getattr(owner, "classifier", None)
     if not isinstance(classifier, nn.Linear):
         raise ValueError(f"loss {loss_name!r} needs a cosine (normed_linear) classifier, but model "
