@@ -242,7 +242,9 @@ def sweep(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
 
 @app.command()
 def distill(config: Optional[str] = typer.Option("configs/experiment/distill_medpix.yaml", "--config", "-c"),
-            override: Optional[list[str]] = OverrideOpt, overrides: str = OverridesOpt) -> None:
+            override: Optional[list[str]] = OverrideOpt, overrides: str = OverridesOpt,
+            resume: Optional[str] = typer.Option(None, "--resume", help="A stopped or killed distill run id: keep "
+                                                 "its finished runs, continue the unfinished one from its last checkpoint.")) -> None:
     """Image+text teacher (trained or models:/...), cached teacher outputs, one student per loss + student alone."""
     _setup_logging()
     cfg = _load(config, override, overrides)
@@ -250,7 +252,7 @@ def distill(config: Optional[str] = typer.Option("configs/experiment/distill_med
     from losslab.pipelines.distill import distillation_table, run_distill
 
     with entry_point_run("distill", cfg.tracking):
-        result = run_distill(cfg)
+        result = run_distill(cfg, resume_run_id=resume or None)
     table = distillation_table(cfg.tracking.experiment, parent_run_id=result.parent_run_id)
     typer.echo(table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"distill run {result.parent_run_id}; teacher {result.teacher_model_uri or result.teacher_run_id}; "

@@ -327,6 +327,25 @@ class ModelCheckpoint(Callback):
         state.run.cbs.on_checkpoint(state, last_path, "last")
 
 
+class ReseedEachEpoch(Callback):
+    """A training loader whose shuffle (its own ``generator``) or random transforms (MONAI's, with
+    ``set_random_state``: segmentation crops and flips) do not draw from the global RNGs a checkpoint
+    saves: reseed them from ``(seed, epoch)`` at the start of every epoch, so that a resumed run draws
+    the batches the uninterrupted run drew."""
+
+    def __init__(self, loader, seed: int) -> None:
+        self.loader = loader
+        self.seed = int(seed)
+
+    def on_epoch_start(self, state):
+        epoch_seed = (self.seed * 1_000_003 + int(state.epoch)) % (2**32)
+        transform = getattr(self.loader.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=epoch_seed)
+        if getattr(self.loader, "generator", None) is not None:
+            self.loader.generator.manual_seed(epoch_seed)
+
+
 def training_callbacks(train_cfg: Any) -> list[Callback]:
     """The training callbacks ``train.*`` asks for, in the order they must run."""
     from losslab.engine.monitor import BestModelRule

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from losslab.engine.callbacks import Callback
 from losslab.engine.loop import autocast
 from losslab.engine.steps import ClassificationStep, StepOutput
 
@@ -158,21 +157,3 @@ class SegmentationTask(ClassificationStep):
                         for name, v in zip(self.metric_names, values)})
         out["val/loss"] = float(loss)
         return out
-
-
-class ReseedEachEpoch(Callback):
-    """The training loader's crops and flips (MONAI random transforms) and its shuffle come from their
-    own generators, not from the global RNGs a checkpoint saves: reseed both from ``(seed, epoch)`` at
-    the start of every epoch, so that a resumed run draws the patches the uninterrupted run drew."""
-
-    def __init__(self, loader, seed: int) -> None:
-        self.loader = loader
-        self.seed = int(seed)
-
-    def on_epoch_start(self, state):
-        epoch_seed = (self.seed * 1_000_003 + int(state.epoch)) % (2**32)
-        transform = getattr(self.loader.dataset, "transform", None)
-        if transform is not None and hasattr(transform, "set_random_state"):
-            transform.set_random_state(seed=epoch_seed)
-        if getattr(self.loader, "generator", None) is not None:
-            self.loader.generator.manual_seed(epoch_seed)

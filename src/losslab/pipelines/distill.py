@@ -179,12 +179,15 @@ class _Fitted:
 
 
 def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskTask, loaders: tuple,
-         epochs: int, lr: float, monitor: str, run_id: str) -> _Fitted:
+         epochs: int, lr: float, monitor: str, run_id: str, resume: bool = False,
+         extra_callbacks: list | None = None) -> _Fitted:
     """Train through the engine's :func:`losslab.engine.loop.fit` (AMP, clipping, EMA, SWA, the frozen
     phase, checkpoints in ``<train.checkpoint_dir>/<run id>`` uploaded to the run, early stopping,
     alarms, per-epoch metrics logged to ``run_id``), the best epoch by ``monitor`` (its mode by name:
     ``val/loss`` lower, else higher); then load the best epoch's validated weights (EMA/SWA when on)
-    back into ``model`` and score them on the validation split."""
+    back into ``model`` and score them on the validation split. ``resume``: continue the run from its
+    ``last.pt`` (a run that was stopped or killed)."""
+    from losslab.engine.callbacks import ReseedEachEpoch
     from losslab.engine.loop import evaluation_weights, fit, load_checkpoint
     from losslab.engine.monitor import default_mode
     from losslab.tracking import MLflowCallback
@@ -195,8 +198,19 @@ def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: Mu
         "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
     tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
                              checkpoint_every=cfg.train.upload_checkpoint_every)
+    resume_from = None
+    if resume:  # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
+        from mlflow.tracking import MlflowClient
+
+        from losslab.pipelines.train import _find_resume_checkpoint
+        from losslab.tracking import clear_error_tags
+
+        resume_from = _find_resume_checkpoint(cfg, run_id)
+        MlflowClient().set_tag(run_id, "losslab.resumed_from", str(resume_from))
+        clear_error_tags(run_id)
+    reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator
     state = fit(model, objective, train_loader, val_loader, train_cfg, cfg.optim.model_copy(update={"lr": lr}), [],
-                callbacks=[tracker], step=step)
+                callbacks=[reseed, tracker, *(extra_callbacks or [])], resume_from=resume_from, step=step)
     model.load_state_dict(evaluation_weights(load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")))
     tracker.remove_uploaded_checkpoints()  # the run's checkpoints/ artifacts are the copies that stay
     scored = step.metrics(step.predict(model, val_loader, resolve_device(cfg.train.device)), [])
@@ -397,13 +411,65 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: _DistillData, s: _Se
     return teacher, fitted, val_loader, origin
 
 
-def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metrics: dict):
-    """The teacher run: registered (``distill.teacher.model_uri``) or trained and registered here.
+@dataclass
+class _Previous:
+    """The child runs of a resumed distill parent, by label (``teacher``, a loss name, ``none``), and
+    extra engine callbacks (tests)."""
+
+    runs: dict[str, Any] = field(default_factory=dict)
+    callbacks: list = field(default_factory=list)
+
+    def finished(self, label: str):
+        run = self.runs.get(label)
+        return run if run is not None and run.info.status == "FINISHED" else None
+
+    def unfinished_id(self, label: str) -> str | None:
+        run = self.runs.get(label)
+        return run.info.run_id if run is not None and run.info.status != "FINISHED" else None
+
+
+def _previous_runs(parent_id: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    if parent.data.tags.get("losslab.distill_parent") != "true":
+        raise ValueError(f"--resume {parent_id}: not a distill run (resume the distill parent run)")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=1000)
+    out: dict[str, Any] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time):  # the latest run of a label wins
+        role = run.data.tags.get("losslab.role")
+        if role in _ROLE_ORDER:
+            out["teacher" if role == "teacher" else run.data.tags.get("losslab.loss", "")] = run
+    return out
+
+
+def _finished_teacher(done, d: _DistillData, all_metrics: dict):
+    """A teacher run that finished before the resume: its registered model and its logged summary."""
+    uri = done.data.tags.get("losslab.teacher_uri")
+    if not uri:
+        raise ValueError(f"teacher run {done.info.run_id} finished without a registered teacher "
+                         f"(losslab.teacher_uri); start a new distill run")
+    teacher = load_registered_model(uri).model
+    _check_teacher_tasks(teacher, d.task_classes, uri)
+    all_metrics["teacher"] = {k: v for k, v in done.data.metrics.items() if k.startswith(("best_", "latency/"))}
+    origin = done.data.tags.get("losslab.teacher_origin") or f"{uri} (run {done.info.run_id})"
+    return teacher, done.info.run_id, uri, origin
+
+
+def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metrics: dict,
+                 previous: _Previous | None = None):
+    """The teacher run: registered (``distill.teacher.model_uri``) or trained and registered here; on a
+    resume, a finished teacher run is reused and an unfinished one continues from its last checkpoint.
     Returns ``(teacher, its run id, its registry uri or None, the origin string for the output cache)``."""
     from losslab.models.multimodal import build_multimodal_model
 
-    t = s.teacher
-    with managed_run(run_name="teacher", tags=_tags(cfg, "teacher", "teacher"), nested=True) as run:
+    t, previous = s.teacher, previous or _Previous()
+    if previous.finished("teacher") is not None:
+        return _finished_teacher(previous.finished("teacher"), d, all_metrics)
+    resume_id = previous.unfinished_id("teacher")
+    with managed_run(run_name="teacher", tags=_tags(cfg, "teacher", "teacher"), nested=True, run_id=resume_id) as run:
         teacher_run = run.info.run_id
         if t.get("model_uri"):
             teacher_uri = str(t["model_uri"])
@@ -419,7 +485,7 @@ def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metri
             epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
             fitted = _fit(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes), (train_loader, val_loader),
-                          epochs, lr, s.monitor, teacher_run)
+                          epochs, lr, s.monitor, teacher_run, resume_id is not None, previous.callbacks)
             teacher_uri = None
         latency = _latency(teacher, MultitaskTask(d.task_classes), val_loader, cfg)
         summary = _summary(fitted.best_metrics, fitted.best_epoch, latency)
@@ -431,7 +497,7 @@ def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metri
                                      {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(d.tasks)}, d.in_chans)
             origin = f"{teacher_uri} (run {teacher_run})" if teacher_uri else f"run {teacher_run}"
             if teacher_uri:
-                mlflow.set_tag("losslab.teacher_uri", teacher_uri)
+                mlflow.set_tags({"losslab.teacher_uri": teacher_uri, "losslab.teacher_origin": origin})
     return teacher, teacher_run, teacher_uri, origin
 
 
@@ -450,8 +516,10 @@ def _teacher_train_outputs(teacher, d: _DistillData, s: _Settings, origin: str):
 
 
 def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item: tuple, teacher_train: dict,
-                 labelled: np.ndarray, teacher_uri: str | None, key: str, cache_tag: str) -> tuple[str, str, dict]:
-    """One student run (a distillation loss, or the student alone on the labelled cases only).
+                 labelled: np.ndarray, teacher_uri: str | None, key: str, cache_tag: str,
+                 previous: _Previous | None = None) -> tuple[str, str, dict]:
+    """One student run (a distillation loss, or the student alone on the labelled cases only); on a
+    resume a finished one is kept and an unfinished one continues from its last checkpoint.
     Returns ``(label, run id, summary metrics)``."""
     from losslab.models.multimodal import build_multimodal_model
 
@@ -464,8 +532,14 @@ def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item
     distill_weight = float(params.pop("distill_weight", s.distill_weight))
     distilling = role == "student"
     label = name if distilling else "none"
+    previous = previous or _Previous()
+    done = previous.finished(label)
+    if done is not None:
+        return label, done.info.run_id, {k: v for k, v in done.data.metrics.items() if k.startswith(("best_", "latency/"))}
+    resume_id = previous.unfinished_id(label)
     with managed_run(run_name=f"student-{name}" if distilling else "student-alone",
-                     tags=_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag}, nested=True) as run:
+                     tags=_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag}, nested=True,
+                     run_id=resume_id) as run:
         run_id = run.info.run_id
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # same init and order for every student
         student = build_multimodal_model(student_spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
@@ -487,7 +561,8 @@ def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item
                            "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
         step = MultitaskTask(d.task_classes, teacher_train if distilling else None,
                              torch.as_tensor(labelled) if distilling and not labelled.all() else None)
-        fitted = _fit(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id)
+        fitted = _fit(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id,
+                      resume_id is not None, previous.callbacks)
         summary = _summary(fitted.best_metrics, fitted.best_epoch, _latency(student, step, val_loader, cfg))
         log_metrics_batch(run_id, summary, step=fitted.best_epoch)
         if cfg.tracking.log_model:
@@ -496,22 +571,29 @@ def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item
     return label, run_id, summary
 
 
-def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> DistillResult:
-    """Teacher (trained or from the registry), teacher-output cache, one student per loss, student alone."""
+def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run_id: str | None = None,
+                extra_callbacks: list | None = None) -> DistillResult:
+    """Teacher (trained or from the registry), teacher-output cache, one student per loss, student alone.
+
+    ``resume_run_id``: a distill parent run that was stopped or killed (same config): its finished
+    teacher and students are kept, an unfinished one continues from its last checkpoint (and ends with
+    the metrics of an uninterrupted run), the missing ones run. ``extra_callbacks`` go to every fit."""
     s = _settings(cfg)
     setup_tracking(cfg.tracking)
+    previous = _Previous(_previous_runs(resume_run_id) if resume_run_id else {}, list(extra_callbacks or []))
     d = _prepare_data(cfg, s, info)
     nested = mlflow.active_run() is not None
     with managed_run(run_name=cfg.tracking.run_name or "distill",
                      tags={"losslab.entry_point": "distill", "losslab.distill_parent": "true",
-                           "losslab.dataset": cfg.data.source}, nested=nested) as parent:
+                           "losslab.dataset": cfg.data.source}, nested=nested, run_id=resume_run_id) as parent:
         parent_id = parent.info.run_id
-        log_config(cfg)
         labelled = labelled_subset(d.train_df["label"], s.student_label_fraction, cfg.data.seed)
-        mlflow.log_params({"distill.task_classes": json.dumps(d.task_classes), "data.n_train": len(d.train_df),
-                           "data.n_val": len(d.val_df), "data.n_train_labelled": int(labelled.sum())})
+        if resume_run_id is None:
+            log_config(cfg)
+            mlflow.log_params({"distill.task_classes": json.dumps(d.task_classes), "data.n_train": len(d.train_df),
+                               "data.n_val": len(d.val_df), "data.n_train_labelled": int(labelled.sum())})
         all_metrics: dict[str, dict[str, float]] = {}
-        teacher, teacher_run, teacher_uri, origin = _run_teacher(cfg, s, d, all_metrics)
+        teacher, teacher_run, teacher_uri, origin = _run_teacher(cfg, s, d, all_metrics, previous)
         teacher_train, key, cache_tag = _teacher_train_outputs(teacher, d, s, origin)
         plan = [(name, params, "student") for name, params in s.losses]
         if s.student_alone:
@@ -519,7 +601,7 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None) -> Distill
         runs: dict[str, str] = {}
         for item in plan:
             label, run_id, summary = _run_student(cfg, s, d, item, teacher_train, labelled, teacher_uri, key,
-                                                  cache_tag)
+                                                  cache_tag, previous)
             runs[label], all_metrics[label] = run_id, summary
         from losslab.tracking import log_table_artifacts
 

@@ -22,7 +22,8 @@ import mlflow
 from losslab.config import ExperimentConfig
 from losslab.data.seg_cache import SegCacheInfo, build_seg_cache
 from losslab.engine.loop import evaluation_weights, fit, load_checkpoint, resolve_device, seed_everything
-from losslab.engine.segmentation import ReseedEachEpoch, SegmentationTask
+from losslab.engine.callbacks import ReseedEachEpoch
+from losslab.engine.segmentation import SegmentationTask
 from losslab.pipelines.common import base_tags
 from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run
 
