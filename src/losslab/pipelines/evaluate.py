@@ -445,18 +445,22 @@ def _experiment_for(settings: EvaluateSettings, loaded: LoadedSource, cfg: Exper
         setup_tracking(tracking)
 
 
+def _segmentation_evaluate(cfg: ExperimentConfig, source: str | None, overrides: dict[str, Any]):
+    from losslab.pipelines.seg_evaluate import run_seg_evaluate
+
+    unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split"))
+    if unsupported:
+        raise ValueError(f"evaluate of a segmentation model takes only --split and --fold; got {unsupported}")
+    return run_seg_evaluate(cfg, source, overrides.get("fold"), overrides.get("split"))
+
+
 def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: Any) -> EvaluateResult:
     """Evaluate ``source`` (or ``cfg.evaluate.source``) and log everything to a new run.
 
     ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``.
     """
     if cfg.model.kind == "segmentation":  # a segmentation model: Dice/HD95 on the test patients or its validation fold
-        from losslab.pipelines.seg_evaluate import run_seg_evaluate
-
-        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split"))
-        if unsupported:
-            raise ValueError(f"evaluate of a segmentation model takes only --split and --fold; got {unsupported}")
-        return run_seg_evaluate(cfg, source, overrides.get("fold"), overrides.get("split"))
+        return _segmentation_evaluate(cfg, source, overrides)
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "
