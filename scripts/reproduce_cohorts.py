@@ -290,7 +290,9 @@ def evaluated_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
                "block": f"{tags['repro.seed']}/{tags['repro.fold']}", "run_id": run.info.run_id,
                "train_run": tags["repro.train_run"], "epochs_set": params.get("train.epochs", "?"),
                "bag_size": params.get("data.bag_size", "?"), "head": params.get("model.head", "?"),
-               "ema": params.get("train.ema_decay", "?"), "num_folds": params.get("data.num_folds", "?"),
+               "ema": params.get("train.ema_decay", "?"),
+               "frozen": params.get("train.freeze_backbone_epochs", "?"), "swa": params.get("train.swa_epochs", "?"),
+               "num_folds": params.get("data.num_folds", "?"),
                "test_train_ratio": float(run.data.params.get("evaluate.n_cases", "nan")) / n_train}
         row |= {k: v for k, v in metrics.items() if k.startswith(("test/", "test_calibrated/"))}
         row |= {"dead/test": _dead(metrics, "test/", names),
@@ -523,7 +525,8 @@ def _protocol(study: str, frame: pd.DataFrame) -> str:
     config = f"brats_dual_stream_mil.yaml` ({_values(frame['head'])} MIL head over resnet10t, bags of " \
         f"{_values(frame['bag_size'])} slices, EMA decay {_values(frame['ema'])})" \
         if study == "dual_stream_mil" else \
-        "rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding; no SWA or frozen phase under 4 epochs)"
+        (f"rsna_lumbar_v8.yaml` (2.5D stacks of 7 slices, level embedding; frozen backbone for "
+         f"{_values(frame['frozen'])} epoch(s), SWA over the last {_values(frame['swa'])})")
     return (f"Run (from the store): `configs/experiment/{config}, {_values(frame['epochs_set'])} epoch(s), "
             f"validation fold(s) {_values(frame['fold'])} of {_values(frame['num_folds'])} (one model each), "
             f"training seed(s) "
