@@ -190,3 +190,31 @@ def test_densenet_and_swinunetr_train_as_cv_folds_and_register(make_config, smal
     x = torch.randn(2, 4, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(registered.model(x)[0], model(x)[0])
+
+
+def test_sweep_over_a_3d_model_runs_each_trial_as_a_child_run(make_config, small_cache, tmp_path):
+    """A 3D model goes through `losslab sweep` like any classifier: one MLflow child run per trial,
+    the trial's value equal to its run's best validation balanced accuracy."""
+    import optuna
+
+    from losslab.pipelines.sweep import run_sweep, sweep_settings
+
+    cfg = make_config(*VOLUME, "train.epochs=1", experiment="volume3d-sweep")
+    space = {"loss": {"type": "categorical", "choices": ["ce", "focal"]},
+             "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    settings = {"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "study": "volume3d-sweep", "n_trials": 2,
+                "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}, "space": space}
+    cfg = cfg.model_copy(update={"sweep": settings})
+    result = run_sweep(cfg, sweep_settings(cfg), info=small_cache)
+    study = optuna.load_study(study_name="volume3d-sweep", storage=settings["storage"])
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"] and result.trials_run == 2
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("volume3d-sweep").experiment_id
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        (fold_run,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert fold_run.data.tags["losslab.model"].startswith("volume3d:monai_resnet10")
+        assert fold_run.data.tags["losslab.loss"] == trial.params["loss"]
+        assert trial.value == pytest.approx(fold_run.data.metrics["best_val/balanced_accuracy"])
+        assert run.data.metrics["objective"] == pytest.approx(trial.value)
