@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError, load_config
 from losslab.data.text import MissingTextError
-from losslab.pipelines.distill import MultiTaskDistillation, distillation_table, run_distill
+from losslab.losses.multitask import MultiTaskDistillation
+from losslab.pipelines.distill import distillation_table, run_distill
 
 EXPERIMENT = "distill-tests"
 TEACHER_NAME = "test-distill-teacher"
@@ -279,7 +280,7 @@ def test_a_pickle_teacher_is_refused_before_it_is_unpickled(distilled, tmp_path)
 
 
 def test_labelled_subset_keeps_the_fraction_of_each_class():
-    from losslab.pipelines.distill import labelled_subset
+    from losslab.losses.multitask import labelled_subset
 
     labels = ["a"] * 10 + ["b"] * 4 + ["c"] * 1
     mask = labelled_subset(labels, 0.3, seed=0)
@@ -290,7 +291,7 @@ def test_labelled_subset_keeps_the_fraction_of_each_class():
 
 
 def test_labelled_cross_entropy_ignores_unlabelled_cases():
-    from losslab.pipelines.distill import UNLABELLED, labelled_cross_entropy
+    from losslab.losses.multitask import UNLABELLED, labelled_cross_entropy
 
     torch.manual_seed(0)
     logits = torch.randn(5, 3)

@@ -90,8 +90,7 @@ from losslab.data.cache import CacheInfo, build_cache
 from losslab.data.text import (ImageTextDataset, check_image_text_manifest, collate_image_text, index_meta,
                                task_classes_from_index)
 from losslab.engine.loop import resolve_device, seed_everything
-from losslab.losses.multitask import (DISTILL_LOSSES, UNLABELLED, LabelsOnly, MultiTaskDistillation,  # noqa: F401
-                                      labelled_cross_entropy, labelled_subset)
+from losslab.losses.multitask import DISTILL_LOSSES, LabelsOnly, MultiTaskDistillation, labelled_subset
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import MultitaskTask
 from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
@@ -175,7 +174,6 @@ def _settings(cfg: ExperimentConfig) -> _Settings:
 class _Fitted:
     best_metrics: dict[str, float]
     best_epoch: int
-    history: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskTask, loaders: tuple,
@@ -198,23 +196,17 @@ def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: Mu
         "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
     tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
                              checkpoint_every=cfg.train.upload_checkpoint_every)
-    resume_from = None
-    if resume:  # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
-        from mlflow.tracking import MlflowClient
+    from losslab.pipelines.train import resume_checkpoint
 
-        from losslab.pipelines.train import _find_resume_checkpoint
-        from losslab.tracking import clear_error_tags
-
-        resume_from = _find_resume_checkpoint(cfg, run_id)
-        MlflowClient().set_tag(run_id, "losslab.resumed_from", str(resume_from))
-        clear_error_tags(run_id)
+    # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
+    resume_from = resume_checkpoint(cfg, run_id) if resume else None
     reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator
     state = fit(model, objective, train_loader, val_loader, train_cfg, cfg.optim.model_copy(update={"lr": lr}), [],
                 callbacks=[reseed, tracker, *(extra_callbacks or [])], resume_from=resume_from, step=step)
     model.load_state_dict(evaluation_weights(load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")))
     tracker.remove_uploaded_checkpoints()  # the run's checkpoints/ artifacts are the copies that stay
     scored = step.metrics(step.predict(model, val_loader, resolve_device(cfg.train.device)), [])
-    return _Fitted(scored, state.best_epoch, state.history)
+    return _Fitted(scored, state.best_epoch)
 
 
 def _latency(model: nn.Module, step: MultitaskTask, val_loader, cfg: ExperimentConfig) -> dict[str, float]:

@@ -210,9 +210,7 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             mlflow.set_tags({"losslab.class_names": ",".join(class_names), "losslab.config_hash": config_hash(
                 config_params(cfg) | train_ds.normalizer.params())})
         else:
-            resume_from = _find_resume_checkpoint(cfg, run_id)
-            mlflow.set_tag("losslab.resumed_from", str(resume_from))
-            clear_error_tags(run_id)  # the kill or failure being resumed from is no longer the run's state
+            resume_from = resume_checkpoint(cfg, run_id)
         # every rank resumes from the same file (a local path: one machine, or a shared disk)
         ddp.broadcast_object(str(resume_from) if resume_from is not None else None)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
@@ -311,6 +309,16 @@ def _train_fold_replica(cfg: ExperimentConfig, info: CacheInfo, fold: int) -> Fo
 def _input_example(val_ds) -> np.ndarray:
     item = val_ds[0]
     return item["image"].unsqueeze(0).numpy()
+
+
+def resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
+    """The ``last.pt`` a resumed run continues from (:func:`_find_resume_checkpoint`), recorded on the
+    run (tag ``losslab.resumed_from``); the kill or failure resumed from is no longer the run's state
+    (its error tags are cleared). Shared by train, segmentation and distill."""
+    resume_from = _find_resume_checkpoint(cfg, run_id)
+    mlflow.tracking.MlflowClient().set_tag(run_id, "losslab.resumed_from", str(resume_from))
+    clear_error_tags(run_id)
+    return resume_from
 
 
 def _find_resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
