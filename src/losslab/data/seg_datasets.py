@@ -85,3 +85,16 @@ def make_seg_loaders(info: SegCacheInfo, fold: int, seg_cfg: Any, spatial_dims: 
                        num_workers=num_workers, generator=generator)
     val = DataLoader(SegVolumeDataset(info, val_rows), batch_size=1, shuffle=False, num_workers=num_workers)
     return train, val
+
+
+def make_seg_test_loader(info: SegCacheInfo, num_workers: int = 0):
+    """Whole volumes of the held-out test patients (fold -1, ``data.test_fraction``), batch size 1;
+    None when the cache has none."""
+    from monai.data import DataLoader
+
+    from losslab.data.splits import TEST_FOLD
+
+    rows = [r for r in info.index if r["fold"] == TEST_FOLD]
+    if not rows:
+        return None
+    return DataLoader(SegVolumeDataset(info, rows), batch_size=1, shuffle=False, num_workers=num_workers)

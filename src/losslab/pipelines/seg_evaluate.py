@@ -67,10 +67,7 @@ def _load_weights(run_id: str) -> dict[str, Any]:
 
 def _seg_loader(info, run_cfg: ExperimentConfig, split: str, fold: int | None):
     """The loader of ``split`` for the model of ``run_cfg``; refuses what it cannot score honestly."""
-    from monai.data import DataLoader
-
-    from losslab.data.seg_datasets import SegVolumeDataset, make_seg_loaders
-    from losslab.data.splits import TEST_FOLD
+    from losslab.data.seg_datasets import make_seg_loaders, make_seg_test_loader
 
     own = run_cfg.data.fold
     if fold is not None and int(fold) != own:
@@ -79,11 +76,11 @@ def _seg_loader(info, run_cfg: ExperimentConfig, split: str, fold: int | None):
     if split == "val":
         return make_seg_loaders(info, own, run_cfg.seg, run_cfg.model.spatial_dims, 1)[1]
     if split == "test":
-        rows = [r for r in info.index if r["fold"] == TEST_FOLD]
-        if not rows:
+        loader = make_seg_test_loader(info)
+        if loader is None:
             raise ValueError(f"evaluate.split=test: the segmentation cache {info.cache_dir} has no held-out test "
                              f"patients (the run's data.test_fraction={run_cfg.data.test_fraction}); use --split val")
-        return DataLoader(SegVolumeDataset(info, rows), batch_size=1, shuffle=False, num_workers=0)
+        return loader
     raise ValueError(f"evaluate.split={split!r} is not available for segmentation models; use test or val")
 
 
@@ -93,7 +90,7 @@ def run_seg_evaluate(cfg: ExperimentConfig, source: str | None = None, fold: int
     ``evaluate.split``) and log ``<split>/*`` metrics to a new run."""
     from losslab.data.seg_cache import build_seg_cache
     from losslab.pipelines.evaluate import _run_config
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.pipelines.seg_train import build_seg_task, split_metrics
 
     settings = section_dict(cfg.evaluate)
     source = source or settings.get("source")
@@ -114,8 +111,7 @@ def run_seg_evaluate(cfg: ExperimentConfig, source: str | None = None, fold: int
     else:
         model.load_state_dict(_load_weights(run_id))
     device = resolve_device(run_cfg.train.device)
-    metrics, _ = task.validate(model.to(device), loader, device, run_cfg.train.amp)
-    metrics = {f"{split}/{k[len('val/'):]}": v for k, v in metrics.items()}
+    metrics = split_metrics(task, model.to(device), loader, device, run_cfg.train.amp, split)
     experiment = MlflowClient().get_run(run_id).info.experiment_id
     mlflow.set_experiment(experiment_id=experiment)
     tags |= {"losslab.entry_point": "evaluate", "losslab.task": "segmentation", "losslab.loss": run_cfg.loss.name,

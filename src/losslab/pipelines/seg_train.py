@@ -119,14 +119,10 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
 def _resume_or_log(cfg: ExperimentConfig, info: SegCacheInfo, task: SegmentationTask, run_id: str,
                    resume_run_id: str | None, loaders: tuple) -> Path | None:
     """A new run: log the config and the data sizes; ``None``. A resumed one: its ``last.pt``."""
-    from losslab.pipelines.train import _find_resume_checkpoint
-    from losslab.tracking import clear_error_tags
+    from losslab.pipelines.train import resume_checkpoint
 
     if resume_run_id is not None:
-        resume_from = _find_resume_checkpoint(cfg, run_id)
-        mlflow.set_tag("losslab.resumed_from", str(resume_from))
-        clear_error_tags(run_id)
-        return resume_from
+        return resume_checkpoint(cfg, run_id)
     train_loader, val_loader = loaders
     log_config(cfg)
     mlflow.log_params({"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
@@ -139,21 +135,22 @@ def score_seg_test_split(cfg: ExperimentConfig, info: SegCacheInfo, task: Segmen
                          ) -> dict[str, float]:
     """``test/*`` (Dice per region, mean Dice, HD95, loss) of the best model on the held-out test
     patients (fold -1, ``data.test_fraction``), scored once; ``{}`` and one log line without them."""
-    from monai.data import DataLoader
+    from losslab.data.seg_datasets import make_seg_test_loader
 
-    from losslab.data.seg_datasets import SegVolumeDataset
-    from losslab.data.splits import TEST_FOLD
-
-    rows = [r for r in info.index if r["fold"] == TEST_FOLD]
-    if not rows:
+    loader = make_seg_test_loader(info)
+    if loader is None:
         log.warning("no held-out test split in the segmentation cache %s (data.test_fraction=%s): no test/* metrics",
                     info.cache_dir, cfg.data.test_fraction)
         return {}
-    loader = DataLoader(SegVolumeDataset(info, rows), batch_size=1, shuffle=False, num_workers=0)
-    metrics, _ = task.validate(model, loader, device, cfg.train.amp)
-    out = {f"test/{k[len('val/'):]}": v for k, v in metrics.items()}
-    out["test/n_cases"] = float(len(rows))
+    out = split_metrics(task, model, loader, device, cfg.train.amp, "test")
+    out["test/n_cases"] = float(len(loader.dataset))
     return out
+
+
+def split_metrics(task: SegmentationTask, model, loader, device, amp: bool, split: str) -> dict[str, float]:
+    """:meth:`SegmentationTask.validate` over ``loader``, its ``val/*`` metrics named ``<split>/*``."""
+    metrics, _ = task.validate(model, loader, device, amp)
+    return {f"{split}/{k[len('val/'):]}": v for k, v in metrics.items()}
 
 
 def run_seg_train(cfg: ExperimentConfig, info: SegCacheInfo | None = None, extra_callbacks: list | None = None,
