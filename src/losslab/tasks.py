@@ -159,7 +159,7 @@ class VolumeClassificationTask(ImageClassificationTask):
         if len(rows):
             from losslab.models.volumes import input_shape_problem
 
-            shape = dataset.output_shape(tuple(rows.iloc[0]["shape"]))
+            shape = dataset.output_shape(tuple(rows.iloc[0]["shape"])[2:])  # cached (D0, C, H0, W0)
             problem = input_shape_problem(cfg.model.backbone, shape)
             if problem:
                 raise TaskError(f"model.backbone={cfg.model.backbone} cannot take the volumes (D, H, W) = {shape}: "
@@ -193,6 +193,15 @@ class MultitaskTask(Task):
         self.task_classes = dict(task_classes or {})
         self.teacher = teacher
         self.labelled = labelled
+        self._on_device: dict[str, Any] = {}
+
+    def _lookups(self, device: torch.device) -> dict[str, Any]:
+        """The teacher's outputs and the labelled mask on ``device``, moved there once (not per batch)."""
+        if self._on_device.get("device") != device:
+            teacher = {k: v.to(device) for k, v in (self.teacher or {}).items()}
+            labelled = self.labelled.to(device) if self.labelled is not None else None
+            self._on_device = {"device": device, "teacher": teacher, "labelled": labelled}
+        return self._on_device
 
     def forward(self, model, batch, device):
         text = getattr(model, "module", model).text_encoder is not None  # DDP wraps the model
@@ -213,13 +222,15 @@ class MultitaskTask(Task):
 
         index, features = out.aux["index"], out.aux["features"].float()
         logits = {t: z.float() for t, z in out.logits.items()}
-        if self.labelled is not None:
-            seen = self.labelled.to(index.device)[index]
+        lookups = self._lookups(index.device)
+        if lookups["labelled"] is not None:
+            seen = lookups["labelled"][index]
             target = {t: torch.where(seen, y, UNLABELLED) for t, y in target.items()}
         if self.teacher is None:
             return loss_fn(logits, logits, target, features, features, index)
-        t_logits = {t: self.teacher[f"logits/{t}"].to(index.device)[index] for t in self.task_classes}
-        return loss_fn(logits, t_logits, target, features, self.teacher["features"].to(index.device)[index], index)
+        teacher = lookups["teacher"]
+        t_logits = {t: teacher[f"logits/{t}"][index] for t in self.task_classes}
+        return loss_fn(logits, t_logits, target, features, teacher["features"][index], index)
 
     @torch.no_grad()
     def predict(self, model, loader, device, loss_fn=None, amp=False):
