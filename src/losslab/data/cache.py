@@ -277,10 +277,6 @@ def _float16_round_trip(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     converts in software: 6.6 ms against 1.4 ms for a 15 x 3 x 256 x 256 stack, measured here)."""
     import torch
 
-    if torch.get_num_threads() != 1 and _worker:
-        # a forked pool worker: entering the parent's OpenMP pool hangs (GNU libgomp after fork); one
-        # thread runs the conversion inline (the parallelism is across the pool's tasks anyway)
-        torch.set_num_threads(1)
     half = torch.from_numpy(image).to(torch.float16)
     return half.numpy(), half.to(torch.float32).numpy()
 
@@ -342,6 +338,12 @@ def _init_worker(source: Source, store: _Store) -> None:
     # one BLAS thread per process: the parallelism is across tasks, and OpenBLAS threads spinning
     # on a busy machine made the small resize products 70x slower (measured on 2 shared cores)
     _worker.update(source=source, store=store, limits=threadpool_limits(1, user_api="blas"))
+    if store.dtype == "float16":
+        import torch
+
+        # the float16 conversion is torch's: entering the parent's OpenMP pool from a forked worker
+        # hangs (GNU libgomp after fork), one thread runs it inline
+        torch.set_num_threads(1)
 
 
 def _run_task(position: int, task: Task) -> tuple[int, dict[str, Any]]:

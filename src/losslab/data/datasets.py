@@ -151,16 +151,16 @@ class VolumeDataset(_CaseArrays):
         self.resize = Resize(spatial_size=(self.depth,) + (self.size or (-1, -1)), mode="trilinear",
                              align_corners=False)
 
-    def output_shape(self, cached_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """``(D, H, W)`` of the items for a cached case of shape ``(D0, C, H0, W0)``."""
-        return (self.depth,) + (self.size or tuple(int(v) for v in cached_shape[2:]))
+    def output_shape(self, height_width: tuple[int, int]) -> tuple[int, int, int]:
+        """``(D, H, W)`` of the items for cached slices of ``height_width`` ``(H0, W0)``."""
+        return (self.depth,) + (self.size or tuple(int(v) for v in height_width))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         slices = self._normalise(i, self._load(i))  # (D, C, H, W)
         if self.transform is not None:
             slices = self.transform(slices)
         volume = torch.from_numpy(np.ascontiguousarray(np.transpose(slices, (1, 0, 2, 3))))  # (C, D, H, W)
-        if tuple(volume.shape[1:]) != self.output_shape((volume.shape[1], 0) + tuple(volume.shape[2:])):
+        if tuple(volume.shape[1:]) != self.output_shape(tuple(volume.shape[2:])):
             volume = torch.as_tensor(self.resize(volume)).float()
         return {"image": volume.contiguous(), "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
 

@@ -15,8 +15,10 @@ The task is also the step of the engine's one loop (:func:`losslab.engine.loop.f
 ``predict``, ``metrics``), so segmentation gets what every task gets there: AdamW/Adam/SGD with
 cosine warm-up (learnable loss weights train too), bf16 autocast on CUDA, clipping,
 ``loss.on_epoch_start`` (α schedules), ``train/loss``, ``train/loss_<term>``, ``loss_weight/<term>``,
-EMA, SWA, early stopping, the alarms, atomic best/last checkpoints and ``--resume``. Shapes: ``image (B, C, *spatial)``, ``label (B, R or 1, *spatial)``, ``dist (B, R or K,
-*spatial)``, logits ``(B, R or K, *spatial)``.
+EMA, SWA, early stopping, the alarms, atomic best/last checkpoints and ``--resume``.
+
+Shapes: ``image (B, C, *spatial)``, ``label (B, R or 1, *spatial)``, ``dist (B, R or K, *spatial)``,
+logits ``(B, R or K, *spatial)``.
 """
 
 from __future__ import annotations

@@ -449,9 +449,10 @@ class DualStreamHead(MILHead):
         linear map of the flattened ``(K, D)`` bag embeddings) one over ``K·D``."""
         from losslab.losses import NormedLinear
 
-        k, d = self.bag_classifier.out_channels, self.bag_classifier.kernel_size[0] * self.bag_classifier.in_channels
+        k = self.bag_classifier.out_channels
+        flat = self.bag_classifier.in_channels * self.bag_classifier.kernel_size[0]  # K · D
         self.instance_classifier = NormedLinear(self.instance_classifier.in_features, self.instance_classifier.out_features)
-        self.bag_classifier = _FlatNormedLinear(NormedLinear(d, k))
+        self.bag_classifier = _FlatNormedLinear(NormedLinear(flat, k))
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
         mask = _valid_mask(features, mask)
