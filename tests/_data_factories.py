@@ -64,3 +64,12 @@ def write_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def generate_embedded_brats(tmp_path_factory, folder: str, **kwargs) -> Path:
+    """An embedded BraTS-layout cohort (the demo's generator) in a new session folder."""
+    from losslab.data.sources import run_generator
+
+    root = tmp_path_factory.mktemp(folder) / "embedded_brats"
+    run_generator("embedded_brats", str(root), **kwargs)
+    return root

@@ -30,11 +30,9 @@ def mlflow_store(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def embedded_root(tmp_path_factory) -> Path:
     """A small embedded BraTS cohort: 30 cases, 48×48×16 voxels (same generator as the demo)."""
-    from losslab.data.sources import run_generator
+    from _data_factories import generate_embedded_brats
 
-    root = tmp_path_factory.mktemp("data") / "embedded_brats"
-    run_generator("embedded_brats", str(root), seed=3, num_cases=30, shape=(48, 48, 16))
-    return root
+    return generate_embedded_brats(tmp_path_factory, "data", seed=3, num_cases=30, shape=(48, 48, 16))
 
 
 @pytest.fixture(scope="session")

@@ -33,11 +33,9 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def seg_root(tmp_path_factory) -> Path:
     """8 embedded BraTS-layout cases of 32 x 32 x 16 voxels with their *_seg masks."""
-    from losslab.data.sources import run_generator
+    from _data_factories import generate_embedded_brats
 
-    root = tmp_path_factory.mktemp("segdata") / "embedded_brats"
-    run_generator("embedded_brats", str(root), seed=5, num_cases=8, shape=(32, 32, 16))
-    return root
+    return generate_embedded_brats(tmp_path_factory, "segdata", seed=5, num_cases=8, shape=(32, 32, 16))
 
 
 @pytest.fixture(scope="session")
