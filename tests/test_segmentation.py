@@ -439,3 +439,22 @@ def test_a_killed_segmentation_run_resumes_and_ends_like_the_uninterrupted_one(s
     for key in ["val/mean_dice", "val/loss", "train/loss", "loss_weight/dice"] + [f"val/dice_{r}" for r in REGIONS]:
         got, want = _history(client, resumed.run_id, key), _history(client, reference.run_id, key)
         assert len(got) == 3 and got == pytest.approx(want, abs=1e-6, nan_ok=True), key
+
+
+def test_cached_volumes_are_z_scored_per_channel_over_the_brain():
+    """The segmentation cache's normalisation against a hand computation: per channel, mean and
+    population std of the non-zero voxels; the background stays 0; a constant channel becomes 0."""
+    from losslab.data.seg_cache import _zscore
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 30, (3, 12, 12, 6)).astype(np.float32)
+    image[image < 90] = 0
+    image[2][image[2] > 0] = 5.0  # constant brain: std 0
+    got = _zscore(image)
+    for c in range(3):
+        brain = image[c] != 0
+        values = image[c][brain].astype(np.float64)
+        std = values.std() or 1.0
+        np.testing.assert_allclose(got[c][brain], (values - values.mean()) / std, rtol=1e-5, atol=1e-5)
+        assert (got[c][~brain] == 0).all()
+    assert got.dtype == np.float32 and (got[2] == 0).all()

@@ -68,8 +68,11 @@ class SegCacheInfo:
         return list(self.channel_names) if self.labels == "regions" else list(self.channel_names[1:])
 
     def cases(self, fold: int, train: bool) -> list[dict[str, Any]]:
-        """The training cases of ``fold`` (every other fold) or its validation cases."""
-        return [r for r in self.index if (r["fold"] != fold and r["fold"] >= 0) == train and (train or r["fold"] == fold)]
+        """The training cases of ``fold`` (every other fold, never the test patients, fold -1) or its
+        validation cases."""
+        if train:
+            return [r for r in self.index if r["fold"] >= 0 and r["fold"] != fold]
+        return [r for r in self.index if r["fold"] == fold]
 
     def arrays(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         """``image``, ``label`` (the target) and ``dist`` arrays of a case, memory-mapped."""
@@ -127,14 +130,11 @@ def default_mapping(source: str, labels: str, dataset: dict[str, Any] | None = N
 
 # ------------------------------------------------------------------------------------- one case
 def _zscore(image: np.ndarray) -> np.ndarray:
-    """Per channel over the non-zero voxels (MONAI ``NormalizeIntensity(nonzero=True, channel_wise=True)``)."""
-    out = np.zeros_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        nz = image[c] != 0
-        if nz.any():
-            values = image[c][nz]
-            out[c][nz] = (values - values.mean()) / (values.std() or 1.0)
-    return out
+    """Per channel over the non-zero voxels (MONAI ``NormalizeIntensity(nonzero=True, channel_wise=True)``;
+    a constant channel keeps std 1, the background stays 0)."""
+    from monai.transforms import NormalizeIntensity
+
+    return np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(image))
 
 
 def encode_target(mask: np.ndarray, mapping: dict[str, list[int]], labels: str) -> np.ndarray:
