@@ -327,6 +327,49 @@ def test_sigmoid_region_losses_match_monai():
     assert torch.allclose(build_loss("boundary", sigmoid=True)(z, y, phi), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [None, 0.25, 0.9])
+@pytest.mark.parametrize("gamma", [0.0, 1.5, 2.0])
+def test_sigmoid_focal_fast_path_matches_monai_values_and_gradients(alpha, gamma):
+    """The hand-written sigmoid focal loss (fewer passes, in place without autograd) against MONAI's
+    ``sigmoid_focal_loss``: per-sample values, the three reductions, gradients, soft targets and logits
+    large enough to saturate the sigmoid, with and without autograd."""
+    from monai.losses import FocalLoss
+
+    from losslab.losses import build_loss
+
+    gen = torch.Generator().manual_seed(int(10 * gamma) + (0 if alpha is None else int(100 * alpha)))
+    z = torch.randn(3, 3, 6, 5, 4, generator=gen) * 8  # |z| up to ~30: saturated sigmoids on both sides
+    targets = {"binary": (torch.rand(3, 3, 6, 5, 4, generator=gen) > 0.7).float(),
+               "soft": torch.rand(3, 3, 6, 5, 4, generator=gen)}
+    monai = FocalLoss(gamma=gamma, alpha=alpha, use_softmax=False, reduction="none")
+    for kind, y in targets.items():
+        expected = monai(z, y).reshape(3, -1).mean(dim=1)
+        for reduction, reduce in (("none", lambda v: v), ("mean", torch.mean), ("sum", torch.sum)):
+            ours = build_loss("focal_seg", gamma=gamma, alpha=alpha, sigmoid=True, reduction=reduction)
+            with torch.inference_mode():
+                torch.testing.assert_close(ours(z, y), reduce(expected), rtol=1e-5, atol=1e-6, msg=kind)
+            torch.testing.assert_close(ours(z, y), reduce(expected), rtol=1e-5, atol=1e-6, msg=kind)
+        ours_z, ref_z = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        build_loss("focal_seg", gamma=gamma, alpha=alpha, sigmoid=True)(ours_z, y).backward()
+        monai(ref_z, y).mean().backward()
+        torch.testing.assert_close(ours_z.grad, ref_z.grad, rtol=1e-4, atol=1e-8, msg=kind)
+    # per-class alpha or class weights: MONAI itself computes the loss
+    weighted = build_loss("focal_seg", gamma=gamma, class_weights=[1.0, 2.0, 0.5], sigmoid=True, num_classes=3)
+    reference = FocalLoss(gamma=gamma, weight=[1.0, 2.0, 0.5], use_softmax=False)(z, targets["binary"])
+    torch.testing.assert_close(weighted(z, targets["binary"]), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_boundary_matches_its_formula_per_sample():
+    from losslab.losses import build_loss
+
+    gen = torch.Generator().manual_seed(3)
+    z, phi = torch.randn(4, 3, 6, 5, 4, generator=gen) * 5, torch.randn(4, 3, 6, 5, 4, generator=gen) * 3
+    expected = (torch.sigmoid(z) * phi).reshape(4, -1).mean(dim=1)
+    torch.testing.assert_close(build_loss("boundary", sigmoid=True, reduction="none")(z, None, phi), expected)
+    with pytest.raises(ValueError, match=r"target shape \(1, 3, 6, 5, 4\) differs from the logits' \(4, 3"):
+        build_loss("focal_seg", sigmoid=True)(z, phi[:1])
+
+
 @pytest.mark.parametrize("backbone", ["unet", "segresnet", "swinunetr"])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_segmentation_models_in_2d_and_3d(backbone, spatial_dims):

@@ -109,9 +109,10 @@ class SegmentationTask(ClassificationStep):
         return logits.permute(1, 2, 3, 0).unsqueeze(0)
 
     def discretise(self, logits: torch.Tensor) -> torch.Tensor:
-        """One binary channel per metric name ``(B, R or K-1, *spatial)`` from logits."""
+        """One binary channel per metric name ``(B, R or K-1, *spatial)`` from logits (bool for regions: MONAI's
+        metrics take it as it is, without a float copy)."""
         if self.sigmoid:
-            return (torch.sigmoid(logits) > 0.5).float()
+            return torch.sigmoid(logits) > 0.5
         return self.one_hot(logits.argmax(dim=1, keepdim=True))
 
     def one_hot(self, target: torch.Tensor) -> torch.Tensor:
@@ -137,15 +138,15 @@ class SegmentationTask(ClassificationStep):
             with autocast(device, amp):
                 logits = self.infer(model, image)
             logits = logits.float()
+            loss_sum += float(self.batch_loss(logits, batch, device))  # first, while the logits are in cache
             pred, truth = self.discretise(logits), self.one_hot(batch["label"].to(device))
             dice(pred, truth)
             if self.hd95:
                 hd95(pred, truth, spacing=[float(s) for s in batch["spacing"][0]])
-            loss_sum += float(self.batch_loss(logits, batch, device))
             n += 1
             if not overlay:
                 overlay = {"image": image[0].cpu().numpy(), "truth": truth[0].cpu().numpy(),
-                           "pred": pred[0].cpu().numpy(), "names": self.metric_names}
+                           "pred": pred[0].float().cpu().numpy(), "names": self.metric_names}
         return self._metrics(dice, hd95 if self.hd95 else None, loss_sum / max(n, 1)), overlay
 
     def _metrics(self, dice, hd95, loss: float) -> dict[str, float]:

@@ -47,6 +47,13 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], -1).mean(dim=1)
 
 
+def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ a·b`` over every dimension but the batch one, ``(B, ...) -> (B,)``, without the product tensor:
+    one BLAS dot per sample (B is small), half the time of ``torch.linalg.vecdot`` on CPU."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(a.shape[0], -1).to(a.dtype)
+    return torch.stack([torch.dot(x, y) for x, y in zip(a, b)])
+
+
 class _SegmentationLoss(LossBase):
     task = "segmentation"
 
@@ -340,7 +347,35 @@ class FocalSegLoss(_SegmentationLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.sigmoid:
             target = target.to(logits.dtype)
+            if not isinstance(self.alpha, list) and self.focal.class_weight is None:
+                if target.shape != logits.shape:
+                    raise ValueError(f"loss {self.name!r}: target shape {tuple(target.shape)} differs from the "
+                                     f"logits' {tuple(logits.shape)}")
+                return self.reduce(sigmoid_focal_per_sample(logits.float(), target.float(), self.gamma, self.alpha))
         return self.reduce(_per_sample(self.focal(logits, target)))
+
+
+def sigmoid_focal_per_sample(logits: torch.Tensor, target: torch.Tensor, gamma: float,
+                             alpha: float | None) -> torch.Tensor:
+    """Per-sample mean ``(B,)`` of MONAI's ``sigmoid_focal_loss`` (scalar or no α), in fewer passes.
+
+    Written by hand because MONAI's formulation (two ``logsigmoid`` and an ``exp`` per voxel, a per-voxel
+    α factor, a new tensor for every step) made the whole-volume ``val/loss`` of a compound loss cost
+    ~15 % of sliding-window validation on CPU. Same algebra: ``BCE = softplus(z) − z t``,
+    ``1 − p_t = sigmoid(z − 2 z t)`` (MONAI's ``exp(logsigmoid(−z(2t − 1)))``, soft targets included),
+    and α, linear in ``t``, applied to the sums: ``Σ α_t f = (1 − α) Σ f + (2α − 1) Σ t f``. Steps run in
+    place where autograd allows it (always, when no gradient is recorded). Agrees with MONAI to float
+    rounding, values and gradients (``tests/test_losses_ordinal_segmentation.py``).
+    """
+    free = not (torch.is_grad_enabled() and logits.requires_grad)  # in place even where autograd saves
+    bce = F.softplus(logits).addcmul_(logits, target, value=-1)
+    modulator = torch.addcmul(logits, logits, target, value=-2).sigmoid_()  # 1 − p_t
+    modulator = modulator.pow_(gamma) if free else modulator.pow(gamma)
+    focal = bce.mul_(modulator) if free else bce * modulator
+    flat = focal.reshape(focal.shape[0], -1)
+    if alpha is None:
+        return flat.mean(dim=1)
+    return ((1 - alpha) * flat.sum(dim=1) + (2 * alpha - 1) * _per_sample_dot(flat, target)) / flat.shape[1]
 
 
 # --------------------------------------------------------------------------------------- boundary
@@ -389,12 +424,10 @@ def boundary_loss(logits: torch.Tensor, dist_maps: torch.Tensor, include_backgro
                   sigmoid: bool = False) -> torch.Tensor:
     """Unreduced boundary loss ``(B,)``: mean over (classes, voxels) of ``softmax(z)_c · φ_c``
     (``sigmoid(z)_r · φ_r`` over every region channel with ``sigmoid=True``)."""
-    if sigmoid:
-        return _per_sample(torch.sigmoid(logits) * dist_maps.to(logits.dtype))
-    probs = torch.softmax(logits, dim=1)
-    if not include_background:
+    probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=1)
+    if not (sigmoid or include_background):
         probs, dist_maps = probs[:, 1:], dist_maps[:, 1:]
-    return _per_sample(probs * dist_maps.to(probs.dtype))
+    return _per_sample_dot(probs, dist_maps) / probs[0].numel()
 
 
 @register_loss("boundary")
