@@ -160,7 +160,7 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
     from losslab.pipelines.seg_train import build_seg_task
 
     times = {"losslab": [], "bare": []}
-    for repeat in range(args.repeats):
+    for repeat in range(-1, args.repeats):  # epoch -1 warms both up and is not timed
         for variant in (("losslab", "bare") if repeat % 2 == 0 else ("bare", "losslab")):
             seed_everything(0)
             task, model = build_seg_task(cfg, info.channel_names)
@@ -174,7 +174,8 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
                 run.train_model = model
                 t0 = time.perf_counter()
                 _train_epoch(run, FitState(run=run), 0)
-            times[variant].append(time.perf_counter() - t0)
+            if repeat >= 0:
+                times[variant].append(time.perf_counter() - t0)
     return statistics.median(times["losslab"]), statistics.median(times["bare"])
 
 
@@ -189,14 +190,15 @@ def _validation_rates(args, cfg, info) -> tuple[float, float, float]:
     _, val = make_seg_loaders(info, 0, cfg.seg, 3, 1, seed=0)
     n = len(val.dataset)
     rates = {"losslab": [], "direct": []}
-    for repeat in range(args.val_repeats):
+    for repeat in range(-1, args.val_repeats):  # pass -1 warms both up (allocator, oneDNN) and is not timed
         for variant in (("losslab", "direct") if repeat % 2 == 0 else ("direct", "losslab")):
             t0 = time.perf_counter()
             if variant == "losslab":
                 ours = task.validate(model, val, torch.device("cpu"))[0]["val/mean_dice"]
             else:
                 direct = _direct_validation(model, val, cfg.seg.patch_size, cfg.seg.sw_batch_size, cfg.seg.overlap)
-            rates[variant].append(n / (time.perf_counter() - t0))
+            if repeat >= 0:
+                rates[variant].append(n / (time.perf_counter() - t0))
     if abs(ours - direct) > 1e-6:
         print(f"WARNING: the two validations disagree: mean Dice {ours:.6f} vs {direct:.6f}")
     return statistics.median(rates["losslab"]), statistics.median(rates["direct"]), ours
@@ -239,7 +241,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--cases", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3, help="training epochs timed per variant")
+    parser.add_argument("--repeats", type=int, default=7, help="training epochs timed per variant")
     parser.add_argument("--val-repeats", type=int, default=9, help="validation passes timed per variant")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: on a loaded 2-core machine more threads spin in OpenMP barriers)")
