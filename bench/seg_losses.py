@@ -23,11 +23,17 @@ and data:
   over ``--val-repeats`` alternating passes, bar ≥ 0.95, and the milliseconds per volume the whole-volume
   ``val/loss`` adds;
 * peak memory (max RSS) of the embedded run: ``losslab train`` of ``seg_compound_learnable`` in a
-  child process (``--threads``, default 1); bar < 4 GiB.
+  child process; bar < 4 GiB.
 
-Prints numbers; asserts nothing. Run it niced, e.g.::
+The speed part runs on ``--threads`` torch threads (default 2: the issue's two CPU cores, and what
+``losslab train`` uses on a 2-core machine); the loss study on ``--study-threads`` (default 1, so a
+second study can share the machine; it measures Dice, not time).
 
-    nice -n 10 .venv/bin/python bench/seg_losses.py --seeds 0 1 2 --epochs 8 --cases 30
+Prints numbers; asserts nothing. The study (about 18 minutes on one core) can run niced beside other
+work; the speed part wants a quiet machine::
+
+    nice -n 10 .venv/bin/python bench/seg_losses.py --part losses --epochs 30 --workdir /tmp/seg
+    .venv/bin/python bench/seg_losses.py --part speed --workdir /tmp/seg
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def run_losses(args, tmp: Path) -> str:
               f"(fold 0), {len(make_seg_test_loader(info).dataset)} held-out test patients; "
               f"{cfg.model.backbone} {cfg.model.spatial_dims}D{f' {cfg.model.backbone_kwargs}' if cfg.model.backbone_kwargs else ''}, patches "
               f"{cfg.seg.patch_size} × {cfg.seg.samples_per_case} per case, {args.epochs} epochs, seeds "
-              f"{', '.join(map(str, args.seeds))}, {args.threads} CPU thread(s)). The epoch is chosen by validation "
+              f"{', '.join(map(str, args.seeds))}, {args.study_threads} CPU thread(s)). The epoch is chosen by validation "
               f"mean Dice; Dice and HD95 are of that checkpoint on the test patients, mean ± std over seeds, "
               f"with each seed's test mean Dice and the validation mean Dice the choice was made on. Written by "
               f"`bench/seg_losses.py {_shown_arguments()}`.\n\n")
@@ -270,21 +276,22 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=7, help="training epochs timed per variant")
     parser.add_argument("--val-repeats", type=int, default=9, help="validation passes timed per variant")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: on a loaded 2-core machine more threads spin in OpenMP barriers)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the speed part (run it on a quiet machine)")
+    parser.add_argument("--study-threads", type=int, default=1, help="torch threads of the loss study")
     parser.add_argument("--override", "-o", action="append", default=[],
                         help="dotted config override applied to every run, e.g. -o seg.patch_size=[32,32,16]")
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--workdir", default=None, help="keep data and cache here (default: a temporary folder)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.workdir or scratch)
         if not (tmp / "data").is_dir():
             _data(tmp, args)
         if args.part in ("speed", "all"):
+            torch.set_num_threads(args.threads)
             run_speed(args, tmp)
         if args.part in ("losses", "all"):
+            torch.set_num_threads(args.study_threads)
             section = run_losses(args, tmp)
             print(section)
             write_results(section, Path(args.results))
