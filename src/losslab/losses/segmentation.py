@@ -365,9 +365,9 @@ def sigmoid_focal_per_sample(logits: torch.Tensor, target: torch.Tensor, gamma: 
     ``1 − p_t = sigmoid(z − 2 z t)`` (MONAI's ``exp(logsigmoid(−z(2t − 1)))``, soft targets included),
     and α, linear in ``t``, applied to the sums: ``Σ α_t f = (1 − α) Σ f + (2α − 1) Σ t f``. Steps run in
     place where autograd allows it (always, when no gradient is recorded). Agrees with MONAI to float
-    rounding, values and gradients (``tests/test_losses_ordinal_segmentation.py``).
+    rounding, values and gradients (``tests/test_segmentation.py``).
     """
-    free = not (torch.is_grad_enabled() and logits.requires_grad)  # in place even where autograd saves
+    free = not (torch.is_grad_enabled() and logits.requires_grad)  # no graph: every step may run in place
     bce = F.softplus(logits).addcmul_(logits, target, value=-1)
     modulator = torch.addcmul(logits, logits, target, value=-2).sigmoid_()  # 1 − p_t
     modulator = modulator.pow_(gamma) if free else modulator.pow(gamma)
