@@ -80,7 +80,7 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     from losslab.pipelines.seg_train import build_seg_task, split_metrics
 
     seed_everything(cfg.train.seed)
-    task, model = build_seg_task(cfg, info.channel_names)
+    task, model = build_seg_task(cfg, info.channel_names, info.voxel_fractions(cfg.data.fold))
     train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                   seed=cfg.train.seed)
     fit(model, task.loss_fn, train, val, cfg.train, cfg.optim, task.metric_names, step=task)
@@ -196,7 +196,7 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
     for repeat in range(-1, args.repeats):  # epoch -1 warms both up and is not timed
         for variant in (("losslab", "bare") if repeat % 2 == 0 else ("bare", "losslab")):
             seed_everything(0)
-            task, model = build_seg_task(cfg, info.channel_names)
+            task, model = build_seg_task(cfg, info.channel_names, info.voxel_fractions(0))
             train, _ = make_seg_loaders(info, 0, cfg.seg, 3, cfg.data.batch_size, seed=0)
             if variant == "bare":
                 optimizer = build_optimizer(model, task.loss_fn, cfg.optim)

@@ -67,6 +67,16 @@ def _train(config: str, seg_root, seg_cache_dir, tmp_path, experiment: str, *ext
     return line.split(" run ")[1].split()[0]
 
 
+def _counted_fractions(cache_dir: Path, fold: int) -> list[float]:
+    """Per region, foreground voxels / voxels over the training volumes of ``fold``, counted from the
+    cached target arrays (not from the index's counts)."""
+    index = json.loads((cache_dir / "index.json").read_text())
+    targets = [np.load(cache_dir / "cases" / f"{r['case_id']}_target.npy") for r in index
+               if r["fold"] >= 0 and r["fold"] != fold]
+    fg = np.sum([t.reshape(t.shape[0], -1).sum(axis=1) for t in targets], axis=0)
+    return [max(int(c), 1) / sum(t[0].size for t in targets) for c in fg]
+
+
 def _history(client, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
@@ -88,6 +98,9 @@ def test_a_short_run_per_loss_logs_region_dice_each_epoch_and_registers_a_model(
     np.testing.assert_allclose(_history(client, run_id, "val/mean_dice"), dice.mean(axis=0), rtol=1e-6)
     versions = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")
     assert len(versions) == 1
+    if config == "seg_dice":  # the output bias prior: the regions' voxel fractions of the training volumes
+        assert run.data.params["seg.output_bias_prior"] == ",".join(
+            f"{r}={f:.5g}" for r, f in zip(REGIONS, _counted_fractions(seg_cache_dir, fold=0)))
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/overlay.png", "plots/overlay_epoch_000.png", "plots/curves.png"} <= plots
     if config == "seg_boundary":  # α = max(0.01, 1 − 0.02·epoch) moved from Dice to the boundary term
@@ -368,6 +381,61 @@ def test_sigmoid_boundary_matches_its_formula_per_sample():
     torch.testing.assert_close(build_loss("boundary", sigmoid=True, reduction="none")(z, None, phi), expected)
     with pytest.raises(ValueError, match=r"target shape \(1, 3, 6, 5, 4\) differs from the logits' \(4, 3"):
         build_loss("focal_seg", sigmoid=True)(z, phi[:1])
+
+
+@pytest.mark.parametrize("backbone", ["unet", "segresnet", "swinunetr"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_output_bias_is_the_last_layer_and_starts_at_the_prior(backbone, spatial_dims):
+    """Moving the bias :meth:`SegmentationNet.output_bias` finds by δ_c moves every logit of channel c by
+    δ_c (so it is the network's last, additive layer); ``init_output_bias`` sets it to the log-odds of
+    the fractions (regions) or their log (classes)."""
+    import math
+
+    from losslab.config import ModelConfig
+    from losslab.models import build_model
+
+    cfg = ModelConfig(kind="segmentation", backbone=backbone, spatial_dims=spatial_dims, in_chans=2)
+    model = build_model(cfg, num_outputs=3).eval()
+    shape = [64, 64, 32][:spatial_dims]  # SwinUNETR needs more than one voxel at its bottleneck
+    x = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+        delta = torch.tensor([0.5, -1.0, 2.0])
+        model.output_bias().add_(delta)
+        shift = model(x) - before
+    expected = delta.view(1, 3, *([1] * spatial_dims)).expand_as(shift)
+    torch.testing.assert_close(shift, expected, atol=2e-5, rtol=0)
+    fractions = [0.02, 0.005, 0.001]
+    model.init_output_bias(fractions, sigmoid=True)
+    torch.testing.assert_close(model.output_bias().detach(), torch.tensor([math.log(f / (1 - f)) for f in fractions]))
+    model.init_output_bias([0.9, 0.06, 0.04], sigmoid=False)
+    torch.testing.assert_close(model.output_bias().detach(), torch.tensor([math.log(0.9), math.log(0.06), math.log(0.04)]))
+    with pytest.raises(ValueError, match=r"3 fraction\(s\) in \(0, 1\) needed for 3 output channel\(s\), got \[0.5, 0.0, 0.1\]"):
+        model.init_output_bias([0.5, 0.0, 0.1], sigmoid=True)
+
+
+def test_voxel_fractions_count_the_training_volumes_for_regions_and_classes(seg_root, tmp_path):
+    from losslab.config import load_config
+    from losslab.data.seg_cache import build_seg_cache
+
+    for labels in ("regions", "classes"):
+        cache = tmp_path / labels
+        cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml",
+                          _overrides(seg_root, cache, tmp_path / "ckpt", "unused", f"seg.labels={labels}"))
+        info = build_seg_cache(cfg.data, cfg.seg)
+        index = json.loads((cache / "index.json").read_text())
+        for fold in (0, 1):
+            targets = [np.load(cache / "cases" / f"{r['case_id']}_target.npy") for r in index
+                       if r["fold"] >= 0 and r["fold"] != fold]
+            size = sum(t[0].size for t in targets)
+            if labels == "regions":
+                counts = np.sum([t.reshape(3, -1).sum(axis=1) for t in targets], axis=0)
+            else:
+                counts = np.sum([[int((t == k).sum()) for k in range(4)] for t in targets], axis=0)
+            expected = [max(int(c), 1) / size for c in counts]
+            assert info.voxel_fractions(fold) == pytest.approx(expected, rel=1e-12), (labels, fold)
+        if labels == "classes":
+            assert sum(info.voxel_fractions(0)) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("backbone", ["unet", "segresnet", "swinunetr"])

@@ -17,7 +17,8 @@ Layout under ``data.cache_dir``::
     cases/<case_id>_target.npy  uint8 (R, X, Y, Z) multi-hot regions, or (1, X, Y, Z) class indices
     cases/<case_id>_dist.npy    float32 (R or K, X, Y, Z) signed distance maps with the voxel spacing
                                 (:func:`losslab.losses.signed_distance_map`), for the boundary loss
-    index.json                  one row per case: case_id, patient_id, fold, spacing, shape, empty
+    index.json                  one row per case: case_id, patient_id, fold, spacing, shape, empty,
+                                voxels (foreground voxels per region, or voxels per class)
     report.json                 read / skipped (item + reason) / notes, channel names, fingerprint
 
 A mask with a raw label outside the mapping and a mask whose shape differs from its image are skipped
@@ -40,7 +41,7 @@ import numpy as np
 from losslab.data.deid import resolve_salt, salted_hash
 from losslab.data.sources.base import SkipReport
 
-SEG_CACHE_VERSION = 1
+SEG_CACHE_VERSION = 2  # 2: voxel counts per channel in the index
 BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
 BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
 MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
@@ -73,6 +74,15 @@ class SegCacheInfo:
         if train:
             return [r for r in self.index if r["fold"] >= 0 and r["fold"] != fold]
         return [r for r in self.index if r["fold"] == fold]
+
+    def voxel_fractions(self, fold: int) -> list[float]:
+        """Per channel, the fraction of the training volumes' voxels it covers (regions: foreground;
+        classes: that class), over the training cases of ``fold``; a channel absent from them counts one
+        voxel, so every fraction is positive."""
+        rows = self.cases(fold, train=True)
+        size = sum(int(np.prod(r["shape"])) for r in rows)
+        counts = np.sum([r["voxels"] for r in rows], axis=0)
+        return [float(max(c, 1) / size) for c in counts]
 
     def arrays(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         """``image``, ``label`` (the target) and ``dist`` arrays of a case, memory-mapped."""
@@ -145,6 +155,14 @@ def encode_target(mask: np.ndarray, mapping: dict[str, list[int]], labels: str) 
     for index, values in enumerate(mapping.values()):
         out[0][np.isin(mask, values)] = index
     return out
+
+
+def channel_voxels(target: np.ndarray, labels: str, num_channels: int) -> list[int]:
+    """Foreground voxels per region of a multi-hot target ``(R, ...)``, or voxels per class of a class
+    map ``(1, ...)``."""
+    if labels == "regions":
+        return [int(c) for c in target.reshape(target.shape[0], -1).sum(axis=1, dtype=np.int64)]
+    return [int(c) for c in np.bincount(target.reshape(-1).astype(np.int64), minlength=num_channels)]
 
 
 def distance_maps(target: np.ndarray, labels: str, num_channels: int, spacing: list[float]) -> np.ndarray:
@@ -250,7 +268,7 @@ def _write_cases(items, cache_dir: Path, mapping: dict[str, list[int]], labels: 
         np.save(f"{base}_target.npy", target)
         np.save(f"{base}_dist.npy", distance_maps(target, labels, len(mapping), spacing).astype(np.float32))
         rows.append({"case_id": case_id, "patient_id": case_id, "spacing": spacing, "shape": list(mask.shape),
-                     "empty": empty, "fold": 0})
+                     "empty": empty, "fold": 0, "voxels": channel_voxels(target, labels, len(mapping))})
         report.read += 1
     if not rows:
         reasons = "; ".join(f"{s['item']}: {s['reason']}" for s in report.skipped[:5])

@@ -58,13 +58,39 @@ class SegmentationNet(nn.Module):
     ``x (B, C, *spatial) -> logits (B, K, *spatial)``; ``mask`` is ignored (bag models take one).
     """
 
-    def __init__(self, net: nn.Module, spatial_dims: int) -> None:
+    def __init__(self, net: nn.Module, spatial_dims: int, num_outputs: int) -> None:
         super().__init__()
         self.net = net
         self.spatial_dims = int(spatial_dims)
+        self.num_outputs = int(num_outputs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
+
+    def output_bias(self) -> nn.Parameter:
+        """The bias of the network's last layer: the last convolution (in registration order, which for
+        UNet, SegResNet and SwinUNETR is the output layer) with a bias and as many output channels as
+        the logits have."""
+        convs = [m for m in self.net.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None
+                 and m.out_channels == self.num_outputs]
+        if not convs:
+            raise ValueError(f"{type(self.net).__name__} has no output convolution with a bias to start at the prior")
+        return convs[-1].bias
+
+    def init_output_bias(self, fractions: list[float], sigmoid: bool) -> None:
+        """Start the logits at the prior of each channel, as the classification heads do (the segmentation
+        analogue of ``init_bias_from_priors``; RetinaNet's prior init, Lin et al. 2017): the log-odds of
+        each region's voxel fraction (sigmoid), or the log of each class's fraction (softmax). At zero
+        bias every voxel starts at p = 0.5, and a Dice-type loss spends its first epochs (on the embedded
+        cohort, most of 30) removing false positives from the 98 % of voxels that are background."""
+        f = torch.as_tensor(fractions, dtype=torch.float64)
+        bias = self.output_bias()
+        if f.shape != bias.shape or not ((f > 0) & (f < 1)).all():
+            raise ValueError(f"output bias prior: {len(fractions)} fraction(s) in (0, 1) needed for "
+                             f"{bias.numel()} output channel(s), got {fractions}")
+        value = torch.log(f / (1 - f)) if sigmoid else torch.log(f / f.sum())
+        with torch.no_grad():
+            bias.copy_(value.to(bias.dtype))
 
 
 def build_segmentation_model(backbone: str, spatial_dims: int, in_chans: int, num_outputs: int,
@@ -88,4 +114,4 @@ def build_segmentation_model(backbone: str, spatial_dims: int, in_chans: int, nu
         raise TypeError(f"model.backbone_kwargs: {', '.join(unknown)} not accepted by {target}; it accepts: "
                         f"{', '.join(sorted(accepted - {'self'}))}")
     net = factory(int(spatial_dims), int(in_chans), int(num_outputs), **kwargs)
-    return SegmentationNet(net, spatial_dims)
+    return SegmentationNet(net, spatial_dims, num_outputs)

@@ -42,8 +42,10 @@ def seg_loss_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return params
 
 
-def build_seg_task(cfg: ExperimentConfig, channel_names: list[str]):
-    """``(task, model)`` for ``cfg``: the loss (refused unless it is a segmentation loss) and the network.
+def build_seg_task(cfg: ExperimentConfig, channel_names: list[str], fractions: list[float] | None = None):
+    """``(task, model)`` for ``cfg``: the loss (refused unless it is a segmentation loss) and the network,
+    whose output bias starts at the channels' voxel ``fractions`` in the training volumes when given
+    (:meth:`SegCacheInfo.voxel_fractions`; a model about to load weights needs none).
 
     Raises:
         ValueError: ``loss.name`` is not a segmentation loss (names it and the segmentation losses).
@@ -63,6 +65,8 @@ def build_seg_task(cfg: ExperimentConfig, channel_names: list[str]):
     if getattr(loss_fn, "task", None) != "segmentation":
         raise ValueError(f"loss.name={cfg.loss.name!r}: its terms are {loss_fn.task} losses, not segmentation losses")
     model = build_model(cfg.model, num_outputs=len(channel_names))
+    if fractions is not None:
+        model.init_output_bias(fractions, sigmoid=cfg.seg.labels == "regions")
     task = SegmentationTask(loss_fn, channel_names, cfg.seg.labels == "regions", cfg.seg.patch_size,
                             cfg.seg.sw_batch_size, cfg.seg.overlap, cfg.seg.hd95)
     return task, model
@@ -85,10 +89,11 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
     with managed_run(run_name=cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}", tags=tags, nested=nested,
                      run_id=resume_run_id) as run:
         run_id = run.info.run_id
-        task, model = build_seg_task(cfg, info.channel_names)
+        fractions = info.voxel_fractions(fold)
+        task, model = build_seg_task(cfg, info.channel_names, fractions)
         train_loader, val_loader = make_seg_loaders(info, fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                                     cfg.data.num_workers, seed=cfg.train.seed + fold)
-        resume_from = _resume_or_log(cfg, info, task, run_id, resume_run_id, (train_loader, val_loader))
+        resume_from = _resume_or_log(cfg, info, task, run_id, resume_run_id, (train_loader, val_loader), fractions)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
         callbacks = [ReseedEachEpoch(train_loader, cfg.train.seed + fold),
                      SegmentationMLflowCallback(run_id, task.metric_names, plot_every=cfg.train.plot_every,
@@ -117,8 +122,9 @@ def train_seg_fold(cfg: ExperimentConfig, info: SegCacheInfo, fold: int, nested:
 
 
 def _resume_or_log(cfg: ExperimentConfig, info: SegCacheInfo, task: SegmentationTask, run_id: str,
-                   resume_run_id: str | None, loaders: tuple) -> Path | None:
-    """A new run: log the config and the data sizes; ``None``. A resumed one: its ``last.pt``."""
+                   resume_run_id: str | None, loaders: tuple, fractions: list[float]) -> Path | None:
+    """A new run: log the config, the data sizes and the output bias prior; ``None``. A resumed one: its
+    ``last.pt``."""
     from losslab.pipelines.train import resume_checkpoint
 
     if resume_run_id is not None:
@@ -126,7 +132,8 @@ def _resume_or_log(cfg: ExperimentConfig, info: SegCacheInfo, task: Segmentation
     train_loader, val_loader = loaders
     log_config(cfg)
     mlflow.log_params({"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
-                       "loss.formula": str(task.loss_fn)[:6000], "seg.channels": ",".join(info.channel_names)})
+                       "loss.formula": str(task.loss_fn)[:6000], "seg.channels": ",".join(info.channel_names),
+                       "seg.output_bias_prior": ",".join(f"{n}={f:.5g}" for n, f in zip(info.channel_names, fractions))})
     mlflow.set_tag("losslab.class_names", ",".join(task.metric_names))
     return None
 
