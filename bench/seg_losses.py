@@ -76,7 +76,7 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     (``val/mean_dice``), and that checkpoint is scored on the held-out test patients, which neither
     training nor the choice saw."""
     from losslab.data.seg_datasets import make_seg_loaders, make_seg_test_loader
-    from losslab.engine.loop import fit, load_checkpoint, seed_everything
+    from losslab.engine.loop import evaluation_weights, fit, load_checkpoint, seed_everything
     from losslab.pipelines.seg_train import build_seg_task, split_metrics
 
     seed_everything(cfg.train.seed)
@@ -84,7 +84,7 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                   seed=cfg.train.seed)
     fit(model, task.loss_fn, train, val, cfg.train, cfg.optim, task.metric_names, step=task)
-    model.load_state_dict(load_checkpoint(Path(cfg.train.checkpoint_dir) / "best.pt")["model"])
+    model.load_state_dict(evaluation_weights(load_checkpoint(Path(cfg.train.checkpoint_dir) / "best.pt")))
     test = make_seg_test_loader(info)
     if test is None:
         raise SystemExit("the segmentation cache has no held-out test patients (data.test_fraction=0)")
@@ -102,6 +102,7 @@ def _fmt(values: list[float], digits: int) -> str:
 
 def run_losses(args, tmp: Path) -> str:
     from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.splits import TEST_FOLD
 
     rows, info = [], None
     for loss in args.losses:
@@ -123,11 +124,9 @@ def run_losses(args, tmp: Path) -> str:
         rows.append((statistics.mean(m["test/mean_dice"] for m in test), loss, cells))
     rows.sort(key=lambda r: -r[0])
     cfg = _config(args.losses[0], tmp, args, 0)
-    from losslab.data.seg_datasets import make_seg_test_loader
-
     header = (f"Segmentation loss study (embedded BraTS-layout cohort, {args.cases} cases of 64 × 64 × 32 voxels: "
               f"{len(info.cases(0, train=True))} training and {len(info.cases(0, train=False))} validation volumes "
-              f"(fold 0), {len(make_seg_test_loader(info).dataset)} held-out test patients; "
+              f"(fold 0), {sum(r['fold'] == TEST_FOLD for r in info.index)} held-out test patients; "
               f"{cfg.model.backbone} {cfg.model.spatial_dims}D{f' {cfg.model.backbone_kwargs}' if cfg.model.backbone_kwargs else ''}, patches "
               f"{cfg.seg.patch_size} × {cfg.seg.samples_per_case} per case, {args.epochs} epochs, seeds "
               f"{', '.join(map(str, args.seeds))}, {args.study_threads} CPU thread(s)). The epoch is chosen by validation "

@@ -70,15 +70,17 @@ class SegmentationTask(ClassificationStep):
         """Names the metrics are reported for (regions, or classes without background)."""
         return self.names if self.sigmoid else self.names[1:]
 
+    def _output(self, logits: torch.Tensor, batch: dict[str, Any]) -> StepOutput:
+        """The logits with the batch's distance maps, when the loss takes them."""
+        return StepOutput(logits, aux={"dist": batch["dist"]} if self.pass_dist else {})
+
     def batch_loss(self, logits: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         """The loss of ``logits`` against the batch's target (and distance maps, when the loss takes them)."""
-        out = StepOutput(logits, aux={"dist": batch["dist"]} if self.pass_dist else {})
-        return self.loss(self.loss_fn, out, self.target(batch, device))
+        return self.loss(self.loss_fn, self._output(logits, batch), self.target(batch, device))
 
     # ------------------------------------------------------------------ the step of engine.loop.fit
     def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> StepOutput:
-        logits = model(batch["image"].to(device, non_blocking=True))
-        return StepOutput(logits, aux={"dist": batch["dist"]} if self.pass_dist else {})
+        return self._output(model(batch["image"].to(device, non_blocking=True)), batch)
 
     def target(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         target = batch["label"].to(device, non_blocking=True)
@@ -138,7 +140,7 @@ class SegmentationTask(ClassificationStep):
             with autocast(device, amp):
                 logits = self.infer(model, image)
             logits = logits.float()
-            loss_sum += float(self.batch_loss(logits, batch, device))  # first, while the logits are in cache
+            loss_sum += float(self.batch_loss(logits, batch, device))
             pred, truth = self.discretise(logits), self.one_hot(batch["label"].to(device))
             dice(pred, truth)
             if self.hd95:

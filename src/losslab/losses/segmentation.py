@@ -345,13 +345,13 @@ class FocalSegLoss(_SegmentationLoss):
         return values
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.sigmoid and not isinstance(self.alpha, list) and self.focal.class_weight is None:
+            if target.shape != logits.shape:
+                raise ValueError(f"loss {self.name!r}: target shape {tuple(target.shape)} differs from the "
+                                 f"logits' {tuple(logits.shape)}")
+            return self.reduce(sigmoid_focal_per_sample(logits.float(), target.float(), self.gamma, self.alpha))
         if self.sigmoid:
             target = target.to(logits.dtype)
-            if not isinstance(self.alpha, list) and self.focal.class_weight is None:
-                if target.shape != logits.shape:
-                    raise ValueError(f"loss {self.name!r}: target shape {tuple(target.shape)} differs from the "
-                                     f"logits' {tuple(logits.shape)}")
-                return self.reduce(sigmoid_focal_per_sample(logits.float(), target.float(), self.gamma, self.alpha))
         return self.reduce(_per_sample(self.focal(logits, target)))
 
 

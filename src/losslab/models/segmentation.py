@@ -83,14 +83,18 @@ class SegmentationNet(nn.Module):
         each region's voxel fraction (sigmoid), or the log of each class's fraction (softmax). At zero
         bias every voxel starts at p = 0.5, and a Dice-type loss spends its first epochs (on the embedded
         cohort, most of 30) removing false positives from the 98 % of voxels that are background."""
-        f = torch.as_tensor(fractions, dtype=torch.float64)
+        from losslab.models.mil import init_bias_from_priors
+
         bias = self.output_bias()
-        if f.shape != bias.shape or not ((f > 0) & (f < 1)).all():
+        if len(fractions) != bias.numel() or not all(0 < f < 1 for f in fractions):
             raise ValueError(f"output bias prior: {len(fractions)} fraction(s) in (0, 1) needed for "
                              f"{bias.numel()} output channel(s), got {fractions}")
-        value = torch.log(f / (1 - f)) if sigmoid else torch.log(f / f.sum())
+        if not sigmoid:
+            init_bias_from_priors(bias, fractions)
+            return
         with torch.no_grad():
-            bias.copy_(value.to(bias.dtype))
+            for r, f in enumerate(fractions):  # each region is its own two-class prior (1 − f, f)
+                init_bias_from_priors(bias[r:r + 1], (1 - f, f))
 
 
 def build_segmentation_model(backbone: str, spatial_dims: int, in_chans: int, num_outputs: int,

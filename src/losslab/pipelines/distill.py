@@ -188,6 +188,7 @@ def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: Mu
     from losslab.engine.callbacks import ReseedEachEpoch
     from losslab.engine.loop import evaluation_weights, fit, load_checkpoint
     from losslab.engine.monitor import default_mode
+    from losslab.pipelines.train import resume_checkpoint
     from losslab.tracking import MLflowCallback
 
     train_loader, val_loader = loaders
@@ -196,8 +197,6 @@ def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: Mu
         "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
     tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
                              checkpoint_every=cfg.train.upload_checkpoint_every)
-    from losslab.pipelines.train import resume_checkpoint
-
     # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
     resume_from = resume_checkpoint(cfg, run_id) if resume else None
     reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator
