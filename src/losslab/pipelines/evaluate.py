@@ -75,7 +75,7 @@ from losslab.data.cache import CacheInfo, build_cache, load_cache
 from losslab.data.splits import TEST_FOLD, split_fingerprint
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
-from losslab.engine.loop import load_checkpoint, predict, resolve_device
+from losslab.engine.loop import evaluation_weights, load_checkpoint, predict, resolve_device
 from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.registry import load_registered_model
@@ -226,7 +226,7 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
             raise SourceNotFoundError(f"checkpoint file {source} not found")
         class_names = _cache_class_names(cfg)
         loss_fn, model = _rebuild(cfg, _class_counts(None, cfg, class_names))
-        model.load_state_dict(load_checkpoint(path)["model"])
+        model.load_state_dict(evaluation_weights(load_checkpoint(path)))
         tags = {"losslab.source_checkpoint": str(path.resolve()), "losslab.loss": cfg.loss.name,
                 "losslab.dataset": cfg.data.source}
         return LoadedSource(cfg, model, loss_fn, class_names, None, None, tags)
@@ -243,7 +243,7 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
             ckpt = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp)
         except (MlflowException, OSError) as exc:
             raise SourceNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {exc}") from None
-        model.load_state_dict(load_checkpoint(ckpt)["model"])
+        model.load_state_dict(evaluation_weights(load_checkpoint(ckpt)))
     tags = {"losslab.source_run_id": run_id}
     return LoadedSource(run_cfg, model, loss_fn, class_names, run_id, run.info.experiment_id,
                         tags | _provenance(run))

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from losslab.config import ExperimentConfig, section_dict
-from losslab.engine.loop import load_checkpoint, resolve_device
+from losslab.engine.loop import evaluation_weights, load_checkpoint, resolve_device
 from losslab.tracking import managed_run, resolve_tracking_uri
 
 
@@ -62,7 +62,7 @@ def _load_weights(run_id: str) -> dict[str, Any]:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp)
         except (MlflowException, OSError) as exc:
             raise SourceNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {exc}") from None
-        return load_checkpoint(path)["model"]
+        return evaluation_weights(load_checkpoint(path))
 
 
 def _seg_loader(info, run_cfg: ExperimentConfig, split: str, fold: int | None):
