@@ -6,18 +6,20 @@
   Bag sampling: ``random`` (a new sorted subset every epoch; reproducible from the torch RNG),
   ``evenly_spaced`` (deterministic: for validation), ``all`` (every instance; padded per batch).
 * :class:`SliceStackDataset` — 2.5D stacks ``(S, C, H, W)`` with their ``level`` index.
-* :class:`VolumeDataset` — whole volumes ``(C, D, H, W)`` for 3D models (depth resampled with MONAI).
+* :class:`VolumeDataset` — whole volumes ``(C, D, H, W)`` for 3D models (resampled once with MONAI).
 * :class:`ImageDataset` — one 2D image per case. Item: ``image (C, H, W)`` float32, ``label``,
   ``index``; the cached array must be ``(1, C, H, W)``.
 
-Arrays are memory-mapped (``np.load(mmap_mode="r")``) and normalised by a
+Every case is read once (``np.load(mmap_mode="r")``) and normalised by a
 :class:`~losslab.data.normalization.Normalizer` (default: z-score per case and channel over non-zero
-voxels with the statistics stored in the index; background stays 0).
+voxels with the statistics stored in the index; background stays 0) when the dataset is built, and
+volumes are resampled then too; an item only samples, augments and copies (``_CaseArrays``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,8 @@ from torch.utils.data import Dataset
 
 from losslab.data.normalization import Normalizer
 
+logger = logging.getLogger(__name__)
+
 PER_CASE_ZSCORE = Normalizer("per_case_nonzero_zscore")
 
 
@@ -36,10 +40,18 @@ def _evenly_spaced(n: int, k: int) -> np.ndarray:
 
 
 class _CaseArrays(Dataset):
-    """Case arrays of ``index`` rows; arrays are kept in memory once read while they fit in
-    ``memory_budget_bytes`` (small data such as digits are then read from disk once)."""
+    """Case arrays of ``index`` rows, prepared once.
 
-    memory_budget_bytes = 256 * 2**20
+    The deterministic part of an item (reading the case, normalising it and, for volumes,
+    resampling it: :meth:`_prepare`) is done for every case at construction and kept in memory as
+    float32, so an epoch only does the random part (bag sampling, augmentation) and copies. Memory,
+    not a memmap under the cache folder: the prepared values depend on the run (the normaliser's
+    training-fold statistics, the volume shape), the cache folder is shared by every run, and
+    forked loader workers read the parent's arrays without copying them. A split whose prepared
+    arrays would exceed ``preload_budget_bytes`` (estimated from the index's ``shape``) is prepared
+    per item instead, with a warning naming its size."""
+
+    preload_budget_bytes = 8 * 2**30
 
     def __init__(self, index: pd.DataFrame, cache_dir: str | Path, normalizer: Normalizer = PER_CASE_ZSCORE,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
@@ -49,25 +61,40 @@ class _CaseArrays(Dataset):
         self.transform = transform
         self.labels = self.index["label"].to_numpy().astype(np.int64)
         self._paths = [self.cache_dir / p for p in self.index["array_path"]]
-        self._kept: dict[int, np.ndarray] = {}
-        self._kept_bytes = 0
+        self._prepared: list[np.ndarray] | None = None
+        estimate = self._prepared_bytes()
+        if estimate <= self.preload_budget_bytes:
+            self._prepared = [self._prepare(i) for i in range(len(self.index))]
+            for arr in self._prepared:
+                arr.setflags(write=False)  # items copy out of it; the prepared case never changes
+        else:
+            logger.warning("dataset of %d cases: prepared arrays would take %.1f GiB (> %.1f GiB); each item is "
+                           "read and normalised when it is drawn", len(self.index), estimate / 2**30,
+                           self.preload_budget_bytes / 2**30)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _prepared_bytes(self) -> int:
+        """Estimated float32 bytes of every prepared case (from the cached shapes)."""
+        if "shape" not in self.index.columns:
+            return 0
+        return int(sum(4 * np.prod([int(v) for v in shape]) for shape in self.index["shape"]))
+
     def _load(self, i: int) -> np.ndarray:
-        if i in self._kept:
-            return self._kept[i]
-        arr = np.load(self._paths[i], mmap_mode="r")
-        if self._kept_bytes + arr.nbytes <= self.memory_budget_bytes:
-            arr = np.array(arr)
-            self._kept[i] = arr
-            self._kept_bytes += arr.nbytes
-        return arr
+        return np.load(self._paths[i], mmap_mode="r")
 
     def _normalise(self, i: int, arr: np.ndarray) -> np.ndarray:
         row = self.index.iloc[i] if self.normalizer.mode == "per_case_nonzero_zscore" else None
         return self.normalizer(arr, row)
+
+    def _prepare(self, i: int) -> np.ndarray:
+        """The deterministic part of case ``i``: its cached array ``(N, C, H, W)``, normalised (float32)."""
+        return self._normalise(i, self._load(i))
+
+    def _case(self, i: int) -> np.ndarray:
+        """Case ``i`` as :meth:`_prepare` returns it (prepared at construction when it fitted); read-only."""
+        return self._prepared[i] if self._prepared is not None else self._prepare(i)
 
 
 class BagDataset(_CaseArrays):
@@ -76,9 +103,9 @@ class BagDataset(_CaseArrays):
     def __init__(self, index: pd.DataFrame, cache_dir: str | Path, bag_size: int = 16,
                  sampling: str = "random", normalizer: Normalizer = PER_CASE_ZSCORE,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        super().__init__(index, cache_dir, normalizer, transform)
         if sampling not in ("random", "evenly_spaced", "all"):
             raise ValueError(f"bag sampling {sampling!r} not in random, evenly_spaced, all")
+        super().__init__(index, cache_dir, normalizer, transform)
         self.bag_size = int(bag_size)
         self.sampling = sampling
 
@@ -92,14 +119,14 @@ class BagDataset(_CaseArrays):
         return np.sort(rng.choice(n, size=self.bag_size, replace=False))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        arr = self._load(i)
+        arr = self._case(i)
         chosen = self._choose(arr.shape[0])
-        image = self._normalise(i, arr[chosen])
-        if self.transform is not None:
-            image = self.transform(image)
         size = len(chosen) if self.sampling == "all" else self.bag_size
-        out = np.zeros((size,) + image.shape[1:], dtype=np.float32)
-        out[: len(chosen)] = image
+        out = np.empty((size,) + arr.shape[1:], dtype=np.float32)
+        np.take(arr, chosen, axis=0, out=out[: len(chosen)])
+        out[len(chosen):] = 0
+        if self.transform is not None:
+            out[: len(chosen)] = self.transform(out[: len(chosen)])
         mask = np.zeros(size, dtype=bool)
         mask[: len(chosen)] = True
         instance_index = np.full(size, -1, dtype=np.int64)
@@ -117,12 +144,11 @@ class SliceStackDataset(_CaseArrays):
     """2.5D stacks ``(S, C, H, W)`` with ``level`` (from the case's meta, default 0)."""
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self._normalise(i, self._load(i))
-        if self.transform is not None:
-            image = self.transform(image)
+        image = self._case(i)
+        image = self.transform(image) if self.transform is not None else image
         meta = json.loads(self.index.iloc[i]["meta"] or "{}")
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "image": torch.from_numpy(np.array(image, dtype=np.float32, order="C")),
             "mask": torch.ones(image.shape[0], dtype=torch.bool),
             "level": torch.tensor(int(meta.get("level", 0))),
             "label": torch.tensor(self.labels[i]),
@@ -132,14 +158,14 @@ class SliceStackDataset(_CaseArrays):
 
 class VolumeDataset(_CaseArrays):
     """Whole volumes for 3D models: the cached slices ``(D, C, H, W)`` of a case, normalised,
-    optionally augmented like a bag, then transposed to ``(C, D, H, W)`` and resampled with MONAI's
-    ``Resize`` (trilinear) to ``depth`` slices and, when ``size = (H, W)`` is given, to that in-plane
-    size (else H and W are kept), so every case of a batch has the same shape.
+    transposed to ``(C, D, H, W)`` and resampled with MONAI's ``Resize`` (trilinear) to ``depth``
+    slices and, when ``size = (H, W)`` is given, to that in-plane size (else H and W are kept), so
+    every case of a batch has the same shape. This is done once per case, at construction; the
+    augmentation (``transform``, on ``(D, C, H, W)``) then runs on the resampled volume of each item.
     Item: ``image (C, depth, H, W)`` float32, ``label``, ``index``."""
 
     def __init__(self, index: pd.DataFrame, cache_dir: str | Path, depth: int = 32,
                  size: tuple[int, int] | list[int] | None = None, **kwargs: Any) -> None:
-        super().__init__(index, cache_dir, **kwargs)
         from monai.transforms import Resize
 
         if int(depth) < 1:
@@ -150,34 +176,45 @@ class VolumeDataset(_CaseArrays):
         self.size = tuple(int(v) for v in size) if size is not None else None
         self.resize = Resize(spatial_size=(self.depth,) + (self.size or (-1, -1)), mode="trilinear",
                              align_corners=False)
+        super().__init__(index, cache_dir, **kwargs)
 
     def output_shape(self, height_width: tuple[int, int]) -> tuple[int, int, int]:
         """``(D, H, W)`` of the items for cached slices of ``height_width`` ``(H0, W0)``."""
         return (self.depth,) + (self.size or tuple(int(v) for v in height_width))
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        slices = self._normalise(i, self._load(i))  # (D, C, H, W)
-        if self.transform is not None:
-            slices = self.transform(slices)
+    def _prepared_bytes(self) -> int:
+        if "shape" not in self.index.columns:
+            return 0
+        voxels = [np.prod(self.output_shape(tuple(shape)[2:])) * int(shape[1]) for shape in self.index["shape"]]
+        return int(4 * sum(voxels))
+
+    def _prepare(self, i: int) -> np.ndarray:
+        """Case ``i`` normalised, as ``(C, depth, H, W)`` float32, resampled when its shape differs."""
+        slices = super()._prepare(i)  # (D, C, H, W)
         volume = torch.from_numpy(np.ascontiguousarray(np.transpose(slices, (1, 0, 2, 3))))  # (C, D, H, W)
         if tuple(volume.shape[1:]) != self.output_shape(tuple(volume.shape[2:])):
             volume = torch.as_tensor(self.resize(volume)).float()
-        return {"image": volume.contiguous(), "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
+        return np.ascontiguousarray(volume.numpy(), dtype=np.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        volume = self._case(i)  # (C, D, H, W)
+        if self.transform is not None:
+            volume = np.transpose(self.transform(np.transpose(volume, (1, 0, 2, 3))), (1, 0, 2, 3))
+        image = torch.from_numpy(np.array(volume, dtype=np.float32, order="C"))
+        return {"image": image, "label": torch.tensor(self.labels[i]), "index": torch.tensor(i)}
 
 
 class ImageDataset(_CaseArrays):
     """One 2D image per case: ``image (C, H, W)`` (the cached ``(1, C, H, W)`` array), ``label``, ``index``."""
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        arr = self._load(i)
-        if arr.shape[0] != 1:
+        image = self._case(i)
+        if image.shape[0] != 1:
             raise ValueError(f"model.kind=image needs one image per case; case {self.index.iloc[i]['case_id']} "
-                             f"has {arr.shape[0]} instances (use model.kind=mil for bags)")
-        image = self._normalise(i, arr)
-        if self.transform is not None:
-            image = self.transform(image)
+                             f"has {image.shape[0]} instances (use model.kind=mil for bags)")
+        image = self.transform(image) if self.transform is not None else image
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image[0])),
+            "image": torch.from_numpy(np.array(image[0], dtype=np.float32, order="C")),
             "label": torch.tensor(self.labels[i]),
             "index": torch.tensor(i),
         }
