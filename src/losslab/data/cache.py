@@ -4,12 +4,15 @@ Layout of a cache folder::
 
     arrays/<case_id>.npy    (N, C, H, W) as read by the source, in ``data.cache_dtype``
     index.parquet           case_id, patient_id, label, class_name, fold, split, array_path,
-                            n_instances, shape, channel_mean, channel_std, meta (JSON)
+                            array_bytes, array_sha256, n_instances, shape, channel_mean,
+                            channel_std, meta (JSON)
     report.json             cases read and skipped (with reasons), class counts, fingerprint
     .salt                   the local hashing salt when none is configured (never logged)
 
 Re-running on unchanged inputs (same content hash of the source files and the same settings)
-reuses the cache and says so.
+reuses the cache and says so, once every array's size and hash match the index
+(:mod:`losslab.data.integrity`); a truncated or altered array is named and the cache rebuilt from
+the raw data (or refused when the raw data is gone). ``load_cache`` checks the same before any run.
 
 Building: the source's tasks (e.g. one DICOM series each) run in parallel worker processes; each
 case array is written atomically (a temporary file, then ``os.replace``) and each finished task
@@ -42,17 +45,18 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from losslab.data.deid import resolve_salt
+from losslab.data.integrity import ArrayRecord, CacheIntegrityError, damage, record_file, verify_arrays
 from losslab.data.sources import (Case, SkipReport, Source, Task, build_source, default_generator_for, list_generators,
                                   run_generator, source_reads_root)
 from losslab.data.splits import TEST_FOLD, assign_folds
 
-CACHE_VERSION = 2  # 2: a source's own test split is the held-out test (fold -1)
+CACHE_VERSION = 3  # 2: a source's own test split is the held-out test (fold -1); 3: array sizes and hashes
 JOURNAL = ".preprocess-journal.jsonl"
 #: below this many raw files a build runs in-process (not worth a worker pool)
 AUTO_PARALLEL_FILES = 1000
@@ -75,6 +79,7 @@ class CacheInfo:
     class_names: list[str] = field(default_factory=list)
     resumed_tasks: int = 0  # tasks taken from the journal of an interrupted build
     total_tasks: int = 0
+    rebuilt_because: str = ""  # the damage found in the previous cache when this build replaced it
 
     @property
     def num_classes(self) -> int:
@@ -134,42 +139,83 @@ def ensure_raw_data(data_cfg: Any) -> bool:
     return True
 
 
-def load_cache(cache_dir: str | Path) -> CacheInfo:
+def load_cache(cache_dir: str | Path, check_hashes: bool | None = None) -> CacheInfo:
+    """Open a built cache after checking its arrays against the index (:func:`verify_arrays`:
+    ``check_hashes=None`` hashes caches up to ``HASH_ON_OPEN_MAX_BYTES``, sizes always).
+
+    Raises:
+        FileNotFoundError: no ``index.parquet`` (never built, or a build did not finish).
+        CacheIntegrityError: an array is missing, truncated or altered (the message names it), or
+            the index predates array hashes.
+    """
     cache_dir = Path(cache_dir)
     index_path = cache_dir / "index.parquet"
     if not index_path.is_file():
         raise FileNotFoundError(f"no preprocessed cache at {cache_dir} (missing index.parquet); run `losslab preprocess` first")
     index = pd.read_parquet(index_path)
+    verify_arrays(cache_dir, _array_records(index, index_path), check_hashes)
     report = json.loads((cache_dir / "report.json").read_text())
     return CacheInfo(cache_dir, index, report, True, report.get("fingerprint", ""), report.get("class_names", []))
+
+
+def _array_records(index: pd.DataFrame, index_path: Path) -> list[ArrayRecord]:
+    if "array_sha256" not in index.columns:
+        raise CacheIntegrityError(f"{index_path} has no array sizes and hashes (a cache older than version "
+                                  f"{CACHE_VERSION}); rebuild it with `losslab preprocess`")
+    return [ArrayRecord(path, int(size), digest)
+            for path, size, digest in zip(index["array_path"], index["array_bytes"], index["array_sha256"])]
 
 
 def build_cache(data_cfg: Any, force: bool = False) -> CacheInfo:
     """Read the configured source into the cache (or reuse it when inputs are unchanged)."""
     cache_dir = Path(data_cfg.cache_dir)
     if source_reads_root(data_cfg.source):
-        ensure_raw_data(data_cfg)
+        ensure_raw_data_to_rebuild(data_cfg, lambda: load_cache(cache_dir, check_hashes=True))
     salt = resolve_salt(data_cfg.salt, cache_dir)
     report = SkipReport()
     source = build_source(data_cfg.source, data_cfg.root, salt, report, **data_cfg.source_kwargs)
     fingerprint = hashlib.sha256(
         (_hash_files(source.fingerprint_files(), data_cfg.root) + _settings_fingerprint(data_cfg, salt)).encode()
     ).hexdigest()
-    if not force and (info := _reusable(cache_dir, fingerprint)) is not None:
-        return info
+    if not force and isinstance(found := _reusable(cache_dir, fingerprint), CacheInfo):
+        return found
     with _exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder at a time
-        if not force and (info := _reusable(cache_dir, fingerprint)) is not None:
-            return info  # another process built it while this one waited
-        return _build(data_cfg, cache_dir, source, report, fingerprint, force)
+        found = None if force else _reusable(cache_dir, fingerprint)
+        if isinstance(found, CacheInfo):
+            return found  # another process built it while this one waited
+        info = _build(data_cfg, cache_dir, source, report, fingerprint, force)
+        info.rebuilt_because = found or ""
+        return info
 
 
-def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | None:
-    """The cache at ``cache_dir`` when it is complete and was built from the same inputs."""
+def ensure_raw_data_to_rebuild(data_cfg: Any, open_cache: Callable[[], Any]) -> None:
+    """:func:`ensure_raw_data`; when the raw data is gone and ``open_cache()`` (the cache's loader,
+    checking hashes) finds a damaged array, the refusal is a :class:`CacheIntegrityError` naming both:
+    that cache cannot be rebuilt."""
+    try:
+        ensure_raw_data(data_cfg)
+    except FileNotFoundError as missing:
+        try:
+            open_cache()
+        except CacheIntegrityError as damaged:
+            raise CacheIntegrityError(f"{damaged}; cannot rebuild it: {missing}") from missing
+        except FileNotFoundError:
+            pass  # no cache either: the missing raw data is the error
+        raise
+
+
+def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | str | None:
+    """The cache at ``cache_dir`` when it is complete, intact and was built from the same inputs; the
+    integrity error (a str) when it was built from them but an array is damaged; else None."""
     if (cache_dir / "index.parquet").is_file() and (cache_dir / "report.json").is_file():
         existing = json.loads((cache_dir / "report.json").read_text())
         if existing.get("fingerprint") == fingerprint:
             (cache_dir / JOURNAL).unlink(missing_ok=True)  # left by a build killed after its commit
-            info = load_cache(cache_dir)
+            try:
+                info = load_cache(cache_dir, check_hashes=True)
+            except CacheIntegrityError as exc:
+                log.warning("%s; rebuilding the cache from the raw data", exc)
+                return str(exc)
             info.reused = True
             return info
     return None
@@ -295,14 +341,18 @@ def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any]
         stored, image = _float16_round_trip(image)
     else:
         stored = image
-    save_atomic(store.arrays / f"{case.case_id}.npy", stored)
+    path = store.arrays / f"{case.case_id}.npy"
+    save_atomic(path, stored)
+    record = record_file(store.arrays.parent, path)
     mean, std = channel_statistics(image)
     return {
         "case_id": case.case_id,
         "patient_id": case.patient_id,
         "label": int(case.label),
         "class_name": store.class_names[case.label],
-        "array_path": f"arrays/{case.case_id}.npy",
+        "array_path": record.path,
+        "array_bytes": record.size,
+        "array_sha256": record.digest,
         "n_instances": int(image.shape[0]),
         "shape": list(image.shape),
         "channel_mean": mean,
@@ -363,7 +413,7 @@ class _Journal:
     """The finished tasks of a build, one JSON line each after a header line naming the build.
 
     A journal of another build (fingerprint, task count) is discarded; a line cut short by a kill
-    is dropped, as is any task whose arrays are missing (it runs again).
+    is dropped, as is any task whose arrays are missing or not of their journalled size (it runs again).
     """
 
     def __init__(self, path: Path, header: dict[str, Any], arrays: Path, discard: bool) -> None:
@@ -373,7 +423,8 @@ class _Journal:
         if lines and _json_line(lines[0]) == header:
             for line in lines[1:]:
                 entry = _json_line(line)
-                if entry is not None and all((arrays / f"{r['case_id']}.npy").is_file() for r in entry["rows"]):
+                if entry is not None and not any(damage(arrays.parent, _row_record(row), check_hash=False)
+                                                 for row in entry["rows"]):
                     self.entries[int(entry["task"])] = entry
         with open(path, "w") as fh:  # rewritten whole: drops a partial last line and stale entries
             fh.write(json.dumps(header) + "\n")
@@ -383,6 +434,10 @@ class _Journal:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
         self.entries[int(entry["task"])] = entry
+
+
+def _row_record(row: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord(row["array_path"], int(row["array_bytes"]), row["array_sha256"])
 
 
 def _json_line(line: bytes) -> Any:

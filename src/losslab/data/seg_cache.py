@@ -18,12 +18,17 @@ Layout under ``data.cache_dir``::
     cases/<case_id>_dist.npy    float32 (R or K, X, Y, Z) signed distance maps with the voxel spacing
                                 (:func:`losslab.losses.signed_distance_map`), for the boundary loss
     index.json                  one row per case: case_id, patient_id, fold, spacing, shape, empty,
-                                voxels (foreground voxels per region, or voxels per class)
+                                voxels (foreground voxels per region, or voxels per class), arrays
+                                (path, bytes and sha256 of each of the case's three files)
     report.json                 read / skipped (item + reason) / notes, channel names, fingerprint
 
 A mask with a raw label outside the mapping and a mask whose shape differs from its image are skipped
 and named in the report; an empty mask (no labelled voxel) is kept (a case without tumour) and named in
 the report's notes. Case ids are salted hashes; the salt never reaches the cache.
+
+Opening the cache (:func:`load_seg_cache`, and a build that would reuse it) checks every array file
+against its recorded size and hash (:mod:`losslab.data.integrity`); a build rebuilds a damaged cache
+from the raw data, or refuses, naming the file, when the raw data is gone.
 """
 
 from __future__ import annotations
@@ -31,21 +36,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from losslab.data.deid import resolve_salt, salted_hash
+from losslab.data.integrity import ArrayRecord, CacheIntegrityError, record_file, verify_arrays
 from losslab.data.sources.base import SkipReport
 
-SEG_CACHE_VERSION = 2  # 2: voxel counts per channel in the index
+SEG_CACHE_VERSION = 3  # 2: voxel counts per channel in the index; 3: array sizes and hashes
 BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
 BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
 MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
 SOURCES = ("brats", "msd")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +72,7 @@ class SegCacheInfo:
     fingerprint: str
     labels: str
     channel_names: list[str] = field(default_factory=list)
+    rebuilt_because: str = ""  # the damage found in the previous cache when this build replaced it
 
     @property
     def class_names(self) -> list[str]:
@@ -89,6 +99,42 @@ class SegCacheInfo:
         base = self.cache_dir / "cases" / row["case_id"]
         return {key: np.load(f"{base}_{suffix}.npy", mmap_mode="r")
                 for key, suffix in (("image", "image"), ("label", "target"), ("dist", "dist"))}
+
+
+def load_seg_cache(cache_dir: str | Path, check_hashes: bool | None = None) -> SegCacheInfo:
+    """Open a built segmentation cache after checking its arrays against the index
+    (:func:`~losslab.data.integrity.verify_arrays`).
+
+    Raises:
+        FileNotFoundError: no ``report.json`` (never built, or a build did not finish).
+        CacheIntegrityError: an array is missing, truncated or altered (named), or the index predates
+            array hashes.
+    """
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / "report.json").is_file():
+        raise FileNotFoundError(f"no segmentation cache at {cache_dir} (missing report.json); run `losslab preprocess` first")
+    index = json.loads((cache_dir / "index.json").read_text())
+    if any("arrays" not in row for row in index):
+        raise CacheIntegrityError(f"{cache_dir / 'index.json'} has no array sizes and hashes (a cache older than "
+                                  f"version {SEG_CACHE_VERSION}); rebuild it with `losslab preprocess`")
+    verify_arrays(cache_dir, (ArrayRecord(**record) for row in index for record in row["arrays"]), check_hashes)
+    report = json.loads((cache_dir / "report.json").read_text())
+    return SegCacheInfo(cache_dir, index, report, True, report["fingerprint"], report["labels"],
+                        report["channel_names"])
+
+
+def _reusable(cache_dir: Path, fingerprint: str) -> SegCacheInfo | str | None:
+    """The cache at ``cache_dir`` when it is intact and was built from the same inputs; its integrity
+    error (a str) when it was built from them but an array is damaged; else None."""
+    if not (cache_dir / "report.json").is_file():
+        return None
+    if json.loads((cache_dir / "report.json").read_text()).get("fingerprint") != fingerprint:
+        return None
+    try:
+        return load_seg_cache(cache_dir, check_hashes=True)
+    except CacheIntegrityError as exc:
+        log.warning("%s; rebuilding the segmentation cache from the raw data", exc)
+        return str(exc)
 
 
 # ------------------------------------------------------------------------------------- readers
@@ -144,7 +190,8 @@ def _zscore(image: np.ndarray) -> np.ndarray:
     a constant channel keeps std 1, the background stays 0)."""
     from monai.transforms import NormalizeIntensity
 
-    return np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(image))
+    # NormalizeIntensity writes into a float32 numpy input: it gets a copy, the caller's image is kept
+    return np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(image.astype(np.float32)))
 
 
 def encode_target(mask: np.ndarray, mapping: dict[str, list[int]], labels: str) -> np.ndarray:
@@ -208,18 +255,20 @@ def _settings(data_cfg: Any, seg_cfg: Any, mapping: dict[str, list[int]], salt: 
 
 
 def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCacheInfo:
-    """Build (or reuse, when the raw files and settings are unchanged) the segmentation cache.
+    """Build (or reuse, when the raw files and settings are unchanged and every array is intact) the
+    segmentation cache.
 
     Raises:
         ValueError: an unknown ``data.source``, or no usable case (the first reasons are named).
         FileNotFoundError: ``data.root`` missing and no generator, or no ``dataset.json`` (msd).
+        CacheIntegrityError: a damaged cache array (named) whose raw data is gone.
     """
-    from losslab.data.cache import _hash_files, ensure_raw_data
+    from losslab.data.cache import _hash_files, ensure_raw_data_to_rebuild
 
     if data_cfg.source not in SOURCES:
         raise ValueError(f"data.source={data_cfg.source!r} has no segmentation reader; use one of {', '.join(SOURCES)}")
-    ensure_raw_data(data_cfg)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    ensure_raw_data_to_rebuild(data_cfg, lambda: load_seg_cache(cache_dir, check_hashes=True))
     salt = resolve_salt(data_cfg.salt, cache_dir)
     dataset = _read_dataset_json(root) if data_cfg.source == "msd" else None
     configured = seg_cfg.regions if seg_cfg.labels == "regions" else seg_cfg.classes
@@ -227,11 +276,10 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
     settings = _settings(data_cfg, seg_cfg, mapping, salt)
     fingerprint = hashlib.sha256((_hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    if not force and (cache_dir / "report.json").is_file():
-        report = json.loads((cache_dir / "report.json").read_text())
-        if report.get("fingerprint") == fingerprint:
-            index = json.loads((cache_dir / "index.json").read_text())
-            return SegCacheInfo(cache_dir, index, report, True, fingerprint, seg_cfg.labels, report["channel_names"])
+    found = None if force else _reusable(cache_dir, fingerprint)
+    if isinstance(found, SegCacheInfo):
+        return found
+    (cache_dir / "report.json").unlink(missing_ok=True)  # the commit mark goes first, comes back last
     items = _brats_items(root) if data_cfg.source == "brats" else _msd_items(root, dataset or {})
     report, rows = _write_cases(items, cache_dir, mapping, seg_cfg.labels, salt, data_cfg.source)
     _assign_folds(rows, data_cfg)
@@ -241,7 +289,8 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     tmp = cache_dir / "report.json.tmp"
     tmp.write_text(json.dumps(full, indent=2))
     os.replace(tmp, cache_dir / "report.json")  # the report is the commit mark
-    return SegCacheInfo(cache_dir, rows, full, False, fingerprint, seg_cfg.labels, list(mapping))
+    return SegCacheInfo(cache_dir, rows, full, False, fingerprint, seg_cfg.labels, list(mapping),
+                        rebuilt_because=found or "")
 
 
 def _write_cases(items, cache_dir: Path, mapping: dict[str, list[int]], labels: str, salt: str,
@@ -263,12 +312,15 @@ def _write_cases(items, cache_dir: Path, mapping: dict[str, list[int]], labels: 
         if empty:
             report.notes.append(f"{item}: empty mask (no labelled voxel); kept as a case without tumour")
         case_id = salted_hash(f"seg:{source}:{item}", salt)
-        base = cases / case_id
-        np.save(f"{base}_image.npy", _zscore(image))
-        np.save(f"{base}_target.npy", target)
-        np.save(f"{base}_dist.npy", distance_maps(target, labels, len(mapping), spacing).astype(np.float32))
+        arrays = {"image": _zscore(image), "target": target,
+                  "dist": distance_maps(target, labels, len(mapping), spacing).astype(np.float32)}
+        records = []
+        for suffix, array in arrays.items():
+            np.save(cases / f"{case_id}_{suffix}.npy", array)
+            records.append(asdict(record_file(cache_dir, cases / f"{case_id}_{suffix}.npy")))
         rows.append({"case_id": case_id, "patient_id": case_id, "spacing": spacing, "shape": list(mask.shape),
-                     "empty": empty, "fold": 0, "voxels": channel_voxels(target, labels, len(mapping))})
+                     "empty": empty, "fold": 0, "voxels": channel_voxels(target, labels, len(mapping)),
+                     "arrays": records})
         report.read += 1
     if not rows:
         reasons = "; ".join(f"{s['item']}: {s['reason']}" for s in report.skipped[:5])
