@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["register_loss", "build_loss", "check_loss_params", "list_losses", "get_loss_class", "UnknownLossError",
            "UnknownLossParamError", "AUTO_PARAMS"]
@@ -134,11 +134,3 @@ def check_loss_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 f"loss {name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                 f"accepted parameters: {', '.join(names)}", unknown)
     return params
-
-
-def _registered() -> dict[str, type]:
-    """A copy of the registry (for tests and tools)."""
-    return dict(_loss_registry)
-
-
-RegisterFn = Callable[[type], type]
