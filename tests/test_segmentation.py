@@ -561,10 +561,13 @@ def test_cached_volumes_are_z_scored_per_channel_over_the_brain():
     image = rng.normal(100, 30, (3, 12, 12, 6)).astype(np.float32)
     image[image < 90] = 0
     image[2][image[2] > 0] = 5.0  # constant brain: std 0
+    before = image.copy()  # the hand computation reads this copy, made before the code runs
     got = _zscore(image)
+    np.testing.assert_array_equal(image, before)  # the caller's image is left as it was
     for c in range(3):
-        brain = image[c] != 0
-        values = image[c][brain].astype(np.float64)
+        brain = before[c] != 0
+        assert brain.sum() > 10  # every channel has a brain to normalise
+        values = before[c][brain].astype(np.float64)
         std = values.std() or 1.0
         np.testing.assert_allclose(got[c][brain], (values - values.mean()) / std, rtol=1e-5, atol=1e-5)
         assert (got[c][~brain] == 0).all()
