@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "demo": ("configs/experiment/demo.yaml", (64, 64, 32), []),
     "mil128": ("configs/experiment/demo.yaml", (128, 128, 48),
@@ -42,7 +43,7 @@ def setting_config(name: str, tmp: Path, extra: list[str]):
     data = [f"data.root={tmp / name / 'data'}", "data.generate=embedded_brats",
             f"data.generator_kwargs={{num_cases: 90, hgg_ratio: 2.8, shape: {list(shape)}}}",
             f"data.cache_dir={tmp / name / 'cache'}", "data.salt=bench", "train.device=cpu"]
-    return load_config(path, data + overrides + extra)
+    return load_config(REPO / path, data + overrides + extra)
 
 
 def epoch_rates(loader, repeats: int) -> tuple[float, float, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
@@ -90,7 +90,10 @@ class DataConfig(_Strict):
     volume_size: list[int] | None = None  # model.kind=volume3d: [H, W] after resampling; null keeps the cache's
     sampler: Literal["none", "weighted_random", "sqrt_weighted_random", "class_balanced_batch"] = "none"
     batch_size: int = Field(4, ge=1)
-    num_workers: int = Field(0, ge=0)
+    # loader processes; auto: from the usable cores (losslab.data.loaders.resolve_num_workers)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
+    # keep the training split on the training device; a batch is an index gather there (no augment)
+    train_data_on_device: bool = False
     augment: dict[str, Any] = Field(default_factory=dict)
     # none | per_case_nonzero_zscore | dataset | {fixed: {mean, std}}; null = the source's default
     normalize: Literal["none", "per_case_nonzero_zscore", "dataset"] | FixedNormalization | None = None

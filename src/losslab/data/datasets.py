@@ -119,25 +119,36 @@ class BagDataset(_CaseArrays):
         return np.sort(rng.choice(n, size=self.bag_size, replace=False))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        arr = self._case(i)
-        chosen = self._choose(arr.shape[0])
-        size = len(chosen) if self.sampling == "all" else self.bag_size
-        out = np.empty((size,) + arr.shape[1:], dtype=np.float32)
-        np.take(arr, chosen, axis=0, out=out[: len(chosen)])
-        out[len(chosen):] = 0
-        if self.transform is not None:
-            out[: len(chosen)] = self.transform(out[: len(chosen)])
-        mask = np.zeros(size, dtype=bool)
-        mask[: len(chosen)] = True
-        instance_index = np.full(size, -1, dtype=np.int64)
-        instance_index[: len(chosen)] = chosen
-        return {
-            "image": torch.from_numpy(out),
-            "mask": torch.from_numpy(mask),
-            "label": torch.tensor(self.labels[i]),
-            "index": torch.tensor(i),
-            "instance_index": torch.from_numpy(instance_index),
-        }
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> "BagItems":
+        """The bags of ``indices`` written straight into one ``(B, N, C, H, W)`` array (one copy
+        of the chosen slices, no stacking afterwards); the items are views of it, and
+        :func:`collate_padded` returns the stacked arrays as they are (the DataLoader hands a
+        batch's indices here)."""
+        chosen = [self._choose(self._case(i).shape[0]) for i in indices]
+        width = max(len(rows) for rows in chosen) if self.sampling == "all" else self.bag_size
+        image = np.empty((len(indices), width) + self._case(indices[0]).shape[1:], dtype=np.float32)
+        instance_index = np.full((len(indices), width), -1, dtype=np.int64)
+        for row, (i, rows) in enumerate(zip(indices, chosen)):
+            np.take(self._case(i), rows, axis=0, out=image[row, : len(rows)])
+            image[row, len(rows):] = 0
+            if self.transform is not None:
+                image[row, : len(rows)] = self.transform(image[row, : len(rows)])
+            instance_index[row, : len(rows)] = rows
+        stacked = {"image": torch.from_numpy(image), "mask": torch.from_numpy(instance_index >= 0),
+                   "label": torch.from_numpy(self.labels[indices]), "index": torch.as_tensor(indices, dtype=torch.int64),
+                   "instance_index": torch.from_numpy(instance_index)}
+        return BagItems([{key: value[row] for key, value in stacked.items()} for row in range(len(indices))],
+                        stacked)
+
+
+class BagItems(list):
+    """The items of one batch of bags (views) with ``stacked``, the batch they were cut from."""
+
+    def __init__(self, items: list[dict[str, Any]], stacked: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.stacked = stacked
 
 
 class SliceStackDataset(_CaseArrays):
@@ -221,7 +232,10 @@ class ImageDataset(_CaseArrays):
 
 
 def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items, padding the instance axis to the longest bag of the batch (mask = False)."""
+    """Stack items, padding the instance axis to the longest bag of the batch (mask = False); the
+    :class:`BagItems` of :meth:`BagDataset.__getitems__` are stacked already."""
+    if isinstance(batch, BagItems):
+        return dict(batch.stacked)
     n_max = max(item["image"].shape[0] for item in batch)
     out: dict[str, Any] = {}
     for key in batch[0]:

@@ -65,14 +65,18 @@ class SegVolumeDataset(torch.utils.data.Dataset):
 
 
 def make_seg_loaders(info: SegCacheInfo, fold: int, seg_cfg: Any, spatial_dims: int, batch_size: int,
-                     num_workers: int = 0, seed: int = 0):
-    """``(train_loader, val_loader)`` for ``fold``; MONAI's ``DataLoader`` flattens the crops of a case.
+                     num_workers: int | str = 0, seed: int = 0):
+    """``(train_loader, val_loader)`` for ``fold``; MONAI's ``DataLoader`` flattens the crops of a case;
+    ``num_workers`` as ``data.num_workers`` (``auto``: :func:`losslab.data.loaders.resolve_num_workers`).
 
     Raises:
         ValueError: the fold has no validation or no training case (names the fold and the folds there are).
     """
     from monai.data import DataLoader
 
+    from losslab.data.loaders import resolve_num_workers
+
+    num_workers = resolve_num_workers(num_workers)
     train_rows, val_rows = info.cases(fold, train=True), info.cases(fold, train=False)
     if not val_rows or not train_rows:
         folds = sorted({r["fold"] for r in info.index})
