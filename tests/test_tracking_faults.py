@@ -6,7 +6,9 @@
   once uploaded and kept when the upload failed;
 * under ``mlflow run`` (a launcher run in ``$MLFLOW_RUN_ID``) the parent of the train runs is in the
   config's experiment, not ``Default``, and a single-fold train sets the registry alias;
-* ``best_val/*`` are logged at the best epoch's step.
+* ``best_val/*`` are logged at the best epoch's step;
+* a model with one head per task (distill) gets the learning curves and no per-class plots, by an
+  explicit flag: per-class plots without class names are refused.
 """
 
 from __future__ import annotations
@@ -99,6 +101,28 @@ def test_checkpoints_stay_local_when_the_upload_fails(tmp_path, monkeypatch):
         callback.on_exception(state, RuntimeError("boom"))
     assert callback.remove_uploaded_checkpoints() == []
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt"]
+
+
+def _plot_artifacts(per_class_plots: bool, class_names: list[str]) -> list[str]:
+    import numpy as np
+
+    client = MlflowClient()
+    exp_id = client.create_experiment(f"plots-{time.time_ns()}")
+    history = {"train/loss": [1.0, 0.5], "val/loss": [1.1, 0.7], "val/recall_a": [0.5, 1.0],
+               "val/recall_b": [0.5, 0.0]}
+    outputs = {"labels": np.array([0, 1]), "probs": np.array([[0.9, 0.1], [0.6, 0.4]])}
+    with mlflow.start_run(experiment_id=exp_id) as run:  # the pipeline's run: figures go to the active run
+        callback = MLflowCallback(run.info.run_id, class_names, per_class_plots=per_class_plots)
+        callback.on_fit_end(FitState(epoch=1, history=history, last_val_outputs=outputs))
+    return sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots"))
+
+
+def test_per_class_plots_are_drawn_only_when_asked_and_need_class_names():
+    assert _plot_artifacts(True, ["a", "b"]) == ["plots/confusion_matrix.png", "plots/curves.png",
+                                                 "plots/loss_curves.png", "plots/per_class_recall.png"]
+    assert _plot_artifacts(False, []) == ["plots/curves.png", "plots/loss_curves.png"]
+    with pytest.raises(ValueError, match="per_class_plots=True needs class_names"):
+        MLflowCallback("some-run", [])
 
 
 def test_mlflow_run_parent_moves_to_the_config_experiment_and_the_alias_is_set(make_config, small_cache, monkeypatch):

@@ -196,7 +196,7 @@ def _fit(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: Mu
         "epochs": epochs, "monitor": monitor, "monitor_mode": default_mode(monitor),
         "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
     tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
-                             checkpoint_every=cfg.train.upload_checkpoint_every)
+                             checkpoint_every=cfg.train.upload_checkpoint_every, per_class_plots=False)
     # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
     resume_from = resume_checkpoint(cfg, run_id) if resume else None
     reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator

@@ -49,7 +49,9 @@ class MLflowCallback(Callback):
 
     Args:
         run_id: the run to log to (the pipeline owns and ends it).
-        class_names: for the per-class plots.
+        class_names: the classes of the model's one head, for the per-class plots.
+        per_class_plots: False for a model with one head per task (distill's multitask models):
+            only the learning curves are drawn, no per-class recall, confusion matrix or attention.
         plot_every: log plots every this many epochs (and at the end); 0 = only at the end.
         log_checkpoints: upload ``best``/``last`` checkpoints under ``checkpoints/``.
         checkpoint_every: upload them every this many epochs (1 = every epoch); 0 = only when the fit
@@ -64,9 +66,13 @@ class MLflowCallback(Callback):
     """
 
     def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True,
-                 synchronous: bool = True, checkpoint_every: int = 1) -> None:
+                 synchronous: bool = True, checkpoint_every: int = 1, per_class_plots: bool = True) -> None:
+        if per_class_plots and not class_names:
+            raise ValueError("MLflowCallback: per_class_plots=True needs class_names (got none); "
+                             "pass per_class_plots=False for a model with one head per task")
         self.run_id = run_id
         self.class_names = class_names
+        self.per_class_plots = per_class_plots
         self.plot_every = plot_every
         self.log_checkpoints = log_checkpoints
         self.checkpoint_every = checkpoint_every
@@ -171,7 +177,7 @@ class MLflowCallback(Callback):
                               "val/mean_balanced_accuracy", "val/mean_f1_macro") if k in hist]
         log_figure(plots.plot_curves(hist, curves), "plots/curves.png")
         log_figure(plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist]), "plots/loss_curves.png")
-        if not self.class_names:  # one head per task (distill): the curves say it, per task
+        if not self.per_class_plots:
             return
         log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
         out = state.last_val_outputs
