@@ -167,32 +167,16 @@ def fit_logit_offsets(
     """
     if objective not in _OFFSET_OBJECTIVES:
         raise ValueError(f"objective must be one of {_OFFSET_OBJECTIVES}, got {objective!r}")
-    y = _labels(y_true)
-    z = as_logits(logits)
-    n, k = z.shape
-    if n != len(y):
-        raise ValueError(f"logits has {n} rows but y_true has {len(y)} samples")
-    if y.size and (y.min() < 0 or y.max() >= k):
-        raise ValueError(f"y_true must lie in [0, {k}), got [{y.min()}, {y.max()}]")
-    offsets = np.zeros(k)
-    if n == 0:
+    y, z = _checked_labels_and_logits(y_true, logits)
+    offsets = np.zeros(z.shape[1])
+    if len(y) == 0:
         return offsets
-    if grid is None:
-        span = max(1.0, float(np.quantile(z.max(axis=1) - z.min(axis=1), 0.95)))
-        candidates = np.linspace(-span, span, 161)
-    else:
-        candidates = np.unique(np.asarray(grid, dtype=np.float64).ravel())
-    best_score = float(_scores(y, z.argmax(axis=1)[None, :], k, objective)[0])
+    candidates = _offset_candidates(z, grid)
+    best_score = float(_scores(y, z.argmax(axis=1)[None, :], z.shape[1], objective)[0])
     for _ in range(int(max_rounds)):
         improved = False
-        for c in range(1, k):
-            # class c wins where its shifted logit beats the best of the other classes
-            shifted = z + offsets
-            shifted[:, c] = -np.inf
-            other_index = shifted.argmax(axis=1)
-            other_value = shifted[np.arange(n), other_index]
-            wins = z[None, :, c] + candidates[:, None] > other_value[None, :]
-            scores = _scores(y, np.where(wins, c, other_index[None, :]), k, objective)
+        for c in range(1, z.shape[1]):
+            scores = _scores_with_class_offset(y, z, offsets, c, candidates, objective)
             tied = np.flatnonzero(scores >= scores.max() - 1e-12)
             choice = tied[len(tied) // 2]
             if scores[choice] > best_score + 1e-12:
@@ -203,6 +187,40 @@ def fit_logit_offsets(
         if not improved:
             break
     return offsets
+
+
+def _checked_labels_and_logits(y_true: Any, logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(y (N,), z (N, K))``; raises when the counts differ or a label is outside ``[0, K)``."""
+    y = _labels(y_true)
+    z = as_logits(logits)
+    n, k = z.shape
+    if n != len(y):
+        raise ValueError(f"logits has {n} rows but y_true has {len(y)} samples")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"y_true must lie in [0, {k}), got [{y.min()}, {y.max()}]")
+    return y, z
+
+
+def _offset_candidates(z: np.ndarray, grid: Any | None) -> np.ndarray:
+    """The given grid (sorted, unique), else 161 points on ``[-s, s]``, ``s`` the 95th percentile
+    of the per-row logit range (at least 1)."""
+    if grid is not None:
+        return np.unique(np.asarray(grid, dtype=np.float64).ravel())
+    span = max(1.0, float(np.quantile(z.max(axis=1) - z.min(axis=1), 0.95)))
+    return np.linspace(-span, span, 161)
+
+
+def _scores_with_class_offset(y: np.ndarray, z: np.ndarray, offsets: np.ndarray, c: int,
+                              candidates: np.ndarray, objective: str) -> np.ndarray:
+    """The objective ``(G,)`` for each candidate offset of class ``c``, the other offsets fixed:
+    class ``c`` wins where its shifted logit beats the best of the other (shifted) classes."""
+    n = len(y)
+    shifted = z + offsets
+    shifted[:, c] = -np.inf
+    other_index = shifted.argmax(axis=1)
+    other_value = shifted[np.arange(n), other_index]
+    wins = z[None, :, c] + candidates[:, None] > other_value[None, :]
+    return _scores(y, np.where(wins, c, other_index[None, :]), z.shape[1], objective)
 
 
 # --------------------------------------------------------------------------- temperature

@@ -237,6 +237,37 @@ def classification_metrics(
     Raises:
         ValueError: on inconsistent shapes or ``len(class_names) != K``.
     """
+    y, p, names, pred = _checked_classification_inputs(y_true, probs, class_names, y_pred)
+    k = p.shape[1]
+    counts = np.bincount(pred, minlength=k)[:k] if pred.size else np.zeros(k, dtype=int)
+    if len(y) == 0:
+        return _empty_classification_metrics(names)
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true" and friends: expected on imbalanced epochs
+        warnings.simplefilter("ignore")
+        precision, recall, _, _ = skm.precision_recall_fscore_support(
+            y, pred, labels=list(range(k)), zero_division=0
+        )
+        out = {"auc": _auc(y, p),
+               "f1_macro": float(skm.f1_score(y, pred, labels=list(range(k)), average="macro", zero_division=0)),
+               "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred))}
+    out["accuracy"] = float(skm.accuracy_score(y, pred))
+    for c, name in enumerate(names):
+        out[f"recall_{name}"] = float(recall[c])
+        out[f"precision_{name}"] = float(precision[c])
+        out[f"pred_count_{name}"] = float(counts[c])
+    present = np.unique(y)
+    out["min_class_recall"] = float(np.min(recall[present]))
+    out["dead_class_count"] = float(len(dead_class_names(dict(enumerate(counts)))))
+    out["ece"] = expected_calibration_error(y, p, n_bins=15)
+    out["log_loss"] = _log_loss(y, p)
+    return out
+
+
+def _checked_classification_inputs(
+    y_true: Any, probs: Any, class_names: Sequence[str], y_pred: Any | None
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """``(y (N,), probs (N, K), K class names, predictions (N,))``, each checked against the others."""
     y = _labels(y_true)
     p = _probabilities(probs, len(y))
     k = p.shape[1]
@@ -250,41 +281,18 @@ def classification_metrics(
     pred = p.argmax(axis=1) if y_pred is None else _labels(y_pred, "y_pred")
     if pred.shape != y.shape:
         raise ValueError(f"y_pred has shape {pred.shape}, expected {y.shape}")
+    return y, p, names, pred
 
-    labels = list(range(k))
-    counts = np.bincount(pred, minlength=k)[:k] if pred.size else np.zeros(k, dtype=int)
-    out: dict[str, float] = {}
-    if len(y) == 0:
-        nan = float("nan")
-        out.update(auc=nan, f1_macro=nan, balanced_accuracy=nan, accuracy=nan)
-        for name in names:
-            out[f"recall_{name}"] = nan
-            out[f"precision_{name}"] = nan
-            out[f"pred_count_{name}"] = 0.0
-        out.update(min_class_recall=nan, dead_class_count=float(k), ece=nan, log_loss=nan)
-        return out
 
-    with warnings.catch_warnings():
-        # "y_pred contains classes not in y_true" and friends: expected on imbalanced epochs
-        warnings.simplefilter("ignore")
-        precision, recall, _, _ = skm.precision_recall_fscore_support(
-            y, pred, labels=labels, zero_division=0
-        )
-        out["auc"] = _auc(y, p)
-        out["f1_macro"] = float(
-            skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)
-        )
-        out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
-    out["accuracy"] = float(skm.accuracy_score(y, pred))
-    for c, name in enumerate(names):
-        out[f"recall_{name}"] = float(recall[c])
-        out[f"precision_{name}"] = float(precision[c])
-        out[f"pred_count_{name}"] = float(counts[c])
-    present = np.unique(y)
-    out["min_class_recall"] = float(np.min(recall[present]))
-    out["dead_class_count"] = float(len(dead_class_names(dict(enumerate(counts)))))
-    out["ece"] = expected_calibration_error(y, p, n_bins=15)
-    out["log_loss"] = _log_loss(y, p)
+def _empty_classification_metrics(names: list[str]) -> dict[str, float]:
+    """The metrics of an empty split: NaN for every rate, no predictions, every class dead."""
+    nan = float("nan")
+    out = {"auc": nan, "f1_macro": nan, "balanced_accuracy": nan, "accuracy": nan}
+    for name in names:
+        out[f"recall_{name}"] = nan
+        out[f"precision_{name}"] = nan
+        out[f"pred_count_{name}"] = 0.0
+    out.update(min_class_recall=nan, dead_class_count=float(len(names)), ece=nan, log_loss=nan)
     return out
 
 

@@ -25,6 +25,16 @@ def _forward_kwargs(module: nn.Module) -> set[str] | None:
     return {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _unique_term_names(names: list[str]) -> list[str]:
+    """Each term's key: its loss name, a repeated name suffixed ``_2``, ``_3``, …"""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return keys
+
+
 @register_loss("compound")
 class CompoundLoss(LossBase):
     """A weighted sum of any registered losses ("terms").
@@ -97,31 +107,48 @@ class CompoundLoss(LossBase):
                             f"[{{'name': 'ce', 'weight': 0.5}}, ...], got {type(terms).__name__} {terms!r}")
         if len(terms) == 0:
             raise ValueError(f"loss {self.name!r}: terms must not be empty")
-        modules, keys, weights = [], [], []
-        seen: dict[str, int] = {}
-        for i, spec in enumerate(terms):
-            if not isinstance(spec, Mapping):
-                raise TypeError(f"loss {self.name!r}: terms[{i}] must be a dict with a 'name', got {spec!r}")
-            params = dict(spec)
-            name = params.pop("name", None)
-            if not isinstance(name, str):
-                raise ValueError(f"loss {self.name!r}: terms[{i}] needs a 'name' (a registered loss), got {spec!r}")
-            weight = check_number(self.name, f"terms[{i}].weight", params.pop("weight", 1.0), minimum=0.0,
-                                  min_inclusive=self.weighting == "fixed")
-            params.setdefault("reduction", reduction)
-            try:
-                term = build_loss(name, class_counts=class_counts, num_classes=num_classes, **params)
-            except UnknownLossError as exc:
-                raise UnknownLossError(f"loss {self.name!r}: terms[{i}]: {exc}") from None
-            except UnknownLossParamError as exc:  # keep the unknown names for the caller
-                raise UnknownLossParamError(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}", exc.params) from None
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}") from None
-            seen[name] = seen.get(name, 0) + 1
-            key = name if seen[name] == 1 else f"{name}_{seen[name]}"
-            modules.append(term)
-            keys.append(key)
-            weights.append(weight)
+        built = [self._build_term(i, spec, class_counts, num_classes, reduction) for i, spec in enumerate(terms)]
+        modules = [term for _, term, _ in built]
+        self._check_terms_agree(modules, num_classes)
+        self.task = modules[0].task  # type: ignore[misc]
+        self.head = modules[0].head  # type: ignore[misc]
+        self.term_names = _unique_term_names([name for name, _, _ in built])
+        self.losses = nn.ModuleList(modules)
+        self._forward_kwargs = [_forward_kwargs(m) for m in modules]
+        w = torch.tensor([weight for _, _, weight in built], dtype=torch.float32)
+        if self.weighting == "fixed":
+            self.register_buffer("fixed_weights", w)
+        elif self.weighting == "learnable_softmax":
+            self.weight_logits = nn.Parameter((w / w.sum()).log())
+        else:
+            self.log_vars = nn.Parameter(-w.log())
+        self._last: dict[str, torch.Tensor] = {}
+
+    def _build_term(self, i: int, spec: Any, class_counts: Sequence[float] | None, num_classes: int | None,
+                    reduction: str) -> tuple[str, LossBase, float]:
+        """``terms[i]`` -> ``(its loss name, the built loss, its weight)``; a term's own errors are
+        re-raised prefixed with its position."""
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"loss {self.name!r}: terms[{i}] must be a dict with a 'name', got {spec!r}")
+        params = dict(spec)
+        name = params.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"loss {self.name!r}: terms[{i}] needs a 'name' (a registered loss), got {spec!r}")
+        weight = check_number(self.name, f"terms[{i}].weight", params.pop("weight", 1.0), minimum=0.0,
+                              min_inclusive=self.weighting == "fixed")
+        params.setdefault("reduction", reduction)
+        try:
+            term = build_loss(name, class_counts=class_counts, num_classes=num_classes, **params)
+        except UnknownLossError as exc:
+            raise UnknownLossError(f"loss {self.name!r}: terms[{i}]: {exc}") from None
+        except UnknownLossParamError as exc:  # keep the unknown names for the caller
+            raise UnknownLossParamError(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}", exc.params) from None
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"loss {self.name!r}: terms[{i}] ({name!r}): {exc}") from None
+        return name, term, weight
+
+    def _check_terms_agree(self, modules: list[LossBase], num_classes: int | None) -> None:
+        """Every term of one task and one head size."""
         tasks = {m.task for m in modules}
         if len(tasks) > 1:
             raise ValueError(f"loss {self.name!r}: terms mix tasks {sorted(tasks)}; all terms must share one task")
@@ -130,19 +157,6 @@ class CompoundLoss(LossBase):
         if len(dims) > 1:
             raise ValueError(f"loss {self.name!r}: terms need different head sizes {sorted(dims)} for {k} classes "
                              f"(e.g. coral with ce); all terms must share one head")
-        self.task = modules[0].task  # type: ignore[misc]
-        self.head = modules[0].head  # type: ignore[misc]
-        self.term_names = keys
-        self.losses = nn.ModuleList(modules)
-        self._forward_kwargs = [_forward_kwargs(m) for m in modules]
-        w = torch.tensor(weights, dtype=torch.float32)
-        if self.weighting == "fixed":
-            self.register_buffer("fixed_weights", w)
-        elif self.weighting == "learnable_softmax":
-            self.weight_logits = nn.Parameter((w / w.sum()).log())
-        else:
-            self.log_vars = nn.Parameter(-w.log())
-        self._last: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- weights
     def current_weights(self) -> torch.Tensor:
@@ -159,6 +173,9 @@ class CompoundLoss(LossBase):
 
     def terms(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._last.items()}
+
+    def term_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._last)
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
