@@ -17,6 +17,7 @@ import pydicom
 import pytest
 import torch
 
+import losslab
 from losslab.config import DataConfig, load_config
 from losslab.data import dicom
 from losslab.data.cache import JOURNAL, build_cache
@@ -98,7 +99,9 @@ def test_raw_field_parser_equals_pydicom(name):
     if path is None:
         pytest.skip(f"{name} needs pydicom's test files")
     fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
-    for keyword in dicom._FAST_VR:
+    from losslab.data.dicom.read import _FAST_VR
+
+    for keyword in _FAST_VR:
         ours, theirs = dicom.field(fast, keyword), slow.get(keyword)
         if isinstance(theirs, pydicom.multival.MultiValue):
             theirs = [float(v) for v in theirs]
@@ -225,7 +228,7 @@ def _journal_tasks(path: Path) -> int:
 def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path, mlflow_store, capsys):
     cache_dir = tmp_path / "killed"
     journal = cache_dir / JOURNAL
-    env = dict(os.environ, PYTHONPATH=str(Path(dicom.__file__).parents[2]))
+    env = dict(os.environ, PYTHONPATH=str(Path(losslab.__file__).parents[1]))
     process = subprocess.Popen([sys.executable, "-c", _BUILD, str(lumbar), str(cache_dir)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
