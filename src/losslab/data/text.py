@@ -10,6 +10,13 @@ turns its rows into::
 and :func:`collate_image_text` stacks them into ``image (B, C, H, W)``, ``input_ids (B, L)``,
 ``attention_mask (B, L)``, ``labels {task: (B,)}``, ``index (B,)``, ``case_id [B]``.
 
+The ``data.*`` keys this path cannot honour are refused when an experiment with a ``distill``
+section is loaded (:func:`refused_data_key`); the others are honoured by the cache
+(``source``, ``root``, ``cache_*``, ``class_names``, ``image_size`` through ``source_kwargs``, folds,
+``test_fraction``, ``salt``, ``seed``) or by :mod:`losslab.pipelines.distill_data` (``fold``,
+``imbalance``, ``train_cases``, ``sampler``, ``augment``, ``normalize``, ``batch_size``,
+``num_workers``).
+
 Problems are errors that name where they come from: :func:`check_image_text_manifest` checks the CSV
 itself (missing ``text`` or task column: the file and the column; an empty caption or task value:
 the file, the row and the column); the dataset checks the cache rows (the case id and the key).
@@ -35,8 +42,10 @@ __all__ = [
     "ImageTextDataset",
     "MissingTextError",
     "check_image_text_manifest",
+    "check_distill_data",
     "collate_image_text",
     "index_meta",
+    "refused_data_key",
     "task_classes_from_index",
 ]
 
@@ -117,6 +126,8 @@ class ImageTextDataset(Dataset):
         max_length: L.
         image_mean / image_std: per-channel normalisation ``(C,)`` (e.g. from the training set);
             default none.
+        transform: the training augmentation (:func:`losslab.data.transforms.build_transforms`, on
+            ``(N, C, H, W)``), applied to the normalised image as ``(1, C, H, W)``; default none.
 
     Raises:
         MissingTextError: a row without caption (``meta["text"]`` absent or empty) or without a task
@@ -126,8 +137,10 @@ class ImageTextDataset(Dataset):
 
     def __init__(self, index: pd.DataFrame, cache_dir: str | Path, task_classes: dict[str, Sequence[str]],
                  tokenizer: Tokenizer | None = None, max_length: int = 64,
-                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.index = index.reset_index(drop=True)
+        self.transform = transform
         self.cache_dir = Path(cache_dir)
         self.task_classes = {t: list(cs) for t, cs in task_classes.items()}
         metas = index_meta(self.index)
@@ -170,6 +183,8 @@ class ImageTextDataset(Dataset):
         image = self.load_image(i)
         if self.image_mean is not None:
             image = (image - self.image_mean) / self.image_std
+        if self.transform is not None:
+            image = self.transform(image[None])[0]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "input_ids": self.input_ids[i],
@@ -196,3 +211,31 @@ def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.stack([b["index"] for b in batch]),
         "case_id": [b["case_id"] for b in batch],
     }
+
+
+#: ``data.*`` keys of bags and volumes: an image+text case is one image
+_BAG_AND_VOLUME_KEYS = ("bag_size", "bag_sampling", "volume_depth", "volume_size")
+
+
+def refused_data_key(data_cfg: Any) -> tuple[str, str] | None:
+    """The first ``data.*`` key (name, reason) the image+text data path of ``distill`` cannot honour,
+    else None: a bag or volume key set explicitly, ``train_data_on_device`` and a per-case
+    ``normalize`` (the model stores one per-channel mean and std as its preprocessing)."""
+    for key in _BAG_AND_VOLUME_KEYS:
+        if key in data_cfg.model_fields_set:
+            return key, "distill trains on one image per case (no bags, no volumes); remove the key"
+    if data_cfg.train_data_on_device:
+        return "train_data_on_device", "distill's image+text batches come from a DataLoader; set it to false"
+    if data_cfg.normalize == "per_case_nonzero_zscore":
+        return "normalize", ("distill normalises every image with one per-channel mean and std stored in the "
+                             "model (dataset, none or {fixed: ...}); per-case z-scores are not supported")
+    return None
+
+
+def check_distill_data(cfg: Any) -> None:
+    """Refuse, naming the key, its value and the file that set it, a ``data.*`` key of an experiment
+    with a ``distill`` section that :func:`refused_data_key` names (a one-line ``ConfigError``)."""
+    refused = refused_data_key(cfg.data) if cfg.distill is not None else None
+    if refused is not None:
+        key, problem = refused
+        raise cfg.key_error(f"data.{key}", getattr(cfg.data, key), problem)

@@ -86,11 +86,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig, section_dict
-from losslab.data.cache import CacheInfo, build_cache
-from losslab.data.text import (ImageTextDataset, check_image_text_manifest, collate_image_text, index_meta,
-                               task_classes_from_index)
+from losslab.data.cache import CacheInfo
+from losslab.data.text import ImageTextDataset, check_distill_data, collate_image_text
 from losslab.engine.loop import resolve_device, seed_everything
 from losslab.losses.multitask import DISTILL_LOSSES, LabelsOnly, MultiTaskDistillation, labelled_subset
+from losslab.pipelines.distill_data import DistillData, distill_loaders, prepare_distill_data
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import MultitaskTask
 from losslab.tracking import log_and_register_model, log_config, log_metrics_batch, managed_run, setup_tracking
@@ -275,27 +275,6 @@ class DistillResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _splits(cfg: ExperimentConfig, info: CacheInfo) -> tuple[pd.DataFrame, pd.DataFrame]:
-    index = info.index
-    train = index[(index["fold"] != cfg.data.fold) & (index["fold"] >= 0)].reset_index(drop=True)
-    val = index[index["fold"] == cfg.data.fold].reset_index(drop=True)
-    if len(val) == 0 or len(train) == 0:
-        raise ValueError(f"data.fold={cfg.data.fold}: {len(train)} training and {len(val)} validation cases")
-    return train, val
-
-
-def _loaders(model, train_df, val_df, info, task_classes, batch_size, seed, preprocessing):
-    tokenizer = model.tokenizer if model.text_encoder is not None else None
-    mean, std = preprocessing["image_mean"], preprocessing["image_std"]
-    train_ds = ImageTextDataset(train_df, info.cache_dir, task_classes, tokenizer, model.max_length, mean, std)
-    val_ds = ImageTextDataset(val_df, info.cache_dir, task_classes, tokenizer, model.max_length, mean, std)
-    generator = torch.Generator().manual_seed(int(seed))
-    train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate_image_text)
-    val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text)
-    return train_loader, val_loader
-
-
 def _tags(cfg: ExperimentConfig, role: str, loss: str) -> dict[str, str]:
     return {"losslab.entry_point": "distill", "losslab.role": role, "losslab.loss": loss,
             "losslab.dataset": cfg.data.source, "losslab.fold": str(cfg.data.fold)}
@@ -347,46 +326,7 @@ def _check_teacher_tasks(teacher: nn.Module, task_classes: dict[str, list[str]],
             raise ValueError(f"teacher {uri}: task {task!r} classes {have[task]} differ from the data's {classes}")
 
 
-@dataclass
-class _DistillData:
-    """What every phase of a distill invocation shares: the splits, tasks, captions and preprocessing."""
-
-    info: CacheInfo
-    tasks: list[str]
-    task_classes: dict[str, list[str]]
-    train_df: pd.DataFrame
-    val_df: pd.DataFrame
-    texts: list[str]
-    preprocessing: dict[str, Any]
-    in_chans: int
-    device: torch.device
-
-
-def _prepare_data(cfg: ExperimentConfig, s: _Settings, info: CacheInfo | None) -> _DistillData:
-    """The cache (built when not given), the tasks, the train/validation split and the image statistics."""
-    if info is None:
-        if cfg.data.source == "manifest":
-            from losslab.data.cache import ensure_raw_data
-            from losslab.data.sources.manifest import manifest_path
-
-            ensure_raw_data(cfg.data)
-            if s.tasks:
-                manifest = manifest_path(cfg.data.root, cfg.data.source_kwargs.get("manifest", "manifest.csv"))
-                check_image_text_manifest(manifest, list(s.tasks))
-        info = build_cache(cfg.data)
-    tasks = s.tasks or sorted({k[len("task_"):] for m in index_meta(info.index) for k in m if k.startswith("task_")})
-    if not tasks:
-        raise ValueError("distill.tasks is not set and the cache has no task columns (manifest columns besides "
-                         "path,label,patient_id,text)")
-    task_classes = task_classes_from_index(info.index, tasks)
-    train_df, val_df = _splits(cfg, info)
-    probe = ImageTextDataset(train_df, info.cache_dir, task_classes)  # checks captions and task values
-    mean, std = probe.channel_statistics()
-    return _DistillData(info, list(tasks), task_classes, train_df, val_df, probe.texts,
-                        {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device))
-
-
-def _teacher_from_registry(uri: str, allow_pickle: bool, d: _DistillData, s: _Settings, cfg: ExperimentConfig,
+def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: _Settings, cfg: ExperimentConfig,
                            run_id: str):
     """A registered teacher, checked against the data's tasks and scored on the validation split."""
     origin = _resolve_model_uri(uri)
@@ -394,8 +334,7 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: _DistillData, s: _Se
     teacher = load_registered_model(uri, allow_pickle=allow_pickle).model
     _check_teacher_tasks(teacher, d.task_classes, uri)
     teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
-    _, val_loader = _loaders(teacher, d.train_df, d.val_df, d.info, d.task_classes, s.batch_size, cfg.train.seed,
-                             teacher_prep)
+    _, val_loader = distill_loaders(cfg, teacher, d, d.train_df, s.batch_size, teacher_prep)
     step = MultitaskTask(d.task_classes)
     fitted = _Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1)
     log_metrics_batch(run_id, fitted.best_metrics, step=0)
@@ -436,7 +375,7 @@ def _previous_runs(parent_id: str) -> dict[str, Any]:
     return out
 
 
-def _finished_teacher(done, d: _DistillData, all_metrics: dict):
+def _finished_teacher(done, d: DistillData, all_metrics: dict):
     """A teacher run that finished before the resume: its registered model and its logged summary."""
     uri = done.data.tags.get("losslab.teacher_uri")
     if not uri:
@@ -449,7 +388,7 @@ def _finished_teacher(done, d: _DistillData, all_metrics: dict):
     return teacher, done.info.run_id, uri, origin
 
 
-def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metrics: dict,
+def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: DistillData, all_metrics: dict,
                  previous: _Previous | None = None):
     """The teacher run: registered (``distill.teacher.model_uri``) or trained and registered here; on a
     resume, a finished teacher run is reused and an unfinished one continues from its last checkpoint.
@@ -471,8 +410,7 @@ def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metri
             spec = t.get("model") or _DEFAULT_TEACHER
             teacher = build_multimodal_model(spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
             teacher.preprocessing = d.preprocessing
-            train_loader, val_loader = _loaders(teacher, d.train_df, d.val_df, d.info, d.task_classes, s.batch_size,
-                                                cfg.train.seed, d.preprocessing)
+            train_loader, val_loader = distill_loaders(cfg, teacher, d, d.train_df, s.batch_size)
             epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
             fitted = _fit(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes), (train_loader, val_loader),
@@ -492,7 +430,7 @@ def _run_teacher(cfg: ExperimentConfig, s: _Settings, d: _DistillData, all_metri
     return teacher, teacher_run, teacher_uri, origin
 
 
-def _teacher_train_outputs(teacher, d: _DistillData, s: _Settings, origin: str):
+def _teacher_train_outputs(teacher, d: DistillData, s: _Settings, origin: str):
     """The teacher's outputs on every case, computed once per teacher and data (or reused), then
     the training rows as tensors. Returns ``(outputs, cache key, 'reused'|'computed')``."""
     full_index = d.info.index.reset_index(drop=True)  # every case (test fold included)
@@ -506,7 +444,7 @@ def _teacher_train_outputs(teacher, d: _DistillData, s: _Settings, origin: str):
     return {k: torch.as_tensor(v[rows]) for k, v in arrays.items() if k != "case_id"}, key, cache_tag
 
 
-def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item: tuple, teacher_train: dict,
+def _run_student(cfg: ExperimentConfig, s: _Settings, d: DistillData, plan_item: tuple, teacher_train: dict,
                  labelled: np.ndarray, teacher_uri: str | None, key: str, cache_tag: str,
                  previous: _Previous | None = None) -> tuple[str, str, dict]:
     """One student run (a distillation loss, or the student alone on the labelled cases only); on a
@@ -536,8 +474,7 @@ def _run_student(cfg: ExperimentConfig, s: _Settings, d: _DistillData, plan_item
         student = build_multimodal_model(student_spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
         student.preprocessing = d.preprocessing
         cases = d.train_df if distilling else d.train_df[labelled].reset_index(drop=True)
-        train_loader, val_loader = _loaders(student, cases, d.val_df, d.info, d.task_classes, s.batch_size,
-                                            cfg.train.seed, d.preprocessing)
+        train_loader, val_loader = distill_loaders(cfg, student, d, cases, s.batch_size)
         if distilling:
             objective = MultiTaskDistillation(name, params, d.tasks, student.feature_dim,
                                               int(teacher_train["features"].shape[1]), num_data=len(d.train_df),
@@ -569,10 +506,11 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run
     ``resume_run_id``: a distill parent run that was stopped or killed (same config): its finished
     teacher and students are kept, an unfinished one continues from its last checkpoint (and ends with
     the metrics of an uninterrupted run), the missing ones run. ``extra_callbacks`` go to every fit."""
+    check_distill_data(cfg)  # as when the config loaded: a config built in code skips that
     s = _settings(cfg)
     setup_tracking(cfg.tracking)
     previous = _Previous(_previous_runs(resume_run_id) if resume_run_id else {}, list(extra_callbacks or []))
-    d = _prepare_data(cfg, s, info)
+    d = prepare_distill_data(cfg, s.tasks, info)
     nested = mlflow.active_run() is not None
     with managed_run(run_name=cfg.tracking.run_name or "distill",
                      tags={"losslab.entry_point": "distill", "losslab.distill_parent": "true",
