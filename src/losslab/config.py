@@ -641,8 +641,16 @@ def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None,
         raise ConfigError(_format_validation_error(exc, origins or {}, path, data)) from None
     cfg._origins, cfg._path = dict(origins or {}), path
     _check_folds(cfg)
+    _check_distill_data(cfg)
     _check_task(cfg, origins or {}, path)
     return cfg
+
+
+def _check_distill_data(cfg: ExperimentConfig) -> None:
+    """A ``data.*`` key the image+text data path of ``distill`` cannot honour is refused here."""
+    from losslab.data.text import check_distill_data
+
+    check_distill_data(cfg)
 
 
 def _check_folds(cfg: ExperimentConfig) -> None:
