@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,64 +63,87 @@ def synthesize_case(rng: np.random.Generator, grade: str, shape: tuple[int, int,
     brain_radii = np.array([sx * 0.42, sy * 0.46, sz * 0.40], dtype=np.float32) * rng.uniform(0.92, 1.05, 3)
     brain = _ellipsoid(shape, centre_brain, brain_radii) <= 1.0
     wm = _ellipsoid(shape, centre_brain, brain_radii * 0.7) <= 1.0
-
     # lesion inside the brain, away from the edge
     offset = rng.uniform(-0.35, 0.35, 3) * brain_radii * np.array([1, 1, 0.6])
     centre = centre_brain + offset
     core_r = rng.uniform(4.0, 8.0)
     radii = np.array([core_r, core_r * rng.uniform(0.8, 1.2), rng.uniform(2.5, 4.5)], dtype=np.float32)
-    d = _ellipsoid(shape, centre, radii)
-    tumour = (d <= 1.0) & brain
-    oedema = (_ellipsoid(shape, centre, radii * rng.uniform(1.4, 1.9)) <= 1.0) & brain & ~tumour
+    lesion = _Lesion(distance=_ellipsoid(shape, centre, radii))
+    lesion.tumour = (lesion.distance <= 1.0) & brain
+    lesion.oedema = (_ellipsoid(shape, centre, radii * rng.uniform(1.4, 1.9)) <= 1.0) & brain & ~lesion.tumour
+    seg = _label_map(rng, grade, lesion, int(round(centre[2])))
+    volumes = {name: _modality(rng, name, grade, brain, wm, lesion) for name in MODALITIES}
+    volumes["seg"] = seg
+    return volumes
 
+
+@dataclass
+class _Lesion:
+    """A synthetic lesion: the ellipsoid distance of each voxel (1 on the tumour surface), the tumour
+    and oedema masks, the enhancing voxels and how strongly they enhance on t1ce."""
+
+    distance: np.ndarray
+    tumour: np.ndarray | None = None
+    oedema: np.ndarray | None = None
+    enhancing: np.ndarray | None = None
+    rim_gain: float = 0.35
+
+
+def _label_map(rng: np.random.Generator, grade: str, lesion: _Lesion, centre_slice: int) -> np.ndarray:
+    """The BraTS label map ``uint8 (X, Y, Z)`` of a lesion; sets its enhancing voxels and rim gain."""
+    shape, tumour = lesion.distance.shape, lesion.tumour
     seg = np.zeros(shape, dtype=np.uint8)
-    seg[oedema] = 2
-    enhancing = np.zeros(shape, dtype=bool)
+    seg[lesion.oedema] = 2
+    lesion.enhancing = np.zeros(shape, dtype=bool)
     confound = rng.uniform() < 0.2
     if grade == "HGG":
         # rim and necrosis only in the central slices of the lesion (1 or 2 slices each side)
-        z0 = int(round(centre[2]))
         half = int(rng.integers(1, 3))
         zmask = np.zeros(shape, dtype=bool)
-        zmask[:, :, max(z0 - half, 0) : z0 + half + 1] = True
-        rim = tumour & (d > 0.45) & zmask
-        necrosis = tumour & (d <= 0.45) & zmask
+        zmask[:, :, max(centre_slice - half, 0) : centre_slice + half + 1] = True
+        rim = tumour & (lesion.distance > 0.45) & zmask
+        necrosis = tumour & (lesion.distance <= 0.45) & zmask
         seg[tumour] = 1
         seg[rim] = 4
         seg[necrosis] = 1
-        enhancing = rim
-        rim_gain = 0.2 if confound else rng.uniform(0.35, 0.8)
+        lesion.enhancing = rim
+        lesion.rim_gain = 0.2 if confound else rng.uniform(0.35, 0.8)
     else:
         seg[tumour] = 1
         if confound:  # faint patchy enhancement
-            enhancing = tumour & (rng.uniform(size=shape) < 0.25)
-        rim_gain = 0.35
+            lesion.enhancing = tumour & (rng.uniform(size=shape) < 0.25)
+        lesion.rim_gain = 0.35
+    return seg
 
-    base = {"t1": 420.0, "t1ce": 450.0, "t2": 380.0, "flair": 400.0}
-    volumes: dict[str, np.ndarray] = {}
-    for name in MODALITIES:
-        v = np.zeros(shape, dtype=np.float32)
-        v[brain] = base[name]
-        v[wm] += 60.0 if name in ("t1", "t1ce") else -40.0
-        v += _smooth_noise(rng, shape, 25.0)
-        v += rng.normal(0.0, 30.0, shape).astype(np.float32)
-        if name == "t1":
-            v[tumour] -= 120.0
-        elif name == "t1ce":
-            v[tumour] -= 90.0
-            v[enhancing] += rim_gain * 450.0
-            if grade == "HGG":
-                v[(seg == 1) & tumour & (d <= 0.45)] -= 60.0  # necrotic core darker
-        elif name == "t2":
-            v[tumour] += 260.0
-            v[oedema] += 160.0
-        else:  # flair
-            v[tumour] += 180.0
-            v[oedema] += 220.0
-        v[~brain] = 0.0
-        volumes[name] = np.clip(v, 0, None).round().astype(np.int16)
-    volumes["seg"] = seg
-    return volumes
+
+_MODALITY_BASE = {"t1": 420.0, "t1ce": 450.0, "t2": 380.0, "flair": 400.0}
+
+
+def _modality(rng: np.random.Generator, name: str, grade: str, brain: np.ndarray, wm: np.ndarray,
+              lesion: _Lesion) -> np.ndarray:
+    """One modality ``int16 (X, Y, Z)``: brain and white matter levels, smooth and white noise, the
+    lesion's contrast in that modality, zero outside the brain."""
+    shape, tumour, oedema = brain.shape, lesion.tumour, lesion.oedema
+    v = np.zeros(shape, dtype=np.float32)
+    v[brain] = _MODALITY_BASE[name]
+    v[wm] += 60.0 if name in ("t1", "t1ce") else -40.0
+    v += _smooth_noise(rng, shape, 25.0)
+    v += rng.normal(0.0, 30.0, shape).astype(np.float32)
+    if name == "t1":
+        v[tumour] -= 120.0
+    elif name == "t1ce":
+        v[tumour] -= 90.0
+        v[lesion.enhancing] += lesion.rim_gain * 450.0
+        if grade == "HGG":
+            v[tumour & (lesion.distance <= 0.45)] -= 60.0  # necrotic core darker
+    elif name == "t2":
+        v[tumour] += 260.0
+        v[oedema] += 160.0
+    else:  # flair
+        v[tumour] += 180.0
+        v[oedema] += 220.0
+    v[~brain] = 0.0
+    return np.clip(v, 0, None).round().astype(np.int16)
 
 
 @register_generator("embedded_brats")

@@ -40,6 +40,8 @@ CONDITIONS = (
 )
 SEVERITIES = ("Normal/Mild", "Moderate", "Severe")
 
+#: the SOP instance UIDs of generated files: this root plus a hash of (seed, study, slice)
+SOP_UID_PREFIX = "1.2.826.0.1.3680043.10.1234."
 #: sagittal: rows run anterior (+y), columns run inferior (-z); the normal is -x.
 SAGITTAL_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -80,16 +82,7 @@ def make_dataset(
     file_meta.MediaStorageSOPInstanceUID = sop_uid
     file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=file_meta, preamble=b"\0" * 128)
-    ids = identifiers or {}
-    ds.PatientName = ids.get("PatientName", "FAKE^PATIENT^0")
-    ds.PatientID = ids.get("PatientID", "FAKEID0")
-    ds.PatientBirthDate = ids.get("PatientBirthDate", "19700101")
-    ds.PatientSex = "O"
-    ds.AccessionNumber = ids.get("AccessionNumber", "FAKEACC0")
-    ds.InstitutionName = ids.get("InstitutionName", "FAKE HOSPITAL")
-    ds.ReferringPhysicianName = ids.get("ReferringPhysicianName", "FAKE^DOCTOR")
-    ds.StudyID = ids.get("StudyID", "FAKESTUDY0")
-    ds.StudyDate = "20240101"
+    _set_fake_identifiers(ds, identifiers or {})
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
@@ -104,9 +97,28 @@ def make_dataset(
         ds.ImageOrientationPatient = [float(v) for v in orientation]
     ds.PixelSpacing = [float(v) for v in pixel_spacing]
     ds.SliceThickness = float(slice_thickness)
+    _set_pixels(ds, np.asarray(pixels), photometric, rescale, window)
+    return ds
+
+
+def _set_fake_identifiers(ds: Any, ids: dict[str, str]) -> None:
+    """The patient, visit and staff attributes of a fake file: ``ids`` where given, else fake defaults."""
+    ds.PatientName = ids.get("PatientName", "FAKE^PATIENT^0")
+    ds.PatientID = ids.get("PatientID", "FAKEID0")
+    ds.PatientBirthDate = ids.get("PatientBirthDate", "19700101")
+    ds.PatientSex = "O"
+    ds.AccessionNumber = ids.get("AccessionNumber", "FAKEACC0")
+    ds.InstitutionName = ids.get("InstitutionName", "FAKE HOSPITAL")
+    ds.ReferringPhysicianName = ids.get("ReferringPhysicianName", "FAKE^DOCTOR")
+    ds.StudyID = ids.get("StudyID", "FAKESTUDY0")
+    ds.StudyDate = "20240101"
+
+
+def _set_pixels(ds: Any, pixels: np.ndarray, photometric: str, rescale: tuple[float, float] | None,
+                window: tuple[float, float] | None) -> None:
+    """uint16 monochrome pixel data ``(rows, columns)`` with its optional rescale and window."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    pixels = np.asarray(pixels)
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.BitsAllocated = 16
     ds.BitsStored = 16
@@ -117,7 +129,6 @@ def make_dataset(
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    return ds
 
 
 def _study_volume(rng: np.random.Generator, severities: dict[tuple[str, str], int], condition_names: Sequence[str],
@@ -169,69 +180,101 @@ def generate_embedded_lumbar(
 
     20 studies x 1 condition x 5 levels = 100 cases (88/7/5) in about a second.
     """
-    from pydicom.uid import generate_uid
-
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"unknown condition(s) {unknown}; known: {list(CONDITIONS)}")
     rng = np.random.default_rng(seed)
     out = Path(root)
     (out / "train_images").mkdir(parents=True, exist_ok=True)
-    n_cases = studies * len(conditions) * len(LEVELS)
-    counts = [int(round(f * n_cases)) for f in class_frequencies]
-    counts[0] = n_cases - sum(counts[1:])
-    labels = np.repeat(np.arange(len(SEVERITIES)), counts)
-    rng.shuffle(labels)
-    uid_prefix = "1.2.826.0.1.3680043.10.1234."
+    labels = _shuffled_labels(rng, studies * len(conditions) * len(LEVELS), class_frequencies)
     study_ids = sorted(rng.choice(np.arange(1_000_000, 9_999_999), size=studies, replace=False).tolist())
-
     train_rows: list[dict[str, Any]] = []
     coordinate_rows: list[list[Any]] = []
     description_rows: list[list[Any]] = []
     label_iter = iter(labels.tolist())
     for n, study_id in enumerate(study_ids):
-        series_id = int(rng.integers(100_000_000, 999_999_999))
         severities = {(c, lv): next(label_iter) for c in conditions for lv in LEVELS}
-        level_rows = [int(round(size * (0.18 + 0.16 * i))) + int(rng.integers(-2, 3)) for i in range(len(LEVELS))]
-        centre_slice = slices // 2 + int(rng.integers(-1, 2))
-        volume = _study_volume(rng, severities, list(conditions), slices, size, level_rows, centre_slice)
-        instance_numbers = rng.permutation(slices) + 1  # instance number of spatial slice k
-        series_dir = out / "train_images" / str(study_id) / str(series_id)
-        series_dir.mkdir(parents=True, exist_ok=True)
-        study_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id)])
-        series_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id), str(series_id)])
-        identifiers = {
-            "PatientName": f"FAKE^PATIENT^{n}", "PatientID": f"FAKEID{n}",
-            "PatientBirthDate": f"19{50 + n % 40:02d}0{1 + n % 9}15", "AccessionNumber": f"FAKEACC{n}",
-            "InstitutionName": "FAKE HOSPITAL", "ReferringPhysicianName": f"FAKE^DOCTOR^{n}",
-            "StudyID": f"FAKESTUDY{n}",
-        }
-        spacing = 3.5
-        for k in range(slices):
-            # slice k sits at x = -20 + k*spacing; the sagittal normal is -x
-            ds = make_dataset(
-                volume[k], series_uid=series_uid, study_uid=study_uid,
-                position=(-20.0 + k * spacing, -40.0, 60.0), instance_number=int(instance_numbers[k]),
-                pixel_spacing=(0.8, 0.8), slice_thickness=spacing, window=(600.0, 1200.0),
-                rescale=(1.0, 0.0), identifiers=identifiers,
-            )
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-                prefix=uid_prefix, entropy_srcs=[str(seed), str(study_id), str(k)])
-            ds.save_as(series_dir / f"{int(instance_numbers[k])}.dcm", enforce_file_format=True)
-        row: dict[str, Any] = {"study_id": study_id}
-        for condition in CONDITIONS:
-            for level in LEVELS:
-                key = (condition, level)
-                row[column_name(condition, level)] = SEVERITIES[severities[key]] if key in severities else ""
-        train_rows.append(row)
+        series_id, coordinates = _write_study(out, rng, seed, n, study_id, severities, list(conditions), slices, size)
+        train_rows.append(_train_row(study_id, severities))
         description_rows.append([study_id, series_id, "Sagittal T2/STIR"])
-        for (condition, level), _ in severities.items():
-            k = centre_slice + int(rng.integers(-1, 2))
-            x = size / 2.0 + 2.0 * list(conditions).index(condition) + float(rng.normal(0, 0.5))
-            y = level_rows[LEVELS.index(level)] + float(rng.normal(0, 0.5))
-            coordinate_rows.append([study_id, series_id, int(instance_numbers[k]), condition, level,
-                                    round(x, 3), round(y, 3)])
+        coordinate_rows.extend(coordinates)
+    _write_tables(out, train_rows, coordinate_rows, description_rows)
 
+
+def _shuffled_labels(rng: np.random.Generator, n_cases: int, class_frequencies: Sequence[float]) -> np.ndarray:
+    """Severity indices in the given shares (rounded; the remainder is Normal/Mild), shuffled."""
+    counts = [int(round(f * n_cases)) for f in class_frequencies]
+    counts[0] = n_cases - sum(counts[1:])
+    labels = np.repeat(np.arange(len(SEVERITIES)), counts)
+    rng.shuffle(labels)
+    return labels
+
+
+def _fake_identifiers(n: int) -> dict[str, str]:
+    """The fake patient, visit and staff identifiers of study number ``n`` (never real ones)."""
+    return {
+        "PatientName": f"FAKE^PATIENT^{n}", "PatientID": f"FAKEID{n}",
+        "PatientBirthDate": f"19{50 + n % 40:02d}0{1 + n % 9}15", "AccessionNumber": f"FAKEACC{n}",
+        "InstitutionName": "FAKE HOSPITAL", "ReferringPhysicianName": f"FAKE^DOCTOR^{n}",
+        "StudyID": f"FAKESTUDY{n}",
+    }
+
+
+def _write_study(out: Path, rng: np.random.Generator, seed: int, n: int, study_id: int,
+                 severities: dict[tuple[str, str], int], conditions: list[str], slices: int,
+                 size: int) -> tuple[int, list[list[Any]]]:
+    """Write study ``n``'s sagittal series; its series id and its label coordinate rows."""
+    series_id = int(rng.integers(100_000_000, 999_999_999))
+    level_rows = [int(round(size * (0.18 + 0.16 * i))) + int(rng.integers(-2, 3)) for i in range(len(LEVELS))]
+    centre_slice = slices // 2 + int(rng.integers(-1, 2))
+    volume = _study_volume(rng, severities, conditions, slices, size, level_rows, centre_slice)
+    instance_numbers = rng.permutation(slices) + 1  # instance number of spatial slice k
+    series_dir = out / "train_images" / str(study_id) / str(series_id)
+    series_dir.mkdir(parents=True, exist_ok=True)
+    _write_series(series_dir, volume, instance_numbers, seed, study_id, series_id, _fake_identifiers(n))
+    coordinates = []
+    for (condition, level), _ in severities.items():
+        k = centre_slice + int(rng.integers(-1, 2))
+        x = size / 2.0 + 2.0 * conditions.index(condition) + float(rng.normal(0, 0.5))
+        y = level_rows[LEVELS.index(level)] + float(rng.normal(0, 0.5))
+        coordinates.append([study_id, series_id, int(instance_numbers[k]), condition, level, round(x, 3), round(y, 3)])
+    return series_id, coordinates
+
+
+def _write_series(series_dir: Path, volume: np.ndarray, instance_numbers: np.ndarray, seed: int, study_id: int,
+                  series_id: int, identifiers: dict[str, str]) -> None:
+    """One file per slice of ``volume (D, H, W)``, named by its instance number."""
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id)])
+    series_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id), str(series_id)])
+    spacing = 3.5
+    for k in range(volume.shape[0]):
+        # slice k sits at x = -20 + k*spacing; the sagittal normal is -x
+        ds = make_dataset(
+            volume[k], series_uid=series_uid, study_uid=study_uid,
+            position=(-20.0 + k * spacing, -40.0, 60.0), instance_number=int(instance_numbers[k]),
+            pixel_spacing=(0.8, 0.8), slice_thickness=spacing, window=(600.0, 1200.0),
+            rescale=(1.0, 0.0), identifiers=identifiers,
+        )
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            prefix=SOP_UID_PREFIX, entropy_srcs=[str(seed), str(study_id), str(k)])
+        ds.save_as(series_dir / f"{int(instance_numbers[k])}.dcm", enforce_file_format=True)
+
+
+def _train_row(study_id: int, severities: dict[tuple[str, str], int]) -> dict[str, Any]:
+    """The ``train.csv`` row of a study: a severity name per (condition, level) column, blank where unlabelled."""
+    row: dict[str, Any] = {"study_id": study_id}
+    for condition in CONDITIONS:
+        for level in LEVELS:
+            key = (condition, level)
+            row[column_name(condition, level)] = SEVERITIES[severities[key]] if key in severities else ""
+    return row
+
+
+def _write_tables(out: Path, train_rows: list[dict[str, Any]], coordinate_rows: list[list[Any]],
+                  description_rows: list[list[Any]]) -> None:
+    """``train.csv``, ``train_label_coordinates.csv`` and ``train_series_descriptions.csv``."""
     with open(out / "train.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(train_rows[0]))
         writer.writeheader()

@@ -99,82 +99,97 @@ class MsdSource(Source):
             self.class_names = [str(c) for c in class_names] if class_names else ["absent", "present"]
 
     def iter_cases(self) -> Iterator[Case]:
-        import nibabel as nib
-
-        report = self.report
         modalities = [str(v) for _, v in sorted((self.dataset.get("modality") or {}).items())]
-        index = {name: i for i, name in enumerate(self.class_names)}
         for entry in self.dataset["training"]:
             image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
             if not image_rel:
-                report.skip("dataset.json", f"training entry without 'image': {entry!r}"[:200])
+                self.report.skip("dataset.json", f"training entry without 'image': {entry!r}"[:200])
                 continue
             item = image_rel[2:] if image_rel.startswith("./") else image_rel
-            name = case_name(image_rel)
             image_path = resolve_under(self.root, image_rel)
             if image_path is None:
-                report.skip(item, "path escapes the data root (refused)")
+                self.report.skip(item, "path escapes the data root (refused)")
                 continue
             meta: dict[str, Any] = {"modalities": modalities}
-            # ---- label
-            label_map = None
-            if self.label_mode == "csv":
-                value = self.csv_labels.get(name, "")
-                if not value:
-                    report.skip(item, "no label (case not in the labels CSV or empty)")
-                    continue
-                if value not in index:
-                    report.skip(item, f"unknown label value {value!r}; known: {self.class_names}")
-                    continue
-                label = index[value]
-            else:
-                label_rel = str(entry.get("label", "") or "")
-                label_path = resolve_under(self.root, label_rel) if label_rel else None
-                if not label_rel or label_path is None or not Path(label_path).is_file():
-                    report.skip(item, "no label: label map missing" if label_path is not None or not label_rel
-                                else "no label: label path escapes the data root (refused)")
-                    continue
-                try:
-                    label_map = np.asanyarray(nib.load(label_path).dataobj)
-                except Exception as exc:  # noqa: BLE001
-                    report.skip(label_rel, f"unreadable NIfTI label map: {type(exc).__name__}: {exc}")
-                    continue
-                voxels = int(np.count_nonzero(np.rint(label_map) == self.label_class))
-                meta[f"voxels_{self.label_class}"] = voxels
-                label = int(voxels >= self.min_voxels)
-            # ---- image
-            if not Path(image_path).is_file():
-                report.skip(item, "image file missing")
+            labelled = self._csv_label(item, case_name(image_rel)) if self.label_mode == "csv" \
+                else self._presence_label(entry, item, meta)
+            if labelled is None:
                 continue
-            try:
-                nifti = nib.load(image_path)
-                data = np.asanyarray(nifti.dataobj)
-                zooms = [float(z) for z in nifti.header.get_zooms()[:3]]
-            except Exception as exc:  # noqa: BLE001
-                report.skip(item, f"unreadable NIfTI: {type(exc).__name__}: {exc}")
+            label, label_map = labelled
+            read = self._read_stack(image_path, item, label_map, meta)
+            if read is None:
                 continue
-            if label_map is not None and tuple(label_map.shape[:3]) != tuple(data.shape[:3]):
-                report.skip(item, f"label map shape {label_map.shape[:3]} differs from the image {data.shape[:3]}")
-                continue
-            try:
-                stack = nifti_to_stack(data)
-            except ValueError as exc:
-                report.skip(item, str(exc))
-                continue
-            stack, extra = dicom.check_volume(stack, item, report)
-            if stack is None:
-                continue
-            meta.update(extra)
-            if self.image_size:
-                stack = dicom.resize(stack, (self.image_size, self.image_size))
-            stack = dicom.normalise(stack, self.normalise)
-            while len(zooms) < 3:
-                zooms.append(1.0)
-            meta["spacing"] = [zooms[2], zooms[1], zooms[0]]
-            report.read += 1
-            case_hash = salted_hash(f"msd:{self.dataset.get('name', '')}:{name}", self.salt)
+            self.report.read += 1
+            case_hash = salted_hash(f"msd:{self.dataset.get('name', '')}:{case_name(image_rel)}", self.salt)
             yield Case(case_id=case_hash, patient_id=case_hash, label=label,
-                       image=np.ascontiguousarray(stack, dtype=np.float32), meta=meta)
+                       image=np.ascontiguousarray(read, dtype=np.float32), meta=meta)
+
+    def _csv_label(self, item: str, name: str) -> tuple[int, None] | None:
+        """The case's class index from the labels CSV; None (skipped) when absent or unknown."""
+        value = self.csv_labels.get(name, "")
+        if not value:
+            self.report.skip(item, "no label (case not in the labels CSV or empty)")
+            return None
+        index = {class_name: i for i, class_name in enumerate(self.class_names)}
+        if value not in index:
+            self.report.skip(item, f"unknown label value {value!r}; known: {self.class_names}")
+            return None
+        return index[value], None
+
+    def _presence_label(self, entry: dict[str, Any], item: str,
+                        meta: dict[str, Any]) -> tuple[int, np.ndarray] | None:
+        """``(1 if the label map holds min_voxels of label_class else 0, the label map)``; the voxel count
+        goes to ``meta``. None (skipped) when the label map is missing, outside the root or unreadable."""
+        import nibabel as nib
+
+        label_rel = str(entry.get("label", "") or "")
+        label_path = resolve_under(self.root, label_rel) if label_rel else None
+        if not label_rel or label_path is None or not Path(label_path).is_file():
+            self.report.skip(item, "no label: label map missing" if label_path is not None or not label_rel
+                             else "no label: label path escapes the data root (refused)")
+            return None
+        try:
+            label_map = np.asanyarray(nib.load(label_path).dataobj)
+        except Exception as exc:  # noqa: BLE001
+            self.report.skip(label_rel, f"unreadable NIfTI label map: {type(exc).__name__}: {exc}")
+            return None
+        voxels = int(np.count_nonzero(np.rint(label_map) == self.label_class))
+        meta[f"voxels_{self.label_class}"] = voxels
+        return int(voxels >= self.min_voxels), label_map
+
+    def _read_stack(self, image_path: str, item: str, label_map: np.ndarray | None,
+                    meta: dict[str, Any]) -> np.ndarray | None:
+        """The image as ``(Z, C, Y, X)``, checked, resized and normalised; its spacing ``[dz, dy, dx]`` and
+        any check notes go to ``meta``. None (skipped, with the reason) when it cannot be used."""
+        import nibabel as nib
+
+        if not Path(image_path).is_file():
+            self.report.skip(item, "image file missing")
+            return None
+        try:
+            nifti = nib.load(image_path)
+            data = np.asanyarray(nifti.dataobj)
+            zooms = [float(z) for z in nifti.header.get_zooms()[:3]]
+        except Exception as exc:  # noqa: BLE001
+            self.report.skip(item, f"unreadable NIfTI: {type(exc).__name__}: {exc}")
+            return None
+        if label_map is not None and tuple(label_map.shape[:3]) != tuple(data.shape[:3]):
+            self.report.skip(item, f"label map shape {label_map.shape[:3]} differs from the image {data.shape[:3]}")
+            return None
+        try:
+            stack = nifti_to_stack(data)
+        except ValueError as exc:
+            self.report.skip(item, str(exc))
+            return None
+        stack, extra = dicom.check_volume(stack, item, self.report)
+        if stack is None:
+            return None
+        meta.update(extra)
+        if self.image_size:
+            stack = dicom.resize(stack, (self.image_size, self.image_size))
+        zooms += [1.0] * (3 - len(zooms))
+        meta["spacing"] = [zooms[2], zooms[1], zooms[0]]
+        return dicom.normalise(stack, self.normalise)
 
 
 @register_generator("msd")

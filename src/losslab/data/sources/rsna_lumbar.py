@@ -238,7 +238,6 @@ class RsnaLumbarSource(Source):
 
     def _series_cases(self, study: str, series: str, cases: list[tuple[str, str, str, str, str]],
                       labels: dict[str, dict[str, str]], description: str | None) -> Iterator[Case]:
-        report = self.report
         rel = os.path.join(self.images_dir, study, series)
         folder = os.path.join(self.root, rel)
         refused = refused_link(self.root, folder) if os.path.lexists(folder) else None
@@ -249,71 +248,23 @@ class RsnaLumbarSource(Source):
             self._skip_all(cases, rel, "series folder missing")
             return
         # labels first: a series is only read when one of its cases is labelled
-        labelled: list[tuple[str, str, str, str, str, int]] = []
-        for condition, level, instance, x, y in cases:
-            column = column_name(condition, level)
-            if study not in labels:
-                report.skip(rel, f"{condition} {level}: no label: study {study} not in {TRAIN_CSV}")
-                continue
-            value = labels[study].get(column, "")
-            if (study, column) in self.label_conflicts:
-                report.skip(rel, f"{condition} {level}: {self.label_conflicts[(study, column)]}")
-                continue
-            if value == "" or value.lower() == "nan":
-                report.skip(rel, f"{condition} {level}: no label: empty {TRAIN_CSV} cell {column!r}")
-                continue
-            if value not in LABELS:
-                report.skip(rel, f"{condition} {level}: unknown label value {value!r} in {TRAIN_CSV} column "
-                                 f"{column!r}; known: {list(LABELS)}")
-                continue
-            labelled.append((condition, level, instance, x, y, LABELS[value]))
+        labelled = [case for case in (self._labelled(study, rel, case, labels) for case in cases) if case is not None]
         if not labelled:
             return
-        groups = dicom.group_series(folder, report, root=self.root)  # one read per file, pixels included
-        if not groups:
-            self._skip_all(cases, rel, "no readable DICOM file in the series folder")
+        members = self._series_members(folder, rel, cases)
+        if members is None:
             return
-        if len(groups) > 1:
-            if self.mixed_series == "skip":
-                self._skip_all(cases, rel, f"{len(groups)} series mixed in one folder (mixed_series='skip')")
-                return
-            ordered = sorted(groups.values(), key=len, reverse=True)
-            for other in ordered[1:]:
-                report.skip(rel, f"{len(groups)} series mixed in one folder: a second series of {len(other)} "
-                                 f"file(s) ignored, the largest ({len(ordered[0])} files) kept")
-            members = ordered[0]
-        else:
-            members = next(iter(groups.values()))
-        volume, vmeta = dicom.series_volume(members, report, root=self.root, item=rel, on_gap=self.on_gap)
+        volume, vmeta = dicom.series_volume(members, self.report, root=self.root, item=rel, on_gap=self.on_gap)
         if volume is None:
             for condition, level, *_ in labelled:
-                report.skip(rel, f"{condition} {level}: series unreadable (reason reported for the series)")
+                self.report.skip(rel, f"{condition} {level}: series unreadable (reason reported for the series)")
             return
-        depth, height, width = volume.shape
-        instances = vmeta["instance_numbers"]
-        half = self.stack_slices // 2
         for condition, level, instance, x_text, y_text, label in labelled:
-            try:
-                instance_i = int(float(instance))
-                x, y = float(x_text), float(y_text)
-            except ValueError:
-                report.skip(rel, f"{condition} {level}: bad instance/coordinate values "
-                                 f"({instance!r}, {x_text!r}, {y_text!r})")
+            centre = self._labelled_slice(volume.shape, vmeta["instance_numbers"], rel, condition, level,
+                                          (instance, x_text, y_text))
+            if centre is None:
                 continue
-            if instance_i not in instances:
-                report.skip(rel, f"{condition} {level}: labelled instance {instance_i} not in the series")
-                continue
-            if not (0 <= x < width and 0 <= y < height) or not (np.isfinite(x) and np.isfinite(y)):
-                report.skip(rel, f"{condition} {level}: coordinate ({x:g}, {y:g}) outside the image "
-                                 f"({width}x{height})")
-                continue
-            centre = instances.index(instance_i)
-            wanted = np.arange(centre - half, centre + half + 1)
-            index = np.clip(wanted, 0, depth - 1)
-            stack = dicom.windowed_crop(volume, index, x, y, self.windows, vmeta.get("window"), self.radius_factor)
-            if self.clahe:
-                stack = dicom.clahe(stack)
-            image = dicom.resize(stack, (self.image_size, self.image_size)).astype(np.float32, copy=False)
+            image, padded = self._crop_stack(volume, vmeta, *centre)
             condition_key = condition.lower().replace(" ", "_")
             meta = {
                 "condition": condition_key,
@@ -321,10 +272,10 @@ class RsnaLumbarSource(Source):
                 "level_name": level,
                 "series_description": description or "",
                 "spacing": vmeta.get("spacing"),
-                "stack_padded": int(np.count_nonzero(wanted != index)),
+                "stack_padded": padded,
                 "missing_slices": int(vmeta.get("missing_slices", 0)),
             }
-            report.read += 1
+            self.report.read += 1
             yield Case(
                 case_id=salted_hash(f"rsna_lumbar:{study}:{condition_key}:{level}", self.salt),
                 patient_id=salted_hash(f"rsna_lumbar:{study}", self.salt),
@@ -332,3 +283,79 @@ class RsnaLumbarSource(Source):
                 image=image,
                 meta=meta,
             )
+
+    def _labelled(self, study: str, rel: str, case: tuple[str, str, str, str, str],
+                  labels: dict[str, dict[str, str]]) -> tuple[str, str, str, str, str, int] | None:
+        """A coordinate row with its class index from ``train.csv``; None (skipped, with the reason) when
+        the study, the cell or a known value is missing, or the labels conflict."""
+        condition, level, instance, x, y = case
+        column = column_name(condition, level)
+        if study not in labels:
+            self.report.skip(rel, f"{condition} {level}: no label: study {study} not in {TRAIN_CSV}")
+            return None
+        value = labels[study].get(column, "")
+        if (study, column) in self.label_conflicts:
+            self.report.skip(rel, f"{condition} {level}: {self.label_conflicts[(study, column)]}")
+            return None
+        if value == "" or value.lower() == "nan":
+            self.report.skip(rel, f"{condition} {level}: no label: empty {TRAIN_CSV} cell {column!r}")
+            return None
+        if value not in LABELS:
+            self.report.skip(rel, f"{condition} {level}: unknown label value {value!r} in {TRAIN_CSV} column "
+                                  f"{column!r}; known: {list(LABELS)}")
+            return None
+        return condition, level, instance, x, y, LABELS[value]
+
+    def _series_members(self, folder: str, rel: str,
+                        cases: list[tuple[str, str, str, str, str]]) -> list[tuple[Any, str]] | None:
+        """The ``(dataset, path)`` pairs of the folder's series (one read per file, pixels included): the
+        largest one when several are mixed (the others reported); None when the cases are skipped."""
+        groups = dicom.group_series(folder, self.report, root=self.root)
+        if not groups:
+            self._skip_all(cases, rel, "no readable DICOM file in the series folder")
+            return None
+        if len(groups) == 1:
+            return next(iter(groups.values()))
+        if self.mixed_series == "skip":
+            self._skip_all(cases, rel, f"{len(groups)} series mixed in one folder (mixed_series='skip')")
+            return None
+        ordered = sorted(groups.values(), key=len, reverse=True)
+        for other in ordered[1:]:
+            self.report.skip(rel, f"{len(groups)} series mixed in one folder: a second series of {len(other)} "
+                                  f"file(s) ignored, the largest ({len(ordered[0])} files) kept")
+        return ordered[0]
+
+    def _labelled_slice(self, shape: tuple[int, ...], instances: list[int], rel: str, condition: str, level: str,
+                        coordinates: tuple[str, str, str]) -> tuple[int, float, float] | None:
+        """``(slice index, x, y)`` of a label's instance number and pixel coordinates in a ``(D, H, W)``
+        volume; None (skipped, with the reason) when unparsable, not in the series or outside the image."""
+        instance, x_text, y_text = coordinates
+        _, height, width = shape
+        try:
+            instance_i = int(float(instance))
+            x, y = float(x_text), float(y_text)
+        except ValueError:
+            self.report.skip(rel, f"{condition} {level}: bad instance/coordinate values "
+                                  f"({instance!r}, {x_text!r}, {y_text!r})")
+            return None
+        if instance_i not in instances:
+            self.report.skip(rel, f"{condition} {level}: labelled instance {instance_i} not in the series")
+            return None
+        if not (0 <= x < width and 0 <= y < height) or not (np.isfinite(x) and np.isfinite(y)):
+            self.report.skip(rel, f"{condition} {level}: coordinate ({x:g}, {y:g}) outside the image "
+                                  f"({width}x{height})")
+            return None
+        return instances.index(instance_i), x, y
+
+    def _crop_stack(self, volume: np.ndarray, vmeta: dict[str, Any], centre: int, x: float,
+                    y: float) -> tuple[np.ndarray, int]:
+        """The windowed, cropped (and CLAHE'd) ``stack_slices`` around slice ``centre`` resized to
+        ``(N, C, image_size, image_size)`` float32, and how many slices were padded at the ends."""
+        half = self.stack_slices // 2
+        wanted = np.arange(centre - half, centre + half + 1)
+        index = np.clip(wanted, 0, volume.shape[0] - 1)
+        stack = dicom.windowed_crop(volume, index, x, y, self.windows, vmeta.get("window"), self.radius_factor)
+        if self.clahe:
+            stack = dicom.clahe(stack)
+        image = dicom.resize(stack, (self.image_size, self.image_size)).astype(np.float32, copy=False)
+        return image, int(np.count_nonzero(wanted != index))
