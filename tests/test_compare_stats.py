@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats as sps
+from statsmodels.stats.power import TTestPower
 
 from losslab.pipelines.compare import run_compare
 
@@ -108,10 +109,18 @@ def test_verdicts_p_values_and_pooling(store):
     client = MlflowClient()
     csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="comparison_stats.csv"))
     assert list(csv.columns) == ["metric", "group_a", "group_b", "n_pairs", "mean_diff", "ci_low", "ci_high",
-                                 "p_value", "p_holm", "test", "verdict"]
+                                 "p_value", "p_holm", "test", "verdict", "mde", "n_needed"]
+    # power of ce − ldam by hand: statsmodels' one-sample power with the effect size shrunk by sqrt(1 + n r)
+    ce_ldam_row = csv[(csv["group_a"] == "ce") & (csv["group_b"] == "ldam") & (csv["test"] == "nadeau_bengio_t")].iloc[0]
+    d = VALUES["ce"] - VALUES["ldam"]
+    n, spread = len(d), d.std(ddof=1)
+    effect = TTestPower().solve_power(effect_size=None, nobs=n, alpha=0.05, power=0.8, alternative="two-sided")
+    assert ce_ldam_row["mde"] == pytest.approx(effect * spread * math.sqrt(1 + n * RATIO), rel=1e-4)
+    floor = (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * spread * math.sqrt(RATIO)
+    assert (ce_ldam_row["n_needed"] == math.inf) == (abs(d.mean()) <= floor)
     assert len(csv) == len(result.stats)
     md = open(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="comparison.md")).read()
-    assert "focal better" in md and "Not pooled (2 run(s)" in md and "train.epochs: 2 ≠ 6" in md
+    assert "focal better" in md and "already decided" in md and "Not pooled (2 run(s)" in md and "train.epochs: 2 ≠ 6" in md
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert "plots/critical_difference_balanced_accuracy.png" in plots
 

@@ -52,7 +52,7 @@ def test_main_job_compares_over_folds_and_logs_to_its_own_run(embedded_root, sma
     if d[0] != d[1]:
         t = (sum(d) / 2) / math.sqrt((1 / 2 + n_val) * pd.Series(d).var(ddof=1))
         assert row["p_value"] == pytest.approx(2 * sps.t.sf(abs(t), 1))
-    assert main.data.tags["losslab.verdict.balanced_accuracy"].startswith(f"{row['group_a']} vs {row['group_b']}: ")
+    assert main.data.tags["losslab.verdict.balanced_accuracy"].startswith(f"{row['group_a']} − {row['group_b']}")
 
     # the doctor looked at every fold run; the candidate alias points at a fold run of the best loss
     assert set(result.alarms) == {r.info.run_id for r in folds}

@@ -26,12 +26,15 @@ values rank last.
 **Paired statistics** (:mod:`losslab.stats`): each pair of groups on the (seed, fold) blocks they share
 — mean difference with a bootstrap 95 % CI, the Nadeau–Bengio corrected t-test (``n_test/n_train`` from
 the runs' ``data.n_val`` / ``data.n_train`` params), Wilcoxon where there are ≥ 6 pairs, Holm across
-pairs, a verdict; a critical-difference diagram per metric when ≥ 3 groups have ≥ 2 runs.
+pairs, a verdict, and the power: the minimum detectable difference at the pairs there are (``mde``,
+two-sided 0.05, power 0.8, with the same correction) and the pairs that would detect the observed
+difference (``n_needed``; "already decided", or "not reachable" when only more data per run could);
+a critical-difference diagram per metric when ≥ 3 groups have ≥ 2 runs.
 
 Outputs: the table as ``comparison.csv`` (numbers) and ``comparison.md`` (mean ± std, the runs not
 pooled and the paired statistics), the per-run values as ``runs.csv``, ``runs_not_pooled.csv``,
 ``comparison_stats.csv`` (``metric, group_a, group_b, n_pairs, mean_diff, ci_low, ci_high, p_value,
-p_holm, test, verdict``), ``plots/metric_bars_<metric>.png`` (error bars = std),
+p_holm, test, verdict, mde, n_needed``; ``n_needed`` is ``inf`` where no number of pairs reaches the power), ``plots/metric_bars_<metric>.png`` (error bars = std),
 ``plots/recall_heatmap.png`` (groups × classes) and ``plots/critical_difference_<metric>.png``, logged as artifacts of a new run in the same
 experiment (run name ``compare-<tag>``, tags ``losslab.entry_point = compare``,
 ``losslab.compare.group_by``, ``losslab.compare.metrics``).
@@ -363,12 +366,16 @@ def compare_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, 
 
 
 def stats_display(table: pd.DataFrame) -> pd.DataFrame:
-    """The paired statistics as text: differences to 3 decimals, p-values to 3 significant digits."""
+    """The paired statistics as text: differences to 3 decimals, p-values to 3 significant digits,
+    ``mde`` to 3 decimals and ``n_needed`` in words where it is not a number
+    (:func:`losslab.stats.n_needed_text`)."""
     out = table.copy()
     for column in ("mean_diff", "ci_low", "ci_high"):
         out[column] = [MISSING if math.isnan(v) else f"{v:+.3f}" for v in table[column]]
     for column in ("p_value", "p_holm"):
         out[column] = [MISSING if math.isnan(v) else f"{v:.3g}" for v in table[column]]
+    out["mde"] = [MISSING if math.isnan(v) else f"{v:.3f}" for v in table["mde"]]
+    out["n_needed"] = [stats.n_needed_text(n, verdict) for n, verdict in zip(table["n_needed"], table["verdict"])]
     return out
 
 

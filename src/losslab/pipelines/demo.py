@@ -29,7 +29,7 @@ from losslab.pipelines.compare import CompareResult, log_comparison, run_compare
 from losslab.pipelines.doctor import run_doctor
 from losslab.pipelines.preprocess import run_preprocess
 from losslab.pipelines.train import run_train
-from losslab.stats import NB_TEST
+from losslab.stats import NB_TEST, decision_line
 from losslab.tracking import managed_run, resolve_tracking_uri, setup_tracking
 
 # best_val/* of each fold run, and the one score of its best model on the held-out test split
@@ -108,11 +108,7 @@ def _headline(comparison: CompareResult, metric: str):
 
 
 def _verdict_line(row) -> str:
-    if math.isnan(row.p_holm):
-        return f"{row.group_a} vs {row.group_b}: {row.verdict} (n = {row.n_pairs})"
-    return (f"{row.group_a} vs {row.group_b}: {row.verdict} (mean difference {row.mean_diff:+.3f}, 95% CI "
-            f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], Nadeau-Bengio p = {row.p_value:.3g}, Holm {row.p_holm:.3g}, "
-            f"n = {row.n_pairs} folds)")
+    return decision_line(row)
 
 
 def _set_candidate(cfg: ExperimentConfig, comparison: CompareResult) -> str | None:
