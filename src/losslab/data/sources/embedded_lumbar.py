@@ -40,8 +40,9 @@ CONDITIONS = (
 )
 SEVERITIES = ("Normal/Mild", "Moderate", "Severe")
 
-#: the SOP instance UIDs of generated files: this root plus a hash of (seed, study, slice)
-SOP_UID_PREFIX = "1.2.826.0.1.3680043.10.1234."
+#: the root of generated UIDs; the rest is a hash of their entropy sources (seed, study, series, slice),
+#: so the same seed writes the same files (pydicom's generate_uid ignores the sources without a prefix)
+UID_PREFIX = "1.2.826.0.1.3680043.10.1234."
 #: sagittal: rows run anterior (+y), columns run inferior (-z); the normal is -x.
 SAGITTAL_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
@@ -87,7 +88,7 @@ def make_dataset(
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid(prefix=None, entropy_srcs=[study_uid, "frame-of-reference"])
+    ds.FrameOfReferenceUID = generate_uid(prefix=UID_PREFIX, entropy_srcs=[study_uid, "frame-of-reference"])
     ds.Modality = modality
     ds.SeriesDescription = series_description
     ds.InstanceNumber = int(instance_number)
@@ -246,8 +247,8 @@ def _write_series(series_dir: Path, volume: np.ndarray, instance_numbers: np.nda
     """One file per slice of ``volume (D, H, W)``, named by its instance number."""
     from pydicom.uid import generate_uid
 
-    study_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id)])
-    series_uid = generate_uid(prefix=None, entropy_srcs=[str(seed), str(study_id), str(series_id)])
+    study_uid = generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(seed), str(study_id)])
+    series_uid = generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(seed), str(study_id), str(series_id)])
     spacing = 3.5
     for k in range(volume.shape[0]):
         # slice k sits at x = -20 + k*spacing; the sagittal normal is -x
@@ -258,7 +259,7 @@ def _write_series(series_dir: Path, volume: np.ndarray, instance_numbers: np.nda
             rescale=(1.0, 0.0), identifiers=identifiers,
         )
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-            prefix=SOP_UID_PREFIX, entropy_srcs=[str(seed), str(study_id), str(k)])
+            prefix=UID_PREFIX, entropy_srcs=[str(seed), str(study_id), str(k)])
         ds.save_as(series_dir / f"{int(instance_numbers[k])}.dcm", enforce_file_format=True)
 
 
