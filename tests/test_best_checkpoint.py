@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError
-from losslab.engine import loop
+from losslab.engine import steps
 from losslab.engine.loop import fit, load_checkpoint, seed_everything
 from losslab.engine.monitor import BestModelRule, default_mode
 from losslab.pipelines.train import build_components, make_datasets, make_loaders, run_train
@@ -58,7 +58,7 @@ def test_fit_keeps_the_tie_broken_epoch_in_best_pt_also_across_a_resume(make_con
     loss_fn, model = build_components(cfg, [3, 3])
     tl, vl = make_loaders(cfg, train_ds, val_ds)
     scripted = iter(HISTORY)
-    monkeypatch.setattr(loop, "validation_metrics", lambda *args, **kwargs: dict(next(scripted)))
+    monkeypatch.setattr(steps, "validation_metrics", lambda *args, **kwargs: dict(next(scripted)))
     run_dir = tmp_path / "run"
     # two epochs, then a resumed process for the other two: the rule must remember epoch 1's values
     first = cfg.train.model_copy(update={"checkpoint_dir": str(run_dir), "epochs": 2})

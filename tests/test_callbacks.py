@@ -13,7 +13,8 @@ from torch import nn
 
 from losslab.engine.callbacks import (EMA, SWA, AlarmMonitor, Callback, CallbackList, EarlyStopping, FreezeBackbone,
                                       ModelCheckpoint, training_callbacks)
-from losslab.engine.loop import FitState, load_checkpoint
+from losslab.engine.checkpoint import CheckpointWriter
+from losslab.engine.loop import FitState, NonFiniteWeightsError, load_checkpoint
 from losslab.engine.monitor import BestModelRule
 
 
@@ -162,7 +163,8 @@ def test_model_checkpoint_writes_best_only_on_improvement(tmp_path):
         def on_checkpoint(self, state, path, kind):
             kinds.append((state.epoch, kind, Path(path).name))
 
-    run = SimpleNamespace(cbs=CallbackList([_Kinds()]), payload=lambda state: {"epoch": state.epoch})
+    run = SimpleNamespace(cbs=CallbackList([_Kinds()]), payload=lambda state: {"epoch": state.epoch},
+                          writer=CheckpointWriter())
     for epoch, metrics in enumerate([{"val/x": 0.5, "val/auc": 0.6}, {"val/x": 0.5, "val/auc": 0.9},
                                      {"val/x": 0.4, "val/auc": 1.0}]):
         state = FitState(epoch=epoch, run=run, checkpoint_dir=tmp_path,
@@ -170,6 +172,9 @@ def test_model_checkpoint_writes_best_only_on_improvement(tmp_path):
                          best_metric=0.5 if epoch else None)
         cb.on_validation_end(state, metrics)
         cb.write(state)
+        # on_checkpoint follows the write: epoch e's comes when epoch e + 1 submits (or the writer closes)
+        assert [k[0] for k in kinds] == [e for e in range(epoch) for _ in range(1 + (e < 2))]
+    run.writer.close()
     assert kinds == [(0, "best", "best.pt"), (0, "last", "last.pt"), (1, "best", "best.pt"), (1, "last", "last.pt"),
                      (2, "last", "last.pt")]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
@@ -183,3 +188,20 @@ def test_training_callbacks_follow_the_config_in_order():
     assert names == ["FreezeBackbone", "SWA", "EMA", "AlarmMonitor", "ModelCheckpoint", "EarlyStopping"]
     assert [type(c).__name__ for c in training_callbacks(_train_cfg())] == ["AlarmMonitor", "ModelCheckpoint",
                                                                             "EarlyStopping"]
+
+
+def test_ema_update_without_host_reads_equals_torchs_averaged_model():
+    from losslab.engine.ema import build_ema, update_ema
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))  # parameters, float and integer buffers
+    reference, ours = build_ema(model, 0.9), build_ema(model, 0.9)
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(2, 2, 5, 5))
+        reference.update_parameters(model)
+        update_ema(ours, model, 0.9, first=i == 0)
+    for (name, expected), (_, got) in zip(reference.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(got, expected), name

@@ -38,7 +38,7 @@ TOLERANCE = {"val/loss": 0.03, "val/log_loss": 0.03, "val/balanced_accuracy": 0.
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), LOSSLAB_TEST_SLEEP_PER_BATCH="0")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
 
 
 def _only_run(client, experiment):

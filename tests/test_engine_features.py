@@ -3,17 +3,23 @@ and param-group LRs, EMA, SWA (+ BN update), mixup, early stopping on any metric
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losslab.config import ConfigError
+from losslab.engine import checkpoint
 from losslab.engine.callbacks import Callback
 from losslab.engine.ema import mixup_batch, update_bn
-from losslab.engine.loop import (compute_mixed_loss, cosine_with_warmup, evaluation_weights, fit, load_checkpoint,
-                                 predict, seed_everything)
+from losslab.engine.checkpoint import CheckpointDiskFullError
+from losslab.engine.loop import (NonFiniteLossError, NonFiniteWeightsError, compute_mixed_loss, cosine_with_warmup,
+                                 evaluation_weights, fit, load_checkpoint, predict, seed_everything)
 from losslab.engine.steps import StepOutput
 from losslab.pipelines.train import build_components, make_datasets, make_loaders
 
@@ -261,3 +267,136 @@ def test_early_stopping_on_min_class_recall(make_config, small_cache, tmp_path):
 def test_unknown_monitor_names_the_available_metrics(make_config, small_cache, tmp_path):
     with pytest.raises(KeyError, match=r"val/no_such_metric.*val/min_class_recall"):
         _fit(make_config, small_cache, tmp_path, "train.epochs=1", "train.monitor=val/no_such_metric")
+
+
+# ----------------------------------------------------------------------------- failures and checkpoints
+class _NanAtCall(nn.Module):
+    """``loss_fn`` whose ``nan_at``-th call (0-based, training calls only: with gradients) returns NaN."""
+
+    def __init__(self, loss_fn, nan_at):
+        super().__init__()
+        self.loss_fn, self.nan_at, self.calls = loss_fn, nan_at, 0
+
+    def forward(self, logits, target):
+        loss = self.loss_fn(logits, target)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls - 1 == self.nan_at:
+                return loss * float("nan")
+        return loss
+
+
+def _finite(ckpt):
+    return all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_names_epoch_and_first_bad_batch_and_keeps_the_last_good_checkpoint(make_config, small_cache,
+                                                                                     tmp_path):
+    cfg, train_cfg, model, loss_fn, tl, vl = _setup(make_config, small_cache, tmp_path, "train.epochs=3",
+                                                     "train.max_train_batches=4", "train.finite_check_every=3")
+    # epoch 1, batch 1: read at the check after batch 2 (every 3 steps), the batch named is the first bad one
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite training loss \(nan\) at epoch 1, batch 1$"):
+        fit(model, _NanAtCall(loss_fn, nan_at=4 + 1), tl, vl, train_cfg, cfg.optim, small_cache.class_names)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 0 and _finite(last)
+
+
+def test_non_finite_weights_are_never_checkpointed(make_config, small_cache, tmp_path):
+    class _InfRunningVar(Callback):  # what a diverging run (optim.backbone_lr=1e6) does to BatchNorm
+        def on_train_epoch_end(self, state):
+            if state.epoch == 1:
+                bns = [m for m in state.run.model.modules() if isinstance(m, nn.BatchNorm2d)]
+                bns[0].running_var.fill_(float("inf"))
+                bns[1].running_var[0] = float("nan")
+
+    with pytest.raises(NonFiniteWeightsError) as info:
+        _fit(make_config, small_cache, tmp_path, "train.epochs=3", callbacks=[_InfRunningVar()])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"epoch 1: checkpoint {tmp_path / 'run' / 'last.pt'} not written")
+    names = [n for n, m in _setup(make_config, small_cache, tmp_path)[2].named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert f"model.{names[0]}.running_var, model.{names[1]}.running_var" in message
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 0 and _finite(last)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt"]
+
+
+def _tmpfs(path, size):
+    """A ``size`` tmpfs at ``path`` (root only); False where it cannot be mounted."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+class _FullAfter:
+    """A file object that raises ENOSPC once ``room`` bytes are written (a simulated full disk)."""
+
+    def __init__(self, fh, room):
+        self.fh, self.room = fh, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.fh.write(bytes(data)[:self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+@pytest.mark.parametrize("real", [True, False], ids=["tmpfs", "simulated"])
+def test_full_disk_ends_the_fit_with_one_line_after_the_epochs_metrics_and_no_temp_file(
+        make_config, small_cache, tmp_path, monkeypatch, real):
+    folder = tmp_path / "small"
+    if real:
+        if not _tmpfs(folder, "96k"):
+            pytest.skip("a tmpfs needs root and mount here")
+    else:
+        folder.mkdir()
+        monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullAfter(open(path, mode), 50_000), raising=False)
+    epochs = []
+    cfg, train_cfg, model, loss_fn, tl, vl = _setup(make_config, small_cache, tmp_path, "train.epochs=3")
+    train_cfg = train_cfg.model_copy(update={"checkpoint_dir": str(folder)})
+    record = Recorder(lambda state, kind, *args: epochs.append(state.epoch) if kind == "epoch" else None)
+    try:
+        with pytest.raises(CheckpointDiskFullError) as info:
+            fit(model, loss_fn, tl, vl, train_cfg, cfg.optim, small_cache.class_names, callbacks=[record])
+        assert str(info.value).startswith(f"disk full: cannot write checkpoint {folder / 'last.pt'} (No space left")
+        assert "\n" not in str(info.value)
+        assert epochs == [0]  # epoch 0's metrics reached the callbacks; epoch 1 did not start training
+        assert list(folder.iterdir()) == []  # no temporary file left
+    finally:
+        if real:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+# ----------------------------------------------------------------------------- speed options
+@pytest.mark.parametrize("option", ["train.channels_last=true", "train.compile=true"])
+def test_speed_options_train_to_the_same_loss(make_config, small_cache, tmp_path, option):
+    plain = _fit(make_config, small_cache, tmp_path / "plain", "train.epochs=1")[-1]
+    fast = _fit(make_config, small_cache, tmp_path / "fast", "train.epochs=1", option)[-1]
+    for key in ("train/loss", "val/loss"):
+        # channels-last convolutions sum in another order: 2.3e-4 relative after two steps here
+        assert fast.history[key] == pytest.approx(plain.history[key], rel=1e-3), key
+
+
+def test_channels_last_is_refused_for_a_3d_model(make_config):
+    with pytest.raises(ConfigError, match=r"^train.channels_last = True in .*: applies to 2D backbones only; "
+                                          r"model.kind=volume3d"):
+        make_config("model.kind=volume3d", "model.backbone=monai_resnet10", "model.head_kwargs={}",
+                    "train.channels_last=true")
+
+
+def test_a_seeded_fit_is_bit_reproducible_on_cpu(make_config, small_cache, tmp_path):
+    first = _fit(make_config, small_cache, tmp_path / "a", "train.epochs=2")[2]
+    second = _fit(make_config, small_cache, tmp_path / "b", "train.epochs=2")[2]
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name

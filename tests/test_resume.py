@@ -78,8 +78,16 @@ def _val_metrics_at(client, run_id, step):
     return out
 
 
-def _cli(config_path, *args, env=None, cwd=None):
-    return subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", "-c", str(config_path), *args],
+# `python -m losslab.cli` with every optimiser step half a second longer (torch's public global
+# step hook), so that a signal reliably lands mid-epoch
+SLOW_CLI = ("import runpy, time; from torch.optim.optimizer import register_optimizer_step_post_hook; "
+            "register_optimizer_step_post_hook(lambda *args: time.sleep(0.5)); "
+            "runpy.run_module('losslab.cli', run_name='__main__', alter_sys=True)")
+
+
+def _cli(config_path, *args, env=None, cwd=None, slow=False):
+    launch = ["-c", SLOW_CLI] if slow else ["-m", "losslab.cli"]
+    return subprocess.Popen([sys.executable, *launch, "train", "-c", str(config_path), *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -114,8 +122,8 @@ def _train_then_signal(make_config, tmp_path, experiment: str, signum: int, *ove
     cfg = make_config(*overrides, experiment=experiment)
     config_path = tmp_path / f"{experiment}.yaml"
     config_path.write_text(dump_yaml(cfg))
-    env = dict(os.environ, LOSSLAB_TEST_SLEEP_PER_BATCH="0.5", PYTHONPATH=str(REPO / "src"))
-    proc = _cli(config_path, env=env, cwd=tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = _cli(config_path, env=env, cwd=tmp_path, slow=True)
     run_id = _signal_after_epoch_0(proc, MlflowClient(), experiment, signum)
     return cfg, config_path, env, proc, run_id
 
@@ -136,7 +144,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0]
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody ended it
 
-    resume = _cli(config_path, "--resume", run_id, env=dict(env, LOSSLAB_TEST_SLEEP_PER_BATCH="0"), cwd=tmp_path)
+    resume = _cli(config_path, "--resume", run_id, env=env, cwd=tmp_path)
     out, _ = resume.communicate(timeout=240)
     assert resume.returncode == 0, out
     run = client.get_run(run_id)
@@ -149,7 +157,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
     evaluate = subprocess.run([sys.executable, "-m", "losslab.cli", "evaluate", "-c", str(config_path), "--model", run_id,
                                "--split", "val", "-o", "evaluate.tta.enabled=false", "-o", "evaluate.latency.enabled=false"],
-                              cwd=tmp_path, env=env | {"LOSSLAB_TEST_SLEEP_PER_BATCH": "0"}, capture_output=True,
+                              cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=240)
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
     ev_run = client.get_run(evaluate.stdout.split("evaluate run ")[1].split(":")[0])
@@ -161,7 +169,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_uninterrupted_run(make_config, 
     ref_cfg = make_config(*common, experiment="resume-reference")
     ref_path = tmp_path / "resume-reference.yaml"
     ref_path.write_text(dump_yaml(ref_cfg))
-    ref = _cli(ref_path, env=dict(env, LOSSLAB_TEST_SLEEP_PER_BATCH="0"), cwd=tmp_path)
+    ref = _cli(ref_path, env=env, cwd=tmp_path)
     ref_out, _ = ref.communicate(timeout=240)
     assert ref.returncode == 0, ref_out
     ref_exp = client.get_experiment_by_name("resume-reference")
@@ -188,7 +196,7 @@ def test_sigterm_ends_the_run_killed_uploads_checkpoints_and_resume_clears_the_e
     assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}  # uploaded on the way out ...
     assert not (Path(cfg.train.checkpoint_dir) / run_id).exists()  # ... so the local copies are gone
 
-    resume = _cli(config_path, "--resume", run_id, env=dict(env, LOSSLAB_TEST_SLEEP_PER_BATCH="0"), cwd=tmp_path)
+    resume = _cli(config_path, "--resume", run_id, env=env, cwd=tmp_path)
     out, _ = resume.communicate(timeout=240)
     assert resume.returncode == 0, out
     run = client.get_run(run_id)

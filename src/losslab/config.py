@@ -174,6 +174,11 @@ class TrainConfig(_Strict):
     upload_checkpoint_every: int = Field(5, ge=0)  # checkpoints to MLflow every N epochs; 0 = at the end/failure only
     progress: bool = True  # progress bars (only when stderr is a terminal)
     deterministic: bool = True
+    # the training step reads the NaN/inf flag of its loss every N steps (and at the epoch end): a
+    # non-finite loss stops the fit within N steps, naming its epoch and first bad batch
+    finite_check_every: int = Field(20, ge=1)
+    compile: bool = False  # torch.compile the training forward (validation runs the plain module)
+    channels_last: bool = False  # channels-last memory format for 2D backbones (refused for 3D models)
 
     def tiebreak_rules(self) -> list[tuple[str, str | None]]:
         """``train.monitor_tiebreak`` as ``(metric, mode)`` pairs (mode None: the metric's default)."""
@@ -641,6 +646,7 @@ def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None,
         raise ConfigError(_format_validation_error(exc, origins or {}, path, data)) from None
     cfg._origins, cfg._path = dict(origins or {}), path
     _check_folds(cfg)
+    _check_channels_last(cfg)
     _check_distill_data(cfg)
     _check_task(cfg, origins or {}, path)
     return cfg
@@ -651,6 +657,14 @@ def _check_distill_data(cfg: ExperimentConfig) -> None:
     from losslab.data.text import check_distill_data
 
     check_distill_data(cfg)
+
+
+def _check_channels_last(cfg: ExperimentConfig) -> None:
+    """``train.channels_last`` is a 2D memory format: refused for models that convolve volumes."""
+    three_d = cfg.model.kind == "volume3d" or (cfg.model.kind == "segmentation" and cfg.model.spatial_dims == 3)
+    if cfg.train.channels_last and three_d:
+        raise cfg.key_error("train.channels_last", True, f"applies to 2D backbones only; model.kind={cfg.model.kind} "
+                            f"(spatial_dims={cfg.model.spatial_dims}) convolves volumes: set train.channels_last=false")
 
 
 def _check_folds(cfg: ExperimentConfig) -> None:

@@ -23,8 +23,19 @@ set in :meth:`Callback.setup`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+from losslab.engine.checkpoint import non_finite_tensors, to_cpu
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A checkpoint was not written: a weight, buffer or optimiser state is NaN/inf (the message names
+    the epoch and the first tensors)."""
 
 
 class Callback:
@@ -62,14 +73,17 @@ class Callback:
     def on_epoch_start(self, state: Any) -> None:
         """Called when a training epoch begins."""
 
-    def on_train_batch_end(self, state: Any, batch_index: int, loss: float) -> None:
-        """Called after each optimiser step with the batch's training loss."""
+    def on_train_batch_end(self, state: Any, batch_index: int, loss: torch.Tensor) -> None:
+        """Called after each optimiser step with the batch's training loss, a detached 0-d tensor on the
+        training device: reading it (``float(loss)``) makes the host wait for the device, so read it
+        only when needed."""
 
     def on_epoch_end(self, state: Any, metrics: dict[str, float]) -> None:
         """Called when an epoch's training and validation end, with that epoch's metrics."""
 
     def on_checkpoint(self, state: Any, path: Path, kind: str) -> None:
-        """Called after a checkpoint (``kind`` = ``best`` or ``last``) is written atomically."""
+        """Called once a checkpoint (``kind`` = ``best`` or ``last``) is on disk (written atomically in
+        the background; ``state`` is that epoch's, the call comes at a later epoch or when fit ends)."""
 
     def on_alarm(self, state: Any, alarm: Any) -> None:
         """Called when a diagnostic alarm fires (dead class, overfitting, unstable metric)."""
@@ -121,6 +135,21 @@ class CallbackList(Callback):
 
 
 # ------------------------------------------------------------------------------ training callbacks
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
+    """Freeze (``requires_grad=False``, BN in eval mode) or unfreeze ``model.backbone``.
+
+    Returns False when the model has no ``backbone`` attribute (nothing to do). Call it after
+    ``model.train()``: freezing puts the backbone back in eval mode."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return False
+    for p in backbone.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        backbone.eval()
+    return True
+
+
 class FreezeBackbone(Callback):
     """``model.backbone`` frozen (``requires_grad=False``, BN in eval mode) for the first ``epochs``."""
 
@@ -134,8 +163,6 @@ class FreezeBackbone(Callback):
                              "set train.freeze_backbone_epochs=0 or train in one process")
 
     def on_train_epoch_start(self, state):
-        from losslab.engine.loop import set_backbone_frozen
-
         set_backbone_frozen(state.run.model, state.epoch < self.epochs)
 
 
@@ -146,6 +173,7 @@ class EMA(Callback):
     def __init__(self, decay: float) -> None:
         self.decay = float(decay)
         self.ema = None
+        self.updates = 0  # counted on the host: the step never reads the device's n_averaged
 
     def setup(self, run):
         from losslab.engine.ema import build_ema
@@ -153,7 +181,10 @@ class EMA(Callback):
         self.ema = build_ema(run.model, self.decay)
 
     def on_train_batch_end(self, state, batch_index, loss):
-        self.ema.update_parameters(state.run.model)
+        from losslab.engine.ema import update_ema
+
+        update_ema(self.ema, state.run.model, self.decay, first=self.updates == 0)
+        self.updates += 1
 
     def validation_model(self, state):
         return self.ema.module, "ema"
@@ -164,6 +195,7 @@ class EMA(Callback):
     def load_state_dict(self, checkpoint):
         if checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
+            self.updates = int(self.ema.n_averaged)
 
 
 class SWA(Callback):
@@ -317,14 +349,28 @@ class ModelCheckpoint(Callback):
         state.improved = improved
 
     def write(self, state) -> None:
-        """Write ``last.pt`` (and ``best.pt`` when the epoch improved), then ``on_checkpoint``."""
-        from losslab.engine.loop import save_checkpoint
+        """Hand ``last.pt`` (and ``best.pt`` when the epoch improved) to the fit's background writer
+        (``state.run.writer``) as a CPU copy; ``on_checkpoint`` follows once the file is on disk.
 
+        Raises:
+            NonFiniteWeightsError: a tensor of the checkpoint is NaN/inf (nothing is written).
+        """
         best_path, last_path = state.checkpoint_dir / "best.pt", state.checkpoint_dir / "last.pt"
-        save_checkpoint(last_path, state.run.payload(state), copies=(best_path,) if state.improved else ())
-        if state.improved:
-            state.run.cbs.on_checkpoint(state, best_path, "best")
-        state.run.cbs.on_checkpoint(state, last_path, "last")
+        payload = state.run.payload(state)
+        bad = non_finite_tensors(payload)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteWeightsError(f"epoch {state.epoch}: checkpoint {last_path} not written: non-finite values "
+                                        f"in {len(bad)} tensor(s): {shown}")
+        written = dataclasses.replace(state)  # this epoch's state, for on_checkpoint after the write
+        kinds = ([("best", best_path)] if state.improved else []) + [("last", last_path)]
+
+        def on_written() -> None:
+            for kind, path in kinds:
+                state.run.cbs.on_checkpoint(written, path, kind)
+
+        state.run.writer.submit(last_path, to_cpu(payload), copies=(best_path,) if state.improved else (),
+                                on_written=on_written)
 
 
 class ReseedEachEpoch(Callback):

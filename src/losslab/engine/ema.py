@@ -18,13 +18,14 @@ All state is tensors, so checkpoints load with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["averaged_weights", "build_ema", "build_swa", "mixup_batch", "update_bn"]
+__all__ = ["averaged_weights", "build_ema", "build_swa", "mixup_batch", "update_bn", "update_ema"]
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -39,6 +40,25 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel:
     if not 0.0 <= float(decay) <= 1.0:
         raise ValueError(f"ema decay must be in [0, 1], got {decay!r}")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: nn.Module, decay: float, first: bool) -> None:
+    """One EMA step of a :func:`build_ema` copy, the same arithmetic as its ``update_parameters``
+    (copy on the first update, then ``lerp`` towards the model; integer buffers as torch does them)
+    but written by hand because that method reads ``n_averaged`` on the host twice per call (a device
+    sync on a GPU); ``first`` says on the host whether this is the first update."""
+    pairs = [(e.detach(), m.detach()) for e, m in zip(itertools.chain(ema.module.parameters(), ema.module.buffers()),
+                                                      itertools.chain(model.parameters(), model.buffers()))]
+    if first:
+        torch._foreach_copy_([e for e, _ in pairs], [m for _, m in pairs])
+    else:
+        floats = [(e, m) for e, m in pairs if e.is_floating_point() or e.is_complex()]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)
+        for e, m in pairs:
+            if not (e.is_floating_point() or e.is_complex()):
+                e.copy_(e * decay + m * (1.0 - decay))
+    ema.n_averaged += 1
 
 
 def build_swa(model: nn.Module) -> AveragedModel:

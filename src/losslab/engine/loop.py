@@ -11,10 +11,21 @@ Features: bf16 autocast on CUDA (off on CPU), gradient clipping, cosine decay wi
 (``train.freeze_backbone_epochs``: no gradients and eval-mode BN in ``model.backbone``), EMA weights
 (``train.ema_decay``), SWA over the last ``train.swa_epochs`` epochs at a constant ``train.swa_lr``
 with BN re-estimation, optional mixup of whole bags (``train.mixup_alpha``), early stopping on any
-logged metric, deterministic seeding, atomic checkpoints (temp file + ``os.replace``) holding model,
-EMA/SWA, optimiser, schedulers, epoch, history and RNG states, resume from a checkpoint, and a stop
-with the epoch and batch in the message when the loss becomes NaN/inf (the last good checkpoint
-stays).
+logged metric, deterministic seeding, ``torch.compile`` (``train.compile``) and the channels-last
+memory format (``train.channels_last``), and resume from a checkpoint.
+
+The step never waits for the device: the loss, its terms and the sample counts are summed on the
+device and read once an epoch; a NaN/inf loss is flagged on the device (the first bad batch) and the
+flag read every ``train.finite_check_every`` steps and at the epoch end, ending the fit with
+:class:`NonFiniteLossError` (epoch and batch in the message) before that epoch is checkpointed.
+Per-batch callbacks get the loss as a 0-d device tensor.
+
+Checkpoints (:mod:`losslab.engine.checkpoint`) hold model, EMA/SWA, optimiser, schedulers, epoch,
+history and RNG states. One is written only when every tensor in it is finite (else
+:class:`NonFiniteWeightsError` names the epoch and tensors; the last good checkpoint stays), copied to
+CPU memory, then written atomically (temp file + fsync + ``os.replace``) by a background thread while
+training goes on; fit joins that thread before it returns or raises. A full disk ends the fit with
+:class:`CheckpointDiskFullError` naming the path, leaving no temporary file.
 
 Which weights are validated: the SWA average during the SWA epochs, else the EMA when enabled,
 else the trained weights. The checkpoint records that choice in ``eval_source``;
@@ -28,12 +39,9 @@ early-stop decision. ``train.freeze_backbone_epochs`` is refused under DDP.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,12 +53,20 @@ import torch
 from torch import nn
 
 from losslab.engine import distributed as ddp
-from losslab.engine.callbacks import Callback, CallbackList
-from losslab.engine.ema import averaged_weights, mixup_batch
-from losslab.engine.steps import ClassificationStep, StepOutput
+from losslab.engine.callbacks import (Callback, CallbackList, ModelCheckpoint, NonFiniteWeightsError,
+                                      set_backbone_frozen, training_callbacks)
+from losslab.engine.checkpoint import (CheckpointDiskFullError, CheckpointWriter, evaluation_weights, load_checkpoint,
+                                       rng_state, save_checkpoint, set_rng_state)
+from losslab.engine.ema import mixup_batch
+from losslab.engine.steps import ClassificationStep, StepOutput, autocast, predict, validation_metrics
+
+# re-exported for the pipelines, benches and tests that import them from here
+__all__ = ["CheckpointDiskFullError", "FitRun", "FitState", "NonFiniteLossError", "NonFiniteWeightsError", "autocast", "build_optimizer", "compute_mixed_loss",
+           "cosine_with_warmup", "evaluation_weights", "fit", "load_checkpoint", "predict", "resolve_device",
+           "save_checkpoint", "seed_everything", "set_backbone_frozen", "validation_metrics"]
 
 log = logging.getLogger(__name__)
-SLEEP_ENV = "LOSSLAB_TEST_SLEEP_PER_BATCH"  # tests only: seconds to sleep after each training batch
+HOST_READ = "losslab::host_read"  # the profiler range around each read of device values by the loop
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,14 +105,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device,
-                  step: ClassificationStep | None = None) -> tuple[torch.Tensor, Any, dict]:
-    """Run the model on a batch through ``step`` (default: a plain classifier); return
-    ``(logits (B, K), attention (B, N) | None, aux dict)``."""
-    out = (step or ClassificationStep()).forward(model, batch, device)
-    return out.logits, out.attention, out.aux
-
-
 def compute_mixed_loss(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
                        lam: float, step: ClassificationStep | None = None) -> torch.Tensor:
     """Mixup loss ``lam * L(y_a) + (1 - lam) * L(y_b)``; plain ``L(y_a)`` when ``target_b`` is None."""
@@ -118,9 +126,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) ->
     return factor
 
 
-def build_optimizer(model: nn.Module, loss_fn: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, loss_fn: nn.Module, optim_cfg: Any, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD with a backbone parameter group (``optim.backbone_lr``) and the loss's own
-    learnable parameters (e.g. compound weights) in the head group."""
+    learnable parameters (e.g. compound weights) in the head group; ``fused``: PyTorch's fused
+    implementation (one kernel per group, step counters on the device; for CUDA)."""
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     backbone_params = [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad]
@@ -130,169 +139,13 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, optim_cfg: Any) -> tor
     if backbone_params:
         groups.append({"params": backbone_params, "lr": optim_cfg.backbone_lr or optim_cfg.lr, "name": "backbone"})
     groups.append({"params": head_params, "lr": optim_cfg.lr, "name": "head"})
+    implementation = {"fused": True} if fused else {}
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, **implementation)
     if optim_cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
-
-
-# ------------------------------------------------------------------------------ checkpoints
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any], copies: tuple[Path, ...] = ()) -> None:
-    """Write atomically: ``torch.save`` straight into a temp file in the same folder, fsync, then
-    ``os.replace``.
-
-    ``copies``: more paths that get the same bytes, as hard links to the file just written (no second
-    write: for a 14 M-parameter 3D model with AdamW state, 173 MB, that was half the checkpoint's time).
-    A later ``os.replace`` of ``path`` gives it a new file and leaves the copies as they are. Where the
-    file system has no hard links the bytes are written again."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    for target in map(Path, copies):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        linked = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            linked.unlink()
-        try:
-            os.link(tmp, linked)
-        except OSError:  # no hard links here (or another device): copy the bytes
-            shutil.copyfile(tmp, linked)
-        os.replace(linked, target)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code on load)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def evaluation_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint was validated with: SWA, EMA or the trained model (``eval_source``)."""
-    source = ckpt.get("eval_source", "model")
-    if source == "model":
-        return ckpt["model"]
-    return averaged_weights(ckpt[source])
-
-
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
-    """Freeze (``requires_grad=False``, BN in eval mode) or unfreeze ``model.backbone``.
-
-    Returns False when the model has no ``backbone`` attribute (nothing to do). Call it after
-    ``model.train()``: freezing puts the backbone back in eval mode."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None:
-        return False
-    for p in backbone.parameters():
-        p.requires_grad_(not frozen)
-    if frozen:
-        backbone.eval()
-    return True
-
-
-# ------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
-            amp: bool = False, step: ClassificationStep | None = None) -> dict[str, Any]:
-    """Run the model over a loader through ``step``; return logits, probabilities, predictions,
-    labels, attention, the mean loss and the step's diagnostics (sample-weighted means, NaN skipped)."""
-    model.eval()
-    step = step or ClassificationStep()
-    logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
-    loss_sum, n = 0.0, 0
-    diag_sums: dict[str, list[float]] = {}
-    for batch in loader:
-        with autocast(device, amp):
-            out = step.forward(model, batch, device)
-        target = step.target(batch, device)
-        out.logits = out.logits.float()
-        for name, value in step.batch_diagnostics(out, batch).items():
-            if value == value:
-                acc = diag_sums.setdefault(name, [0.0, 0])
-                acc[0] += value * len(target)
-                acc[1] += len(target)
-        if loss_fn is not None:
-            loss_sum += float(step.loss(loss_fn, out, target)) * len(target)
-        n += len(target)
-        logits_all.append(out.logits.cpu())
-        labels_all.append(batch["label"])
-        index_all.append(batch["index"])
-        if out.attention is not None:
-            attn_all.append(out.attention.float().cpu())
-            masks_all.append(batch["mask"])
-    logits = torch.cat(logits_all)
-    if loss_fn is not None and hasattr(loss_fn, "probabilities"):
-        probs = loss_fn.probabilities(logits)
-    else:
-        probs = torch.softmax(logits, dim=1)
-    result = {
-        "logits": logits.numpy(),
-        "probs": probs.detach().numpy(),
-        # the loss's own decision rule (e.g. CORAL counts thresholds), else argmax
-        "pred": (loss_fn.predict(logits) if callable(getattr(loss_fn, "predict", None))
-                 else probs.argmax(dim=1)).detach().numpy(),
-        "labels": torch.cat(labels_all).numpy(),
-        "index": torch.cat(index_all).numpy(),
-        "loss": loss_sum / max(n, 1),
-        "diagnostics": {name: total / count for name, (total, count) in diag_sums.items()},
-    }
-    if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
-        result["attention"] = torch.cat(attn_all).numpy()
-        result["mask"] = torch.cat(masks_all).numpy()
-    return result
-
-
-def autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
-    """``val/*`` metrics from predict() outputs (classification metrics, MIL attention statistics and,
-    for DSMIL, the selection confidence of the critical instance)."""
-    from losslab.engine.metrics import classification_metrics
-
-    y_pred = outputs.get("pred")  # predict() already applied the loss's decision rule
-    if y_pred is None and loss_fn is not None and hasattr(loss_fn, "predict"):
-        y_pred = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
-    metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
-    out = {f"val/{k}": float(v) for k, v in metrics.items()}
-    out["val/loss"] = float(outputs["loss"])
-    for name, value in outputs.get("diagnostics", {}).items():
-        out[f"val/{name}"] = float(value)
-    if "attention" in outputs:
-        from losslab.engine.diagnostics import attention_statistics
-
-        for k, v in attention_statistics(outputs["attention"], outputs["mask"]).items():
-            out[f"val/{k}"] = float(v)
-    return out
+        return torch.optim.Adam(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, **implementation)
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
+                           **implementation)
 
 
 def _class_weight_metrics(loss_fn: nn.Module, class_names: list[str]) -> dict[str, float]:
@@ -309,7 +162,8 @@ def _class_weight_metrics(loss_fn: nn.Module, class_names: list[str]) -> dict[st
 @dataclass
 class FitRun:
     """What one fit() call builds once and shares with its callbacks (``state.run``): the model, loss,
-    configs, the task's step, device, optimiser, main LR schedule and every callback."""
+    configs, the task's step, device, optimiser, main LR schedule, every callback and the checkpoint
+    writer."""
 
     model: nn.Module
     loss_fn: nn.Module
@@ -327,9 +181,11 @@ class FitRun:
     cbs: CallbackList  # training callbacks first, then the caller's
     step_scheduler: bool = True  # False while SWA holds the learning rate
     train_model: nn.Module | None = None
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
 
     def payload(self, state: "FitState") -> dict[str, Any]:
-        """A checkpoint: the loop's state, every callback's :meth:`Callback.state_dict`, RNG states."""
+        """A checkpoint: the loop's state, every callback's :meth:`Callback.state_dict`, RNG states.
+        Its tensors are the live ones (on the device): copy them before training goes on."""
         loss_state = self.loss_fn.state_dict()
         out = {"model": self.model.state_dict(), "ema": None, "swa": None, "swa_scheduler": None,
                "patience_left": None, "eval_source": state.eval_source,
@@ -340,7 +196,7 @@ class FitRun:
                "best_tiebreak": state.best_tiebreak, "history": state.history}
         for callback in self.training:
             out.update(callback.state_dict())
-        out["rng"] = _rng_state()
+        out["rng"] = rng_state()
         return out
 
 
@@ -360,20 +216,23 @@ def fit(
 
     The loop owns time (epochs, steps, precision, clipping, validation); what ``train.*`` switches on
     (frozen phase, EMA, SWA, alarms, early stopping, checkpoints) are the callbacks of
-    :func:`losslab.engine.callbacks.training_callbacks`, run before ``callbacks``.
+    :func:`losslab.engine.callbacks.training_callbacks`, run before ``callbacks``. Checkpoints are
+    written by a background thread, which fit joins before it returns or raises.
 
     Args:
         model: returns ``(logits (B, K), attention, [aux])`` from the inputs ``step`` gives it; an
             optional ``backbone`` attribute gets ``optim.backbone_lr`` and the frozen phase.
-        loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``, ``terms``,
-            ``weights``) or any ``nn.Module`` loss.
+        loss_fn: a :class:`losslab.losses.LossBase` (``on_epoch_start``, ``probabilities``,
+            ``term_tensors``/``terms``, ``weights``) or any ``nn.Module`` loss.
         train_cfg / optim_cfg: :class:`losslab.config.TrainConfig` / ``OptimConfig``.
         step: the task's batch → forward → loss (:mod:`losslab.tasks`); default a plain classifier.
         resume_from: a ``last.pt`` checkpoint to continue from (same config and data); the run then
             ends with the same weights and metrics as an uninterrupted one.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (epoch and batch in the message).
+        NonFiniteLossError: the loss became NaN/inf (epoch and first bad batch in the message).
+        NonFiniteWeightsError: a checkpoint would hold NaN/inf tensors (epoch and names in the message).
+        CheckpointDiskFullError: a checkpoint's file system is full (path in the message).
         KeyError: ``train.monitor`` is not a logged metric.
     """
     run = _prepare(model, loss_fn, train_loader, train_cfg, optim_cfg, step or ClassificationStep(), callbacks)
@@ -382,43 +241,65 @@ def fit(
     # DDP (torchrun): train_model averages gradients over ranks; `model` stays the plain module for
     # EMA/SWA, state dicts (interchangeable with single-process checkpoints) and validation
     run.train_model = ddp.wrap_model(model, run.device)
-    samplers = [s for s in (getattr(train_loader, "sampler", None), getattr(train_loader, "batch_sampler", None))
-                if hasattr(s, "set_epoch")]
+    if train_cfg.compile:
+        run.train_model = torch.compile(run.train_model)
     try:
         run.cbs.on_fit_start(state)
-        for epoch in range(start_epoch, train_cfg.epochs):
-            state.epoch = epoch
-            if hasattr(loss_fn, "on_epoch_start"):
-                loss_fn.on_epoch_start(epoch)
-            run.cbs.on_epoch_start(state)
-            for sampler in samplers:  # distributed samplers: a new, rank-consistent epoch
-                sampler.set_epoch(epoch)
-            stats = _train_epoch(run, state, epoch)
-            run.cbs.on_train_epoch_end(state)
-            # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
-            # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
-            if run.is_main:
-                _validate(run, state, val_loader, class_names, stats)
-            if run.distributed:
-                state.stopped_early = bool(ddp.broadcast_object(state.stopped_early))
-            if state.stopped_early:
-                break
+        _run_epochs(run, state, start_epoch, val_loader, class_names)
+        run.writer.close()  # the last checkpoint is on disk (and its on_checkpoint called) before on_fit_end
         run.cbs.on_fit_end(state)
     except BaseException as exc:
+        _close_writer_after(exc, run)
         run.cbs.on_exception(state, exc)
         raise
     return state
 
 
-def _prepare(model, loss_fn, train_loader, train_cfg, optim_cfg, step, callbacks) -> FitRun:
-    """Device, optimiser, the cosine/constant schedule over the epochs before SWA, the callbacks."""
-    from losslab.engine.callbacks import training_callbacks
+def _close_writer_after(exc: BaseException, run: FitRun) -> None:
+    """Join the checkpoint writer while ``exc`` ends the fit: a write still under way completes (the
+    last good checkpoint), a failed one is logged (``exc`` is the error the fit reports)."""
+    try:
+        run.writer.close()
+    except Exception as write_error:  # noqa: BLE001 - the fit already fails with exc
+        if write_error is not exc:
+            log.error("checkpoint write failed while the fit stopped: %s", write_error)
 
+
+def _run_epochs(run: FitRun, state: FitState, start_epoch: int, val_loader, class_names: list[str]) -> None:
+    """The epochs from ``start_epoch``: train, validate (rank 0), checkpoint, stop early when told."""
+    samplers = [s for s in (getattr(run.train_loader, "sampler", None), getattr(run.train_loader, "batch_sampler", None))
+                if hasattr(s, "set_epoch")]
+    for epoch in range(start_epoch, run.train_cfg.epochs):
+        state.epoch = epoch
+        run.writer.raise_if_failed()  # a failed checkpoint write ends the fit before more training
+        if hasattr(run.loss_fn, "on_epoch_start"):
+            run.loss_fn.on_epoch_start(epoch)
+        run.cbs.on_epoch_start(state)
+        for sampler in samplers:  # distributed samplers: a new, rank-consistent epoch
+            sampler.set_epoch(epoch)
+        stats = _train_epoch(run, state, epoch)
+        run.cbs.on_train_epoch_end(state)
+        # Under DDP rank 0 validates on the whole validation set, checkpoints and calls the callbacks while
+        # the other ranks wait in the broadcast of its early-stop decision, so that all ranks stop together.
+        if run.is_main:
+            _validate(run, state, val_loader, class_names, stats)
+        if run.distributed:
+            state.stopped_early = bool(ddp.broadcast_object(state.stopped_early))
+        if state.stopped_early:
+            break
+
+
+def _prepare(model, loss_fn, train_loader, train_cfg, optim_cfg, step, callbacks) -> FitRun:
+    """Device, memory format, optimiser, the cosine/constant schedule over the epochs before SWA, the
+    callbacks."""
     distributed = ddp.is_distributed()
     device = ddp.distributed_device(train_cfg.device) if distributed else resolve_device(train_cfg.device)
     model.to(device)
+    if train_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     loss_fn.to(device)
-    optimizer = build_optimizer(model, loss_fn, optim_cfg)
+    # fused kernels keep the optimiser's step counters on the GPU (no host reads in the step)
+    optimizer = build_optimizer(model, loss_fn, optim_cfg, fused=device.type == "cuda")
     steps_per_epoch = len(train_loader) if train_cfg.max_train_batches is None else min(len(train_loader), train_cfg.max_train_batches)
     swa_epochs = min(train_cfg.swa_epochs, train_cfg.epochs)
     # the cosine decays over the epochs before SWA; SWA runs at a constant swa_lr
@@ -457,22 +338,74 @@ def _restore(run: FitRun, state: FitState, resume_from: str | Path) -> int:
     state.history = {k: list(v) for k, v in ckpt["history"].items()}
     for callback in run.training:
         callback.load_state_dict(ckpt)
-    _set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     log.info("resumed from %s at epoch %d", resume_from, ckpt["epoch"] + 1)
     return ckpt["epoch"] + 1
 
 
+class _EpochSums:
+    """An epoch's training loss and loss terms, summed on the device with each batch's sample count
+    as weight, and the first batch whose loss is NaN/inf: nothing here is read by the host until
+    :meth:`check_finite` (every ``train.finite_check_every`` steps) or :meth:`read` (epoch end)."""
+
+    def __init__(self, device: torch.device, epoch: int) -> None:
+        self.epoch = epoch
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.loss = torch.zeros((), dtype=self.dtype, device=device)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # batch index, -1 = none yet
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+        self.seen = 0
+
+    def add(self, batch_index: int, loss: torch.Tensor, size: int, terms: dict[str, torch.Tensor]) -> None:
+        newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, batch_index, self.first_bad)
+        self.bad_value = torch.where(newly_bad, loss.float(), self.bad_value)
+        self.loss += loss.to(self.dtype) * size
+        for name, value in terms.items():
+            total = self.terms.get(name)
+            weighted = value.detach().to(self.loss.device, self.dtype) * size
+            self.terms[name] = weighted if total is None else total + weighted
+        self.seen += size
+
+    def check_finite(self) -> None:
+        """One host read; raises :class:`NonFiniteLossError` naming the epoch and the first bad batch."""
+        with torch.profiler.record_function(HOST_READ):
+            first_bad, value = torch.stack([self.first_bad.to(self.bad_value.dtype), self.bad_value]).tolist()
+        if first_bad >= 0:
+            raise NonFiniteLossError(f"non-finite training loss ({value}) at epoch {self.epoch}, batch {int(first_bad)}")
+
+    def read(self) -> tuple[float, dict[str, float]]:
+        """The loss sum and the term sums as floats (one host read)."""
+        names = sorted(self.terms)
+        with torch.profiler.record_function(HOST_READ):
+            values = torch.stack([self.loss] + [self.terms[k] for k in names]).tolist()
+        return values[0], dict(zip(names, values[1:]))
+
+
+def _loss_terms(loss_fn: nn.Module) -> dict[str, torch.Tensor]:
+    """The last forward's loss terms as detached tensors, without a host read where the loss offers
+    ``term_tensors()``; else its ``terms()`` floats as tensors."""
+    if hasattr(loss_fn, "term_tensors"):
+        return loss_fn.term_tensors()
+    if hasattr(loss_fn, "terms"):
+        return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in loss_fn.terms().items()}
+    return {}
+
+
 def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
-    """One epoch of optimiser steps; returns the loss sum, samples seen, last lr, term sums and time."""
-    cfg, model, loss_fn, step = run.train_cfg, run.model, run.loss_fn, run.step
+    """One epoch of optimiser steps; returns the loss sum, samples seen, last lr, term sums and time.
+
+    No value goes from the device to the host per step except every ``train.finite_check_every``
+    steps, one read of the non-finite flag (a NaN/inf loss stops the fit within that many steps; its
+    weights are never checkpointed: the epoch ends before validation)."""
+    cfg, loss_fn, step = run.train_cfg, run.loss_fn, run.step
     run.train_model.train()
     loss_fn.train()
     run.cbs.on_train_epoch_start(state)  # after train(): the frozen phase puts BN back in eval mode
-    sleep_per_batch = float(os.environ.get(SLEEP_ENV) or 0.0)
     show_progress = bool(getattr(cfg, "progress", False)) and sys.stderr.isatty()
     t0 = time.perf_counter()
-    loss_sum, seen, lr = 0.0, 0, run.optimizer.param_groups[-1]["lr"]
-    term_sums: dict[str, float] = {}
+    sums, lr = _EpochSums(run.device, epoch), run.optimizer.param_groups[-1]["lr"]
     for b, batch in enumerate(_progress(run.train_loader, run.steps_per_epoch, f"epoch {epoch}", show_progress)):
         if cfg.max_train_batches is not None and b >= cfg.max_train_batches:
             break
@@ -484,20 +417,16 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
         with autocast(run.device, cfg.amp):
             out = step.forward(run.train_model, batch, run.device)
         loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}, batch {b}")
         lr = _optimizer_step(run, loss)
         state.global_step += 1
-        batch_loss = float(loss.detach())
-        size = step.size(target)
-        loss_sum += batch_loss * size
-        seen += size
-        for k, v in (loss_fn.terms().items() if hasattr(loss_fn, "terms") else ()):
-            term_sums[k] = term_sums.get(k, 0.0) + float(v) * size
-        run.cbs.on_train_batch_end(state, b, batch_loss)
-        if sleep_per_batch:
-            time.sleep(sleep_per_batch)
+        sums.add(b, loss.detach(), step.size(target), _loss_terms(loss_fn))
+        if (b + 1) % cfg.finite_check_every == 0:
+            sums.check_finite()
+        run.cbs.on_train_batch_end(state, b, loss.detach())
+    sums.check_finite()
+    loss_sum, term_sums = sums.read()
     train_time = time.perf_counter() - t0
+    seen = sums.seen
     if run.distributed:  # train/loss over every rank's samples
         term_keys = sorted(term_sums)
         totals = ddp.all_reduce_sum([loss_sum, seen] + [term_sums[k] for k in term_keys])
@@ -508,7 +437,7 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
 
 def _optimizer_step(run: FitRun, loss: torch.Tensor) -> float:
     """Backward, gradient averaging of the loss's own weights under DDP, clipping, step, schedule;
-    returns the head learning rate the step used."""
+    returns the head learning rate the step used. Nothing here waits for the device."""
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.distributed:  # the loss's own learnable weights are outside DDP
@@ -536,7 +465,6 @@ def _epoch_metrics(run: FitRun, outputs: dict[str, Any], class_names: list[str],
 def _validate(run: FitRun, state: FitState, val_loader, class_names: list[str], stats: dict[str, Any]) -> None:
     """Validate the weights the callbacks name (SWA, EMA, else the model), record the metrics, let
     the callbacks decide (alarms, best epoch, early stopping), write the checkpoints, call back."""
-    from losslab.engine.callbacks import ModelCheckpoint
     from losslab.engine.metrics import dead_class_names, pred_counts
 
     chosen = [c.validation_model(state) for c in run.training]

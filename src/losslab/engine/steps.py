@@ -6,6 +6,9 @@ object owns what differs between tasks (MONAI's ``prepare_batch`` + ``_iteration
 returning ``logits (B, K)`` or ``(logits, attention[, aux])`` and ``loss_fn(logits, label)``. Tasks
 with more (the 2.5D ``level``, dual-stream logits, instance selection) subclass it in
 :mod:`losslab.tasks`; the engine itself knows no model by name.
+
+The validation pass every step shares lives here too (:func:`predict`, :func:`validation_metrics`,
+:func:`autocast`), so that the callbacks and tasks use it without importing the loop.
 """
 
 from __future__ import annotations
@@ -59,13 +62,88 @@ class ClassificationStep:
 
     def predict(self, model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
                 amp: bool = False) -> dict[str, Any]:
-        """The validation outputs over ``loader`` (:func:`losslab.engine.loop.predict`)."""
-        from losslab.engine.loop import predict
-
+        """The validation outputs over ``loader`` (:func:`predict`)."""
         return predict(model, loader, device, loss_fn, amp, self)
 
     def metrics(self, outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
-        """``val/*`` metrics of :meth:`predict`'s outputs (:func:`losslab.engine.loop.validation_metrics`)."""
-        from losslab.engine.loop import validation_metrics
-
+        """``val/*`` metrics of :meth:`predict`'s outputs (:func:`validation_metrics`)."""
         return validation_metrics(outputs, class_names, loss_fn)
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+            amp: bool = False, step: ClassificationStep | None = None) -> dict[str, Any]:
+    """Run the model over a loader through ``step``; return logits, probabilities, predictions,
+    labels, attention, the mean loss and the step's diagnostics (sample-weighted means, NaN skipped)."""
+    model.eval()
+    step = step or ClassificationStep()
+    logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
+    loss_sum, n = 0.0, 0
+    diag_sums: dict[str, list[float]] = {}
+    for batch in loader:
+        with autocast(device, amp):
+            out = step.forward(model, batch, device)
+        target = step.target(batch, device)
+        out.logits = out.logits.float()
+        for name, value in step.batch_diagnostics(out, batch).items():
+            if value == value:
+                acc = diag_sums.setdefault(name, [0.0, 0])
+                acc[0] += value * len(target)
+                acc[1] += len(target)
+        if loss_fn is not None:
+            loss_sum += float(step.loss(loss_fn, out, target)) * len(target)
+        n += len(target)
+        logits_all.append(out.logits.cpu())
+        labels_all.append(batch["label"])
+        index_all.append(batch["index"])
+        if out.attention is not None:
+            attn_all.append(out.attention.float().cpu())
+            masks_all.append(batch["mask"])
+    logits = torch.cat(logits_all)
+    if loss_fn is not None and hasattr(loss_fn, "probabilities"):
+        probs = loss_fn.probabilities(logits)
+    else:
+        probs = torch.softmax(logits, dim=1)
+    result = {
+        "logits": logits.numpy(),
+        "probs": probs.detach().numpy(),
+        # the loss's own decision rule (e.g. CORAL counts thresholds), else argmax
+        "pred": (loss_fn.predict(logits) if callable(getattr(loss_fn, "predict", None))
+                 else probs.argmax(dim=1)).detach().numpy(),
+        "labels": torch.cat(labels_all).numpy(),
+        "index": torch.cat(index_all).numpy(),
+        "loss": loss_sum / max(n, 1),
+        "diagnostics": {name: total / count for name, (total, count) in diag_sums.items()},
+    }
+    if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
+        result["attention"] = torch.cat(attn_all).numpy()
+        result["mask"] = torch.cat(masks_all).numpy()
+    return result
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def validation_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
+    """``val/*`` metrics from predict() outputs (classification metrics, MIL attention statistics and,
+    for DSMIL, the selection confidence of the critical instance)."""
+    from losslab.engine.metrics import classification_metrics
+
+    y_pred = outputs.get("pred")  # predict() already applied the loss's decision rule
+    if y_pred is None and loss_fn is not None and hasattr(loss_fn, "predict"):
+        y_pred = loss_fn.predict(torch.as_tensor(outputs["logits"])).numpy()
+    metrics = classification_metrics(outputs["labels"], outputs["probs"], class_names, y_pred=y_pred)
+    out = {f"val/{k}": float(v) for k, v in metrics.items()}
+    out["val/loss"] = float(outputs["loss"])
+    for name, value in outputs.get("diagnostics", {}).items():
+        out[f"val/{name}"] = float(value)
+    if "attention" in outputs:
+        from losslab.engine.diagnostics import attention_statistics
+
+        for k, v in attention_statistics(outputs["attention"], outputs["mask"]).items():
+            out[f"val/{k}"] = float(v)
+    return out

@@ -261,6 +261,11 @@ class LossBase(nn.Module):
         """Per-term values of the last forward (logged as ``train/loss_<term>``). Empty by default."""
         return {}
 
+    def term_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`terms` as detached 0-d tensors where they were computed (the training loop sums them
+        on the device); a loss that keeps its terms as tensors returns them without a host read."""
+        return {k: torch.as_tensor(v) for k, v in self.terms().items()}
+
     def weights(self) -> dict[str, float]:
         """Current term weights (logged as ``loss_weight/<term>``). Empty by default."""
         return {}

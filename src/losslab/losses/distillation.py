@@ -57,6 +57,9 @@ class _DistillationLoss(LossBase):
     def terms(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._last.items()}
 
+    def term_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._last)
+
     def _dims(self, student_dim, teacher_dim, required: bool, why: str) -> tuple[int | None, int | None]:
         if required and (student_dim is None or teacher_dim is None):
             missing = "student_dim" if student_dim is None else "teacher_dim"

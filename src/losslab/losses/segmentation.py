@@ -537,5 +537,8 @@ class DiceBoundaryLoss(_SegmentationLoss):
     def terms(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._terms.items()}
 
+    def term_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._terms)
+
     def weights(self) -> dict[str, float]:
         return {"dice": float(self.alpha), "boundary": float(1.0 - self.alpha)}
