@@ -14,10 +14,20 @@ Every run is ``losslab train`` (one fold: the validation fold picks the best epo
 (``--tracking-uri``, default ``sqlite:///<workdir>/mlflow.db``). Runs are tagged
 ``repro.study``/``repro.setting``/``repro.repetition``/``repro.mode``; a setting whose test run is
 already in the store is not run again. The tables are then computed from the store only (never
-typed) and written between the study's markers in ``--output``.
+typed) and written between the study's markers in ``--output`` (default ``docs/results.md``, which holds
+results only: a ``--quick`` run writes ``<workdir>/results-quick.md`` and refuses ``docs/results.md``).
+
+**Sequential study** (``--budget-seeds N``, long-tailed digits): the planned comparison is CE against
+LDAM-DRW and logit adjustment in test balanced accuracy at each ratio (Bonferroni: alpha/2 a pair). After
+the first ``--repetitions`` seeds the script adds one seed at a time, up to ``N``, until every planned pair
+is decided by :func:`losslab.stats.sequential_decision` (group-sequential, Lan–DeMets O'Brien–Fleming
+spending, so the repeated looks keep the false-positive rate at alpha) or the budget is spent; the table
+says which happened.
 
     python scripts/reproduce.py --study all             # the full studies (long; run with nice)
-    python scripts/reproduce.py --study all --quick     # one seed, few epochs (CI keeps it working)
+    python scripts/reproduce.py --study long_tailed --ratios 100 --losses ce "ldam + DRW" logit_adjusted \
+        --budget-seeds 8                                # add seeds until the planned comparison is decided
+    python scripts/reproduce.py --study all --quick     # one seed, few epochs, into <workdir>/results-quick.md
     python scripts/reproduce.py --tables-only           # rewrite the tables from the store
 """
 
@@ -294,13 +304,16 @@ def long_tailed_paired(runs: pd.DataFrame, against: str = "ce",
 def paired_markdown(paired: pd.DataFrame) -> str:
     if len(paired) == 0:
         return ""
-    lines = ["| ratio | comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict |",
-             "|---:|---|---:|---:|---|---:|---|"]
+    from losslab.stats import n_needed_text
+
+    lines = ["| ratio | comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict | MDE | pairs needed |",
+             "|---:|---|---:|---:|---|---:|---|---:|---:|"]
     for r in paired.sort_values(["ratio", "group_b"]).itertuples():
         ci = "—" if np.isnan(r.ci_low) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
         p = "—" if np.isnan(r.p_holm) else f"{r.p_holm:.3g}"
+        mde = "—" if np.isnan(r.mde) else f"{r.mde:.3f}"
         lines.append(f"| {r.ratio:g} | {r.group_a} − {r.group_b} | {r.n_pairs} | {r.mean_diff:+.3f} | {ci} | {p} | "
-                     f"{r.verdict} |")
+                     f"{r.verdict} | {mde} | {n_needed_text(r.n_needed, r.verdict)} |")
     return "\n".join(lines)
 
 
@@ -338,7 +351,62 @@ def drw_note(train_runs: pd.DataFrame) -> str:
             f"{len(drw)} run(s); such a run is the plain-LDAM model.")
 
 
-def study_section(study: str, mode: str, stores: list[str]) -> str:
+PLANNED_AGAINST, PLANNED_CHALLENGERS = "ce", ("ldam + DRW", "logit_adjusted")  # the sequential study's pairs
+
+
+def seed_differences(runs: pd.DataFrame, ratio: str, challenger: str) -> pd.Series:
+    """``challenger − ce`` test balanced accuracy per seed at ``ratio``, in seed order (the order the
+    sequential study added them), over the seeds both have."""
+    group = runs[runs["tags.repro.ratio"] == ratio]
+    wide = group.pivot_table(index=group["tags.repro.repetition"].astype(int), columns="tags.repro.loss_variant",
+                             values="metrics.test/balanced_accuracy").sort_index()
+    if PLANNED_AGAINST not in wide or challenger not in wide:
+        return pd.Series(dtype=float)
+    shared = wide[[PLANNED_AGAINST, challenger]].dropna()
+    return shared[challenger] - shared[PLANNED_AGAINST]
+
+
+def sequential_outcomes(runs: pd.DataFrame, first_look: int, budget: int) -> pd.DataFrame:
+    """Per ratio and planned pair, :func:`losslab.stats.sequential_decision` with looks at
+    ``first_look..budget`` seeds (plain paired t: one fixed test split), alpha split over the pairs."""
+    from losslab.stats import ALPHA, sequential_decision
+
+    looks, rows = list(range(first_look, budget + 1)), []
+    present = [c for c in PLANNED_CHALLENGERS if c in set(runs.get("tags.repro.loss_variant", []))]
+    for ratio in sorted(runs["tags.repro.ratio"].unique(), key=float) if len(runs) else []:
+        for challenger in present:
+            d = seed_differences(runs, ratio, challenger)
+            row = {"ratio": float(ratio), "comparison": f"{challenger} − {PLANNED_AGAINST}", "seeds": len(d),
+                   "mean_diff": float(d.mean()) if len(d) else np.nan, "decided": False, "budget_spent": False,
+                   "p_value": np.nan, "threshold": np.nan, "alpha": ALPHA / len(present)}
+            if len(d) >= first_look:
+                decision = sequential_decision(d.to_numpy(), looks, 0.0, ALPHA / len(present))
+                row |= {"decided": decision.decided, "budget_spent": decision.budget_spent, "seeds": decision.n_pairs,
+                        "mean_diff": float(d.iloc[:decision.n_pairs].mean()), "p_value": decision.p_value,
+                        "threshold": decision.threshold}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sequential_markdown(outcomes: pd.DataFrame, first_look: int, budget: int) -> str:
+    if outcomes.empty:
+        return ""
+    lines = [f"Sequential study: group-sequential design, Lan–DeMets O'Brien–Fleming-type alpha spending "
+             f"(`losslab.stats.sequential_decision`), looks after each seed from {first_look} to the budget of "
+             f"{budget}, alpha {outcomes['alpha'].iloc[0] * len(outcomes) / outcomes['ratio'].nunique():.2g} "
+             f"split over the {len(outcomes) // outcomes['ratio'].nunique()} planned pair(s) (Bonferroni).", "",
+             "| ratio | comparison | seeds | mean difference | p | look's threshold | outcome |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for r in outcomes.itertuples():
+        outcome = (f"decided at {r.seeds} seeds" if r.decided else f"budget of {budget} seeds spent" if r.budget_spent
+                   else f"undecided after {r.seeds} seeds (budget {budget})")
+        p, threshold = ("—", "—") if np.isnan(r.p_value) else (f"{r.p_value:.3g}", f"{r.threshold:.3g}")
+        lines.append(f"| {r.ratio:g} | {r.comparison} | {r.seeds} | {r.mean_diff:+.3f} | {p} | {threshold} | {outcome} |")
+    return "\n".join(lines)
+
+
+def study_section(study: str, mode: str, stores: list[str], budget: tuple[int, int] | None = None) -> str:
+    """The study's tables; ``budget = (first look, budget seeds)`` adds the sequential study's outcome."""
     runs = test_runs(study, mode, stores)
     if len(runs) == 0:
         return f"_No finished test runs of {study} ({mode}) in the store._"
@@ -347,8 +415,11 @@ def study_section(study: str, mode: str, stores: list[str]) -> str:
     paired = paired_markdown(long_tailed_paired(runs))
     body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
             + drw_note(test_runs(study, mode, stores, entry_point="train")))
-    return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds):\n\n"
-                   + paired if paired else "")
+    sequential = sequential_markdown(sequential_outcomes(runs, *budget), *budget) if budget else ""
+    return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds; MDE: the "
+                   "smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the seeds "
+                   "that would detect the observed difference):\n\n" + paired if paired else "") \
+        + ("\n\n" + sequential if sequential else "")
 
 
 def write_section(path: Path, key: str, title: str, body: str, note: str) -> None:
@@ -369,22 +440,29 @@ def write_section(path: Path, key: str, title: str, body: str, note: str) -> Non
 COHORT_STUDIES = ("dual_stream_mil", "lumbar_spine", "distillation")  # scripts/reproduce_cohorts.py
 
 
+def cohorts_script():
+    """``scripts/reproduce_cohorts.py`` as a module (loaded once)."""
+    import importlib.util
+
+    if "reproduce_cohorts" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("reproduce_cohorts", Path(__file__).with_name("reproduce_cohorts.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["reproduce_cohorts"] = module  # its dataclasses look the module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules["reproduce_cohorts"]
+
+
 def run_cohort_study(study: str, args) -> None:
     """The dual-stream MIL loss study, the lumbar-spine plan and the distillation-loss study live in
     ``scripts/reproduce_cohorts.py`` (their own options there); run one with this script's common
     options (its runs go to ``<workdir>/cohorts``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_cohorts", Path(__file__).with_name("reproduce_cohorts.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_cohorts"] = module  # its dataclasses look the module up while it executes
-    spec.loader.exec_module(module)
     argv = ["--study", study, "--workdir", str(Path(args.workdir) / "cohorts"), "--output", args.output,
             "--tracking-uri", args.tracking_uri, "--threads", str(args.threads)]
     argv += ["--quick"] * args.quick + ["--tables-only"] * args.tables_only
     argv += ["--read-stores", *args.read_stores] if args.read_stores else []
+    argv += ["--budget-seeds", str(args.budget_seeds)] if args.budget_seeds else []
     argv += ["--epochs", str(args.epochs)] if args.epochs and not args.quick else []
-    module.main(argv)
+    cohorts_script().main(argv)
 
 
 # ------------------------------------------------------------------------------------- main
@@ -399,7 +477,11 @@ def parse_args(argv=None):
                    help="stores the tables are read from (default: --tracking-uri); e.g. one per parallel process")
     p.add_argument("--only-repetitions", nargs="+", type=int, default=None,
                    help="run only these repetition numbers (to split a study over processes)")
-    p.add_argument("--output", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--output", default=None,
+                   help="default docs/results.md; with --quick <workdir>/results-quick.md (never docs/results.md)")
+    p.add_argument("--budget-seeds", type=int, default=None,
+                   help="long_tailed: add seeds after --repetitions, up to this many, until the planned comparison "
+                        "(ce against ldam + DRW and logit_adjusted) is decided (group-sequential design)")
     p.add_argument("--repetitions", type=int, default=None, help="default 5 (mnist_bags), 3 (long_tailed); quick: 1")
     p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (quick: 2)")
     p.add_argument("--heads", nargs="+", default=["attention", "gated_attention"])
@@ -411,10 +493,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_settings(builder, title: str, study_args, mode: str) -> None:
+    settings = builder(study_args)
+    for i, setting in enumerate(settings, 1):
+        start = time.time()
+        run_id = run_setting(setting, study_args, mode)
+        status = "skipped (in the store)" if run_id is None else f"test run {run_id} in {time.time() - start:.0f} s"
+        print(f"[{title}] {i}/{len(settings)} {setting.name} rep {setting.repetition}: {status}", flush=True)
+
+
+def run_sequentially(study_args, mode: str, stores: list[str]) -> None:
+    """Add one seed at a time after the first ``repetitions`` until every planned pair of
+    :func:`sequential_outcomes` is decided or ``--budget-seeds`` seeds have run."""
+    run_settings(long_tailed_settings, LONG_TAILED, study_args, mode)
+    seeds = list(study_args.repetition_list)
+    while len(seeds) < study_args.budget_seeds:
+        outcomes = sequential_outcomes(test_runs(LONG_TAILED, mode, stores), study_args.repetitions,
+                                       study_args.budget_seeds)
+        if len(outcomes) and outcomes["decided"].all():
+            print(f"[{LONG_TAILED}] every planned comparison decided at {len(seeds)} seeds", flush=True)
+            return
+        seeds.append(max(seeds) + 1)
+        print(f"[{LONG_TAILED}] undecided at {len(seeds) - 1} seeds: adding seed {seeds[-1]}", flush=True)
+        run_settings(long_tailed_settings, LONG_TAILED, argparse.Namespace(**vars(study_args) | {
+            "repetition_list": [seeds[-1]]}), mode)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir = str(Path(args.workdir).resolve())
     args.tracking_uri = args.tracking_uri or f"sqlite:///{args.workdir}/mlflow.db"
+    args.output = cohorts_script().resolve_output(args.output, args.quick, args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     import mlflow
@@ -426,6 +535,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.epochs = args.epochs or 2
     studies = ["mnist_bags", "long_tailed", *COHORT_STUDIES] if args.study == "all" else [args.study]
+    stores = args.read_stores or [args.tracking_uri]
     for study in studies:
         if study in COHORT_STUDIES:
             run_cohort_study(study, args)
@@ -435,19 +545,21 @@ def main(argv=None) -> int:
         study_args = argparse.Namespace(**vars(args))
         study_args.repetitions = args.repetitions or default_reps
         study_args.repetition_list = args.only_repetitions or list(range(study_args.repetitions))
+        sequential = args.budget_seeds is not None and study == "long_tailed"
+        if sequential and not 2 <= study_args.repetitions <= args.budget_seeds:
+            raise SystemExit(f"--budget-seeds {args.budget_seeds}: needs 2 <= --repetitions "
+                             f"({study_args.repetitions}) <= the budget")
         if not args.tables_only:
-            settings = builder(study_args)
-            for i, setting in enumerate(settings, 1):
-                start = time.time()
-                run_id = run_setting(setting, study_args, mode)
-                status = "skipped (in the store)" if run_id is None else f"test run {run_id} in {time.time() - start:.0f} s"
-                print(f"[{title}] {i}/{len(settings)} {setting.name} rep {setting.repetition}: {status}", flush=True)
-        stores = args.read_stores or [args.tracking_uri]
+            if sequential:
+                run_sequentially(study_args, mode, stores)
+            else:
+                run_settings(builder, title, study_args, mode)
         note = (f"Mode `{mode}`; {len(stores)} MLflow store(s). Test metrics of `losslab evaluate --split test` "
                 "on the source's held-out test split; mean ± sample std over repetitions (n = runs).\n\n"
                 + PROTOCOL[title])
-        write_section(Path(args.output), f"{study}:{mode}", f"{title} ({mode})", study_section(title, mode, stores),
-                      note)
+        budget = (study_args.repetitions, args.budget_seeds) if sequential else None
+        write_section(Path(args.output), f"{study}:{mode}", f"{title} ({mode})",
+                      study_section(title, mode, stores, budget), note)
     return 0
 
 

@@ -25,13 +25,23 @@ Every run is tagged ``repro.study``, ``repro.variant``, ``repro.mode`` (``quick`
 ``repro.fold`` and ``repro.seed``; a (variant, fold, seed) whose runs are already in the store is not
 run again, so an interrupted study resumes. The tables are computed from the store only
 (mean ± sample std over the runs, :func:`losslab.pipelines.compare.format_mean_std`; paired
-statistics with :func:`losslab.stats.paired_comparisons`, blocks = (seed, fold)) and written between
-``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->`` in ``--output`` (``<name>:quick`` for a
-quick run, so it never overwrites the full table).
+statistics with :func:`losslab.stats.paired_comparisons`, blocks = (seed, fold), with the minimum
+detectable difference ``mde`` and the pairs ``n_needed`` to detect the observed one) and written between
+``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->`` in ``--output`` (default
+``docs/results.md``, which holds results only: a ``--quick`` run writes ``<name>:quick`` sections into
+``<workdir>/results-quick.md`` and refuses ``docs/results.md``).
+
+**Sequential study** (``--budget-seeds N``): after the ``--seeds`` given, one seed at a time is added
+(every fold and variant of it), up to ``N`` seeds, until the study's planned comparison (:data:`PLANNED`:
+each variant against the reference, alpha split over the pairs by Bonferroni) is decided by
+:func:`losslab.stats.sequential_decision` — a group-sequential design with Lan–DeMets O'Brien–Fleming
+alpha spending, looks after each seed, so the repeated looks keep the false-positive rate at alpha — or
+the budget is spent; the table says which happened.
 
     python scripts/reproduce_cohorts.py --study all --quick     # one seed, 1-2 epochs, 2 folds
     nice -n 10 python scripts/reproduce_cohorts.py --study dual_stream_mil --folds 0 1 2 --epochs 4
     python scripts/reproduce_cohorts.py --study all --tables-only
+    nice -n 10 python scripts/reproduce_cohorts.py --study distillation --seeds 0 1 2 --budget-seeds 8
 """
 
 from __future__ import annotations
@@ -323,7 +333,7 @@ def stats_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no pairs with shared folds)"
     shown = stats_display(table)[["metric", "group_a", "group_b", "n_pairs", "mean_diff", "ci_low", "ci_high",
-                                  "p_value", "p_holm", "test", "verdict"]]
+                                  "p_value", "p_holm", "test", "verdict", "mde", "n_needed"]]
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
@@ -487,6 +497,89 @@ STUDIES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+PLANNED = {  # study -> (the compared metric, the reference): each other variant against the reference
+    "dual_stream_mil": ("test_calibrated/f1_macro", REFERENCE_MIL),
+    "lumbar_spine": ("test/balanced_accuracy", REFERENCE_LUMBAR),
+    "distillation": ("best_val/mean_accuracy", "student alone"),
+}
+
+
+def study_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
+    return distill_frame(stores, mode) if study == "distillation" else evaluated_frame(stores, study, mode)
+
+
+def _ordered_differences(frame: pd.DataFrame, metric: str, reference: str, challenger: str) -> tuple[np.ndarray, float]:
+    """``challenger − reference`` per (seed, fold) block in the order the blocks were added (seed,
+    then fold), over the blocks both have; and the blocks' mean ``n_test/n_train``."""
+    frame = frame.assign(seed_number=frame["seed"].astype(int), fold_number=frame.get("fold", 0).astype(int),
+                         value=pd.to_numeric(frame.get(metric), errors="coerce"))
+    wide = frame.pivot_table(index=["seed_number", "fold_number"], columns="variant", values="value").sort_index()
+    if reference not in wide or challenger not in wide:
+        return np.array([]), math.nan
+    shared = wide[[reference, challenger]].dropna()
+    ratio = frame[frame["variant"].isin([reference, challenger])]["test_train_ratio"].mean()
+    return (shared[challenger] - shared[reference]).to_numpy(), float(ratio)
+
+
+def sequential_outcomes(frame: pd.DataFrame, study: str, first_seeds: int, budget: int) -> pd.DataFrame:
+    """Per planned pair, :func:`losslab.stats.sequential_decision` with a look after each seed from
+    ``first_seeds`` to ``budget`` (a seed adds one block per fold), alpha split over the pairs."""
+    from losslab.stats import ALPHA, sequential_decision
+
+    metric, reference = PLANNED[study]
+    folds = max(1, frame["fold"].nunique()) if "fold" in frame else 1
+    looks = [folds * seeds for seeds in range(first_seeds, budget + 1)]
+    challengers = [v for v in frame["variant"].unique() if v != reference] if not frame.empty else []
+    rows = []
+    for challenger in challengers:
+        d, ratio = _ordered_differences(frame, metric, reference, challenger)
+        row = {"comparison": f"{challenger} − {reference}", "metric": metric, "pairs": d.size, "decided": False,
+               "budget_spent": False, "p_value": math.nan, "threshold": math.nan}
+        if d.size >= looks[0] and math.isfinite(ratio):
+            decision = sequential_decision(d, looks, ratio, ALPHA / len(challengers))
+            row |= {"decided": decision.decided, "budget_spent": decision.budget_spent, "pairs": decision.n_pairs,
+                    "p_value": decision.p_value, "threshold": decision.threshold}
+        rows.append(row | {"seeds": row["pairs"] // folds, "mean_diff": float(d[:row["pairs"]].mean()) if d.size else math.nan})
+    return pd.DataFrame(rows)
+
+
+def sequential_markdown(outcomes: pd.DataFrame, first_seeds: int, budget: int) -> str:
+    if outcomes.empty:
+        return ""
+    lines = [f"Sequential study: group-sequential design, Lan–DeMets O'Brien–Fleming-type alpha spending "
+             f"(`losslab.stats.sequential_decision`, Nadeau–Bengio corrected t-test at each look), a look after each "
+             f"seed from {first_seeds} to the budget of {budget}, alpha 0.05 split over {len(outcomes)} planned "
+             "pair(s) (Bonferroni).", "",
+             "| comparison | metric | seeds | pairs | mean difference | p | look's threshold | outcome |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in outcomes.itertuples():
+        outcome = (f"decided at {r.seeds} seeds" if r.decided else f"budget of {budget} seeds spent" if r.budget_spent
+                   else f"undecided after {r.seeds} seeds (budget {budget})")
+        p, threshold = ("—", "—") if math.isnan(r.p_value) else (f"{r.p_value:.3g}", f"{r.threshold:.3g}")
+        lines.append(f"| {r.comparison} | {r.metric} | {r.seeds} | {r.pairs} | {r.mean_diff:+.3f} | {p} | {threshold} "
+                     f"| {outcome} |")
+    return "\n".join(lines)
+
+
+def run_sequentially(study: str, args) -> None:
+    """Run ``args.seeds``, then add one seed at a time until every planned pair is decided or
+    ``--budget-seeds`` seeds have run; ``args.seeds`` ends as every seed run."""
+    runner = STUDIES[study][0]
+    seeds = list(args.seeds)
+    runner(args, args.mode)
+    while len(seeds) < args.budget_seeds:
+        outcomes = sequential_outcomes(study_frame(args.read_stores, study, args.mode), study, args.first_seeds,
+                                       args.budget_seeds)
+        if len(outcomes) and outcomes["decided"].all():
+            print(f"[{study}] every planned comparison decided at {len(seeds)} seeds", flush=True)
+            break
+        seeds.append(max(seeds) + 1)
+        print(f"[{study}] undecided at {len(seeds) - 1} seeds: adding seed {seeds[-1]}", flush=True)
+        args.seeds = [seeds[-1]]
+        runner(args, args.mode)
+    args.seeds = seeds
+
+
 # ------------------------------------------------------------------------------------- results.md
 def write_section(path: Path, study: str, body: str) -> None:
     """Replace (or append) the text between ``<!-- study:<study>:start -->`` and ``:end -->``."""
@@ -533,6 +626,24 @@ def _protocol(study: str, frame: pd.DataFrame) -> str:
             f"{_values(frame['seed'])}; {len(frame)} model(s).")
 
 
+RESULTS = REPO / "docs" / "results.md"
+
+
+def resolve_output(output: str | None, quick: bool, workdir: str) -> str:
+    """``--output``, by default ``docs/results.md`` (full runs) or ``<workdir>/results-quick.md``
+    (``--quick``); a quick run never writes ``docs/results.md``, which holds results only.
+
+    Raises:
+        SystemExit: ``--quick`` with ``--output docs/results.md``.
+    """
+    if output is None:
+        return str(Path(workdir).resolve() / "results-quick.md") if quick else str(RESULTS)
+    if quick and Path(output).resolve() == RESULTS.resolve():
+        raise SystemExit(f"--quick runs check the machinery, not the result: refusing to write {output} "
+                         "(docs/results.md holds results only); pass another --output or leave it unset")
+    return output
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
@@ -553,7 +664,11 @@ def parse_args(argv=None):
     parser.add_argument("--tracking-uri", help="the store the runs go to (default sqlite:///<workdir>/mlflow.db)")
     parser.add_argument("--read-stores", nargs="+", metavar="URI",
                         help="the stores the tables are read from (default: --tracking-uri); one per parallel process")
-    parser.add_argument("--output", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--output", default=None,
+                        help="default docs/results.md; with --quick <workdir>/results-quick.md (never docs/results.md)")
+    parser.add_argument("--budget-seeds", type=int, default=None,
+                        help="add seeds after --seeds, one at a time up to this many, until the planned comparison "
+                             "is decided (group-sequential design)")
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     defaults = QUICK if args.quick else {"epochs": 4, "folds": [0, 1, 2, 3, 4], "seeds": [0]}
@@ -563,6 +678,10 @@ def parse_args(argv=None):
     args.teacher_epochs = args.teacher_epochs or (1 if args.quick else 10)
     args.tracking_uri = args.tracking_uri or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
     args.read_stores = args.read_stores or [args.tracking_uri]
+    args.output = resolve_output(args.output, args.quick, args.workdir)
+    args.first_seeds = len(args.seeds)
+    if args.budget_seeds is not None and not args.first_seeds <= args.budget_seeds:
+        raise SystemExit(f"--budget-seeds {args.budget_seeds} is below the {args.first_seeds} --seeds to start with")
     args.variants_for = lambda study: args.variants or list(
         {"dual_stream_mil": MIL_VARIANTS, "lumbar_spine": LUMBAR_VARIANTS}.get(study, {}))
     return args
@@ -575,13 +694,19 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     studies = list(STUDIES) if args.study == "all" else [args.study]
+    initial_seeds = list(args.seeds)
     for study in studies:
         runner, table = STUDIES[study]
+        args.seeds = list(initial_seeds)
         if not args.tables_only:
-            runner(args, args.mode)
+            run_sequentially(study, args) if args.budget_seeds else runner(args, args.mode)
         if args.no_tables:
             continue
         body = table(args.read_stores, args.mode)
+        if args.budget_seeds and body != NO_RUNS:
+            outcomes = sequential_outcomes(study_frame(args.read_stores, study, args.mode), study, args.first_seeds,
+                                           args.budget_seeds)
+            body += "\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds)
         if body == NO_RUNS:  # e.g. --tables-only on another study's stores: leave the section as it is
             print(f"[{study}] no {args.mode} runs of this study in {', '.join(args.read_stores)}; "
                   f"{args.output} left as it is", flush=True)

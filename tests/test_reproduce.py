@@ -88,3 +88,58 @@ def test_quick_reproduction_tables_come_from_the_store(reproduce, tmp_path):
     after = len(MlflowClient(tracking_uri=uri).search_runs(
         [MlflowClient(tracking_uri=uri).get_experiment_by_name(reproduce.LONG_TAILED).experiment_id]))
     assert before == after == 8  # 4 training + 4 test runs
+
+    # sequentially with a budget of 3 seeds: a third seed runs unless the pair was decided at 2
+    reproduce.main(["--study", "long_tailed", "--losses", "ce", "ldam + DRW", "--ratios", "10", "--repetitions", "2",
+                    "--budget-seeds", "3", *common])
+    text = output.read_text()
+    runs = _test_metrics(uri, reproduce.LONG_TAILED)
+    d = reproduce.seed_differences(reproduce.test_runs(reproduce.LONG_TAILED, "quick", [uri]), "10", "ldam + DRW")
+    from losslab.stats import sequential_decision
+
+    decision = sequential_decision(d.to_numpy(), [2, 3])  # one planned pair present: the whole alpha
+    outcome = f"decided at {decision.n_pairs} seeds" if decision.decided else "budget of 3 seeds spent"
+    assert f"| 10 | ldam + DRW − ce | {decision.n_pairs} | {d.iloc[:decision.n_pairs].mean():+.3f} |" in text
+    assert outcome in text and "O'Brien–Fleming" in text
+    assert len(runs) == (4 if decision.decided and decision.n_pairs == 2 else 6)
+
+
+def _runs_frame(differences: dict[str, list[float]]) -> "pd.DataFrame":
+    import pandas as pd
+
+    base = np.linspace(0.80, 0.84, len(next(iter(differences.values()))))
+    rows = [{"tags.repro.ratio": "100", "tags.repro.loss_variant": "ce", "tags.repro.repetition": str(i),
+             "metrics.test/balanced_accuracy": b} for i, b in enumerate(base)]
+    for variant, d in differences.items():
+        rows += [{"tags.repro.ratio": "100", "tags.repro.loss_variant": variant, "tags.repro.repetition": str(i),
+                  "metrics.test/balanced_accuracy": b + x} for i, (b, x) in enumerate(zip(base, d))]
+    return pd.DataFrame(rows)
+
+
+def test_sequential_outcomes_against_the_decision_by_hand(reproduce):
+    from scipy import stats as sps
+
+    from losslab.stats import sequential_thresholds
+
+    clear = [0.05, 0.048, 0.052, 0.049, 0.051, 0.050]  # decided at the first look that allows it
+    noise = [0.01, -0.012, 0.004, -0.006, 0.009, -0.003]  # no difference: the budget is spent
+    outcomes = reproduce.sequential_outcomes(_runs_frame({"logit_adjusted": clear, "ldam + DRW": noise}), 3, 6)
+    thresholds = sequential_thresholds([3, 4, 5, 6], 0.0, 0.025)  # alpha split over the two pairs
+    for variant, d in (("logit_adjusted", clear), ("ldam + DRW", noise)):
+        p = [2 * sps.t.sf(abs(np.mean(d[:n]) / (np.std(d[:n], ddof=1) / np.sqrt(n))), n - 1) for n in (3, 4, 5, 6)]
+        crossed = [n for n, pv, t in zip((3, 4, 5, 6), p, thresholds) if pv < t]
+        row = outcomes[outcomes["comparison"] == f"{variant} − ce"].iloc[0]
+        assert bool(row["decided"]) == bool(crossed)
+        assert row["seeds"] == (crossed[0] if crossed else 6)
+    text = reproduce.sequential_markdown(outcomes, 3, 6)
+    assert "| 100 | ldam + DRW − ce | 6 |" in text and "budget of 6 seeds spent" in text
+    assert "decided at" in text  # the clear difference
+
+
+def test_quick_runs_never_write_docs_results_md(reproduce, tmp_path):
+    with pytest.raises(SystemExit, match="refusing to write .*docs/results.md"):
+        reproduce.main(["--quick", "--tables-only", "--study", "long_tailed", "--output", str(REPO / "docs" / "results.md"),
+                        "--workdir", str(tmp_path / "work")])
+    reproduce.main(["--quick", "--tables-only", "--study", "long_tailed", "--workdir", str(tmp_path / "work"),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}"])
+    assert "long_tailed:quick" in (tmp_path / "work" / "results-quick.md").read_text()

@@ -183,3 +183,42 @@ def test_a_study_without_runs_leaves_its_section_alone(reproduce, tmp_path):
     reproduce.main(["--study", "lumbar_spine", "--tables-only", "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}",
                     "--output", str(output), "--workdir", str(tmp_path / "work")])
     assert output.read_text() == before
+
+
+def test_sequential_outcomes_count_seeds_of_folds_and_use_the_correction(reproduce):
+    """Two folds a seed: a look after each seed sees 2, 4, 6 blocks; the decision equals
+    losslab.stats.sequential_decision on the blocks in seed-then-fold order with the runs' ratio."""
+    import numpy as np
+    import pandas as pd
+
+    from losslab.stats import sequential_decision
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for seed in range(3):
+        for fold in range(2):
+            base = 0.7 + 0.01 * fold
+            for variant, shift in (("ce + weighted sampler", 0.0), ("focal", 0.08 + rng.normal(0, 0.01)),
+                                   ("logit adjustment", rng.normal(0, 0.02))):
+                rows.append({"variant": variant, "seed": str(seed), "fold": str(fold), "test_train_ratio": 0.25,
+                             "test_calibrated/f1_macro": base + shift})
+    frame = pd.DataFrame(rows)
+    outcomes = reproduce.sequential_outcomes(frame, "dual_stream_mil", 1, 3)
+    for variant in ("focal", "logit adjustment"):
+        part = frame.set_index(["seed", "fold", "variant"])["test_calibrated/f1_macro"].unstack("variant")
+        d = (part[variant] - part["ce + weighted sampler"]).to_numpy()
+        decision = sequential_decision(d, [2, 4, 6], 0.25, 0.025)
+        row = outcomes[outcomes["comparison"] == f"{variant} − ce + weighted sampler"].iloc[0]
+        assert (bool(row["decided"]), row["pairs"], row["seeds"]) == (decision.decided, decision.n_pairs,
+                                                                       decision.n_pairs // 2)
+    text = reproduce.sequential_markdown(outcomes, 1, 3)
+    assert "a look after each seed from 1 to the budget of 3" in text
+
+
+def test_quick_runs_never_write_docs_results_md(reproduce, tmp_path):
+    with pytest.raises(SystemExit, match="refusing to write .*docs/results.md"):
+        reproduce.main(["--study", "lumbar_spine", "--quick", "--tables-only", "--workdir", str(tmp_path / "work"),
+                        "--output", str(REPO / "docs" / "results.md")])
+    assert reproduce.parse_args(["--quick", "--workdir", str(tmp_path / "w")]).output == str(
+        (tmp_path / "w").resolve() / "results-quick.md")
+    assert reproduce.parse_args([]).output == str(REPO / "docs" / "results.md")
