@@ -77,10 +77,11 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     training nor the choice saw."""
     from losslab.data.seg_datasets import make_seg_loaders, make_seg_test_loader
     from losslab.engine.loop import evaluation_weights, fit, load_checkpoint, seed_everything
-    from losslab.pipelines.seg_train import build_seg_task, split_metrics
+    from losslab.pipelines.scoring import split_metrics
+    from losslab.tasks import build_task_model
 
     seed_everything(cfg.train.seed)
-    task, model = build_seg_task(cfg, info.channel_names, info.voxel_fractions(cfg.data.fold))
+    task, model = build_task_model(cfg, info.channel_names, fractions=info.voxel_fractions(cfg.data.fold))
     train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
                                   seed=cfg.train.seed)
     fit(model, task.loss_fn, train, val, cfg.train, cfg.optim, task.metric_names, step=task)
@@ -89,7 +90,8 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     if test is None:
         raise SystemExit("the segmentation cache has no held-out test patients (data.test_fraction=0)")
     cpu = torch.device("cpu")
-    return split_metrics(task, model, val, cpu, False, "val"), split_metrics(task, model, test, cpu, False, "test")
+    return tuple(split_metrics(task, task.predict(model, loader, cpu, task.loss_fn), task.metric_names, task.loss_fn,
+                               split) for split, loader in (("val", val), ("test", test)))
 
 
 def _fmt(values: list[float], digits: int) -> str:
@@ -189,13 +191,13 @@ def _direct_validation(model, loader, roi, sw_batch_size: int, overlap: float) -
 def _epoch_times(args, cfg, info) -> tuple[float, float]:
     from losslab.data.seg_datasets import make_seg_loaders
     from losslab.engine.loop import FitState, _prepare, _train_epoch, build_optimizer, seed_everything
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.tasks import build_task_model
 
     times = {"losslab": [], "bare": []}
     for repeat in range(-1, args.repeats):  # epoch -1 warms both up and is not timed
         for variant in (("losslab", "bare") if repeat % 2 == 0 else ("bare", "losslab")):
             seed_everything(0)
-            task, model = build_seg_task(cfg, info.channel_names, info.voxel_fractions(0))
+            task, model = build_task_model(cfg, info.channel_names, fractions=info.voxel_fractions(0))
             train, _ = make_seg_loaders(info, 0, cfg.seg, 3, cfg.data.batch_size, seed=0)
             if variant == "bare":
                 optimizer = build_optimizer(model, task.loss_fn, cfg.optim)
@@ -214,10 +216,10 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
 def _validation_rates(args, cfg, info) -> tuple[float, float, float]:
     from losslab.data.seg_datasets import make_seg_loaders
     from losslab.engine.loop import seed_everything
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.tasks import build_task_model
 
     seed_everything(0)
-    task, model = build_seg_task(cfg.model_copy(update={"seg": cfg.seg.model_copy(update={"hd95": False})}),
+    task, model = build_task_model(cfg.model_copy(update={"seg": cfg.seg.model_copy(update={"hd95": False})}),
                                  info.channel_names)
     _, val = make_seg_loaders(info, 0, cfg.seg, 3, 1, seed=0)
     n = len(val.dataset)

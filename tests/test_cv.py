@@ -144,7 +144,7 @@ def test_a_child_logged_with_the_parents_fold_is_read_by_its_tag(make_config, ca
     right losslab.fold tag: evaluate uses the tag and says so."""
     import mlflow
 
-    from losslab.pipelines.evaluate import _with_run_fold
+    from losslab.pipelines.scoring import with_run_fold as _with_run_fold
 
     cfg = make_config(experiment="cv-old-runs")
     mlflow.set_experiment("cv-old-runs")

@@ -74,10 +74,10 @@ def _segmentation_step(cfg):
     import numpy as np
 
     from losslab.data.seg_cache import distance_maps, encode_target
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.tasks import build_task_model
 
     names = ["wt", "tc", "et"]
-    task, model = build_seg_task(cfg, names)
+    task, model = build_task_model(cfg, names)
     size = cfg.seg.patch_size
     rng = np.random.default_rng(0)
     masks = rng.choice([0, 1, 2, 4], size=(2, *size), p=[0.7, 0.1, 0.1, 0.1])

@@ -23,10 +23,12 @@ from losslab.pipelines.evaluate import (
     calibrated_metrics,
     calibration_summary,
     fit_calibrator,
+    rsna_metrics,
     run_evaluate,
-    split_metrics,
 )
+from losslab.pipelines.scoring import split_metrics
 from losslab.pipelines.train import run_train
+from losslab.tasks import get_task
 
 FAST = {"tta": {"enabled": False}, "latency": {"enabled": False}}
 
@@ -155,7 +157,7 @@ def test_collapsed_model_shows_a_large_before_after_gap():
         return {"logits": logits, "probs": probs, "labels": y, "index": np.arange(n), "loss": 0.0}
 
     val, test = outputs(400), outputs(400)
-    before = split_metrics(test, ["neg", "pos"], loss_fn, "test", rsna=False)
+    before = split_metrics(get_task("image_classification"), test, ["neg", "pos"], loss_fn, "test")
     calibrator = fit_calibrator(val, 2, CalibrationSettings())
     after, _, _ = calibrated_metrics(calibrator, test, ["neg", "pos"], "test_calibrated", rsna=False)
     gaps = calibration_summary(calibrator, before, after)
@@ -177,7 +179,7 @@ def test_rsna_metric_for_three_ordinal_classes():
     probs = loss_fn.probabilities(torch.as_tensor(logits)).numpy()
     labels = rng.integers(0, 3, 10)
     out = {"logits": logits, "probs": probs, "labels": labels, "index": np.arange(10), "loss": 0.0}
-    metrics = split_metrics(out, ["normal_mild", "moderate", "severe"], loss_fn, "test", rsna=True)
+    metrics = rsna_metrics(out, "test", rsna=True)
     assert metrics["test/rsna_weighted_log_loss"] == pytest.approx(rsna_weighted_log_loss(labels, probs))
     w = np.array([1.0, 2.0, 4.0])[labels]
     p_true = np.clip(probs[np.arange(10), labels] / probs.sum(1), np.finfo(float).eps, 1 - np.finfo(float).eps)

@@ -127,7 +127,7 @@ def test_evaluate_reproduces_the_best_validation_dice(seg_root, seg_cache_dir, t
     # line, and a fold the model trained on cannot be scored
     from losslab.cli import app
 
-    for extra, message in (([], "evaluate.split=test: the segmentation cache"),
+    for extra, message in (([], "evaluate.split=test: the cache"),
                            (["--split", "val", "--fold", "1"], "evaluate.fold=1: the model trained on fold 1")):
         result = CliRunner().invoke(app, ["evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"),
                                           "-m", f"models:/test-seg/{version}", *extra])
@@ -146,7 +146,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     from losslab.data.seg_cache import build_seg_cache
     from losslab.data.seg_datasets import SegVolumeDataset
     from losslab.engine.loop import load_checkpoint
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.tasks import build_task_model
 
     run_id = _train("seg_dice", seg_root, tmp_path / "cache", tmp_path, "seg-test-split", "data.test_fraction=0.25",
                     "tracking.alias=candidate")
@@ -157,7 +157,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     info = build_seg_cache(cfg.data, cfg.seg)
     rows = [r for r in info.index if r["fold"] == -1]
     assert metrics["test/n_cases"] == len(rows) == 2  # 25 % of 8 patients
-    _, model = build_seg_task(cfg, info.channel_names)
+    _, model = build_task_model(cfg, info.channel_names)
     best = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
     model.load_state_dict(load_checkpoint(best)["model"])
     model.eval()
@@ -175,7 +175,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     version = client.search_model_versions(f"name='test-seg' and run_id='{run_id}'")[0].version
     out = _cli("evaluate", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml"), "-m", f"models:/test-seg/{version}")
     got = client.get_run(out.split("evaluate run ")[1].split(":")[0]).data
-    assert got.tags["losslab.split"] == "test"
+    assert got.tags["losslab.eval_split"] == "test"
     assert got.metrics["test/mean_dice"] == pytest.approx(metrics["test/mean_dice"], abs=1e-5)
 
 
@@ -191,7 +191,7 @@ def test_learned_compound_weights_change_and_are_logged_each_epoch(seg_root, seg
     assert np.abs(epoch1 - start).max() > 1e-4  # they moved
     np.testing.assert_allclose(epoch1.sum(), 1.0, rtol=1e-6)
     # the last logged weights are softmax(θ) of the checkpointed weight logits
-    last = load_checkpoint(tmp_path / "ckpt" / run_id / "last.pt")
+    last = load_checkpoint(client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path)))
     theta = last["loss"]["weight_logits"].numpy().astype(float)
     np.testing.assert_allclose(epoch1, np.exp(theta) / np.exp(theta).sum(), rtol=1e-5)
 
@@ -295,7 +295,7 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
 
 
 def test_validation_dice_and_hd95_match_independent_computations():
-    from losslab.engine.segmentation import SegmentationTask
+    from losslab.engine.segmentation import SegmentationStep
     from losslab.losses import build_loss
 
     rng = np.random.default_rng(0)
@@ -308,7 +308,7 @@ def test_validation_dice_and_hd95_match_independent_computations():
     spacing = [1.0, 1.5, 2.0]
     batch = {"image": torch.zeros(1, 1, *shape), "label": torch.tensor(truth[None]), "dist": torch.zeros(1, 2, *shape),
              "spacing": torch.tensor([spacing], dtype=torch.float64)}
-    task = SegmentationTask(build_loss("dice", sigmoid=True), ["a", "b"], True, list(shape), hd95=True)
+    task = SegmentationStep(build_loss("dice", sigmoid=True), ["a", "b"], True, list(shape), hd95=True)
     metrics, _ = task.validate(_Fixed(logits), [batch], torch.device("cpu"))
     pred = (torch.sigmoid(logits)[0] > 0.5).numpy()
     for r, name in enumerate("ab"):
@@ -455,7 +455,7 @@ def test_segmentation_models_in_2d_and_3d(backbone, spatial_dims):
 def test_segmentation_refusals_name_the_key():
     from losslab.config import ConfigError, ModelConfig, load_config
     from losslab.models import build_model
-    from losslab.pipelines.seg_train import build_seg_task
+    from losslab.tasks import build_task_model
 
     with pytest.raises(KeyError, match="known: segresnet, swinunetr, unet"):
         build_model(ModelConfig(kind="segmentation", backbone="vnet"), num_outputs=2)
@@ -467,10 +467,9 @@ def test_segmentation_refusals_name_the_key():
         load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["loss=focal"])
     cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml")  # past the loader, the builder refuses too
     with pytest.raises(ValueError, match="loss.name='focal' is not a segmentation loss"):
-        build_seg_task(cfg.model_copy(update={"loss": cfg.loss.model_validate({"name": "focal"})}), REGIONS)
-    mixed = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["train.mixup_alpha=0.4"])
-    with pytest.raises(ValueError, match=r"train.mixup_alpha=0.4: mixup of whole volumes .* set it to 0"):
-        build_seg_task(mixed, REGIONS)
+        build_task_model(cfg.model_copy(update={"loss": cfg.loss.model_validate({"name": "focal"})}), REGIONS)
+    with pytest.raises(ConfigError, match=r"train.mixup_alpha=0.4 \(in .*\): mixup of whole volumes .* set it to 0"):
+        load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", ["train.mixup_alpha=0.4"])
 
 
 def test_sweep_over_segmentation_knobs_then_compare_ranks_by_mean_dice(seg_root, seg_cache_dir, tmp_path):

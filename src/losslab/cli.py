@@ -92,7 +92,9 @@ def train(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = Ove
         result = run_train(cfg, resume_run_id=resume or None)
     if not is_main_process():
         return
-    key = "val/mean_dice" if cfg.model.kind == "segmentation" else "val/balanced_accuracy"
+    from losslab.tasks import task_of
+
+    key = task_of(cfg).headline_metric
     for fold in result.folds:
         value = fold.metrics.get(key, float("nan"))
         typer.echo(f"fold {fold.fold}: {fold.status} run {fold.run_id} best {key}={value:.4f}"

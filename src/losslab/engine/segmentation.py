@@ -1,6 +1,6 @@
-"""The segmentation task and its training loop. Knows nothing of MLflow; reports through callbacks.
+"""The segmentation step of the training loop. Knows nothing of MLflow; reports through callbacks.
 
-:class:`SegmentationTask` owns what is particular to segmentation: batch -> forward -> loss (the
+:class:`SegmentationStep` owns what is particular to segmentation: batch -> forward -> loss (the
 boundary distance maps go to the loss terms that take ``dist_maps``), sliding-window inference
 (MONAI ``sliding_window_inference``; in 2D slice by slice), discrete predictions (sigmoid > 0.5 per
 region, or argmax over classes) and the validation metrics:
@@ -10,7 +10,7 @@ region, or argmax over classes) and the validation metrics:
   ``HausdorffDistanceMetric(percentile=95)`` in the units of the voxel spacing; NaN when undefined),
   ``val/loss`` (the loss on whole volumes).
 
-The task is also the step of the engine's one loop (:func:`losslab.engine.loop.fit`, through
+The step is the segmentation task's part of the engine's one loop (:func:`losslab.engine.loop.fit`, through
 :class:`losslab.engine.steps.ClassificationStep`'s seam: ``forward``, ``target``, ``loss``,
 ``predict``, ``metrics``), so segmentation gets what every task gets there: AdamW/Adam/SGD with
 cosine warm-up (learnable loss weights train too), bf16 autocast on CUDA, clipping,
@@ -41,7 +41,7 @@ def _takes_dist_maps(loss_fn: nn.Module) -> bool:
     return accepted is None or "dist_maps" in accepted
 
 
-class SegmentationTask(ClassificationStep):
+class SegmentationStep(ClassificationStep):
     """Batch -> loss, volume -> logits -> prediction, validation metrics.
 
     Args:

@@ -52,11 +52,9 @@ confusion_matrix_calibrated}.png``.
 
 from __future__ import annotations
 
-import ast
 import logging
-import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,36 +62,25 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, IntervalConfig, LatencyConfig, TTAConfig,
-                            load_config, section_dict)
-from losslab.data.cache import CacheInfo, build_cache, load_cache
+                            section_dict)
+from losslab.data.cache import CacheInfo, load_cache
 from losslab.data.splits import TEST_FOLD, split_fingerprint
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
-from losslab.engine.loop import evaluation_weights, load_checkpoint, predict, resolve_device
+from losslab.engine.loop import predict, resolve_device
 from losslab.engine.metrics import confusion_matrix, dead_class_names, pred_counts, rsna_weighted_log_loss
 from losslab.pipelines.common import base_tags
-from losslab.pipelines.registry import load_registered_model
-from losslab.pipelines.train import build_components, make_datasets
-from losslab.pipelines.train import split_metrics as _split_metrics
+from losslab.pipelines.scoring import (LoadedSource, SourceNotFoundError, check_model_fold, load_source,
+                                      parse_model_uri, split_metrics)
+from losslab.pipelines.train import make_datasets
 from losslab.tasks import task_of
 from losslab.tracking import log_figure, log_metrics_batch, managed_run, resolve_tracking_uri, setup_tracking
 
 log = logging.getLogger(__name__)
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class SourceNotFoundError(LookupError):
-    """The model, alias, version, run, experiment or checkpoint to evaluate does not exist."""
-
-    def __str__(self) -> str:  # LookupError quotes its message otherwise
-        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------- settings
@@ -115,171 +102,6 @@ class EvaluateSettings(EvaluateConfig):
             raise ValueError(f"bad evaluate settings: {problems}") from None
 
 
-# --------------------------------------------------------------------------- the source
-@dataclass
-class LoadedSource:
-    """What was resolved from ``evaluate.source``: the model, its config and provenance tags."""
-
-    cfg: ExperimentConfig
-    model: torch.nn.Module
-    loss_fn: torch.nn.Module
-    class_names: list[str]
-    run_id: str | None
-    experiment_id: str | None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def _client_call(what: str, fn, *args):
-    try:
-        return fn(*args)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower() \
-                or "does not exist" in str(exc).lower():
-            raise SourceNotFoundError(f"{what} not found in the tracking store {mlflow.get_tracking_uri()}: "
-                                      f"{exc.message}") from None
-        raise
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
-    body = uri[len("models:/"):].strip("/")
-    if "@" in body:
-        name, alias = body.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in body:
-        name, version = body.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise ValueError(f"model URI {uri!r} is neither models:/<name>@<alias> nor models:/<name>/<version>")
-
-
-def _class_counts(run, cfg: ExperimentConfig, class_names: list[str]) -> list[int]:
-    """The training class counts the model was built with (run param, else the cache's train split)."""
-    if run is not None and "data.class_counts_train" in run.data.params:
-        return [int(c) for c in ast.literal_eval(run.data.params["data.class_counts_train"])]
-    info = _load_source_cache(cfg)
-    index = info.index
-    train = index[(index["fold"] != cfg.data.fold) & (index["fold"] >= 0)]
-    return np.bincount(train["label"].to_numpy(), minlength=len(class_names)).tolist()
-
-
-def _load_source_cache(cfg: ExperimentConfig) -> CacheInfo:
-    if (Path(cfg.data.cache_dir) / "index.parquet").is_file():
-        return load_cache(cfg.data.cache_dir)
-    return build_cache(cfg.data)
-
-
-def _run_config(run_id: str) -> ExperimentConfig:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
-        except (MlflowException, OSError) as exc:
-            raise SourceNotFoundError(f"run {run_id} has no config.yaml artifact: {exc}") from None
-        return load_config(path)
-
-
-def _rebuild(cfg: ExperimentConfig, class_counts: list[int]):
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
-    return build_components(cfg, class_counts)
-
-
-def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) -> LoadedSource:
-    """Resolve ``source`` (see the module docstring) into a model in eval mode plus its config.
-
-    A registered model is loaded by :func:`losslab.pipelines.registry.load_registered_model`
-    (safetensors + spec); a pickle-format one only with ``allow_pickle``.
-
-    Raises:
-        SourceNotFoundError: the registered model, alias, version, run or checkpoint file is missing.
-        UnsafeModelError: a pickle-format registered model without ``allow_pickle``.
-        ValueError: ``source`` is none of the accepted forms.
-    """
-    client = MlflowClient()
-    if source.startswith("models:/"):
-        name, alias, version = parse_model_uri(source)
-        _client_call(f"registered model {name!r}", client.get_registered_model, name)
-        if alias is not None:
-            mv = _client_call(f"alias {alias!r} of registered model {name!r}", client.get_model_version_by_alias,
-                              name, alias)
-        else:
-            mv = _client_call(f"version {version} of registered model {name!r}", client.get_model_version,
-                              name, version)
-        if not mv.run_id:
-            raise SourceNotFoundError(f"model version {name}/{mv.version} has no source run")
-        run = _client_call(f"run {mv.run_id} (source of {name}/{mv.version})", client.get_run, mv.run_id)
-        run_cfg = _with_run_fold(run, _run_config(mv.run_id))
-        registered = load_registered_model(f"models:/{name}/{mv.version}", allow_pickle=allow_pickle)
-        model = registered.model
-        class_names = _class_names(run, run_cfg)
-        loss_fn = registered.loss_fn
-        if loss_fn is None:  # an opted-in pickle model carries no spec: the loss from the run's config
-            loss_fn, _ = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
-        tags = {"losslab.source_model": source, "losslab.source_model_name": name,
-                "losslab.source_model_version": f"{mv.version}", "losslab.source_run_id": mv.run_id}
-        return LoadedSource(run_cfg, model, loss_fn, class_names, mv.run_id, run.info.experiment_id,
-                            tags | _provenance(run))
-
-    path = Path(source)
-    if source.endswith((".pt", ".pth")) or path.is_file():
-        if not path.is_file():
-            raise SourceNotFoundError(f"checkpoint file {source} not found")
-        class_names = _cache_class_names(cfg)
-        loss_fn, model = _rebuild(cfg, _class_counts(None, cfg, class_names))
-        model.load_state_dict(evaluation_weights(load_checkpoint(path)))
-        tags = {"losslab.source_checkpoint": str(path.resolve()), "losslab.loss": cfg.loss.name,
-                "losslab.dataset": cfg.data.source}
-        return LoadedSource(cfg, model, loss_fn, class_names, None, None, tags)
-
-    run_id = source[len("runs:/"):].strip("/").split("/")[0] if source.startswith("runs:/") else source
-    if not _RUN_ID.match(run_id):
-        raise ValueError(f"evaluate.source {source!r} is not a models:/ URI, a run id or an existing checkpoint file")
-    run = _client_call(f"run {run_id}", client.get_run, run_id)
-    run_cfg = _with_run_fold(run, _run_config(run_id))
-    class_names = _class_names(run, run_cfg)
-    loss_fn, model = _rebuild(run_cfg, _class_counts(run, run_cfg, class_names))
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            ckpt = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp)
-        except (MlflowException, OSError) as exc:
-            raise SourceNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {exc}") from None
-        model.load_state_dict(evaluation_weights(load_checkpoint(ckpt)))
-    tags = {"losslab.source_run_id": run_id}
-    return LoadedSource(run_cfg, model, loss_fn, class_names, run_id, run.info.experiment_id,
-                        tags | _provenance(run))
-
-
-def _with_run_fold(run, cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with the fold the run validated on: its ``losslab.fold`` tag when that is one fold.
-    Runs of a CV parent logged before each child recorded its own fold carry the parent's
-    ``data.fold`` in ``config.yaml``; the tag was right, so it wins (and the mismatch is logged)."""
-    tag = run.data.tags.get("losslab.fold", "")
-    if not tag.lstrip("-").isdigit() or int(tag) == cfg.data.fold:
-        return cfg
-    log.warning("run %s: config.yaml says data.fold=%d but the run validated on fold %s (tag losslab.fold); "
-                "using fold %s", run.info.run_id, cfg.data.fold, tag, tag)
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": int(tag)})})
-
-
-def _provenance(run) -> dict[str, str]:
-    tags = run.data.tags
-    out = {k: tags[k] for k in ("losslab.loss", "losslab.dataset", "losslab.model") if k in tags}
-    if "losslab.fold" in tags:
-        out["losslab.source_fold"] = tags["losslab.fold"]
-    if "losslab.split_fingerprint" in tags:
-        out["losslab.source_split_fingerprint"] = tags["losslab.split_fingerprint"]
-    return out
-
-
-def _class_names(run, cfg: ExperimentConfig) -> list[str]:
-    names = run.data.tags.get("losslab.class_names")
-    return names.split(",") if names else _cache_class_names(cfg)
-
-
-def _cache_class_names(cfg: ExperimentConfig) -> list[str]:
-    return list(cfg.data.class_names or _load_source_cache(cfg).class_names)
-
-
 # --------------------------------------------------------------------------- data
 def _eval_dataset(cfg: ExperimentConfig, info: CacheInfo, rows: pd.DataFrame, normalizer, transform=None):
     """Same construction as training's validation set (the task's evaluation dataset, the training
@@ -296,7 +118,7 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
     (in-sample calibration, tagged as such). ``trained_split`` is the split fingerprint the source
     run recorded (tag ``losslab.split_fingerprint``): a cache whose folds differ is refused."""
     fold = model_fold(cfg, settings)
-    info = _load_source_cache(cfg)
+    info = task_of(cfg).load_cache(cfg)
     if trained_split is not None and split_fingerprint(info.index) != trained_split:
         raise ValueError(f"the cache {info.cache_dir} puts cases in other folds than the one the model was trained "
                          f"on (split fingerprint {split_fingerprint(info.index)}, the run's {trained_split}): its "
@@ -322,16 +144,12 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
 
 
 def model_fold(cfg: ExperimentConfig, settings: EvaluateSettings) -> int:
-    """The validation fold of the model (``cfg`` is the source run's config). ``evaluate.fold`` may
-    only repeat it: any other fold was in the model's training set, so scoring it (``split=val``) or
-    fitting calibration on it is refused."""
-    fold = cfg.data.fold
-    uses_fold = settings.split == "val" or settings.calibration.enabled
-    if settings.fold is not None and settings.fold != fold and uses_fold:
-        use = "scored" if settings.split == "val" else "used for calibration"
-        raise ValueError(f"evaluate.fold={settings.fold}: the model trained on fold {settings.fold} (its validation "
-                         f"fold is {fold}), so it cannot be {use}; leave evaluate.fold unset or set it to {fold}")
-    return fold
+    """The validation fold of the model (``cfg`` is the source run's config); ``evaluate.fold`` may
+    only repeat it when it is scored (``split=val``) or calibrated on (:func:`check_model_fold`)."""
+    if settings.split == "val" or settings.calibration.enabled:
+        return check_model_fold(cfg.data.fold, settings.fold, "scored" if settings.split == "val" else
+                                "used for calibration")
+    return cfg.data.fold
 
 
 def _loader(ds, batch_size: int, cfg: ExperimentConfig) -> DataLoader:
@@ -351,13 +169,9 @@ def fit_calibrator(val_outputs: dict[str, Any], num_classes: int, settings: Cali
                             threshold_method=settings.threshold_method, objective=settings.objective)
 
 
-def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str,
-                  rsna: bool) -> dict[str, float]:
-    """The metrics of training's validation, renamed ``<prefix>/*``, plus the RSNA metric when asked."""
-    metrics = _split_metrics(outputs, class_names, loss_fn, prefix)
-    if rsna:
-        metrics[f"{prefix}/rsna_weighted_log_loss"] = rsna_weighted_log_loss(outputs["labels"], outputs["probs"])
-    return metrics
+def rsna_metrics(outputs: dict[str, Any], prefix: str, rsna: bool) -> dict[str, float]:
+    """``<prefix>/rsna_weighted_log_loss`` when asked."""
+    return {f"{prefix}/rsna_weighted_log_loss": rsna_weighted_log_loss(outputs["labels"], outputs["probs"])} if rsna else {}
 
 
 def calibrated_metrics(calibrator: Calibrator, outputs: dict[str, Any], class_names: list[str],
@@ -369,9 +183,7 @@ def calibrated_metrics(calibrator: Calibrator, outputs: dict[str, Any], class_na
     y_pred = calibrator.predict(logp)
     metrics = {f"{prefix}/{k}": float(v)
                for k, v in classification_metrics(outputs["labels"], probs, class_names, y_pred=y_pred).items()}
-    if rsna:
-        metrics[f"{prefix}/rsna_weighted_log_loss"] = rsna_weighted_log_loss(outputs["labels"], probs)
-    return metrics, probs, y_pred
+    return metrics | rsna_metrics(dict(outputs, probs=probs), prefix, rsna), probs, y_pred
 
 
 def calibration_summary(calibrator: Calibrator, before: dict[str, float], after: dict[str, float],
@@ -405,19 +217,6 @@ def _tta_outputs(model, cfg, info, rows, normalizer, loss_fn, device, settings: 
             "index": plain["index"], "loss": float(np.mean(losses))}
 
 
-def _intervals(outputs: dict[str, Any], rows: pd.DataFrame, class_names: list[str],
-               settings: IntervalSettings) -> dict[str, float]:
-    """``test/<metric>_ci_low``/``_ci_high``: patients resampled (cases without a patient id: each its own)."""
-    from losslab.engine.intervals import interval_metrics
-
-    if not settings.enabled:
-        return {}
-    order = np.asarray(outputs["index"], dtype=int)
-    groups = rows["patient_id"].to_numpy()[order] if "patient_id" in rows else rows["case_id"].to_numpy()[order]
-    return interval_metrics(outputs, groups, class_names, "test", settings.n_resamples, settings.confidence,
-                            settings.seed)
-
-
 def _use_rsna(setting, cfg: ExperimentConfig, loss_fn, num_classes: int) -> bool:
     if setting != "auto":
         return bool(setting)
@@ -445,90 +244,125 @@ def _experiment_for(settings: EvaluateSettings, loaded: LoadedSource, cfg: Exper
         setup_tracking(tracking)
 
 
-def _segmentation_evaluate(cfg: ExperimentConfig, source: str | None, overrides: dict[str, Any]):
-    from losslab.pipelines.seg_evaluate import run_seg_evaluate
-
-    unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split"))
-    if unsupported:
-        raise ValueError(f"evaluate of a segmentation model takes only --split and --fold; got {unsupported}")
-    return run_seg_evaluate(cfg, source, overrides.get("fold"), overrides.get("split"))
-
-
 def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: Any) -> EvaluateResult:
     """Evaluate ``source`` (or ``cfg.evaluate.source``) and log everything to a new run.
 
-    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``.
+    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``. A task
+    without per-case probabilities (segmentation) is scored on ``test`` or ``val`` only: calibration,
+    TTA, latency and intervals are per-case probability tools.
     """
-    if cfg.model.kind == "segmentation":  # a segmentation model: Dice/HD95 on the test patients or its validation fold
-        return _segmentation_evaluate(cfg, source, overrides)
+    task = task_of(cfg)
+    if not task.per_case_probabilities:
+        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split", "allow_pickle"))
+        if unsupported:
+            raise ValueError(f"evaluate of a {task.name} model takes only --split, --fold and --allow-pickle; got {unsupported}")
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "
                          "a run id or a checkpoint file)")
+    if not task.per_case_probabilities and settings.split == "cache":
+        raise ValueError(f"evaluate.split=cache is not available for {task.name} models; use test or val")
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     loaded = load_source(settings.source, cfg, allow_pickle=settings.allow_pickle)
-    src_cfg, class_names, loss_fn = loaded.cfg, loaded.class_names, loaded.loss_fn
     device = resolve_device(settings.device)
-    model = loaded.model.to(device).eval()
-    loss_fn = loss_fn.to(device)
+    loaded.model.to(device).eval()
+    loaded.loss_fn.to(device)
+    if loaded.task.per_case_probabilities:
+        metrics, artifacts = _score_cases(loaded, settings, device)
+    else:
+        metrics, artifacts = _score_split(loaded, settings, device), None
+    _experiment_for(settings, loaded, cfg)
+    src_cfg = loaded.cfg
+    loss_name = loaded.tags.get("losslab.loss", src_cfg.loss.name)
+    tags = base_tags(src_cfg, "evaluate") | loaded.tags | {
+        "losslab.entry_point": "evaluate", "losslab.loss": loss_name, "losslab.eval_split": settings.split,
+        "losslab.class_names": ",".join(loaded.class_names), "losslab.fold": str(src_cfg.data.fold),
+        "losslab.calibration_in_sample": str(settings.split == "val" and settings.calibration.enabled).lower()}
+    if settings.split == "cache":
+        tags["losslab.eval_cache"] = str(Path(settings.cache_dir).resolve())
+    dead = dead_class_names(pred_counts(metrics, "test/"))
+    if dead:
+        log.warning("uncalibrated predictions never name class(es) %s; see test_calibrated/*", ", ".join(dead))
+        tags["losslab.dead_classes"] = ",".join(dead)
+    run_name = settings.run_name or f"eval-{loss_name}-{settings.split}"
+    with managed_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as run:
+        log_metrics_batch(run.info.run_id, metrics, step=0)
+        mlflow.log_params({"evaluate.source": settings.source, "evaluate.split": settings.split})
+        mlflow.log_dict(settings.model_dump(), "evaluate_settings.json")
+        if artifacts is not None:
+            _log_case_artifacts(artifacts, loaded)
+    return EvaluateResult(run.info.run_id, metrics, artifacts.calibrator if artifacts else Calibrator(),
+                          artifacts.predictions if artifacts else pd.DataFrame(), tags)
+
+
+def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> dict[str, float]:
+    """``<split>/*`` of a task without per-case probabilities on the held-out test cases or the model's
+    own validation fold (refused when the cache has no test cases)."""
+    cfg, task = loaded.cfg, loaded.task
+    info = task.load_cache(cfg)
+    if settings.split == "val":
+        loader = task.fold_loaders(cfg, info, check_model_fold(cfg.data.fold, settings.fold))[1]
+    else:
+        loader = task.test_loader(cfg, info)
+        if loader is None:
+            raise ValueError(f"evaluate.split=test: the cache {info.cache_dir} has no held-out test cases "
+                             f"(the run's data.test_fraction={cfg.data.test_fraction}); use --split val")
+    outputs = task.predict(loaded.model, loader, device, loaded.loss_fn, cfg.train.amp)
+    return split_metrics(task, outputs, loaded.class_names, loaded.loss_fn, settings.split) \
+        | task.split_summary(outputs, loader.dataset, loaded.class_names, settings.split)
+
+
+@dataclass
+class _CaseArtifacts:
+    outputs: dict[str, Any]
+    calibrator: Calibrator
+    cal_probs: np.ndarray
+    cal_pred: np.ndarray | None
+    predictions: pd.DataFrame
+    params: dict[str, Any]
+
+
+def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tuple[dict[str, float], _CaseArtifacts]:
+    """``test/*`` (the evaluated split, whatever it is) with intervals, ``test_calibrated/*``,
+    ``test_tta/*`` and ``latency/*`` of a per-case model, and what its artifacts are written from."""
+    src_cfg, class_names, loss_fn, model, step = loaded.cfg, loaded.class_names, loaded.loss_fn, loaded.model, loaded.task
     batch_size = settings.batch_size or src_cfg.data.batch_size
     rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
-
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names,
                                                        loaded.tags.get("losslab.source_split_fingerprint"))
-    step = task_of(src_cfg)
-    outputs = predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, step=step)
-    metrics = split_metrics(outputs, class_names, loss_fn, "test", rsna) | _intervals(outputs, rows, class_names,
-                                                                                   settings.intervals)
-
-    calibrator = Calibrator()
-    cal_probs, cal_pred = outputs["probs"], None
+    outputs = step.predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
+    metrics = split_metrics(step, outputs, class_names, loss_fn, "test") | rsna_metrics(outputs, "test", rsna) \
+        | step.split_summary(outputs, eval_ds, class_names, "test", settings.intervals)
+    calibrator, cal_probs, cal_pred = Calibrator(), outputs["probs"], None
     if settings.calibration.enabled:
-        val_outputs = outputs if settings.split == "val" else predict(
-            model, _loader(val_ds, batch_size, src_cfg), device, loss_fn, step=step)
+        val_outputs = outputs if settings.split == "val" else step.predict(
+            model, _loader(val_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
         calibrator = fit_calibrator(val_outputs, len(class_names), settings.calibration)
         after, cal_probs, cal_pred = calibrated_metrics(calibrator, outputs, class_names, "test_calibrated", rsna)
         metrics |= after | calibration_summary(calibrator, metrics, after)
-
     tta_pred = None
     if settings.tta.enabled:
         tta = _tta_outputs(model, src_cfg, eval_info, rows, eval_ds.normalizer, loss_fn, device, settings.tta,
                            batch_size, outputs)
-        metrics |= split_metrics(tta, class_names, loss_fn, "test_tta", rsna)
+        metrics |= split_metrics(step, tta, class_names, loss_fn, "test_tta") | rsna_metrics(tta, "test_tta", rsna)
         tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
     if settings.latency.enabled:
         metrics |= measure_latency(model, eval_ds, device, batch_size, settings.latency.warmup,
                                    settings.latency.repeats, step=step)
-
     predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
-    dead = dead_class_names(pred_counts(metrics, "test/"))
-    if dead:
-        log.warning("uncalibrated predictions never name class(es) %s; see test_calibrated/*", ", ".join(dead))
+    params = {"evaluate.n_cases": len(rows), "evaluate.batch_size": batch_size}
+    return metrics, _CaseArtifacts(outputs, calibrator, cal_probs, cal_pred, predictions, params)
 
-    _experiment_for(settings, loaded, cfg)
-    loss_name = loaded.tags.get("losslab.loss", src_cfg.loss.name)
-    tags = base_tags(src_cfg, "evaluate") | loaded.tags | {
-        "losslab.entry_point": "evaluate", "losslab.loss": loss_name, "losslab.eval_split": settings.split,
-        "losslab.class_names": ",".join(class_names),
-        "losslab.calibration_in_sample": str(settings.split == "val" and settings.calibration.enabled).lower()}
-    if settings.split == "cache":
-        tags["losslab.eval_cache"] = str(Path(settings.cache_dir).resolve())
-    if dead:
-        tags["losslab.dead_classes"] = ",".join(dead)
-    run_name = settings.run_name or f"eval-{loss_name}-{settings.split}"
-    with managed_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as run:
-        run_id = run.info.run_id
-        log_metrics_batch(run_id, metrics, step=0)
-        mlflow.log_params({"evaluate.source": settings.source, "evaluate.split": settings.split,
-                           "evaluate.n_cases": len(rows), "evaluate.batch_size": batch_size})
-        mlflow.log_dict(settings.model_dump(), "evaluate_settings.json")
-        mlflow.log_dict(calibrator.to_dict(), "calibration.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / "predictions.csv"
-            predictions.to_csv(csv_path, index=False)
-            mlflow.log_artifact(str(csv_path))
-        _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn)
-    return EvaluateResult(run_id, metrics, calibrator, predictions, tags)
+
+def _log_case_artifacts(artifacts: _CaseArtifacts, loaded: LoadedSource) -> None:
+    """``calibration.json``, ``predictions.csv`` and the plots, to the active run."""
+    mlflow.log_params(artifacts.params)
+    mlflow.log_dict(artifacts.calibrator.to_dict(), "calibration.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "predictions.csv"
+        artifacts.predictions.to_csv(csv_path, index=False)
+        mlflow.log_artifact(str(csv_path))
+    _log_plots(artifacts.outputs, artifacts.cal_probs, artifacts.cal_pred, loaded.class_names, loaded.loss_fn)
 
 
 def _predictions_table(rows: pd.DataFrame, outputs, class_names, loss_fn, cal_pred, tta_pred) -> pd.DataFrame:
@@ -567,4 +401,4 @@ def _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn) -> None:
 
 __all__ = ["EvaluateResult", "EvaluateSettings", "LoadedSource", "SourceNotFoundError", "calibrated_metrics",
            "calibration_summary", "fit_calibrator", "load_source", "measure_latency", "parse_model_uri",
-           "run_evaluate", "select_datasets", "split_metrics"]
+           "rsna_metrics", "run_evaluate", "select_datasets"]

@@ -1,4 +1,4 @@
-"""train: one fold (or k folds as child runs of one parent) of a classifier, logged to MLflow.
+"""train: one fold (or k folds as child runs of one parent) of any task, logged to MLflow.
 
 Run naming: ``<loss>-f<fold>``; tags ``losslab.loss``, ``losslab.fold``, ``losslab.dataset``,
 ``losslab.entry_point``. Every epoch: ``train/loss``, ``val/loss``, ``val/auc``, ``val/f1_macro``,
@@ -11,29 +11,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig
-from losslab.data.cache import CacheInfo, build_cache
-from losslab.data.normalization import Normalizer, build_normalizer
-from losslab.data.samplers import build_distributed_sampler, build_sampler
-from losslab.data.splits import TEST_FOLD, split_fingerprint, training_rows
+from losslab.data.cache import CacheInfo
 from losslab.engine import distributed as ddp
 from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
-from losslab.engine.loop import (evaluation_weights, fit, load_checkpoint, predict, resolve_device, seed_everything,
-                                 validation_metrics)
-from losslab.pipelines.checks import check_checkpoint_dir, check_config
+from losslab.engine.loop import fit, resolve_device, seed_everything
 from losslab.likeness import config_hash
+from losslab.pipelines.checks import check_checkpoint_dir, check_config
 from losslab.pipelines.common import base_tags
-from losslab.pipelines.registry import classifier_spec
+from losslab.pipelines.scoring import load_evaluation_weights, score_test_split
 from losslab.tasks import task_of
+from losslab.tracking_seg import SegmentationMLflowCallback
 from losslab.tracking import (MLflowCallback, config_params, clear_error_tags, log_and_register_model, log_config, log_metrics_batch,
                               managed_run, setup_tracking)
 
@@ -63,88 +57,19 @@ class TrainResult:
 
 
 def build_components(cfg: ExperimentConfig, class_counts: list[int]):
-    """The loss and the model for ``cfg`` (the loss decides the output size, e.g. K-1 for CORAL)."""
-    from losslab.data.samplers import sampled_class_distribution
-    from losslab.losses import build_loss
-    from losslab.models import build_model
-
-    num_classes = len(class_counts)
-    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params, class_counts=list(class_counts), num_classes=num_classes)
-    num_outputs = loss_fn.output_dim(num_classes) if hasattr(loss_fn, "output_dim") else num_classes
-    # the bias starts at the log of the class distribution the batches are drawn from (uniform under a
-    # balancing sampler), floored so that a class absent from the training fold gets a finite bias
-    drawn = sampled_class_distribution(cfg.data.sampler, [max(c, 1) for c in class_counts])
-    priors = [float(p) for p in drawn]
-    model = build_model(cfg.model, num_outputs=num_outputs, class_priors=priors if num_outputs == num_classes else None)
-    if getattr(loss_fn, "head", "linear") == "normed_linear":
-        _use_cosine_classifier(model, cfg.loss.name)
-    return loss_fn, model
-
-
-def _use_cosine_classifier(model, loss_name: str) -> None:
-    """Losses such as LDAM expect cosine logits in [-1, 1]: swap the model's linear classifier for
-    :class:`losslab.losses.NormedLinear` of the same size."""
-    from torch import nn
-
-    from losslab.losses import NormedLinear
-
-    owner = getattr(model, "head", model)
-    if hasattr(owner, "use_cosine_classifiers"):  # a head with several classifiers (dual-stream MIL)
-        owner.use_cosine_classifiers()
-        return
-    classifier = getattr(owner, "classifier", None)
-    if not isinstance(classifier, nn.Linear):
-        raise ValueError(f"loss {loss_name!r} needs a cosine (normed_linear) classifier, but model "
-                         f"{type(model).__name__} has no linear `classifier` to replace")
-    owner.classifier = NormedLinear(classifier.in_features, classifier.out_features)
-
-
-def make_normalizer(cfg: ExperimentConfig, info: CacheInfo, train_df: pd.DataFrame) -> Normalizer:
-    """``data.normalize`` (or the source's default), with ``dataset`` statistics from ``train_df`` only."""
-    from losslab.data.sources import default_normalization
-
-    spec = cfg.data.normalize if cfg.data.normalize is not None else default_normalization(cfg.data.source)
-    return build_normalizer(spec, train_df, info.cache_dir)
+    """The loss and the model of a classification task for ``cfg`` (:meth:`losslab.tasks.Task.build`;
+    the classes are named by their index here)."""
+    return task_of(cfg).build(cfg, [str(c) for c in range(len(class_counts))], list(class_counts))
 
 
 def make_datasets(cfg: ExperimentConfig, info: CacheInfo, fold: int):
-    """Training cases (every fold but ``fold``, never the held-out test split, then ``data.imbalance``
-    and ``data.train_cases``: :func:`losslab.data.splits.training_rows`) and validation cases."""
-    index = info.index
-    val_df = index[index["fold"] == fold]
-    if fold < 0 or len(val_df) == 0:
-        raise ValueError(f"data.fold={fold} has no cases; the cache has folds "
-                         f"{sorted(f for f in index['fold'].unique().tolist() if f >= 0)}")
-    train_df = training_rows(cfg.data, index, fold, len(info.class_names))
-    normalizer = make_normalizer(cfg, info, train_df)
-    transform = None
-    if cfg.data.augment:
-        from losslab.data.transforms import build_transforms
-
-        transform = build_transforms(cfg.data.augment, train=True)
-    task = task_of(cfg)  # the task owns the dataset of its model kind
-    return task.make_dataset(cfg, info, train_df, train=True, transform=transform, normalizer=normalizer), \
-        task.make_dataset(cfg, info, val_df, train=False, normalizer=normalizer)
+    """The task's training and validation datasets of ``fold`` (:meth:`losslab.tasks.Task.fold_datasets`)."""
+    return task_of(cfg).fold_datasets(cfg, info, fold)
 
 
 def make_loaders(cfg: ExperimentConfig, train_ds, val_ds):
-    """Train and validation loaders. Under torchrun the training data is sharded over the ranks with
-    the same class sampling strategy (:func:`losslab.data.samplers.build_distributed_sampler`) and
-    ``data.batch_size`` is per rank; validation stays whole (rank 0 validates)."""
-    if ddp.world_size() > 1:
-        sampler, batch_sampler = build_distributed_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size,
-                                                           ddp.world_size(), ddp.rank(), seed=cfg.train.seed)
-    else:
-        sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, cfg.data.batch_size)
-    common = dict(num_workers=cfg.data.num_workers, collate_fn=task_of(cfg).collate,
-                  persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
-    if batch_sampler is not None:
-        train_loader = DataLoader(train_ds, batch_sampler=batch_sampler, **common)
-    else:
-        train_loader = DataLoader(train_ds, batch_size=cfg.data.batch_size, sampler=sampler,
-                                  shuffle=sampler is None, drop_last=False, **common)
-    val_loader = DataLoader(val_ds, batch_size=cfg.data.batch_size, shuffle=False, **common)
-    return train_loader, val_loader
+    """The task's training and validation loaders (:meth:`losslab.tasks.Task.loaders`)."""
+    return task_of(cfg).loaders(cfg, train_ds, val_ds)
 
 
 def _checkpoint_dir(cfg: ExperimentConfig, run_id: str) -> Path:
@@ -180,61 +105,53 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
     ``set_alias``: point ``tracking.alias`` at the registered version (a single-fold train, also
     under ``mlflow run``); cross-validation folds and sweep trials leave the alias alone."""
     cfg = fold_config(cfg, fold, seed)
-    if task_of(cfg).name == "segmentation":
-        from losslab.pipelines.seg_train import train_seg_fold
-
-        return train_seg_fold(cfg, info, fold, nested, extra_callbacks, extra_tags, resume_run_id)
+    task = task_of(cfg)
     seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
     if not ddp.is_main_process():
-        return _train_fold_replica(cfg, info, fold)
-    class_names = info.class_names
+        return _train_fold_replica(cfg, task, info, fold)
     run_name = cfg.tracking.run_name or f"{cfg.loss.name}-f{fold}" + (f"-s{seed}" if seed is not None else "")
-    tags = base_tags(cfg, "train", fold) | {"losslab.seed": str(cfg.train.seed),
-                                            "losslab.split_fingerprint": split_fingerprint(info.index)}
+    tags = base_tags(cfg, "train", fold) | {"losslab.seed": str(cfg.train.seed), "losslab.task": task.name}
     tags |= extra_tags or {}
     with managed_run(run_name=run_name, tags=tags, nested=nested, run_id=resume_run_id) as run:
         run_id = run.info.run_id
-        train_ds, val_ds = make_datasets(cfg, info, fold)
-        class_counts = np.bincount(train_ds.labels, minlength=len(class_names)).tolist()
-        loss_fn, model = build_components(cfg, class_counts)
-        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
-        resume_from = None
+        setup = task.setup_fold(cfg, info, fold)
         if resume_run_id is None:
-            log_config(cfg)
-            mlflow.log_params({"data.class_counts_train": str(class_counts), "data.n_train": len(train_ds),
-                               "data.n_val": len(val_ds), "data.n_test": int((info.index["fold"] == TEST_FOLD).sum()),
-                               "loss.formula": str(loss_fn)[:6000], "ddp.world_size": ddp.world_size(),
-                               "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size}
-                              | train_ds.normalizer.params())
-            # the fingerprint covers the resolved normalisation too (the params compare reads back)
-            mlflow.set_tags({"losslab.class_names": ",".join(class_names), "losslab.config_hash": config_hash(
-                config_params(cfg) | train_ds.normalizer.params())})
+            _log_fold_setup(cfg, setup)
+            resume_from = None
         else:
             resume_from = resume_checkpoint(cfg, run_id)
         # every rank resumes from the same file (a local path: one machine, or a shared disk)
         ddp.broadcast_object(str(resume_from) if resume_from is not None else None)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
         # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
-        callbacks = [MLflowCallback(run_id, class_names, plot_every=cfg.train.plot_every, synchronous=False,
-                                    checkpoint_every=cfg.train.upload_checkpoint_every)]
-        callbacks += list(extra_callbacks or [])
-        step = task_of(cfg)
-        state = fit(model, loss_fn, train_loader, val_loader, train_cfg, cfg.optim, class_names,
-                    callbacks=callbacks, resume_from=resume_from, step=step)
+        tracker = (SegmentationMLflowCallback if task.overlay_plots else MLflowCallback)(
+            run_id, setup.names, plot_every=cfg.train.plot_every, synchronous=False,
+            checkpoint_every=cfg.train.upload_checkpoint_every)
+        callbacks = setup.callbacks + [tracker] + list(extra_callbacks or [])
+        state = fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, train_cfg, cfg.optim, setup.names,
+                    callbacks=callbacks, resume_from=resume_from, step=task)
         _tag_fit_outcome(state)
-        best_metrics = _score_best_model(cfg, info, run_id, model, loss_fn, val_loader, state,
+        best_metrics = _score_best_model(cfg, info, run_id, task, setup.model, setup.loss_fn, setup.val_loader, state,
                                          Path(train_cfg.checkpoint_dir) / "best.pt")
         version = None
         if cfg.tracking.log_model:
-            example = _input_example(val_ds)
-            mv = log_and_register_model(model, example, cfg.tracking.registered_model_name,
-                                        cfg.tracking.alias if set_alias else None,
+            mv = log_and_register_model(setup.model, task.input_example(cfg, setup.val_loader),
+                                        cfg.tracking.registered_model_name, cfg.tracking.alias if set_alias else None,
                                         version_tags={"fold": fold, "seed": cfg.train.seed, "loss": cfg.loss.name,
-                                                      "run_id": run_id},
-                                        spec=classifier_spec(cfg, class_names, class_counts))
+                                                      "run_id": run_id}, spec=setup.spec)
             version = f"{mv.version}" if mv is not None else None
-        callbacks[0].remove_uploaded_checkpoints()  # the run's artifacts are the copies that stay
+        tracker.remove_uploaded_checkpoints()  # the run's artifacts are the copies that stay
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
+
+
+def _log_fold_setup(cfg: ExperimentConfig, setup) -> None:
+    """A new run: its config, the fold's data sizes and the task's params, the names its metrics are
+    reported for and the config fingerprint with the resolved settings (e.g. the normalisation)."""
+    log_config(cfg)
+    mlflow.log_params(setup.params | {"loss.formula": str(setup.loss_fn)[:6000], "ddp.world_size": ddp.world_size(),
+                                      "data.effective_batch_size": ddp.world_size() * cfg.data.batch_size})
+    mlflow.set_tags(setup.tags | {"losslab.class_names": ",".join(setup.names),
+                                  "losslab.config_hash": config_hash(config_params(cfg) | setup.hashed_params)})
 
 
 def _tag_fit_outcome(state) -> None:
@@ -248,67 +165,32 @@ def _tag_fit_outcome(state) -> None:
         mlflow.set_tag("losslab.dead_classes", ",".join(dead))
 
 
-def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, model, loss_fn, val_loader, state,
+def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, task, model, loss_fn, val_loader, state,
                       best_path: Path) -> dict[str, float]:
     """Load the best weights (EMA/SWA when those were validated) into ``model``; log ``best_val/*``
     and ``best_epoch``, then the one score on the held-out test split (``test/*``); return ``val/*``
     and ``test/*``."""
-    model.load_state_dict(evaluation_weights(load_checkpoint(best_path)))
     device = resolve_device(cfg.train.device)
-    outputs = predict(model.to(device), val_loader, device, loss_fn, step=task_of(cfg))
-    best_metrics = validation_metrics(outputs, info.class_names, loss_fn)
+    load_evaluation_weights(model, best_path).to(device)
+    best_metrics = task.metrics(task.predict(model, val_loader, device, loss_fn, cfg.train.amp), info.class_names,
+                                loss_fn)
     summary = {f"best_{k}": v for k, v in best_metrics.items()}
     summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
-    test_metrics = score_test_split(cfg, info, model, loss_fn, device, val_loader.dataset.normalizer)
+    test_metrics = score_test_split(cfg, info, task, model, loss_fn, device, getattr(val_loader.dataset, "normalizer", None))
     # at the best epoch's step: these numbers describe that epoch's weights
     step = int(state.best_epoch if state.best_epoch is not None else state.epoch)
     log_metrics_batch(run_id, summary | test_metrics, step=step)
     return best_metrics | test_metrics
 
 
-def split_metrics(outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str) -> dict[str, float]:
-    """The metrics of training's validation for predict() ``outputs``, renamed ``<prefix>/*``."""
-    return {f"{prefix}/{k[len('val/'):]}": v for k, v in validation_metrics(outputs, class_names, loss_fn).items()}
-
-
-def score_test_split(cfg: ExperimentConfig, info: CacheInfo, model, loss_fn, device, normalizer=None
-                     ) -> dict[str, float]:
-    """``test/*`` metrics of ``model`` on the cache's held-out test split (fold -1), with 95 %
-    patient-bootstrap intervals (``test/<metric>_ci_low``, ``_ci_high``); ``{}`` and one log line
-    when the cache has no test split. ``normalizer``: the training run's (from its training cases)."""
-    from losslab.engine.intervals import interval_metrics
-
-    rows = info.index[info.index["fold"] == TEST_FOLD]
-    if len(rows) == 0:
-        log.warning("no held-out test split in the cache %s (data.test_fraction=%s): no test/* metrics",
-                    info.cache_dir, cfg.data.test_fraction)
-        return {}
-    task = task_of(cfg)
-    dataset = task.make_dataset(cfg, info, rows, train=False, normalizer=normalizer)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
-                        collate_fn=task.collate)
-    outputs = predict(model, loader, device, loss_fn, step=task)
-    patients = dataset.index["patient_id"].to_numpy()[np.asarray(outputs["index"], dtype=int)]
-    return (split_metrics(outputs, info.class_names, loss_fn, "test")
-            | interval_metrics(outputs, patients, info.class_names, "test"))
-
-
-def _train_fold_replica(cfg: ExperimentConfig, info: CacheInfo, fold: int) -> FoldResult:
+def _train_fold_replica(cfg: ExperimentConfig, task, info: CacheInfo, fold: int) -> FoldResult:
     """A rank > 0 of a torchrun job: the same datasets, model and collectives as rank 0, no MLflow,
     no callbacks, no checkpoints (rank 0 writes them); resumes from the checkpoint rank 0 names."""
-    train_ds, val_ds = make_datasets(cfg, info, fold)
-    class_counts = np.bincount(train_ds.labels, minlength=len(info.class_names)).tolist()
-    loss_fn, model = build_components(cfg, class_counts)
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
+    setup = task.setup_fold(cfg, info, fold)
     resume_from = ddp.broadcast_object(None)
-    fit(model, loss_fn, train_loader, val_loader, cfg.train, cfg.optim, info.class_names, resume_from=resume_from,
-        step=task_of(cfg))
+    fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, cfg.train, cfg.optim, setup.names,
+        resume_from=resume_from, step=task)
     return FoldResult(fold, "", "FINISHED")
-
-
-def _input_example(val_ds) -> np.ndarray:
-    item = val_ds[0]
-    return item["image"].unsqueeze(0).numpy()
 
 
 def resume_checkpoint(cfg: ExperimentConfig, run_id: str) -> Path:
@@ -356,15 +238,17 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     CPU) and destroys it at the end, also on error; each rank trains ``data.batch_size`` samples per
     step (effective batch ``world_size × data.batch_size``, learning rate not scaled) and only rank 0
     builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
-    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``).
-    The ``segmentation`` task goes to :func:`losslab.pipelines.seg_train.run_seg_train` (one process)."""
+    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``), and so is torchrun
+    for a task that trains in one process (segmentation)."""
     check_config(cfg)  # before any run opens or the cache is built
     task = task_of(cfg)
     task.check_entry_point("train")  # before any run opens
+    if resume_run_id is not None and cfg.cv.is_multi_run:
+        raise ValueError("--resume continues one run: resume each fold run by its own id (without cv.folds)")
+    if not task.distributed and ddp.world_size() > 1:
+        raise ValueError(f"task {task.name!r} trains in one process; run it without torchrun")
     if ddp.is_main_process():
         check_checkpoint_dir(cfg)
-    if task.name == "segmentation":
-        return _run_segmentation(cfg, resume_run_id, info, extra_callbacks)
     with ddp.distributed_context(cfg.train.device) as distributed:
         if distributed and cfg.cv.is_multi_run:
             raise ValueError("cv.folds/cv.repeats/cv.seeds are not supported under torchrun/DDP; run one torchrun "
@@ -372,10 +256,10 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
         main = ddp.is_main_process()
         if main:
             setup_tracking(cfg.tracking)
-            info = info or build_cache(cfg.data)
+            info = info or task.build_cache(cfg)
         ddp.barrier()  # the other ranks read the cache rank 0 built
         if not main:
-            info = info or build_cache(cfg.data)
+            info = info or task.build_cache(cfg)
             result = train_fold(cfg, info, cfg.data.fold)
             return TrainResult([result], None, info.class_names)
         nested = mlflow.active_run() is not None
@@ -384,15 +268,6 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
                                 extra_callbacks=extra_callbacks, set_alias=True)
             return TrainResult([result], None, info.class_names)
         return run_cv(cfg, info, extra_callbacks)
-
-
-def _run_segmentation(cfg: ExperimentConfig, resume_run_id: str | None, info, extra_callbacks: list | None) -> TrainResult:
-    from losslab.pipelines.seg_train import run_seg_train
-
-    if ddp.world_size() > 1:
-        raise ValueError("model.kind=segmentation trains in one process; run it without torchrun")
-    setup_tracking(cfg.tracking)
-    return run_seg_train(cfg, info, extra_callbacks, resume_run_id)
 
 
 def run_cv(cfg: ExperimentConfig, info: CacheInfo, extra_callbacks: list | None = None) -> TrainResult:

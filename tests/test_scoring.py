@@ -1,0 +1,128 @@
+"""One scoring path: train's logged ``test/*`` and ``evaluate`` of the same model from a run id, from a
+registered version (``models:/name/version``) and from the checkpoint file agree to 1e-6, for a plain,
+an EMA and an SWA classifier and an EMA segmentation model. The SWA and EMA runs also show that
+scoring the raw trained weights (``ckpt["model"]``) gives other numbers, so a path that forgot the
+evaluation weights fails here.
+
+Real SQLite MLflow store (the session fixture), real tiny train runs, no mocks.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from losslab.engine.loop import load_checkpoint, resolve_device
+from losslab.pipelines.evaluate import run_evaluate
+from losslab.pipelines.scoring import score_test_split
+from losslab.pipelines.train import run_train
+from losslab.tasks import task_of
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFIER_KEYS = ("loss", "balanced_accuracy", "auc", "f1_macro", "recall_LGG", "recall_HGG")
+FAST = {"tta": {"enabled": False}, "latency": {"enabled": False}, "calibration": {"enabled": False},
+        "intervals": {"enabled": False}, "split": "test"}
+
+
+@pytest.fixture(scope="module")
+def test_split_cache(embedded_root, tmp_path_factory):
+    """The small cohort with 20 % of its patients held out as the test split (fold -1)."""
+    from losslab.config import DataConfig
+    from losslab.data.cache import build_cache
+
+    cfg = DataConfig(root=str(embedded_root), cache_dir=str(tmp_path_factory.mktemp("cache-scoring")), num_folds=3,
+                     test_fraction=0.2, salt="test-salt")
+    return build_cache(cfg)
+
+
+def _best_checkpoint(run_id: str, folder: Path) -> Path:
+    """The run's ``checkpoints/best.pt`` artifact, downloaded into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(MlflowClient().download_artifacts(run_id, "checkpoints/best.pt", str(folder)))
+
+
+def _evaluate_three_ways(cfg, run_id: str, model_name: str, version: str, checkpoint: Path
+                         ) -> dict[str, dict[str, float]]:
+    """``test/*`` of evaluate from the run id, the registered version and the checkpoint file."""
+    evaluated = {}
+    for name, source in (("run id", run_id), ("registered version", f"models:/{model_name}/{version}"),
+                         ("checkpoint file", str(checkpoint))):
+        evaluated[name] = run_evaluate(cfg.model_copy(update={"evaluate": FAST}), source=source).metrics
+    return evaluated
+
+
+def _assert_agree(logged: dict[str, float], evaluated: dict[str, dict[str, float]], keys: list[str]) -> None:
+    for way, metrics in evaluated.items():
+        for key in keys:
+            mine, train = metrics[key], logged[key]
+            assert math.isclose(mine, train, rel_tol=0, abs_tol=1e-6) or (math.isnan(mine) and math.isnan(train)), \
+                (way, key, mine, train)
+
+
+def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
+    """``test/*`` of the run's best checkpoint scored with its raw trained weights (``ckpt["model"]``)."""
+    from losslab.pipelines.train import make_datasets
+
+    task = task_of(cfg)
+    train_ds, _ = make_datasets(cfg, info, cfg.data.fold)
+    counts = torch.bincount(torch.as_tensor(train_ds.labels), minlength=len(info.class_names)).tolist()
+    loss_fn, model = task.build(cfg, info.class_names, counts)
+    model.load_state_dict(ckpt["model"])
+    return score_test_split(cfg, info, task, model.eval(), loss_fn, resolve_device("cpu"), train_ds.normalizer)
+
+
+@pytest.mark.parametrize("variant, overrides, eval_source", [
+    ("plain", (), "model"),
+    ("ema", ("train.ema_decay=0.5",), "ema"),
+    ("swa", ("train.swa_epochs=2", "train.swa_lr=0.01"), "swa"),
+])
+def test_train_and_the_three_evaluate_sources_give_the_same_test_numbers(make_config, test_split_cache, variant,
+                                                                         overrides, eval_source, tmp_path):
+    name = f"scoring-{variant}-{uuid.uuid4().hex[:6]}"
+    cfg = make_config(f"data.cache_dir={test_split_cache.cache_dir}", "data.test_fraction=0.2", "train.epochs=4",
+                      "train.max_train_batches=3", "train.device=cpu", "loss.name=focal",
+                      f"tracking.registered_model_name={name}", *overrides, experiment="scoring")
+    fold = run_train(cfg, info=test_split_cache).folds[0]
+    logged = MlflowClient().get_run(fold.run_id).data.metrics
+    checkpoint = _best_checkpoint(fold.run_id, tmp_path / "best")
+    ckpt = load_checkpoint(checkpoint)
+    assert ckpt.get("eval_source", "model") == eval_source  # the run validated the weights the variant names
+    keys = [f"test/{k}" for k in CLASSIFIER_KEYS]
+    evaluated = _evaluate_three_ways(cfg, fold.run_id, name, fold.model_version, checkpoint)
+    _assert_agree(logged, evaluated, keys)
+    raw = _raw_weights_test_metrics(cfg, test_split_cache, ckpt)
+    if eval_source == "model":
+        _assert_agree(logged, {"raw weights": raw}, keys)  # the raw weights are the evaluation weights
+    else:  # the averaged weights are another model: scoring the raw ones would be a different number
+        assert abs(raw["test/loss"] - logged["test/loss"]) > 1e-4, (raw["test/loss"], logged["test/loss"])
+
+
+def test_segmentation_train_and_the_three_evaluate_sources_agree_with_ema(tmp_path_factory, mlflow_store, monkeypatch):
+    from _data_factories import generate_embedded_brats
+
+    from losslab.config import load_config
+
+    root = generate_embedded_brats(tmp_path_factory, "scoring-seg", seed=5, num_cases=8, shape=(32, 32, 16))
+    work = tmp_path_factory.mktemp("scoring-seg-work")
+    name = f"scoring-seg-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", [
+        f"data.root={root}", f"data.cache_dir={work / 'cache'}", "data.num_folds=2", "data.test_fraction=0.25",
+        "data.salt=test-salt", "data.batch_size=2", "seg.patch_size=[16, 16, 16]", "seg.samples_per_case=1",
+        "seg.hd95=false", "train.epochs=2", "train.ema_decay=0.5", "train.device=cpu",
+        f"train.checkpoint_dir={work / 'ckpt'}", "tracking.experiment=scoring-seg",
+        f"tracking.registered_model_name={name}", "optim.lr=0.01"])
+    torch.set_num_threads(1)
+    fold = run_train(cfg).folds[0]
+    logged = MlflowClient().get_run(fold.run_id).data.metrics
+    monkeypatch.setenv("LOSSLAB_SALT", "test-salt")  # the run's logged config holds only the salt's fingerprint
+    checkpoint = _best_checkpoint(fold.run_id, work / "best")
+    assert load_checkpoint(checkpoint)["eval_source"] == "ema"
+    keys = ["test/loss", "test/mean_dice"] + [k for k in logged if k.startswith("test/dice_")]
+    assert len(keys) >= 4 and logged["test/n_cases"] == 2  # 25 % of 8 patients
+    evaluated = _evaluate_three_ways(cfg, fold.run_id, name, fold.model_version, checkpoint)
+    _assert_agree(logged, evaluated, keys)
