@@ -79,7 +79,7 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
     model.eval()
     step = step or ClassificationStep()
     logits_all, labels_all, attn_all, masks_all, index_all = [], [], [], [], []
-    loss_sum, n = 0.0, 0
+    loss_sum, n = torch.zeros((), dtype=torch.float64), 0  # on the device after the first batch; read once
     diag_sums: dict[str, list[float]] = {}
     for batch in loader:
         with autocast(device, amp):
@@ -92,7 +92,7 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
                 acc[0] += value * len(target)
                 acc[1] += len(target)
         if loss_fn is not None:
-            loss_sum += float(step.loss(loss_fn, out, target)) * len(target)
+            loss_sum = loss_sum.to(out.logits.device) + step.loss(loss_fn, out, target).double() * len(target)
         n += len(target)
         logits_all.append(out.logits.cpu())
         labels_all.append(batch["label"])
@@ -113,7 +113,7 @@ def predict(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module |
                  else probs.argmax(dim=1)).detach().numpy(),
         "labels": torch.cat(labels_all).numpy(),
         "index": torch.cat(index_all).numpy(),
-        "loss": loss_sum / max(n, 1),
+        "loss": float(loss_sum) / max(n, 1),
         "diagnostics": {name: total / count for name, (total, count) in diag_sums.items()},
     }
     if attn_all and all(a.shape[1] == attn_all[0].shape[1] for a in attn_all):
