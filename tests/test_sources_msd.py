@@ -33,3 +33,29 @@ def test_msd_csv_labels_and_resize(tmp_path):
     assert [c.label for c in cases] == [0, 1, 1] and cases[0].image.shape == (8, 1, 8, 8)
     assert report.skipped[0]["item"] == "imagesTr/synth_003.nii.gz"
     assert "no label" in report.skipped[0]["reason"]
+
+
+def test_segmentation_reads_through_registered_sources(tmp_path):
+    """The segmentation cache finds its readers in the source registry (no list of names of its own)."""
+    import json
+
+    import pytest
+
+    from losslab.config import DataConfig, SegConfig
+    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.sources import segmentation_sources
+
+    assert segmentation_sources() == ["brats", "msd"]
+    with pytest.raises(ValueError, match=r"data.source='manifest' has no segmentation reader; use one of brats, msd$"):
+        build_seg_cache(DataConfig(source="manifest", root=str(tmp_path), cache_dir=str(tmp_path / "c")), SegConfig())
+    run_generator("msd", str(tmp_path / "task"), seed=0, cases=4)
+    source = build_source("msd", str(tmp_path / "task"), salt="s")
+    items = list(source.segmentation_items())
+    assert [item for item, _, _ in items] == [f"imagesTr/synth_{n:03d}.nii.gz" for n in range(4)]
+    assert all(files[0].name == mask.name and mask.parent.name == "labelsTr" for _, files, mask in items)
+    assert source.default_segmentation_mapping("regions") == {"lesion": [1]}
+    assert source.default_segmentation_mapping("classes") == {"background": [0], "lesion": [1]}
+    dataset = json.loads((tmp_path / "task" / "dataset.json").read_text())
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps(dataset | {"name": "Brain Tumour"}))
+    brain = build_source("msd", str(tmp_path / "task"), salt="s")
+    assert brain.default_segmentation_mapping("regions") == {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}

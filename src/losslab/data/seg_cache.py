@@ -1,8 +1,10 @@
 """The segmentation cache: image volumes, targets and boundary distance maps, with voxel spacing.
 
-Sources (``data.source``): ``brats`` (the BraTS layout of the embedded cohort: ``<grade>/<case>/
-<case>_{t1,t1ce,t2,flair,seg}.nii.gz``) and ``msd`` (a Medical Segmentation Decathlon task folder with
-``dataset.json``, e.g. ``Task01_BrainTumour``). Raw label values map to targets by ``seg.labels``:
+Sources (``data.source``): the registered sources that read masks
+(:class:`~losslab.data.sources.base.SegmentationSource`): ``brats`` (the BraTS layout of the embedded
+cohort: ``<grade>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``) and ``msd`` (a Medical Segmentation
+Decathlon task folder with ``dataset.json``, e.g. ``Task01_BrainTumour``). Raw label values map to
+targets by ``seg.labels``:
 
 * ``regions``: overlapping binary channels (sigmoid), ``seg.regions`` = ``{region: [raw labels]}``;
   BraTS default ``wt: [1, 2, 4]``, ``tc: [1, 4]``, ``et: [4]`` (MSD Task01: ``[1, 2, 3]``, ``[2, 3]``,
@@ -35,8 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,13 +48,9 @@ import numpy as np
 
 from losslab.data.deid import resolve_salt, salted_hash
 from losslab.data.integrity import ArrayRecord, CacheIntegrityError, record_file, verify_arrays
-from losslab.data.sources.base import SkipReport
+from losslab.data.sources.base import SegmentationItem, SegmentationSource, SkipReport
 
 SEG_CACHE_VERSION = 3  # 2: voxel counts per channel in the index; 3: array sizes and hashes
-BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
-BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
-MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
-SOURCES = ("brats", "msd")
 
 log = logging.getLogger(__name__)
 
@@ -137,53 +135,6 @@ def _reusable(cache_dir: Path, fingerprint: str) -> SegCacheInfo | str | None:
         return str(exc)
 
 
-# ------------------------------------------------------------------------------------- readers
-def _brats_items(root: Path) -> Iterator[tuple[str, list[Path | None], Path | None]]:
-    from losslab.data.sources.brats import MODALITIES, _find_modality
-
-    folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob(f"{p.name}_*.nii*")))
-    for folder in folders:
-        case = folder.name
-        seg = next((p for p in (folder / f"{case}_seg.nii.gz", folder / f"{case}_seg.nii") if p.is_file()), None)
-        yield str(folder.relative_to(root)), [_find_modality(folder, case, m) for m in MODALITIES], seg
-
-
-def _msd_items(root: Path, dataset: dict[str, Any]) -> Iterator[tuple[str, list[Path | None], Path | None]]:
-    from losslab.data.sources.manifest import resolve_under
-
-    for entry in dataset.get("training") or []:
-        image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
-        label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
-        image = resolve_under(root, image_rel) if image_rel else None
-        label = resolve_under(root, label_rel) if label_rel else None
-        item = image_rel[2:] if image_rel.startswith("./") else (image_rel or "dataset.json")
-        yield item, [Path(image) if image and Path(image).is_file() else None], Path(label) if label and Path(label).is_file() else None
-
-
-def _read_dataset_json(root: Path) -> dict[str, Any]:
-    path = root / "dataset.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset.json not found (not an MSD task folder)")
-    dataset = json.loads(path.read_text())
-    if not isinstance(dataset.get("training"), list):
-        raise ValueError(f"{path}: missing key 'training' (a list of {{image, label}})")
-    return dataset
-
-
-def default_mapping(source: str, labels: str, dataset: dict[str, Any] | None = None) -> dict[str, list[int]]:
-    """The source's default ``{name: [raw labels]}`` for ``labels`` = ``regions`` | ``classes``."""
-    if source == "brats":
-        return dict(BRATS_REGIONS if labels == "regions" else BRATS_CLASSES)
-    names = {int(k): str(v) for k, v in ((dataset or {}).get("labels") or {}).items()}
-    if not names:
-        raise ValueError("dataset.json: no 'labels'; set seg.regions or seg.classes in the config")
-    if labels == "classes":
-        return {names[k]: [k] for k in sorted(names)}
-    if "braintumour" in str((dataset or {}).get("name", "")).lower().replace(" ", ""):
-        return dict(MSD_BRAIN_REGIONS)
-    return {names[k]: [k] for k in sorted(names) if k != 0}
-
-
 # ------------------------------------------------------------------------------------- one case
 def _zscore(image: np.ndarray) -> np.ndarray:
     """Per channel over the non-zero voxels (MONAI ``NormalizeIntensity(nonzero=True, channel_wise=True)``;
@@ -265,14 +216,14 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     """
     from losslab.data.cache import _hash_files, ensure_raw_data_to_rebuild
 
-    if data_cfg.source not in SOURCES:
-        raise ValueError(f"data.source={data_cfg.source!r} has no segmentation reader; use one of {', '.join(SOURCES)}")
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    source_class = _segmentation_source(data_cfg.source)
     ensure_raw_data_to_rebuild(data_cfg, lambda: load_seg_cache(cache_dir, check_hashes=True))
     salt = resolve_salt(data_cfg.salt, cache_dir)
-    dataset = _read_dataset_json(root) if data_cfg.source == "msd" else None
+    source = source_class(root=str(root), salt=salt, report=SkipReport())  # masks need no source_kwargs
     configured = seg_cfg.regions if seg_cfg.labels == "regions" else seg_cfg.classes
-    mapping = {str(k): [int(v) for v in vs] for k, vs in (configured or default_mapping(data_cfg.source, seg_cfg.labels, dataset)).items()}
+    mapping = {str(k): [int(v) for v in vs]
+               for k, vs in (configured or source.default_segmentation_mapping(seg_cfg.labels)).items()}
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
     settings = _settings(data_cfg, seg_cfg, mapping, salt)
     fingerprint = hashlib.sha256((_hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
@@ -280,8 +231,8 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     if isinstance(found, SegCacheInfo):
         return found
     (cache_dir / "report.json").unlink(missing_ok=True)  # the commit mark goes first, comes back last
-    items = _brats_items(root) if data_cfg.source == "brats" else _msd_items(root, dataset or {})
-    report, rows = _write_cases(items, cache_dir, mapping, seg_cfg.labels, salt, data_cfg.source)
+    report, rows = _write_cases(source.segmentation_items(), cache_dir, mapping, seg_cfg.labels, salt,
+                                data_cfg.source)
     _assign_folds(rows, data_cfg)
     full = report.to_dict() | {"fingerprint": fingerprint, "channel_names": list(mapping), "labels": seg_cfg.labels,
                                "mapping": mapping, "source": data_cfg.source}
@@ -293,8 +244,20 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
                         rebuilt_because=found or "")
 
 
-def _write_cases(items, cache_dir: Path, mapping: dict[str, list[int]], labels: str, salt: str,
-                 source: str) -> tuple[SkipReport, list[dict[str, Any]]]:
+def _segmentation_source(name: str) -> type[SegmentationSource]:
+    """The registered source class ``name`` when it reads segmentation masks; else a ValueError naming
+    the sources that do."""
+    from losslab.data.sources import get_source_class, list_sources, segmentation_sources
+
+    source_class = get_source_class(name) if name in list_sources() else None
+    if not (isinstance(source_class, type) and issubclass(source_class, SegmentationSource)):
+        raise ValueError(f"data.source={name!r} has no segmentation reader; use one of "
+                         f"{', '.join(segmentation_sources())}")
+    return source_class
+
+
+def _write_cases(items: Iterator[SegmentationItem], cache_dir: Path, mapping: dict[str, list[int]], labels: str,
+                 salt: str, source: str) -> tuple[SkipReport, list[dict[str, Any]]]:
     report = SkipReport()
     allowed = {0} | {v for values in mapping.values() for v in values}
     cases = cache_dir / "cases"

@@ -3,6 +3,8 @@
 from losslab.data.sources.base import (  # noqa: F401
     Case,
     PositiveSize,
+    SegmentationItem,
+    SegmentationSource,
     SkipReport,
     Source,
     SourceKwargsError,
@@ -18,6 +20,7 @@ from losslab.data.sources.base import (  # noqa: F401
     register_generator,
     register_source,
     run_generator,
+    segmentation_sources,
     source_reads_root,
 )
 

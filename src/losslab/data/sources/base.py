@@ -236,6 +236,29 @@ def build_source(name: str, root: str, salt: str, report: SkipReport | None = No
     return get_source_class(name)(root=root, salt=salt, report=report, **kwargs)
 
 
+#: ``(report item, image files (None where one is missing), mask file or None)`` of one segmentation case
+SegmentationItem = tuple[str, list[Any], Any]
+
+
+class SegmentationSource:
+    """A registered source that also reads voxel masks: the segmentation cache
+    (:mod:`losslab.data.seg_cache`) reads through these two methods, never through a source's name."""
+
+    def segmentation_items(self) -> Iterator[SegmentationItem]:  # pragma: no cover - abstract
+        """Per case: the report item, its image files (one per modality, or one 4D file) and its label map."""
+        raise NotImplementedError
+
+    def default_segmentation_mapping(self, labels: str) -> dict[str, list[int]]:  # pragma: no cover - abstract
+        """``{name: [raw label values]}`` for ``labels`` = ``regions`` (overlapping, sigmoid) or ``classes``
+        (exclusive, softmax, background first), when the config names none."""
+        raise NotImplementedError
+
+
+def segmentation_sources() -> list[str]:
+    """The registered sources that read segmentation masks."""
+    return sorted(name for name, cls in _sources.items() if isinstance(cls, type) and issubclass(cls, SegmentationSource))
+
+
 class SourceKwargsError(ValueError):
     """A ``data.source_kwargs`` entry the source does not take, or a value its parameter refuses."""
 

@@ -27,13 +27,17 @@ from typing import Any, Iterator
 import numpy as np
 
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import (Case, PositiveSize, Source, refused_link, register_generator, register_source,
+from losslab.data.sources.base import (Case, PositiveSize, SegmentationItem, SegmentationSource, Source, refused_link, register_generator, register_source,
                                        shown_columns)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 names of the same four modalities
 MODALITY_ALIASES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")}
 GRADES = ("LGG", "HGG")  # label 0 = LGG, 1 = HGG
+#: segmentation targets of the BraTS labels (1 necrotic core, 2 oedema, 4 enhancing): whole tumour,
+#: tumour core and enhancing tumour as overlapping regions, or the exclusive classes
+BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
+BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
 
 
 # --------------------------------------------------------------------------------- generator
@@ -193,7 +197,7 @@ def _find_modality(folder: Path, case: str, modality: str) -> Path | None:
 
 
 @register_source
-class BratsSource(Source):
+class BratsSource(Source, SegmentationSource):
     """Read BraTS 2018/2019 grade folders, or BraTS 2020+ flat folders with a labels CSV.
 
     Args:
@@ -268,6 +272,19 @@ class BratsSource(Source):
                 else:
                     out[row["case"].strip()] = -99  # reported as unknown label when the case is read
         return out
+
+    def segmentation_items(self) -> Iterator[SegmentationItem]:
+        """Every folder under the root holding ``<folder>_*.nii*`` files: its four modalities and
+        ``<case>_seg.nii.gz`` (grade folders or none)."""
+        root = Path(self.root)
+        folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob(f"{p.name}_*.nii*")))
+        for folder in folders:
+            case = folder.name
+            seg = next((p for p in (folder / f"{case}_seg.nii.gz", folder / f"{case}_seg.nii") if p.is_file()), None)
+            yield str(folder.relative_to(root)), [_find_modality(folder, case, m) for m in MODALITIES], seg
+
+    def default_segmentation_mapping(self, labels: str) -> dict[str, list[int]]:
+        return dict(BRATS_REGIONS if labels == "regions" else BRATS_CLASSES)
 
     def fingerprint_files(self) -> list[str]:
         files = sorted(str(p) for p in Path(self.root).rglob("*.nii*"))

@@ -33,9 +33,14 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import (Case, PositiveSize, SkipReport, Source, read_csv_table, register_generator,
+from losslab.data.sources.base import (Case, PositiveSize, SegmentationItem, SegmentationSource, SkipReport, Source,
+                                       read_csv_table, register_generator,
                                        register_source, resolve_under)
 from losslab.data.sources.manifest import nifti_to_stack, sorted_labels
+
+
+#: regions of MSD Task01_BrainTumour (1 oedema, 2 non-enhancing tumour, 3 enhancing tumour)
+MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
 
 
 def case_name(path: str) -> str:
@@ -47,7 +52,7 @@ def case_name(path: str) -> str:
 
 
 @register_source
-class MsdSource(Source):
+class MsdSource(Source, SegmentationSource):
     """Medical Segmentation Decathlon task as a classification source.
 
     Args (source kwargs):
@@ -83,7 +88,7 @@ class MsdSource(Source):
             raise FileNotFoundError(f"{path}: dataset.json not found (not an MSD task folder)")
         self.dataset = json.loads(path.read_text())
         if not isinstance(self.dataset.get("training"), list):
-            raise ValueError("dataset.json: missing key 'training' (a list of {image, label})")
+            raise ValueError(f"{path}: missing key 'training' (a list of {{image, label}})")
         self.csv_labels: dict[str, str] = {}
         if label_mode == "csv":
             if not labels_csv:
@@ -123,6 +128,31 @@ class MsdSource(Source):
             case_hash = salted_hash(f"msd:{self.dataset.get('name', '')}:{case_name(image_rel)}", self.salt)
             yield Case(case_id=case_hash, patient_id=case_hash, label=label,
                        image=np.ascontiguousarray(read, dtype=np.float32), meta=meta)
+
+    def segmentation_items(self) -> Iterator[SegmentationItem]:
+        """The ``training`` entries of ``dataset.json``: one (possibly 4D) image and its label map each;
+        a file missing or outside the root is None."""
+        for entry in self.dataset.get("training") or []:
+            image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
+            label_rel = str(entry.get("label", "")) if isinstance(entry, dict) else ""
+            image = resolve_under(self.root, image_rel) if image_rel else None
+            label = resolve_under(self.root, label_rel) if label_rel else None
+            item = image_rel[2:] if image_rel.startswith("./") else (image_rel or "dataset.json")
+            yield (item, [Path(image) if image and Path(image).is_file() else None],
+                   Path(label) if label and Path(label).is_file() else None)
+
+    def default_segmentation_mapping(self, labels: str) -> dict[str, list[int]]:
+        """The labels of ``dataset.json``: each a class (``classes``), or each non-zero one a region
+        (``regions``; Task01_BrainTumour: its nested wt/tc/et regions)."""
+        names = {int(k): str(v) for k, v in (self.dataset.get("labels") or {}).items()}
+        if not names:
+            raise ValueError(f"{Path(self.root) / 'dataset.json'}: no 'labels'; set seg.regions or seg.classes "
+                             "in the config")
+        if labels == "classes":
+            return {names[k]: [k] for k in sorted(names)}
+        if "braintumour" in str(self.dataset.get("name", "")).lower().replace(" ", ""):
+            return dict(MSD_BRAIN_REGIONS)
+        return {names[k]: [k] for k in sorted(names) if k != 0}
 
     def _csv_label(self, item: str, name: str) -> tuple[int, None] | None:
         """The case's class index from the labels CSV; None (skipped) when absent or unknown."""
