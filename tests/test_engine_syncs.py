@@ -1,7 +1,11 @@
 """The training step never waits for the device: host reads (``aten::_local_scalar_dense``, what every
 ``.item()``, ``float(t)`` and ``bool(t)`` of a tensor runs) per training step, counted with
 ``torch.profiler`` on the CPU path as the difference between a fit of 4 and of 24 training batches an
-epoch (same validation batches, data pre-loaded so the loader's own work is left out)."""
+epoch (same validation batches, data pre-loaded so the loader's own work is left out).
+
+Measured when the loop read ``isfinite(loss)`` and ``float(loss)`` every step: 53 reads per step (MIL)
+and 43 (3D), of them 51 and 41 inside AdamW (its per-parameter step counters, CPU tensors); now 0 outside
+the optimiser plus the loop's own NaN/inf flag read, 1 in 20 steps (0.05)."""
 
 from __future__ import annotations
 
