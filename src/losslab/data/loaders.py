@@ -93,6 +93,8 @@ def _device_arrays(dataset: Dataset, device: torch.device) -> dict[str, torch.Te
         shapes = {p.shape for p in prepared}
         if len(shapes) != 1:
             raise ValueError(f"data.train_data_on_device needs one item shape; the cases have {sorted(shapes)}")
+        if isinstance(dataset, ImageDataset) and prepared[0].shape[0] != 1:
+            raise ValueError(f"model.kind=image needs one image per case; the cases have {prepared[0].shape[0]}")
         cases = np.stack(prepared)
         arrays = {"cases": cases[:, 0] if isinstance(dataset, ImageDataset) else cases}
     else:
