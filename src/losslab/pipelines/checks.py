@@ -38,8 +38,8 @@ def check_loss(cfg: ExperimentConfig) -> None:
     name, params = cfg.loss.name, cfg.loss.params
     try:
         check_loss_params(name, params)
-        # a segmentation loss gets its channels and activation from the segmentation pipeline: names only
-        num_classes = None if task_of(cfg).name == "segmentation" else known_num_classes(cfg)
+        # a loss the task sets up itself (segmentation: channels and activation) is checked by name only
+        num_classes = known_num_classes(cfg) if task_of(cfg).loss_takes_class_counts else None
         if num_classes is not None:
             build_loss(name, **params, class_counts=[1] * num_classes, num_classes=num_classes)
     except UnknownLossError as exc:

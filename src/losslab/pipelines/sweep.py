@@ -439,8 +439,8 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
     import mlflow
     import optuna
 
-    from losslab.data.cache import build_cache
     from losslab.pipelines.common import base_tags
+    from losslab.tasks import task_of
     from losslab.tracking import SWEEP_ROLE_TAG, STUDY_TAG, log_config, log_sweep_summary, managed_run, setup_tracking
 
     if settings.num_threads:
@@ -449,11 +449,7 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
         torch.set_num_threads(settings.num_threads)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _retry(lambda: setup_tracking(cfg.tracking), "set up the MLflow experiment")  # two workers may create it at once
-    if info is None and cfg.model.kind == "segmentation":
-        from losslab.data.seg_cache import build_seg_cache
-
-        info = build_seg_cache(cfg.data, cfg.seg)
-    info = info or build_cache(cfg.data)
+    info = info or task_of(cfg).build_cache(cfg)
     check_space(cfg, settings, len(info.class_names))
     name = study_name(cfg, settings)
     study, created = open_study(cfg, settings)
