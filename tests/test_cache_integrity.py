@@ -15,7 +15,7 @@ import pytest
 from losslab.config import DataConfig, SegConfig
 from losslab.data.cache import build_cache, load_cache
 from losslab.data.integrity import CacheIntegrityError
-from losslab.data.seg_cache import build_seg_cache, load_seg_cache
+from losslab.data.seg_cache import SegCacheInfo, build_seg_cache, load_seg_cache
 
 
 def _truncate_to_half(path: Path) -> tuple[int, int]:
@@ -151,7 +151,8 @@ def test_the_seg_cache_names_a_damaged_array_and_rebuilds_it(seg_raw, tmp_path):
     with pytest.raises(CacheIntegrityError, match=f"^{re.escape(f'cache array {files[5]} is altered: sha256 ')}"):
         load_seg_cache(info.cache_dir)
     _truncate_to_half(files[7])
-    rebuilt = build_seg_cache(cfg, SegConfig())
+    rebuilt = build_cache(cfg, seg=SegConfig())  # the one builder: a segmentation task passes its seg settings
+    assert isinstance(rebuilt, SegCacheInfo) and rebuilt.index == rows
     assert not rebuilt.reused and rebuilt.rebuilt_because.startswith(f"cache array {files[5]} is altered")
     assert {f: f.read_bytes() for f in files} == originals
     assert build_seg_cache(cfg, SegConfig()).reused

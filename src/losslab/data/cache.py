@@ -40,20 +40,20 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from losslab.data.deid import resolve_salt
 from losslab.data.integrity import ArrayRecord, CacheIntegrityError, damage, record_file, verify_arrays
-from losslab.data.sources import (Case, SkipReport, Source, Task, build_source, default_generator_for, list_generators,
-                                  run_generator, source_reads_root)
+from losslab.data.raw_data import ensure_raw_data, ensure_raw_data_to_rebuild  # noqa: F401 - ensure_raw_data re-exported
+from losslab.data.raw_data import hash_files as _hash_files
+from losslab.data.seg_cache import SegCacheInfo, build_seg_cache
+from losslab.data.sources import Case, SkipReport, Source, Task, build_source, source_reads_root
 from losslab.data.splits import TEST_FOLD, assign_folds
 
 CACHE_VERSION = 3  # 2: a source's own test split is the held-out test (fold -1); 3: array sizes and hashes
@@ -86,17 +86,6 @@ class CacheInfo:
         return len(self.class_names)
 
 
-def _hash_files(files: list[str], root: str) -> str:
-    """sha256 over (relative path, content) of every file: a content hash of the raw data."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(os.path.relpath(f, root).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _settings_fingerprint(data_cfg: Any, salt: str) -> str:
     keys = {
         "version": CACHE_VERSION,
@@ -109,34 +98,6 @@ def _settings_fingerprint(data_cfg: Any, salt: str) -> str:
         "salt": hashlib.sha256(salt.encode()).hexdigest(),  # the salt itself is never stored
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def ensure_raw_data(data_cfg: Any) -> bool:
-    """Generate synthetic data when ``data.root`` is missing or empty, but only where that is asked
-    for: into the default embedded location of a generator (``data/<generator>`` under the working
-    directory, e.g. ``data/embedded_brats``), or anywhere when ``data.generate`` names a generator.
-    Any other missing root is an error naming the path (a mistyped real data path must not train on
-    synthetic data). Returns True if data was generated."""
-    root = Path(data_cfg.root)
-    if root.exists() and any(root.iterdir()):
-        return False
-    generator = data_cfg.generate or default_generator_for(root)
-    if not generator:
-        state = "is empty" if root.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"data.root {root} {state} ({root.resolve()}); point data.root at the data set, or set "
-            f"data.generate=<generator> to write synthetic data there (generators: {', '.join(list_generators())})")
-    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=str(root.parent) if root.parent.exists() else None))
-    try:
-        run_generator(generator, str(tmp), seed=data_cfg.seed, **data_cfg.generator_kwargs)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        if root.exists():
-            root.rmdir()
-        shutil.move(str(tmp), str(root))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return True
 
 
 def load_cache(cache_dir: str | Path, check_hashes: bool | None = None) -> CacheInfo:
@@ -166,8 +127,15 @@ def _array_records(index: pd.DataFrame, index_path: Path) -> list[ArrayRecord]:
             for path, size, digest in zip(index["array_path"], index["array_bytes"], index["array_sha256"])]
 
 
-def build_cache(data_cfg: Any, force: bool = False) -> CacheInfo:
-    """Read the configured source into the cache (or reuse it when inputs are unchanged)."""
+def build_cache(data_cfg: Any, force: bool = False, seg: Any = None) -> CacheInfo | SegCacheInfo:
+    """Read the configured source into the cache (or reuse it when inputs are unchanged and intact).
+
+    One builder for every task: a segmentation task passes its ``seg`` settings (how raw label values
+    map to regions or classes) and gets the segmentation cache (:func:`build_seg_cache`, read through
+    the source's masks); the other tasks get the case cache of this module.
+    """
+    if seg is not None:
+        return build_seg_cache(data_cfg, seg, force)
     cache_dir = Path(data_cfg.cache_dir)
     if source_reads_root(data_cfg.source):
         ensure_raw_data_to_rebuild(data_cfg, lambda: load_cache(cache_dir, check_hashes=True))
@@ -186,22 +154,6 @@ def build_cache(data_cfg: Any, force: bool = False) -> CacheInfo:
         info = _build(data_cfg, cache_dir, source, report, fingerprint, force)
         info.rebuilt_because = found or ""
         return info
-
-
-def ensure_raw_data_to_rebuild(data_cfg: Any, open_cache: Callable[[], Any]) -> None:
-    """:func:`ensure_raw_data`; when the raw data is gone and ``open_cache()`` (the cache's loader,
-    checking hashes) finds a damaged array, the refusal is a :class:`CacheIntegrityError` naming both:
-    that cache cannot be rebuilt."""
-    try:
-        ensure_raw_data(data_cfg)
-    except FileNotFoundError as missing:
-        try:
-            open_cache()
-        except CacheIntegrityError as damaged:
-            raise CacheIntegrityError(f"{damaged}; cannot rebuild it: {missing}") from missing
-        except FileNotFoundError:
-            pass  # no cache either: the missing raw data is the error
-        raise
 
 
 def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | str | None:

@@ -48,6 +48,7 @@ import numpy as np
 
 from losslab.data.deid import resolve_salt, salted_hash
 from losslab.data.integrity import ArrayRecord, CacheIntegrityError, record_file, verify_arrays
+from losslab.data.raw_data import ensure_raw_data_to_rebuild, hash_files
 from losslab.data.sources.base import SegmentationItem, SegmentationSource, SkipReport
 
 SEG_CACHE_VERSION = 3  # 2: voxel counts per channel in the index; 3: array sizes and hashes
@@ -214,8 +215,6 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
         FileNotFoundError: ``data.root`` missing and no generator, or no ``dataset.json`` (msd).
         CacheIntegrityError: a damaged cache array (named) whose raw data is gone.
     """
-    from losslab.data.cache import _hash_files, ensure_raw_data_to_rebuild
-
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
     source_class = _segmentation_source(data_cfg.source)
     ensure_raw_data_to_rebuild(data_cfg, lambda: load_seg_cache(cache_dir, check_hashes=True))
@@ -226,7 +225,7 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
                for k, vs in (configured or source.default_segmentation_mapping(seg_cfg.labels)).items()}
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
     settings = _settings(data_cfg, seg_cfg, mapping, salt)
-    fingerprint = hashlib.sha256((_hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    fingerprint = hashlib.sha256((hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     found = None if force else _reusable(cache_dir, fingerprint)
     if isinstance(found, SegCacheInfo):
         return found
