@@ -57,6 +57,7 @@ class FoldSetup:
     hashed_params: dict[str, Any] = field(default_factory=dict)  # resolved settings in the config fingerprint
     tags: dict[str, str] = field(default_factory=dict)
     callbacks: list = field(default_factory=list)  # engine callbacks the task needs (e.g. reseeded crops)
+    figures: Callable[[Any, bool], dict[str, Any]] | None = None  # per-epoch figures, when not the classifier's
 
 
 def register_task(cls: type["Task"]) -> type["Task"]:
@@ -94,8 +95,6 @@ class Task(ClassificationStep):
     distributed: ClassVar[bool] = True
     #: its loss is built from the training class counts (checked with them when the classes are known)
     loss_takes_class_counts: ClassVar[bool] = True
-    #: its training runs draw prediction overlays of a validation volume (else ROC, confusion matrices)
-    overlay_plots: ClassVar[bool] = False
 
     def make_dataset(self, cfg: Any, info: Any, rows: Any, train: bool, transform: Callable | None = None,
                      normalizer: Any = None):
@@ -512,7 +511,6 @@ class SegmentationTask(SegmentationStep, Task):
     headline_metric = "val/mean_dice"
     per_case_probabilities = False
     distributed = False
-    overlay_plots = True
     loss_takes_class_counts = False
 
     def __init__(self) -> None:  # the step is set up by build(), once the loss and channels are known
@@ -587,7 +585,23 @@ class SegmentationTask(SegmentationStep, Task):
                   "seg.channels": ",".join(info.channel_names), "seg.output_bias_prior": prior}
         return FoldSetup(train_loader, val_loader, loss_fn, model, self.metric_names,
                          self.spec(cfg, info.channel_names), params,
-                         callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed + fold)])
+                         callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed + fold)], figures=self.epoch_figures)
+
+    def epoch_figures(self, state, final):
+        """The learning curves (losses, mean Dice, each region's Dice; ``plots/curves.png``) and a prediction
+        overlay of the first validation volume (``plots/overlay_epoch_<k>.png``, ``plots/overlay.png`` at the end)."""
+        from losslab import plots
+
+        hist = state.history
+        keys = [k for k in ("train/loss", "val/loss", "val/mean_dice") if k in hist]
+        keys += [f"val/dice_{name}" for name in self.metric_names if f"val/dice_{name}" in hist]
+        out = {"plots/curves.png": plots.plot_curves(hist, keys)}
+        overlay = state.last_val_outputs
+        if overlay:
+            name = "plots/overlay.png" if final else f"plots/overlay_epoch_{state.epoch:03d}.png"
+            out[name] = plot_segmentation_overlay(overlay["image"], overlay["truth"], overlay["pred"], overlay["names"],
+                                                  f"epoch {state.epoch}")
+        return out
 
     def input_example(self, cfg, val_loader):
         """One training-sized patch ``(1, C, *patch)`` of the first validation volume."""
@@ -615,6 +629,26 @@ class SegmentationTask(SegmentationStep, Task):
 
     def split_summary(self, outputs, dataset, names, prefix, intervals=None):
         return {f"{prefix}/n_cases": float(len(dataset))}
+
+
+def plot_segmentation_overlay(image: Any, truth: Any, pred: Any, names: list[str], title: str = ""):
+    """One panel per region: the middle slice (last axis) of ``image[0]`` with the ``truth`` (green) and
+    ``pred`` (red) contours. ``image (C, X, Y, Z)``, ``truth`` / ``pred`` ``(R, X, Y, Z)`` binary."""
+    from losslab.plots import _figure
+
+    z = image.shape[-1] // 2
+    figure = _figure(3.2 * len(names), 3.4)
+    for r, name in enumerate(names):
+        ax = figure.add_subplot(1, len(names), r + 1)
+        ax.imshow(image[0, ..., z].T, cmap="gray", origin="lower")
+        for mask, colour in ((truth[r, ..., z], "lime"), (pred[r, ..., z], "red")):
+            if mask.any() and not mask.all():
+                ax.contour(mask.T.astype(float), levels=[0.5], colors=colour, linewidths=1.0, origin="lower")
+        ax.set_title(f"{name}: truth (green) / prediction (red)", fontsize=8)
+        ax.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
 
 
 def _check_segmentation_loss(name: str) -> None:

@@ -27,7 +27,6 @@ from losslab.pipelines.checks import check_checkpoint_dir, check_config
 from losslab.pipelines.common import base_tags
 from losslab.pipelines.scoring import load_evaluation_weights, score_test_split
 from losslab.tasks import task_of
-from losslab.tracking_seg import SegmentationMLflowCallback
 from losslab.tracking import (MLflowCallback, config_params, clear_error_tags, log_and_register_model, log_config, log_metrics_batch,
                               managed_run, setup_tracking)
 
@@ -124,9 +123,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         ddp.broadcast_object(str(resume_from) if resume_from is not None else None)
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
         # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
-        tracker = (SegmentationMLflowCallback if task.overlay_plots else MLflowCallback)(
-            run_id, setup.names, plot_every=cfg.train.plot_every, synchronous=False,
-            checkpoint_every=cfg.train.upload_checkpoint_every)
+        tracker = MLflowCallback(run_id, setup.names, plot_every=cfg.train.plot_every, synchronous=False,
+                                 checkpoint_every=cfg.train.upload_checkpoint_every, figures=setup.figures)
         callbacks = setup.callbacks + [tracker] + list(extra_callbacks or [])
         state = fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, train_cfg, cfg.optim, setup.names,
                     callbacks=callbacks, resume_from=resume_from, step=task)

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -58,6 +59,8 @@ class MLflowCallback(Callback):
             ends or fails (the local ``last.pt`` is what ``--resume`` uses first). Uploading a large
             checkpoint every epoch is the main per-epoch cost of tracking.
         synchronous: False = MLflow's async logging for the per-epoch batches (flushed at the end).
+        figures: the task's figures, ``figures(state, final) -> {artifact path: figure}``, drawn instead
+            of the classification plots (e.g. segmentation's prediction overlays).
 
     Every epoch where a class gets no validation prediction sets the tag
     ``losslab.zero_predictions.epoch_<k>`` to those classes (at once; the ``dead_class`` alarm
@@ -66,13 +69,15 @@ class MLflowCallback(Callback):
     """
 
     def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True,
-                 synchronous: bool = True, checkpoint_every: int = 1, per_class_plots: bool = True) -> None:
+                 synchronous: bool = True, checkpoint_every: int = 1, per_class_plots: bool = True,
+                 figures: Callable[[Any, bool], dict[str, Any]] | None = None) -> None:
         if per_class_plots and not class_names:
             raise ValueError("MLflowCallback: per_class_plots=True needs class_names (got none); "
                              "pass per_class_plots=False for a model with one head per task")
         self.run_id = run_id
         self.class_names = class_names
         self.per_class_plots = per_class_plots
+        self.figures = figures
         self.plot_every = plot_every
         self.log_checkpoints = log_checkpoints
         self.checkpoint_every = checkpoint_every
@@ -171,6 +176,11 @@ class MLflowCallback(Callback):
     def _plots(self, state, final: bool) -> None:
         from losslab import plots
         from losslab.engine.metrics import confusion_matrix
+
+        if self.figures is not None:
+            for path, figure in self.figures(state, final).items():
+                log_figure(figure, path)
+            return
 
         hist = state.history
         curves = [k for k in ("train/loss", "val/loss", "val/balanced_accuracy", "val/min_class_recall",
