@@ -511,7 +511,8 @@ def study_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
 def _ordered_differences(frame: pd.DataFrame, metric: str, reference: str, challenger: str) -> tuple[np.ndarray, float]:
     """``challenger − reference`` per (seed, fold) block in the order the blocks were added (seed,
     then fold), over the blocks both have; and the blocks' mean ``n_test/n_train``."""
-    frame = frame.assign(seed_number=frame["seed"].astype(int), fold_number=frame.get("fold", 0).astype(int),
+    folds = frame["fold"].astype(int) if "fold" in frame else 0  # the distillation study runs fold 0 only
+    frame = frame.assign(seed_number=frame["seed"].astype(int), fold_number=folds,
                          value=pd.to_numeric(frame.get(metric), errors="coerce"))
     wide = frame.pivot_table(index=["seed_number", "fold_number"], columns="variant", values="value").sort_index()
     if reference not in wide or challenger not in wide:
@@ -528,14 +529,14 @@ def sequential_outcomes(frame: pd.DataFrame, study: str, first_seeds: int, budge
 
     metric, reference = PLANNED[study]
     folds = max(1, frame["fold"].nunique()) if "fold" in frame else 1
-    looks = [folds * seeds for seeds in range(first_seeds, budget + 1)]
+    looks = [folds * seeds for seeds in range(first_seeds, budget + 1) if folds * seeds >= 2]  # a t-test needs 2
     challengers = [v for v in frame["variant"].unique() if v != reference] if not frame.empty else []
     rows = []
     for challenger in challengers:
         d, ratio = _ordered_differences(frame, metric, reference, challenger)
         row = {"comparison": f"{challenger} − {reference}", "metric": metric, "pairs": d.size, "decided": False,
                "budget_spent": False, "p_value": math.nan, "threshold": math.nan}
-        if d.size >= looks[0] and math.isfinite(ratio):
+        if looks and d.size >= looks[0] and math.isfinite(ratio):
             decision = sequential_decision(d, looks, ratio, ALPHA / len(challengers))
             row |= {"decided": decision.decided, "budget_spent": decision.budget_spent, "pairs": decision.n_pairs,
                     "p_value": decision.p_value, "threshold": decision.threshold}

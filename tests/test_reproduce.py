@@ -124,7 +124,7 @@ def test_sequential_outcomes_against_the_decision_by_hand(reproduce):
     clear = [0.05, 0.048, 0.052, 0.049, 0.051, 0.050]  # decided at the first look that allows it
     noise = [0.01, -0.012, 0.004, -0.006, 0.009, -0.003]  # no difference: the budget is spent
     outcomes = reproduce.sequential_outcomes(_runs_frame({"logit_adjusted": clear, "ldam + DRW": noise}), 3, 6)
-    thresholds = sequential_thresholds([3, 4, 5, 6], 0.0, 0.025)  # alpha split over the two pairs
+    thresholds = sequential_thresholds([3, 4, 5, 6], 0.025)  # alpha split over the two pairs
     for variant, d in (("logit_adjusted", clear), ("ldam + DRW", noise)):
         p = [2 * sps.t.sf(abs(np.mean(d[:n]) / (np.std(d[:n], ddof=1) / np.sqrt(n))), n - 1) for n in (3, 4, 5, 6)]
         crossed = [n for n, pv, t in zip((3, 4, 5, 6), p, thresholds) if pv < t]

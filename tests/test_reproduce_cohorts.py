@@ -222,3 +222,25 @@ def test_quick_runs_never_write_docs_results_md(reproduce, tmp_path):
     assert reproduce.parse_args(["--quick", "--workdir", str(tmp_path / "w")]).output == str(
         (tmp_path / "w").resolve() / "results-quick.md")
     assert reproduce.parse_args([]).output == str(REPO / "docs" / "results.md")
+
+
+def test_budget_seeds_table_on_the_quick_store(quick, tmp_path):
+    """``--budget-seeds 2`` with seeds 0 and 1 already in the store: nothing runs, and the sequential
+    table's outcome is losslab.stats.sequential_decision on the student runs read back with MlflowClient."""
+    from losslab.stats import sequential_decision
+
+    module, uri, _ = quick
+    output = tmp_path / "results.md"
+    module.main(["--study", "distillation", "--quick", "--seeds", "0", "1", "--budget-seeds", "2", "--tracking-uri", uri,
+                 "--output", str(output), "--workdir", str(tmp_path / "unused")])
+    runs = [r for r in _runs(uri, module.EXPERIMENTS["distillation"], "distill") if "repro.variant" in r.data.tags]
+    assert len(runs) == 4  # no seed was added: the budget was already reached
+    value = {(r.data.tags["repro.variant"], int(r.data.tags["repro.seed"])): r.data.metrics["best_val/mean_accuracy"]
+             for r in runs}
+    d = [value[("vanilla kd", s)] - value[("student alone", s)] for s in (0, 1)]
+    parent = MlflowClient(tracking_uri=uri).get_run(runs[0].data.tags["repro.parent_run"]).data.params
+    decision = sequential_decision(d, [2], float(parent["data.n_val"]) / float(parent["data.n_train"]))
+    outcome = f"decided at {decision.n_pairs} seeds" if decision.decided else "budget of 2 seeds spent"
+    row = _row(_section(output.read_text(), "distillation"), "vanilla kd − student alone")
+    assert row["outcome"] == outcome and row["p"] == f"{decision.p_value:.3g}"
+    assert row["mean difference"] == f"{sum(d) / 2:+.3f}"

@@ -30,14 +30,14 @@ def test_false_positive_rate_stays_at_alpha_and_naive_looks_exceed_it(ratio):
     studies = 20_000
     differences = np.random.default_rng(2026).normal(0.0, 0.03, size=(studies, LOOKS[-1]))  # no true difference
     p = _look_p_values(differences, ratio)
-    thresholds = stats.sequential_thresholds(LOOKS, ratio)
+    thresholds = stats.sequential_thresholds(LOOKS)
     sequential = float((p < thresholds).any(axis=1).mean())
     naive = float((p < 0.05).any(axis=1).mean())
     standard_error = math.sqrt(0.05 * 0.95 / studies)
     assert sequential <= 0.05 + 2 * standard_error  # 0.053: Monte Carlo noise only
     if ratio == 0:  # looking at 0.05 after every seed: about three times alpha (with the correction on
         assert naive > 0.10  # independent differences the fixed test is conservative and hides it)
-    assert sequential >= 0.05 - 3 * standard_error  # the budget of alpha is spent, not wasted
+        assert sequential >= 0.05 - 3 * standard_error  # the budget of alpha is spent, not wasted
     for k in (0, 3):  # sequential_decision makes the same calls as the direct computation
         decision = stats.sequential_decision(differences[k], LOOKS, ratio)
         crossed = np.flatnonzero(p[k] < thresholds)
@@ -65,6 +65,10 @@ def test_spending_function_and_published_boundaries():
     # boundaries 4.877, 3.357, 2.680, 2.290, 2.031 (the first spends 1e-6, too few simulated studies to say)
     z = sps.norm.isf(stats.sequential_thresholds([200, 400, 600, 800, 1000]) / 2)
     assert z[1:] == pytest.approx([3.357, 2.680, 2.290, 2.031], abs=0.04)
+
+
+def test_one_look_is_the_fixed_test():
+    assert stats.sequential_thresholds([5]) == pytest.approx([0.05], abs=2e-3)
 
 
 def test_bad_looks_are_named():

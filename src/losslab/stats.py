@@ -52,13 +52,13 @@ boundaries for clinical trials", *Biometrika* 70, 659–663, 1983),
 :math:`\\alpha(\\tau) = 2\\,(2 - 2\\Phi(z_{1-\\alpha/4} / \\sqrt{\\tau}))` (half of ``alpha`` a side, as
 R's gsDesign ``sfLDOF``), with information fraction :math:`\\tau_k = n_k / n_{max}` (pairs at look k over
 the budget's): look k spends :math:`\\alpha(\\tau_k) - \\alpha(\\tau_{k-1})`. The boundaries are those of
-the corrected t-test itself, not of a normal statistic: the looks share one variance estimate, and
+the paired t-test itself, not of a normal statistic: the looks share one variance estimate, and
 normal-theory boundaries carried over by nominal p-values (Jennison and Turnbull's significance-level
-approach) let a t-test at 3..10 pairs reach 5.8 % instead of 5 %. Under no difference the test's
+approach) let a t-test at 3..10 pairs reach 5.8 % instead of 5 %. Under no difference the t-test's
 sequence of statistics does not depend on the spread, so the thresholds are quantiles of simulated null
-studies (:data:`SIMULATED_STUDIES`, a fixed seed): look k rejects when the test's two-sided p-value
-is under its threshold. They are computed for independent normal blocks; for fold blocks, which share
-training data, they hold as far as the Nadeau–Bengio correction itself does.
+studies of independent normal blocks (:data:`SIMULATED_STUDIES`, a fixed seed); look k rejects when
+the Nadeau–Bengio corrected p-value is under its threshold (the correction stands in for the
+correlation of fold blocks, as in the fixed test; a single look's threshold is ``alpha`` itself).
 
 MLflow-free: inputs are plain tables.
 """
@@ -401,8 +401,8 @@ SIMULATED_STUDIES = 200_000  # null sequences behind the boundaries of sequentia
 
 
 @lru_cache(maxsize=16)
-def _null_p_values(looks: tuple[int, ...], test_train_ratio: float, seed: int) -> np.ndarray:
-    """``(SIMULATED_STUDIES, len(looks))`` corrected t-test p-values of simulated studies with no
+def _null_p_values(looks: tuple[int, ...], seed: int) -> np.ndarray:
+    """``(SIMULATED_STUDIES, len(looks))`` paired t-test p-values of simulated studies with no
     difference (standard normal paired differences: the statistic's null law is free of the spread).
     Each look adds a block of ``m`` differences through its sufficient statistics: the block sum
     ~ N(0, m) and the within-block sum of squares ~ chi-square(m - 1)."""
@@ -415,12 +415,11 @@ def _null_p_values(looks: tuple[int, ...], test_train_ratio: float, seed: int) -
     squares = np.cumsum(within + block_sums ** 2 / sizes, axis=1)
     mean = sums / n
     variance = (squares - n * mean ** 2) / (n - 1)
-    t = mean / np.sqrt((1.0 / n + test_train_ratio) * variance)
+    t = mean / np.sqrt(variance / n)
     return 2.0 * stats.t.sf(np.abs(t), n - 1)
 
 
-def sequential_thresholds(looks: Sequence[int], test_train_ratio: float = 0.0, alpha: float = ALPHA,
-                          seed: int = 0) -> np.ndarray:
+def sequential_thresholds(looks: Sequence[int], alpha: float = ALPHA, seed: int = 0) -> np.ndarray:
     """Nominal p-value thresholds of :func:`nadeau_bengio_ttest`, one per look, of the
     group-sequential design in the module docstring (looks at ``looks[k]`` pairs; the last is the
     budget): look k rejects when its p-value is under ``thresholds[k]``.
@@ -438,9 +437,9 @@ def sequential_thresholds(looks: Sequence[int], test_train_ratio: float = 0.0, a
     n = tuple(int(v) for v in looks)
     if not n or n[0] < 2 or any(b <= a for a, b in zip(n, n[1:])):
         raise ValueError(f"looks must be strictly increasing pair counts >= 2, got {list(looks)}")
-    if not 0 < alpha < 1 or not math.isfinite(test_train_ratio) or test_train_ratio < 0:
-        raise ValueError(f"alpha must lie in (0, 1) and test_train_ratio be >= 0, got {alpha}, {test_train_ratio}")
-    p_values = _null_p_values(n, float(test_train_ratio), seed)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    p_values = _null_p_values(n, seed)
     alive = np.ones(SIMULATED_STUDIES, dtype=bool)
     thresholds, spent = [], 0.0
     for k, pairs in enumerate(n):
@@ -476,7 +475,7 @@ def sequential_decision(differences: Sequence[float], looks: Sequence[int], test
         ValueError: fewer pairs than the first look.
     """
     d = np.asarray(differences, dtype=float)
-    thresholds = sequential_thresholds(looks, test_train_ratio, alpha)
+    thresholds = sequential_thresholds(looks, alpha)
     done = [k for k, n in enumerate(looks) if n <= d.size]
     if not done:
         raise ValueError(f"the first look needs {looks[0]} pairs, got {d.size}")
