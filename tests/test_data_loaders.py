@@ -97,7 +97,7 @@ def test_bags_on_the_device_are_the_plain_loaders_batches(small_cache):
     sampler = WeightedRandomSampler(weights, num_samples=len(dataset))
     cfg = DataConfig(batch_size=3, train_data_on_device=True)
     on_device = build_loader(dataset, cfg, True, collate_padded, sampler=sampler)
-    assert isinstance(on_device, DeviceBatchLoader)
+    assert isinstance(on_device, DeviceBatchLoader) and on_device.sampler is sampler  # fit's set_epoch finds it
     plain = DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=collate_padded)
     for seed in (0, 5):  # two epochs each: the sampler and the bag draws follow torch's RNG
         torch.manual_seed(seed)
@@ -152,3 +152,38 @@ def test_loader_options_with_workers_and_on_cuda(small_cache):
     in_process = build_loader(dataset, DataConfig(batch_size=2), False, device=torch.device("cpu"))
     assert (in_process.num_workers, in_process.persistent_workers, in_process.pin_memory) == (0, False, False)
     assert [int(i) for b in in_process for i in b["index"]] == list(range(len(rows)))  # evaluation: in order
+
+
+class _TinyVolumeNet(torch.nn.Module):
+    """``(B, C, D, H, W)`` -> ``(logits (B, 2), None)``: a mean over the volume and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, image):
+        return self.linear(image.mean(dim=(2, 3, 4))), None
+
+
+def test_fit_on_the_device_split_ends_with_the_plain_loaders_weights(small_cache, tmp_path):
+    from losslab.config import OptimConfig, TrainConfig
+    from losslab.engine.loop import fit
+    from losslab.tasks import get_task
+
+    rows = small_cache.index[small_cache.index["fold"] >= 0].reset_index(drop=True)
+    train_rows, val_rows = rows[rows["fold"] != 0], rows[rows["fold"] == 0]
+    weights = {}
+    for on_device in (False, True):
+        train_ds = VolumeDataset(train_rows, small_cache.cache_dir, depth=4, size=(8, 8))
+        val_ds = VolumeDataset(val_rows, small_cache.cache_dir, depth=4, size=(8, 8))
+        data_cfg = DataConfig(batch_size=4, train_data_on_device=on_device)
+        torch.manual_seed(0)
+        model = _TinyVolumeNet()
+        train_cfg = TrainConfig(epochs=2, device="cpu", checkpoint_dir=str(tmp_path / str(on_device)), progress=False)
+        fit(model, torch.nn.CrossEntropyLoss(), build_loader(train_ds, data_cfg, True),
+            build_loader(val_ds, data_cfg, False), train_cfg, OptimConfig(), ["HGG", "LGG"],
+            step=get_task("volume_classification"))
+        weights[on_device] = model.linear.weight.detach().clone()
+    torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=0)
+    torch.manual_seed(0)
+    assert not torch.allclose(weights[True], _TinyVolumeNet().linear.weight)  # it trained from the same start

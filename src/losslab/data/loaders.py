@@ -135,6 +135,15 @@ class DeviceBatchLoader:
     def __len__(self) -> int:
         return len(self.positions)
 
+    @property
+    def sampler(self) -> Sampler:
+        """The sampler the positions are drawn with (``fit`` calls its ``set_epoch`` under DDP)."""
+        return self.positions.sampler
+
+    @property
+    def batch_sampler(self) -> Sampler:
+        return self.positions.batch_sampler
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for positions in self.positions:
             yield self.batch(positions)
