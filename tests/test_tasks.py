@@ -113,3 +113,17 @@ def test_bag_task_averages_the_dual_stream_losses_and_reports_selection_confiden
     diag = task.batch_diagnostics(StepOutput(logits, None, {"instance_logits": instance}), {"mask": torch.ones(1, 2, dtype=torch.bool)})
     assert diag["selection_confidence"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert get_task("volume_classification").batch_diagnostics(StepOutput(logits), {}) == {}
+
+
+def test_train_data_on_device_is_refused_at_load_time_where_it_cannot_apply():
+    """Segmentation and 2.5D stacks have no device-side batches, and a gathered batch is never augmented:
+    each is refused when the config loads, naming the key; a bag classifier without augmentation loads."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+    assert load_config(root / "demo.yaml", ["data.train_data_on_device=true", "data.augment={}"]).data.train_data_on_device
+    for config, extra in (("seg_dice.yaml", []), ("rsna_lumbar_v8.yaml", [])):
+        with pytest.raises(ConfigError, match=r"data\.train_data_on_device=true.*model\.kind=(segmentation|slices25d)"):
+            load_config(root / config, ["data.train_data_on_device=true", *extra])
+    with pytest.raises(ConfigError, match=r"data\.train_data_on_device=true.*data\.augment="):
+        load_config(root / "demo.yaml", ["data.train_data_on_device=true", "data.augment={brightness: 0.1}"])

@@ -113,8 +113,21 @@ class Task(ClassificationStep):
             raise TaskError(f"task {self.name!r} does not run through `losslab {entry_point}`; "
                             f"it runs through: {', '.join(self.entry_points) or 'none yet'}")
 
+    #: the model kinds whose training split ``data.train_data_on_device`` can hold on the device
+    device_batch_kinds: ClassVar[tuple[str, ...]] = ("mil", "image", "volume3d")
+
     def check_settings(self, cfg: Any, where: Callable[[str], str] = lambda key: "") -> None:
-        """Refuse settings this task cannot train with (when the config is loaded); none for classifiers."""
+        """Refuse settings this task cannot train with (when the config is loaded)."""
+        if not cfg.data.train_data_on_device:
+            return
+        key = "data.train_data_on_device"
+        if cfg.model.kind not in self.device_batch_kinds:
+            raise TaskError(f"{key}=true{where(key)}: the training split is kept on the device for model.kind "
+                            f"{', '.join(self.device_batch_kinds) or 'none'} of task {self.name!r}, not "
+                            f"model.kind={cfg.model.kind}; set it to false")
+        if cfg.data.augment:
+            raise TaskError(f"{key}=true{where(key)}: a batch gathered on the device is not augmented; "
+                            f"data.augment={cfg.data.augment} is set: drop one of them")
 
     # ------------------------------------------------------------------ data, model and scores of a run
     def build_cache(self, cfg: Any, force: bool = False) -> Any:
@@ -521,7 +534,10 @@ class SegmentationTask(SegmentationStep, Task):
 
         return SegVolumeDataset(info, rows, train_transforms(cfg.seg, cfg.model.spatial_dims) if train else None)
 
+    device_batch_kinds = ()
+
     def check_settings(self, cfg, where=lambda key: ""):
+        super().check_settings(cfg, where)
         if cfg.train.mixup_alpha:
             raise TaskError(f"train.mixup_alpha={cfg.train.mixup_alpha}{where('train.mixup_alpha')}: mixup of whole "
                             f"volumes and their masks is not supported for model.kind=segmentation; set it to 0")
