@@ -35,7 +35,7 @@ frequencies, length ``K``) initialise every classifier bias to ``log(pi)``. Mode
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -128,54 +128,60 @@ def build_model(cfg: ModelConfig, num_outputs: int, class_priors: Sequence[float
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    if cfg.kind not in _BUILDERS:
+        raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of {', '.join(_BUILDERS)}")
     head_kwargs = {k: v for k, v in cfg.head_kwargs.items() if v is not None}
-    backbone_args = dict(
-        in_chans=cfg.in_chans,
-        pretrained=cfg.pretrained,
-        weights_path=cfg.weights_path,
-        drop_path_rate=cfg.drop_path_rate,
-        **cfg.backbone_kwargs,
-    )
+    backbone_args = dict(in_chans=cfg.in_chans, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
+                         drop_path_rate=cfg.drop_path_rate, **cfg.backbone_kwargs)
+    return _BUILDERS[cfg.kind](cfg, num_outputs, class_priors, head_kwargs, backbone_args)
 
-    if cfg.kind == "mil":
-        instance_dropout = float(head_kwargs.pop("instance_dropout", 0.0))
-        if "class_priors" in head_kwargs:
-            raise TypeError(f"MIL head {cfg.head!r}: class_priors come from the data, not model.head_kwargs")
-        check_mil_head_kwargs(cfg.head, head_kwargs)
-        backbone = create_backbone(cfg.backbone, **backbone_args)
-        head = build_mil_head(cfg.head, backbone.num_features, num_outputs, class_priors=class_priors, **head_kwargs)
-        return MILClassifier(backbone, head, instance_dropout=instance_dropout)
 
-    if cfg.kind == "slices25d":
-        _check_kwargs("slices25d model", head_kwargs, _accepted(SliceStackClassifier, ("backbone", "num_outputs", "class_priors")))
-        backbone = create_backbone(cfg.backbone, **backbone_args)
-        return SliceStackClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
+def _build_mil(cfg, num_outputs, class_priors, head_kwargs, backbone_args) -> nn.Module:
+    instance_dropout = float(head_kwargs.pop("instance_dropout", 0.0))
+    if "class_priors" in head_kwargs:
+        raise TypeError(f"MIL head {cfg.head!r}: class_priors come from the data, not model.head_kwargs")
+    check_mil_head_kwargs(cfg.head, head_kwargs)
+    backbone = create_backbone(cfg.backbone, **backbone_args)
+    head = build_mil_head(cfg.head, backbone.num_features, num_outputs, class_priors=class_priors, **head_kwargs)
+    return MILClassifier(backbone, head, instance_dropout=instance_dropout)
 
-    if cfg.kind == "image":
-        _check_kwargs("image model", head_kwargs, _accepted(ImageClassifier, ("backbone", "num_outputs", "class_priors")))
-        backbone = create_backbone(cfg.backbone, **backbone_args)
-        return ImageClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
 
-    if cfg.kind == "volume3d":
-        _check_kwargs("volume3d model", head_kwargs, _accepted(VolumeClassifier, ("backbone", "num_outputs", "class_priors")))
-        backbone = create_volume_encoder(cfg.backbone, **backbone_args)
-        return VolumeClassifier(backbone, num_outputs, class_priors=class_priors, **head_kwargs)
+def _classifier_builder(kind: str, classifier: type, encoder: Callable[..., nn.Module]):
+    """The builder of a backbone + linear-head classifier (``slices25d``, ``image``, ``volume3d``)."""
 
-    if cfg.kind == "multimodal":
-        from losslab.models.multimodal import FUSIONS, build_multimodal_model
+    def build(cfg, num_outputs, class_priors, head_kwargs, backbone_args) -> nn.Module:
+        _check_kwargs(f"{kind} model", head_kwargs, _accepted(classifier, ("backbone", "num_outputs", "class_priors")))
+        return classifier(encoder(cfg.backbone, **backbone_args), num_outputs, class_priors=class_priors, **head_kwargs)
 
-        if cfg.head not in FUSIONS:
-            raise ValueError(f"model.kind='multimodal': model.head is the fusion, one of {', '.join(FUSIONS)}; "
-                             f"got {cfg.head!r}")
-        tasks = head_kwargs.pop("tasks", None) or {"label": [str(k) for k in range(num_outputs)]}
-        texts = head_kwargs.pop("texts", None)
-        image = {"backbone": cfg.backbone, "in_chans": cfg.in_chans, "pretrained": cfg.pretrained,
-                 "weights_path": cfg.weights_path, "drop_path_rate": cfg.drop_path_rate, "kwargs": dict(cfg.backbone_kwargs)}
-        return build_multimodal_model({"image": image, "fusion": cfg.head, **head_kwargs}, tasks, texts=texts,
-                                      in_chans=cfg.in_chans)
-    if cfg.kind == "segmentation":
-        from losslab.models.segmentation import build_segmentation_model
+    return build
 
-        return build_segmentation_model(cfg.backbone, cfg.spatial_dims, cfg.in_chans, num_outputs, **cfg.backbone_kwargs)
-    raise ValueError(f"unknown model.kind {cfg.kind!r}; expected one of mil, slices25d, volume3d, multimodal, image, "
-                     "segmentation")
+
+def _build_multimodal(cfg, num_outputs, class_priors, head_kwargs, backbone_args) -> nn.Module:
+    from losslab.models.multimodal import FUSIONS, build_multimodal_model
+
+    if cfg.head not in FUSIONS:
+        raise ValueError(f"model.kind='multimodal': model.head is the fusion, one of {', '.join(FUSIONS)}; "
+                         f"got {cfg.head!r}")
+    tasks = head_kwargs.pop("tasks", None) or {"label": [str(k) for k in range(num_outputs)]}
+    texts = head_kwargs.pop("texts", None)
+    image = {"backbone": cfg.backbone, "in_chans": cfg.in_chans, "pretrained": cfg.pretrained,
+             "weights_path": cfg.weights_path, "drop_path_rate": cfg.drop_path_rate, "kwargs": dict(cfg.backbone_kwargs)}
+    return build_multimodal_model({"image": image, "fusion": cfg.head, **head_kwargs}, tasks, texts=texts,
+                                  in_chans=cfg.in_chans)
+
+
+def _build_segmentation(cfg, num_outputs, class_priors, head_kwargs, backbone_args) -> nn.Module:
+    from losslab.models.segmentation import build_segmentation_model
+
+    return build_segmentation_model(cfg.backbone, cfg.spatial_dims, cfg.in_chans, num_outputs, **cfg.backbone_kwargs)
+
+
+#: model.kind -> builder(cfg, num_outputs, class_priors, head_kwargs, backbone_args)
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mil": _build_mil,
+    "slices25d": _classifier_builder("slices25d", SliceStackClassifier, create_backbone),
+    "image": _classifier_builder("image", ImageClassifier, create_backbone),
+    "volume3d": _classifier_builder("volume3d", VolumeClassifier, create_volume_encoder),
+    "multimodal": _build_multimodal,
+    "segmentation": _build_segmentation,
+}

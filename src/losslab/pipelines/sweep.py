@@ -432,6 +432,30 @@ def _parent_exists(run_id: str | None) -> bool:
         return False
 
 
+def _log_new_parent(cfg: ExperimentConfig, settings: SweepSettings, study, name: str, parent_id: str) -> None:
+    """A new parent run: the study points at it; it logs the config (storage redacted) and the space."""
+    import mlflow
+
+    from losslab.tracking import log_config
+
+    study.set_user_attr(PARENT_ATTR, parent_id)
+    shown = settings.model_dump(mode="json") | {"storage": redact(settings.storage)}
+    log_config(cfg.model_copy(update={"sweep": SweepConfig.model_validate(shown)}))  # no password in params
+    mlflow.log_params({"sweep.storage_url": redact(settings.storage), "sweep.study_name": name})
+    mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in settings.space.items()}, "sweep_space.json")
+
+
+def _trial_limit(settings: SweepSettings) -> list:
+    """``sweep.max_trials``: stop every worker once the study holds that many finished trials."""
+    if not settings.max_trials:
+        return []
+    import optuna
+    from optuna.study import MaxTrialsCallback
+
+    return [MaxTrialsCallback(settings.max_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                           optuna.trial.TrialState.PRUNED))]
+
+
 def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) -> SweepResult:
     """Run this worker's trials of the study (create it or continue it)."""
     import warnings
@@ -441,7 +465,7 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
 
     from losslab.pipelines.common import base_tags
     from losslab.tasks import task_of
-    from losslab.tracking import SWEEP_ROLE_TAG, STUDY_TAG, log_config, log_sweep_summary, managed_run, setup_tracking
+    from losslab.tracking import SWEEP_ROLE_TAG, STUDY_TAG, log_sweep_summary, managed_run, setup_tracking
 
     if settings.num_threads:
         import torch
@@ -466,17 +490,8 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
     with ctx as parent:
         parent_id = parent.info.run_id
         if new_parent:
-            study.set_user_attr(PARENT_ATTR, parent_id)
-            shown = settings.model_dump(mode="json") | {"storage": redact(settings.storage)}
-            log_config(cfg.model_copy(update={"sweep": SweepConfig.model_validate(shown)}))  # no password in params
-            mlflow.log_params({"sweep.storage_url": redact(settings.storage), "sweep.study_name": name})
-            mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in settings.space.items()}, "sweep_space.json")
-        callbacks = []
-        if settings.max_trials:
-            from optuna.study import MaxTrialsCallback
-
-            callbacks.append(MaxTrialsCallback(settings.max_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                            optuna.trial.TrialState.PRUNED)))
+            _log_new_parent(cfg, settings, study, name, parent_id)
+        callbacks = _trial_limit(settings)
         log.info("study %r in %s: %d trials so far; this worker (%s) runs up to %s more", name,
                  redact(settings.storage), n_before, worker_id(), settings.n_trials)
         study.optimize(make_objective(cfg, settings, info, name), n_trials=settings.n_trials, timeout=settings.timeout,
