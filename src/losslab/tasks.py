@@ -113,6 +113,10 @@ class Task(ClassificationStep):
             raise TaskError(f"task {self.name!r} does not run through `losslab {entry_point}`; "
                             f"it runs through: {', '.join(self.entry_points) or 'none yet'}")
 
+    def convolves_volumes(self, cfg: Any) -> bool:
+        """Whether the model convolves volumes (``train.channels_last``, a 2D memory format, is refused)."""
+        return False
+
     #: the model kinds whose training split ``data.train_data_on_device`` can hold on the device
     device_batch_kinds: ClassVar[tuple[str, ...]] = ("mil", "image", "volume3d")
 
@@ -397,6 +401,9 @@ class VolumeClassificationTask(ImageClassificationTask):
     name = "volume_classification"
     model_kinds = ("volume3d",)
 
+    def convolves_volumes(self, cfg):
+        return True
+
     def make_dataset(self, cfg, info, rows, train, transform=None, normalizer=None):
         from losslab.data.datasets import VolumeDataset
 
@@ -523,6 +530,9 @@ class SegmentationTask(SegmentationStep, Task):
     entry_points = ("train", "evaluate", "sweep")
     headline_metric = "val/mean_dice"
     per_case_probabilities = False
+
+    def convolves_volumes(self, cfg):
+        return cfg.model.spatial_dims == 3
     distributed = False
     loss_takes_class_counts = False
 
@@ -714,7 +724,7 @@ def task_of(cfg: Any) -> Task:
 def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None, "Task | None"]:
     """``(model, loss or None, task or None)`` with random weights, shaped as a registered model's ``spec`` says
     (:meth:`Task.spec`); no pretrained weights are read (the registered state dict replaces them)."""
-    from losslab.config import ExperimentConfig
+    from losslab.config.schema import ExperimentConfig
     from losslab.models.export import ModelFormatError, build_multimodal_from_spec
 
     kind = spec.get("kind")
