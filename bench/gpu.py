@@ -44,16 +44,14 @@ from pathlib import Path
 
 import torch
 
+from loader import SETTINGS as LOADER_SETTINGS
 from losslab.engine.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
-# name: (config, generated shape (x, y, z), overrides)
+# name: (config, generated shape (x, y, z), overrides): the loader bench's settings (this folder is
+# on sys.path when a bench runs as a script), plus segmentation and a BraTS-size cohort
 SETTINGS = {
-    "demo": ("configs/experiment/demo.yaml", (64, 64, 32), []),
-    "mil128": ("configs/experiment/demo.yaml", (128, 128, 48),
-               ["model.backbone=resnet18", "data.image_size=128", "data.bag_size=32", "data.batch_size=16"]),
-    "vol3d": ("configs/experiment/brats_resnet3d.yaml", (64, 64, 48),
-              ["data.volume_depth=32", "data.volume_size=[64, 64]", "data.batch_size=8"]),
+    **LOADER_SETTINGS,
     "seg": ("configs/experiment/seg_dice.yaml", (64, 64, 32), []),
     "brats": ("configs/experiment/brats_resnet3d.yaml", (240, 240, 155),
               ["data.image_size=128", "data.volume_depth=64", "data.volume_size=[128, 128]", "data.batch_size=8"]),

@@ -389,18 +389,16 @@ def sequential_outcomes(runs: pd.DataFrame, first_look: int, budget: int) -> pd.
 
 
 def sequential_markdown(outcomes: pd.DataFrame, first_look: int, budget: int) -> str:
+    from losslab.stats import sequential_cells, sequential_design_text
+
     if outcomes.empty:
         return ""
-    lines = [f"Sequential study: group-sequential design, Lan–DeMets O'Brien–Fleming-type alpha spending "
-             f"(`losslab.stats.sequential_decision`), looks after each seed from {first_look} to the budget of "
-             f"{budget}, alpha {outcomes['alpha'].iloc[0] * len(outcomes) / outcomes['ratio'].nunique():.2g} "
-             f"split over the {len(outcomes) // outcomes['ratio'].nunique()} planned pair(s) (Bonferroni).", "",
+    pairs = len(outcomes) // outcomes["ratio"].nunique()
+    lines = [sequential_design_text(first_look, budget, outcomes["alpha"].iloc[0] * pairs, pairs, "paired t-test"), "",
              "| ratio | comparison | seeds | mean difference | p | look's threshold | outcome |",
              "|---:|---|---:|---:|---:|---:|---|"]
     for r in outcomes.itertuples():
-        outcome = (f"decided at {r.seeds} seeds" if r.decided else f"budget of {budget} seeds spent" if r.budget_spent
-                   else f"undecided after {r.seeds} seeds (budget {budget})")
-        p, threshold = ("—", "—") if np.isnan(r.p_value) else (f"{r.p_value:.3g}", f"{r.threshold:.3g}")
+        p, threshold, outcome = sequential_cells(r.p_value, r.threshold, r.decided, r.budget_spent, r.seeds, budget)
         lines.append(f"| {r.ratio:g} | {r.comparison} | {r.seeds} | {r.mean_diff:+.3f} | {p} | {threshold} | {outcome} |")
     return "\n".join(lines)
 

@@ -545,18 +545,15 @@ def sequential_outcomes(frame: pd.DataFrame, study: str, first_seeds: int, budge
 
 
 def sequential_markdown(outcomes: pd.DataFrame, first_seeds: int, budget: int) -> str:
+    from losslab.stats import sequential_cells, sequential_design_text
+
     if outcomes.empty:
         return ""
-    lines = [f"Sequential study: group-sequential design, Lan–DeMets O'Brien–Fleming-type alpha spending "
-             f"(`losslab.stats.sequential_decision`, Nadeau–Bengio corrected t-test at each look), a look after each "
-             f"seed from {first_seeds} to the budget of {budget}, alpha 0.05 split over {len(outcomes)} planned "
-             "pair(s) (Bonferroni).", "",
+    lines = [sequential_design_text(first_seeds, budget, 0.05, len(outcomes), "Nadeau–Bengio corrected t-test"), "",
              "| comparison | metric | seeds | pairs | mean difference | p | look's threshold | outcome |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in outcomes.itertuples():
-        outcome = (f"decided at {r.seeds} seeds" if r.decided else f"budget of {budget} seeds spent" if r.budget_spent
-                   else f"undecided after {r.seeds} seeds (budget {budget})")
-        p, threshold = ("—", "—") if math.isnan(r.p_value) else (f"{r.p_value:.3g}", f"{r.threshold:.3g}")
+        p, threshold, outcome = sequential_cells(r.p_value, r.threshold, r.decided, r.budget_spent, r.seeds, budget)
         lines.append(f"| {r.comparison} | {r.metric} | {r.seeds} | {r.pairs} | {r.mean_diff:+.3f} | {p} | {threshold} "
                      f"| {outcome} |")
     return "\n".join(lines)

@@ -486,3 +486,20 @@ def sequential_decision(differences: Sequence[float], looks: Sequence[int], test
             return SequentialDecision(True, int(looks[k]), p, float(thresholds[k]), False)
     last = done[-1]
     return SequentialDecision(False, int(looks[last]), p, float(thresholds[last]), last == len(looks) - 1)
+
+
+def sequential_design_text(first_look: int, budget: int, alpha: float, n_pairs: int, test: str) -> str:
+    """The one sentence a sequential study's table opens with: design, test, looks, alpha and its split."""
+    return (f"Sequential study: group-sequential design, Lan–DeMets O'Brien–Fleming-type alpha spending "
+            f"(`losslab.stats.sequential_decision`, {test} at each look), a look after each seed from {first_look} "
+            f"to the budget of {budget}, alpha {alpha:.2g} split over {n_pairs} planned pair(s) (Bonferroni).")
+
+
+def sequential_cells(p_value: float, threshold: float, decided: bool, budget_spent: bool, seeds: int,
+                     budget: int) -> tuple[str, str, str]:
+    """``(p, the look's threshold, outcome)`` of one planned pair, as a sequential table shows them."""
+    outcome = (f"decided at {seeds} seeds" if decided else f"budget of {budget} seeds spent" if budget_spent
+               else f"undecided after {seeds} seeds (budget {budget})")
+    if math.isnan(p_value):
+        return "—", "—", outcome
+    return f"{p_value:.3g}", f"{threshold:.3g}", outcome
