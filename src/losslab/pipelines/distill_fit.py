@@ -30,7 +30,8 @@ def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step:
     back into ``model`` and score them on the validation split. ``resume``: continue the run from its
     ``last.pt`` (a run that was stopped or killed)."""
     from losslab.engine.callbacks import ReseedEachEpoch
-    from losslab.engine.loop import evaluation_weights, fit, load_checkpoint
+    from losslab.engine.loop import fit
+    from losslab.pipelines.scoring import load_evaluation_weights
     from losslab.engine.monitor import default_mode
     from losslab.pipelines.train import resume_checkpoint
     from losslab.tracking import MLflowCallback
@@ -46,7 +47,7 @@ def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step:
     reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator
     state = fit(model, objective, train_loader, val_loader, train_cfg, cfg.optim.model_copy(update={"lr": lr}), [],
                 callbacks=[reseed, tracker, *(extra_callbacks or [])], resume_from=resume_from, step=step)
-    model.load_state_dict(evaluation_weights(load_checkpoint(Path(train_cfg.checkpoint_dir) / "best.pt")))
+    load_evaluation_weights(model, Path(train_cfg.checkpoint_dir) / "best.pt")
     tracker.remove_uploaded_checkpoints()  # the run's checkpoints/ artifacts are the copies that stay
     scored = step.metrics(step.predict(model, val_loader, resolve_device(cfg.train.device)), [])
     return Fitted(scored, state.best_epoch)

@@ -83,18 +83,11 @@ def teacher_outputs(teacher: nn.Module, info: CacheInfo, index: pd.DataFrame, ta
 
 def _resolve_model_uri(uri: str) -> str:
     """``models:/name@alias`` or ``models:/name/version`` -> a stable ``name/version/run_id`` origin."""
-    from mlflow.tracking import MlflowClient
+    from losslab.pipelines.scoring import model_version
 
     if not uri.startswith("models:/"):
         return uri
-    client = MlflowClient()
-    rest = uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    else:
-        name, version = rest.rsplit("/", 1)
-        mv = client.get_model_version(name, version)
+    mv = model_version(uri)
     return f"models:/{mv.name}/{mv.version} (run {mv.run_id})"
 
 

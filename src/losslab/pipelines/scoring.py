@@ -88,6 +88,18 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise ValueError(f"model URI {uri!r} is neither models:/<name>@<alias> nor models:/<name>/<version>")
 
 
+def model_version(uri: str, client: MlflowClient | None = None):
+    """The registry's ``ModelVersion`` behind ``models:/name@alias`` or ``models:/name/version``
+    (SourceNotFoundError naming the missing model, alias or version)."""
+    client = client or MlflowClient()
+    name, alias, version = parse_model_uri(uri)
+    client_call(f"registered model {name!r}", client.get_registered_model, name)
+    if alias is not None:
+        return client_call(f"alias {alias!r} of registered model {name!r}", client.get_model_version_by_alias,
+                           name, alias)
+    return client_call(f"version {version} of registered model {name!r}", client.get_model_version, name, version)
+
+
 def run_config(run_id: str) -> ExperimentConfig:
     """The run's ``config.yaml`` artifact, loaded."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,13 +162,8 @@ def _registered_source(source: str, allow_pickle: bool) -> LoadedSource:
     """A registered version: the registry's weights (the evaluation weights ``train`` registered) and
     spec; the config of the run that logged it."""
     client = MlflowClient()
-    name, alias, version = parse_model_uri(source)
-    client_call(f"registered model {name!r}", client.get_registered_model, name)
-    if alias is not None:
-        mv = client_call(f"alias {alias!r} of registered model {name!r}", client.get_model_version_by_alias,
-                         name, alias)
-    else:
-        mv = client_call(f"version {version} of registered model {name!r}", client.get_model_version, name, version)
+    mv = model_version(source, client)
+    name = mv.name
     if not mv.run_id:
         raise SourceNotFoundError(f"model version {name}/{mv.version} has no source run")
     run = client_call(f"run {mv.run_id} (source of {name}/{mv.version})", client.get_run, mv.run_id)
