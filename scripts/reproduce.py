@@ -366,14 +366,17 @@ def seed_differences(runs: pd.DataFrame, ratio: str, challenger: str) -> pd.Seri
     return shared[challenger] - shared[PLANNED_AGAINST]
 
 
-def sequential_outcomes(runs: pd.DataFrame, first_look: int, budget: int) -> pd.DataFrame:
-    """Per ratio and planned pair, :func:`losslab.stats.sequential_decision` with looks at
-    ``first_look..budget`` seeds (plain paired t: one fixed test split), alpha split over the pairs."""
+def sequential_outcomes(runs: pd.DataFrame, first_look: int, budget: int,
+                        ratios: list[float] | None = None) -> pd.DataFrame:
+    """Per ratio (those of the sequential study, ``ratios``; default every ratio in the store) and planned
+    pair, :func:`losslab.stats.sequential_decision` with looks at ``first_look..budget`` seeds (plain
+    paired t: one fixed test split), alpha split over the pairs."""
     from losslab.stats import ALPHA, sequential_decision
 
     looks, rows = list(range(first_look, budget + 1)), []
     present = [c for c in PLANNED_CHALLENGERS if c in set(runs.get("tags.repro.loss_variant", []))]
-    for ratio in sorted(runs["tags.repro.ratio"].unique(), key=float) if len(runs) else []:
+    in_store = sorted(runs["tags.repro.ratio"].unique(), key=float) if len(runs) else []
+    for ratio in [r for r in in_store if ratios is None or float(r) in {float(x) for x in ratios}]:
         for challenger in present:
             d = seed_differences(runs, ratio, challenger)
             row = {"ratio": float(ratio), "comparison": f"{challenger} − {PLANNED_AGAINST}", "seeds": len(d),
@@ -403,8 +406,8 @@ def sequential_markdown(outcomes: pd.DataFrame, first_look: int, budget: int) ->
     return "\n".join(lines)
 
 
-def study_section(study: str, mode: str, stores: list[str], budget: tuple[int, int] | None = None) -> str:
-    """The study's tables; ``budget = (first look, budget seeds)`` adds the sequential study's outcome."""
+def study_section(study: str, mode: str, stores: list[str], budget: tuple | None = None) -> str:
+    """The study's tables; ``budget = (first look, budget seeds, ratios)`` adds the sequential study's outcome."""
     runs = test_runs(study, mode, stores)
     if len(runs) == 0:
         return f"_No finished test runs of {study} ({mode}) in the store._"
@@ -413,7 +416,7 @@ def study_section(study: str, mode: str, stores: list[str], budget: tuple[int, i
     paired = paired_markdown(long_tailed_paired(runs))
     body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
             + drw_note(test_runs(study, mode, stores, entry_point="train")))
-    sequential = sequential_markdown(sequential_outcomes(runs, *budget), *budget) if budget else ""
+    sequential = sequential_markdown(sequential_outcomes(runs, *budget), *budget[:2]) if budget else ""
     return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds; MDE: the "
                    "smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the seeds "
                    "that would detect the observed difference):\n\n" + paired if paired else "") \
@@ -507,7 +510,7 @@ def run_sequentially(study_args, mode: str, stores: list[str]) -> None:
     seeds = list(study_args.repetition_list)
     while len(seeds) < study_args.budget_seeds:
         outcomes = sequential_outcomes(test_runs(LONG_TAILED, mode, stores), study_args.repetitions,
-                                       study_args.budget_seeds)
+                                       study_args.budget_seeds, study_args.ratios)
         if len(outcomes) and outcomes["decided"].all():
             print(f"[{LONG_TAILED}] every planned comparison decided at {len(seeds)} seeds", flush=True)
             return
@@ -555,7 +558,7 @@ def main(argv=None) -> int:
         note = (f"Mode `{mode}`; {len(stores)} MLflow store(s). Test metrics of `losslab evaluate --split test` "
                 "on the source's held-out test split; mean ± sample std over repetitions (n = runs).\n\n"
                 + PROTOCOL[title])
-        budget = (study_args.repetitions, args.budget_seeds) if sequential else None
+        budget = (study_args.repetitions, args.budget_seeds, args.ratios) if sequential else None
         write_section(Path(args.output), f"{study}:{mode}", f"{title} ({mode})",
                       study_section(title, mode, stores, budget), note)
     return 0

@@ -104,14 +104,14 @@ def test_quick_reproduction_tables_come_from_the_store(reproduce, tmp_path):
     assert len(runs) == (4 if decision.decided and decision.n_pairs == 2 else 6)
 
 
-def _runs_frame(differences: dict[str, list[float]]) -> "pd.DataFrame":
+def _runs_frame(differences: dict[str, list[float]], ratio: str = "100") -> "pd.DataFrame":
     import pandas as pd
 
     base = np.linspace(0.80, 0.84, len(next(iter(differences.values()))))
-    rows = [{"tags.repro.ratio": "100", "tags.repro.loss_variant": "ce", "tags.repro.repetition": str(i),
+    rows = [{"tags.repro.ratio": ratio, "tags.repro.loss_variant": "ce", "tags.repro.repetition": str(i),
              "metrics.test/balanced_accuracy": b} for i, b in enumerate(base)]
     for variant, d in differences.items():
-        rows += [{"tags.repro.ratio": "100", "tags.repro.loss_variant": variant, "tags.repro.repetition": str(i),
+        rows += [{"tags.repro.ratio": ratio, "tags.repro.loss_variant": variant, "tags.repro.repetition": str(i),
                   "metrics.test/balanced_accuracy": b + x} for i, (b, x) in enumerate(zip(base, d))]
     return pd.DataFrame(rows)
 
@@ -134,6 +134,22 @@ def test_sequential_outcomes_against_the_decision_by_hand(reproduce):
     text = reproduce.sequential_markdown(outcomes, 3, 6)
     assert "| 100 | ldam + DRW − ce | 6 |" in text and "budget of 6 seeds spent" in text
     assert "decided at" in text  # the clear difference
+
+
+def test_the_sequential_study_looks_only_at_its_own_ratios(reproduce):
+    """A store that also holds the fixed-design ratio-10 runs: the ratio-100 sequential study neither
+    tests those pairs nor splits its alpha over them, so it stops when ratio 100 is decided."""
+    import pandas as pd
+
+    clear = [0.05, 0.048, 0.052, 0.049, 0.051, 0.050]
+    noise = [0.01, -0.012, 0.004, -0.006, 0.009, -0.003]
+    frame = pd.concat([_runs_frame({"logit_adjusted": clear, "ldam + DRW": clear}),
+                       _runs_frame({"logit_adjusted": noise, "ldam + DRW": noise}, ratio="10")])
+    both = reproduce.sequential_outcomes(frame, 3, 6)
+    only = reproduce.sequential_outcomes(frame, 3, 6, ratios=[100.0])
+    assert sorted(both["ratio"].unique()) == [10.0, 100.0] and not both["decided"].all()
+    assert list(only["ratio"].unique()) == [100.0] and only["decided"].all()
+    assert only["alpha"].tolist() == pytest.approx([0.025, 0.025])  # split over the two planned pairs only
 
 
 def test_quick_runs_never_write_docs_results_md(reproduce, tmp_path):
