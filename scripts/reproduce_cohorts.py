@@ -590,9 +590,9 @@ def write_section(path: Path, study: str, body: str) -> None:
     path.write_text(text)
 
 
-def section(study: str, body: str, mode: str) -> str:
+def section(study: str, body: str, mode: str, title: str | None = None) -> str:
     note = " — quick mode (checks the machinery, not the result)" if mode == "quick" else ""
-    return (f"## {STUDY_TITLES[study]}{note}\n\n{body}\n\n_Generated from the MLflow store by "
+    return (f"## {title or STUDY_TITLES[study]}{note}\n\n{body}\n\n_Generated from the MLflow store by "
             "`scripts/reproduce_cohorts.py`; do not edit by hand._")
 
 
@@ -664,6 +664,9 @@ def parse_args(argv=None):
                         help="the stores the tables are read from (default: --tracking-uri); one per parallel process")
     parser.add_argument("--output", default=None,
                         help="default docs/results.md; with --quick <workdir>/results-quick.md (never docs/results.md)")
+    parser.add_argument("--section", help="the section's marker name (default the study's): a second setting of a "
+                        "study, e.g. a larger cohort from its own --workdir, gets its own section")
+    parser.add_argument("--title", help="the section's heading (default the study's title)")
     parser.add_argument("--budget-seeds", type=int, default=None,
                         help="add seeds after --seeds, one at a time up to this many, until the planned comparison "
                              "is decided (group-sequential design)")
@@ -709,8 +712,9 @@ def main(argv=None) -> int:
             print(f"[{study}] no {args.mode} runs of this study in {', '.join(args.read_stores)}; "
                   f"{args.output} left as it is", flush=True)
             continue
-        key = study if args.mode == "full" else f"{study}:quick"  # a quick run never overwrites the full table
-        write_section(Path(args.output), key, section(study, body, args.mode))
+        key = args.section or study
+        key = key if args.mode == "full" else f"{key}:quick"  # a quick run never overwrites the full table
+        write_section(Path(args.output), key, section(study, body, args.mode, args.title))
         print(f"[{study}] table written to {args.output}", flush=True)
     return 0
 

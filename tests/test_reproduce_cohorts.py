@@ -176,6 +176,22 @@ def test_reproduce_py_runs_the_cohort_studies(quick, tmp_path, monkeypatch):
     assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
 
 
+def test_a_second_setting_of_a_study_gets_its_own_section(quick, tmp_path):
+    """``--section``/``--title``: the same store's table under another marker and heading; the
+    study's own section is left as it was."""
+    reproduce, uri, text = quick
+    output = tmp_path / "results.md"
+    output.write_text(text)
+    reproduce.main(["--study", "lumbar_spine", "--quick", "--tables-only", "--tracking-uri", uri, "--output", str(output),
+                    "--workdir", str(tmp_path / "work"), "--section", "lumbar_spine_small", "--title", "Small lumbar"])
+    after = output.read_text()
+    assert _section(after, "lumbar_spine") == _section(text, "lumbar_spine")
+    second = _section(after, "lumbar_spine_small")
+    assert second.splitlines()[1].startswith("## Small lumbar")
+    original = _section(text, "lumbar_spine").splitlines()
+    assert second.splitlines()[2:] == original[2:]  # the same table below the heading
+
+
 def test_a_study_without_runs_leaves_its_section_alone(reproduce, tmp_path):
     output = tmp_path / "results.md"
     output.write_text("# Results\n\n<!-- study:lumbar_spine:start -->\nearlier table\n<!-- study:lumbar_spine:end -->\n")
