@@ -106,7 +106,7 @@ def run_losses(args, tmp: Path) -> str:
     from losslab.data.seg_cache import build_seg_cache
     from losslab.data.splits import TEST_FOLD
 
-    rows, info = [], None
+    rows, info, by_seed = [], None, {}
     for loss in args.losses:
         val, test = [], []
         for seed in args.seeds:
@@ -124,6 +124,7 @@ def run_losses(args, tmp: Path) -> str:
         cells += [_fmt([m[f"test/hd95_{r}"] for m in test], 1) for r in REGIONS]
         cells.append(_fmt([m["val/mean_dice"] for m in val], 3))
         rows.append((statistics.mean(m["test/mean_dice"] for m in test), loss, cells))
+        by_seed[loss] = dict(zip(args.seeds, (m["test/mean_dice"] for m in test)))
     rows.sort(key=lambda r: -r[0])
     cfg = _config(args.losses[0], tmp, args, 0)
     header = (f"Segmentation loss study (embedded BraTS-layout cohort, {args.cases} cases of 64 × 64 × 32 voxels: "
@@ -139,7 +140,48 @@ def run_losses(args, tmp: Path) -> str:
              "| HD95 et (mm) | validation mean Dice |\n")
     table += "|---|---|---|---|---|---|---|---|---|---|\n"
     table += "".join(f"| {loss} | " + " | ".join(cells) + " |\n" for _, loss, cells in rows)
-    return header + table
+    return header + table + "\n" + paired_section(by_seed, REFERENCE)
+
+
+REFERENCE = "dice_ce"  # MONAI's DiceCELoss: the usual default every other loss is measured against
+
+
+def paired_table(by_seed: dict[str, dict[int, float]], reference: str):
+    """Each loss against ``reference`` in test mean Dice, paired by seed
+    (:func:`losslab.stats.paired_comparisons`, Holm over the pairs). Every seed trains on the same
+    cases and is scored on the same test patients, so ``test_train_ratio`` is 0: the plain paired
+    t-test, with its ``mde`` and ``n_needed``."""
+    import pandas as pd
+
+    from losslab.stats import paired_comparisons
+
+    values = pd.DataFrame([{"group": loss, "block": seed, "value": value, "test_train_ratio": 0.0}
+                           for loss, seeds in by_seed.items() for seed, value in seeds.items()])
+    order = [reference, *[loss for loss in by_seed if loss != reference]]
+    table = paired_comparisons(values, "test/mean_dice", groups=order, reference=reference)
+    return table[table["test"] == "nadeau_bengio_t"]
+
+
+def paired_section(by_seed: dict[str, dict[int, float]], reference: str) -> str:
+    """The paired table in markdown, with the design it ran under (a fixed number of seeds)."""
+    from losslab.stats import n_needed_text
+
+    if reference not in by_seed or len(by_seed) < 2:
+        return ""
+    seeds = len(by_seed[reference])
+    lines = [f"Paired against {reference} (test mean Dice, blocks = seeds; plain paired t-test, the test patients "
+             f"being the same for every seed; Holm over these pairs). Budget: a fixed design of {seeds} seeds, one look. "
+             "MDE: the smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the "
+             "seeds that would detect the observed difference.", "",
+             "| comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict | MDE | pairs needed |",
+             "|---|---:|---:|---|---:|---|---:|---:|"]
+    for r in paired_table(by_seed, reference).itertuples():
+        ci = "—" if r.ci_low != r.ci_low else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        p = "—" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
+        mde = "—" if r.mde != r.mde else f"{r.mde:.3f}"
+        lines.append(f"| {r.group_a} − {r.group_b} | {r.n_pairs} | {r.mean_diff:+.3f} | {ci} | {p} | {r.verdict} | "
+                     f"{mde} | {n_needed_text(r.n_needed, r.verdict)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _shown_arguments() -> str:

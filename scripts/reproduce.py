@@ -285,7 +285,8 @@ def long_tailed_paired(runs: pd.DataFrame, against: str = "ce",
     """Paired comparisons of test balanced accuracy with :func:`losslab.stats.paired_comparisons`:
     a block is a seed (the same long-tailed subsample and initialisation seed for every loss, one
     fixed test split), so ``test_train_ratio`` is 0 (the plain paired t-test: the test cases are the
-    same for every block, there is no resampled test split to correct for). Holm over the pairs."""
+    same for every block, there is no resampled test split to correct for). Holm over the pairs with
+    ``against`` (many-to-one), not over the challengers' pairs among themselves."""
     from losslab.stats import paired_comparisons
 
     tables = []
@@ -295,8 +296,7 @@ def long_tailed_paired(runs: pd.DataFrame, against: str = "ce",
         present = [v for v in (against, *challengers) if v in set(values["group"])]
         if against not in present or len(present) < 2:
             continue
-        table = paired_comparisons(values, "test/balanced_accuracy", groups=present)
-        table = table[(table["group_a"] == against) | (table["group_b"] == against)]
+        table = paired_comparisons(values, "test/balanced_accuracy", groups=present, reference=against)
         tables.append(table.assign(ratio=float(ratio)))
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 

@@ -271,7 +271,7 @@ def _pair_rows(metric: str, a: str, b: str, x: np.ndarray, y: np.ndarray, ratio:
 
 def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool = True,
                        groups: Sequence[str] | None = None, alpha: float = ALPHA, n_resamples: int = 9999,
-                       seed: int = 0) -> pd.DataFrame:
+                       seed: int = 0, reference: str | None = None) -> pd.DataFrame:
     """Every pair of groups compared on their shared blocks; see the module docstring.
 
     Args:
@@ -283,6 +283,8 @@ def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool
         higher_is_better: which sign of ``mean_diff`` is better.
         groups: the groups in order (pairs are ``(groups[i], groups[j])`` with ``i < j``);
             default: sorted.
+        reference: compare only ``(reference, g)`` for every other group ``g`` (many-to-one: Holm
+            over those pairs alone); default every pair.
 
     Returns:
         A table with :data:`COLUMNS`, one row per pair and test (``nadeau_bengio_t``, and also
@@ -295,7 +297,9 @@ def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool
     wide = frame.groupby(["block", "group"])["value"].mean().unstack("group")
     ratios = frame.groupby(["block", "group"])["test_train_ratio"].mean().unstack("group")
     rows: list[dict] = []
-    for a, b in combinations([g for g in order if g in wide.columns], 2):
+    present = [g for g in order if g in wide.columns]
+    pairs = combinations(present, 2) if reference is None else [(reference, g) for g in present if g != reference]
+    for a, b in pairs:
         shared = wide[[a, b]].dropna()
         known = ratios.loc[shared.index, [a, b]].to_numpy().ravel()
         known = known[np.isfinite(known)]
