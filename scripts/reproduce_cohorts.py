@@ -313,18 +313,15 @@ def evaluated_frame(stores: list[str], study: str, mode: str) -> pd.DataFrame:
 
 def paired(frame: pd.DataFrame, metric: str, order: list[str], reference: str | None = None,
            higher_is_better: bool = True, label: str | None = None) -> pd.DataFrame:
-    """:func:`losslab.stats.paired_comparisons` of ``metric`` across ``frame['variant']`` (Holm over
-    every pair); only the pairs with ``reference`` when it is given."""
+    """:func:`losslab.stats.paired_comparisons` of ``metric`` across ``frame['variant']``: every pair,
+    or only the pairs with ``reference`` when it is given (many-to-one; Holm over those pairs)."""
     from losslab import stats
 
     values = pd.DataFrame({"group": frame["variant"], "block": frame["block"],
                            "value": pd.to_numeric(frame.get(metric), errors="coerce"),
                            "test_train_ratio": frame["test_train_ratio"]})
-    table = stats.paired_comparisons(values, label or metric, higher_is_better,
-                                     groups=[g for g in order if g in set(values["group"])])
-    if reference is not None:
-        table = table[(table["group_a"] == reference) | (table["group_b"] == reference)]
-    return table
+    groups = [g for g in order if g in set(values["group"])]
+    return stats.paired_comparisons(values, label or metric, higher_is_better, groups=groups, reference=reference)
 
 
 def stats_markdown(table: pd.DataFrame) -> str:
@@ -386,8 +383,8 @@ def table_dual_stream_mil(stores: list[str], mode: str) -> str:
         "(objective balanced accuracy), applied to the test split. A dead-class fold never predicts one class "
         "on the test split (`engine.metrics.dead_class_names`).", "",
         dual_stream_table(frame).to_markdown(index=False, disable_numparse=True), "",
-        f"Paired against {REFERENCE_MIL} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over all "
-        "pairs of variants):", "", stats_markdown(against), "",
+        f"Paired against {REFERENCE_MIL} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over the "
+        f"pairs with {REFERENCE_MIL}, per metric):", "", stats_markdown(against), "",
         "Does calibration change macro F1? (calibrated − before, paired over folds, per variant):", "",
         stats_markdown(calibration_pairs(frame))])
 
@@ -443,7 +440,7 @@ def table_lumbar_spine(stores: list[str], mode: str) -> str:
         "Epochs with a dead class: validation epochs in which one grade was never predicted.", "",
         lumbar_table(frame, class_names).to_markdown(index=False, disable_numparse=True), "",
         f"Paired against {REFERENCE_LUMBAR} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over "
-        "all pairs):", "", stats_markdown(against)])
+        f"the pairs with {REFERENCE_LUMBAR}, per metric):", "", stats_markdown(against)])
 
 
 def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:

@@ -135,3 +135,24 @@ def test_identical_nonzero_differences_are_untested_not_significant():
     assert row["n_pairs"] == 2 and row["mean_diff"] == pytest.approx(0.25)
     assert math.isnan(row["p_value"]) and math.isnan(row["p_holm"])
     assert row["verdict"] == stats.NO_SPREAD
+
+
+def test_many_to_one_comparisons_holm_over_the_reference_pairs_only():
+    """``reference=``: only (reference, g) pairs, Holm over those (by hand from SciPy's paired t with
+    test_train_ratio 0); a reference that is not there gives no pairs."""
+    import pandas as pd
+    from scipy import stats as sps
+
+    from losslab.stats import paired_comparisons
+
+    data = {"ref": [0.90, 0.92, 0.91, 0.93], "x": [0.80, 0.85, 0.79, 0.84], "y": [0.89, 0.90, 0.91, 0.90]}
+    values = pd.DataFrame([{"group": g, "block": i, "value": v, "test_train_ratio": 0.0}
+                           for g, vs in data.items() for i, v in enumerate(vs)])
+    table = paired_comparisons(values, "m", groups=["ref", "x", "y"], reference="ref")
+    table = table[table["test"] == "nadeau_bengio_t"].set_index("group_b")
+    assert list(table.index) == ["x", "y"] and set(table["group_a"]) == {"ref"}
+    raw = {g: sps.ttest_rel(data["ref"], data[g]).pvalue for g in ("x", "y")}
+    low, high = sorted(raw, key=raw.get)
+    assert table.loc[low, "p_holm"] == pytest.approx(min(1, 2 * raw[low]), rel=1e-6)
+    assert table.loc[high, "p_holm"] == pytest.approx(min(1, max(2 * raw[low], raw[high])), rel=1e-6)
+    assert paired_comparisons(values, "m", groups=["x", "y"], reference="ref").empty

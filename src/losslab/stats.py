@@ -298,7 +298,8 @@ def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool
     ratios = frame.groupby(["block", "group"])["test_train_ratio"].mean().unstack("group")
     rows: list[dict] = []
     present = [g for g in order if g in wide.columns]
-    pairs = combinations(present, 2) if reference is None else [(reference, g) for g in present if g != reference]
+    pairs = combinations(present, 2) if reference is None else [
+        (reference, g) for g in present if reference in present and g != reference]
     for a, b in pairs:
         shared = wide[[a, b]].dropna()
         known = ratios.loc[shared.index, [a, b]].to_numpy().ravel()
