@@ -317,8 +317,9 @@ def paired(frame: pd.DataFrame, metric: str, order: list[str], reference: str | 
     or only the pairs with ``reference`` when it is given (many-to-one; Holm over those pairs)."""
     from losslab import stats
 
+    column = frame[metric] if metric in frame else pd.Series(np.nan, index=frame.index)  # not logged by these runs
     values = pd.DataFrame({"group": frame["variant"], "block": frame["block"],
-                           "value": pd.to_numeric(frame.get(metric), errors="coerce"),
+                           "value": pd.to_numeric(column, errors="coerce"),
                            "test_train_ratio": frame["test_train_ratio"]})
     groups = [g for g in order if g in set(values["group"])]
     return stats.paired_comparisons(values, label or metric, higher_is_better, groups=groups, reference=reference)
@@ -412,6 +413,8 @@ def lumbar_table(frame: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
         row |= {f"recall {c}": cell(part.get(f"test/recall_{c}", [])) for c in class_names}
         row["bal. acc."] = cell(part.get("test/balanced_accuracy", []))
         row["weighted log loss"] = cell(part.get("test/rsna_weighted_log_loss", []))
+        row["competition score"] = cell(part.get("test/rsna_score", []))
+        row["any-severe term"] = cell(part.get("test/rsna_any_severe_spinal_log_loss", []))
         row["epochs with a dead class"] = cell(part["dead_epochs"])
         row["epochs"] = cell(part["epochs"])
         row["dead-class folds (test)"] = f"{int(part['dead/test'].dropna().sum())}/{len(part['dead/test'].dropna())}"
@@ -432,11 +435,17 @@ def table_lumbar_spine(stores: list[str], mode: str) -> str:
     order = _ordered(frame, LUMBAR_VARIANTS)
     against = pd.concat([paired(frame, "test/balanced_accuracy", order, REFERENCE_LUMBAR, label="balanced_accuracy"),
                          paired(frame, "test/rsna_weighted_log_loss", order, REFERENCE_LUMBAR,
-                                higher_is_better=False, label="rsna_weighted_log_loss")], ignore_index=True)
+                                higher_is_better=False, label="rsna_weighted_log_loss"),
+                         paired(frame, "test/rsna_score", order, REFERENCE_LUMBAR,
+                                higher_is_better=False, label="rsna_score")], ignore_index=True)
     return "\n".join([
         protocol("lumbar_spine", frame), "",
         "Held-out test split (fold −1), one model per validation fold; mean ± sample std over the folds. "
         "Weighted log loss: the competition's sample-weighted log loss (weights 1, 2, 4; lower is better). "
+        "Competition score: the RSNA 2024 scorer on these (study, level) rows, the mean of that weighted log "
+        "loss and the any-severe spinal term (per study: label any level severe, prediction the largest "
+        "severe probability over its levels, weight the largest row weight; weighted binary log loss), the "
+        "embedded cohort having spinal canal stenosis only (`engine.metrics.rsna_competition_score`). "
         "Epochs with a dead class: validation epochs in which one grade was never predicted.", "",
         lumbar_table(frame, class_names).to_markdown(index=False, disable_numparse=True), "",
         f"Paired against {REFERENCE_LUMBAR} (blocks = seed/fold; Nadeau–Bengio corrected t-test, Holm over "

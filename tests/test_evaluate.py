@@ -220,3 +220,69 @@ def test_cli_evaluate_names_a_missing_alias(trained):
     _, name, _ = trained
     result = CliRunner().invoke(app, ["evaluate", "--model", f"models:/{name}@nope"])
     assert result.exit_code == 2 and f"alias 'nope' of registered model '{name}' not found" in result.output
+
+
+def _kaggle_rsna_score(frame: "pd.DataFrame") -> float:
+    """The competition's scorer as published (Kaggle, rsna-lumbar-metric), written with pandas
+    groupby and scikit-learn on one-hot targets: a second code path for rsna_competition_score."""
+    import pandas as pd
+    from sklearn.metrics import log_loss
+
+    levels = ["normal_mild", "moderate", "severe"]
+    solution = pd.get_dummies(frame["label"]).reindex(columns=[0, 1, 2], fill_value=0).set_axis(levels, axis=1)
+    solution = solution.astype(int).assign(study_id=frame["study"].to_numpy(), condition=frame["group"].to_numpy())
+    solution["sample_weight"] = frame["label"].map({0: 1, 1: 2, 2: 4}).to_numpy()
+    submission = pd.DataFrame(frame[["p0", "p1", "p2"]].to_numpy(), columns=levels)
+    submission = submission.div(submission.sum(axis=1), axis=0)
+    losses, weights = [], []
+    for condition in ["spinal", "foraminal", "subarticular"]:
+        idx = solution.index[solution["condition"] == condition]
+        if len(idx):
+            losses.append(log_loss(solution.loc[idx, levels].to_numpy(), submission.loc[idx, levels].to_numpy(),
+                                   sample_weight=solution.loc[idx, "sample_weight"].to_numpy()))
+            weights.append(1)
+    spinal = solution["condition"] == "spinal"
+    labels = solution[spinal].groupby("study_id")["severe"].max()
+    sample_weight = solution[spinal].groupby("study_id")["sample_weight"].max()
+    preds = submission[spinal.to_numpy()].assign(study_id=solution.loc[spinal, "study_id"].to_numpy()) \
+        .groupby("study_id")["severe"].max()
+    losses.append(log_loss(labels, preds.loc[labels.index], sample_weight=sample_weight, labels=[0, 1]))
+    weights.append(1)
+    return float(np.average(losses, weights=weights))
+
+
+def test_rsna_competition_score_by_hand_and_by_the_published_scorer():
+    """A hand-worked value (5 spinal rows, 2 studies), then random rows of three conditions in a
+    shuffled evaluation order against the scorer rewritten with pandas + scikit-learn; the rows reach
+    rsna_metrics the way evaluate passes them (index rows with patient_id and a JSON meta)."""
+    import json
+
+    import pandas as pd
+
+    from losslab.engine.metrics import rsna_competition_score
+
+    y = np.array([0, 1, 2, 0, 0])
+    p = np.array([[.7, .2, .1], [.3, .4, .3], [.2, .3, .5], [.9, .05, .05], [.6, .3, .1]])
+    got = rsna_competition_score(y, p, ["a"] * 3 + ["b"] * 2, ["spinal_canal_stenosis"] * 5)
+    any_severe = (4 * -np.log(0.5) + 1 * -np.log(0.9)) / 5  # study a: severe, max p 0.5, weight 4; b: max p 0.1
+    spinal = -(np.log(.7) + 2 * np.log(.4) + 4 * np.log(.5) + np.log(.9) + np.log(.6)) / 9
+    assert got["rsna_any_severe_spinal_log_loss"] == pytest.approx(any_severe, rel=1e-9)
+    assert got["rsna_score"] == pytest.approx((spinal + any_severe) / 2, rel=1e-9)
+
+    rng = np.random.default_rng(7)
+    n = 60
+    conditions = rng.choice(["spinal_canal_stenosis", "left_neural_foraminal_narrowing",
+                             "right_subarticular_stenosis"], n)
+    rows = pd.DataFrame({"patient_id": rng.choice([f"s{i}" for i in range(8)], n),
+                         "meta": [json.dumps({"condition": c, "level": 0}) for c in conditions]})
+    labels, probs = rng.integers(0, 3, n), rng.dirichlet([1, 1, 1], n)
+    order = rng.permutation(n)  # outputs come in loader order; "index" points into the rows
+    outputs = {"labels": labels[order], "probs": probs[order], "index": order}
+    metrics = rsna_metrics(outputs, "test", rsna=True, rows=rows)
+    frame = pd.DataFrame({"label": labels, "study": rows["patient_id"], "p0": probs[:, 0], "p1": probs[:, 1],
+                          "p2": probs[:, 2], "group": [c.split("_")[0] if c.startswith("spinal") else
+                                                      ("foraminal" if "foraminal" in c else "subarticular")
+                                                      for c in conditions]})
+    assert metrics["test/rsna_score"] == pytest.approx(_kaggle_rsna_score(frame), rel=1e-9)
+    assert "test/rsna_weighted_log_loss" in metrics
+    assert set(rsna_metrics(outputs, "test", rsna=True)) == {"test/rsna_weighted_log_loss"}  # no rows: no score

@@ -132,6 +132,29 @@ def test_lumbar_table_matches_the_runs(quick):
                     history.setdefault(m.step, []).append(m.value)
             dead_epochs.append(float(sum(0.0 in counts for counts in history.values())))
         assert row["epochs with a dead class"] == _mean_std(dead_epochs)
+        assert row["competition score"] == _mean_std([r.data.metrics["test/rsna_score"] for r in mine])
+    _check_competition_score_from_predictions(uri, evaluations[0])
+
+
+def _check_competition_score_from_predictions(uri: str, run) -> None:
+    """The run's test/rsna_score recomputed from its predictions.csv (pandas groupby + scikit-learn,
+    as the competition's scorer does): the embedded cohort is spinal canal stenosis only, a study is
+    a patient_id."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+    from sklearn.metrics import log_loss
+
+    table = pd.read_csv(download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv",
+                                           tracking_uri=uri))
+    probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    weight = np.array([1.0, 2.0, 4.0])[table["label"]]
+    spinal = log_loss(table["label"], probs, sample_weight=weight, labels=[0, 1, 2])
+    per_study = pd.DataFrame({"study": table["patient_id"], "severe": table["label"] == 2, "p": probs[:, 2],
+                              "w": weight}).groupby("study").max()
+    any_severe = log_loss(per_study["severe"].astype(int), per_study["p"], sample_weight=per_study["w"], labels=[0, 1])
+    assert run.data.metrics["test/rsna_score"] == pytest.approx((spinal + any_severe) / 2, rel=1e-5)
 
 
 def test_distillation_table_matches_the_student_runs(quick):

@@ -37,6 +37,7 @@ __all__ = [
     "dead_classes",
     "pred_counts",
     "expected_calibration_error",
+    "rsna_competition_score",
     "rsna_weighted_log_loss",
     "to_numpy",
 ]
@@ -190,6 +191,56 @@ def rsna_weighted_log_loss(
     if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
         raise ValueError(f"y_true must lie in [0, {p.shape[1]}), got [{y.min()}, {y.max()}]")
     return _log_loss(y, p, sample_weight=w[y])
+
+
+def _rsna_condition_group(condition: str) -> str:
+    """The competition scores left and right together: ``spinal``, ``foraminal`` or ``subarticular``."""
+    for group in ("spinal", "foraminal", "subarticular"):
+        if group in condition:
+            return group
+    raise ValueError(f"not an RSNA 2024 lumbar condition: {condition!r}")
+
+
+def rsna_competition_score(
+    y_true: Any, probs: Any, study_ids: Sequence[str], conditions: Sequence[str],
+    weights: Sequence[float] = RSNA_SEVERITY_WEIGHTS, any_severe_weight: float = 1.0,
+) -> dict[str, float]:
+    """The RSNA 2024 lumbar competition's score on (study, condition, level) rows: the mean of the
+    sample-weighted log loss of each condition group present (:func:`rsna_weighted_log_loss`; left
+    and right merged) and, when spinal canal stenosis rows are present, the ``any_severe_spinal``
+    term: per study, the label "any spinal level severe", the prediction the largest severe
+    probability over its spinal levels, the weight the largest row weight of its spinal levels,
+    scored by a weighted binary log loss and averaged in with ``any_severe_weight`` (1 in the
+    competition). Written from the competition's published scorer (Kaggle, metric
+    rsna-lumbar-metric); no library has it.
+
+    Returns:
+        ``rsna_score`` and, with spinal rows, ``rsna_any_severe_spinal_log_loss``.
+    """
+    y = _labels(y_true)
+    p = _probabilities(probs, len(y))
+    w = np.asarray(weights, dtype=np.float64)
+    groups = np.array([_rsna_condition_group(str(c)) for c in conditions])
+    if len(groups) != len(y) or len(study_ids) != len(y):
+        raise ValueError(f"study_ids ({len(study_ids)}) and conditions ({len(groups)}) need one entry per row ({len(y)})")
+    losses, loss_weights, out = [], [], {}
+    for group in ("spinal", "foraminal", "subarticular"):
+        rows = groups == group
+        if rows.any():
+            losses.append(rsna_weighted_log_loss(y[rows], p[rows], weights))
+            loss_weights.append(1.0)
+    spinal = groups == "spinal"
+    if spinal.any():
+        severe = len(w) - 1
+        studies, study = np.unique(np.asarray(study_ids)[spinal].astype(str), return_inverse=True)
+        label, pred, weight = (np.zeros(len(studies)) for _ in range(3))
+        np.maximum.at(label, study, (y[spinal] == severe).astype(float))
+        np.maximum.at(pred, study, p[spinal, severe])
+        np.maximum.at(weight, study, w[y[spinal]])
+        out["rsna_any_severe_spinal_log_loss"] = float(skm.log_loss(label, pred, sample_weight=weight, labels=[0, 1]))
+        losses.append(out["rsna_any_severe_spinal_log_loss"])
+        loss_weights.append(any_severe_weight)
+    return {"rsna_score": float(np.average(losses, weights=loss_weights))} | out
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
