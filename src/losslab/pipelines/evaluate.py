@@ -43,7 +43,9 @@ the before/after gaps ``calibration/gain_balanced_accuracy`` and ``calibration/g
 — a collapsed model, e.g. AUC 0.97 with every prediction in one class, shows up as a large gain and as
 ``test/dead_class_count > 0``), ``test/<metric>_ci_low`` / ``_ci_high`` (95 % percentile intervals
 of balanced accuracy, macro F1, AUC and each class's recall, patients resampled with replacement),
-``latency/p50_ms``, ``latency/p95_ms`` (batch size 1, after warm-up)
+with ``rsna_metric``, ``test*/rsna_weighted_log_loss`` and, when the cases carry their study and
+condition (the ``rsna_lumbar`` source), the competition's whole score ``test*/rsna_score`` with its
+``test*/rsna_any_severe_spinal_log_loss`` term; ``latency/p50_ms``, ``latency/p95_ms`` (batch size 1, after warm-up)
 and ``latency/throughput_per_s`` (at the batch size). Artifacts: ``predictions.csv`` (case hash,
 patient hash, label, probabilities, prediction, calibrated and TTA predictions), ``calibration.json``,
 ``evaluate_settings.json``, ``plots/{roc,precision_recall,reliability,confusion_matrix,
