@@ -64,6 +64,15 @@ def _assert_agree(logged: dict[str, float], evaluated: dict[str, dict[str, float
                 (way, key, mine, train)
 
 
+def _weights_moved():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("weights_moved", REPO / "scripts" / "weights_moved.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
     """``test/*`` of the run's best checkpoint scored with its raw trained weights (``ckpt["model"]``)."""
     from losslab.pipelines.train import make_datasets
@@ -96,6 +105,10 @@ def test_train_and_the_three_evaluate_sources_give_the_same_test_numbers(make_co
     evaluated = _evaluate_three_ways(cfg, fold.run_id, name, fold.model_version, checkpoint)
     _assert_agree(logged, evaluated, keys)
     raw = _raw_weights_test_metrics(cfg, test_split_cache, ckpt)
+    both = _weights_moved().score_both(fold.run_id)  # scripts/weights_moved.py: the same two scores
+    assert both["eval_source"] == eval_source
+    _assert_agree(logged, {"weights_moved averaged": both["averaged"]}, keys)
+    _assert_agree(raw, {"weights_moved raw": both["raw"]}, keys)
     if eval_source == "model":
         _assert_agree(logged, {"raw weights": raw}, keys)  # the raw weights are the evaluation weights
     else:  # the averaged weights are another model: scoring the raw ones would be a different number
@@ -126,3 +139,19 @@ def test_segmentation_train_and_the_three_evaluate_sources_agree_with_ema(tmp_pa
     assert len(keys) >= 4 and logged["test/n_cases"] == 2  # 25 % of 8 patients
     evaluated = _evaluate_three_ways(cfg, fold.run_id, name, fold.model_version, checkpoint)
     _assert_agree(logged, evaluated, keys)
+
+
+def test_weights_moved_table_by_hand():
+    """scripts/weights_moved.py's table: means over folds and the paired differences, by hand."""
+    import pandas as pd
+
+    rows = []
+    for fold, (avg, raw) in enumerate([(0.70, 0.60), (0.80, 0.85), (0.65, 0.55)]):
+        for weights, value in (("averaged", avg), ("raw", raw)):
+            rows.append({"variant": "focal", "fold": str(fold), "seed": "0", "weights": weights, "eval_source": "ema",
+                         "test/balanced_accuracy": value, "test/auc": value, "test/loss": 1 - value})
+    row = _weights_moved().moved_table(pd.DataFrame(rows)).iloc[0]
+    assert row["folds"] == "3" and row["weights"] == "ema"
+    assert row["bal. acc. averaged"] == f"{(0.70 + 0.80 + 0.65) / 3:.3f}" and row["bal. acc. raw"] == f"{2.0 / 3:.3f}"
+    assert row["bal. acc. Δ mean (largest)"] == f"{(0.10 - 0.05 + 0.10) / 3:+.3f} (0.100)"
+    assert row["test loss Δ mean (largest)"] == f"{-(0.10 - 0.05 + 0.10) / 3:+.3f} (0.100)"
