@@ -71,14 +71,14 @@ class GradeRegressionTask(BagClassificationTask):
 def grade_task():
     """The loss and the task registered as a user would (the decorators), for this module only: the
     registries are process-wide, and other tests list every registered name."""
-    from losslab import tasks
     from losslab.losses import registry
+    from losslab.tasks import base
 
     register_loss(key="test_grade_mse")(GradeMSELoss)
     register_task(GradeRegressionTask)
     yield
     registry._loss_registry.pop("test_grade_mse")
-    tasks._TASKS.pop(GradeRegressionTask.name)
+    base._TASKS.pop(GradeRegressionTask.name)
 
 
 @pytest.fixture(scope="module")
