@@ -226,6 +226,14 @@ def mnist_bags_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["head", "train_bags"]).reset_index(drop=True)
 
 
+def _mde_text(std: float, n: int) -> str:
+    """The smallest gap to the paper's value a one-sample t-test over these repetitions detects (power
+    0.8, two-sided 0.05; :func:`losslab.stats.minimum_detectable_difference` without correction)."""
+    from losslab.stats import minimum_detectable_difference
+
+    return "—" if n < 2 or not np.isfinite(std) else f"{minimum_detectable_difference(std, n):.3f}"
+
+
 def mnist_bags_markdown(summary: pd.DataFrame) -> str:
     lines = ["| training bags | attention (ours) | attention (paper) | gated attention (ours) | gated attention (paper) |",
              "|---:|---:|---:|---:|---:|"]
@@ -241,7 +249,8 @@ def mnist_bags_markdown(summary: pd.DataFrame) -> str:
             r = row.iloc[0]
             within = paper is not None and r["n"] > 1 and abs(r["auc_mean"] - paper) <= r["auc_std"]
             mark = " (within 1 std)" if within else ""
-            cells += [f"{_fmt(r['auc_mean'], r['auc_std'], int(r['n']))} (n={int(r['n'])}){mark}", paper_cell]
+            cells += [f"{_fmt(r['auc_mean'], r['auc_std'], int(r['n']))} (n={int(r['n'])}, MDE "
+                      f"{_mde_text(r['auc_std'], int(r['n']))}){mark}", paper_cell]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -412,7 +421,10 @@ def study_section(study: str, mode: str, stores: list[str], budget: tuple | None
     if len(runs) == 0:
         return f"_No finished test runs of {study} ({mode}) in the store._"
     if study == MNIST_BAGS:
-        return mnist_bags_markdown(mnist_bags_summary(runs))
+        summary = mnist_bags_summary(runs)
+        return ("MDE: the smallest gap to the paper's AUC that a one-sample t-test over the n repetitions detects "
+                f"(power 0.8, two-sided 0.05). Budget: a fixed design of {int(summary['n'].max())} repetitions, one "
+                "look.\n\n" + mnist_bags_markdown(summary))
     paired = paired_markdown(long_tailed_paired(runs))
     body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
             + drw_note(test_runs(study, mode, stores, entry_point="train")))

@@ -57,7 +57,7 @@ def test_quick_reproduction_tables_come_from_the_store(reproduce, tmp_path):
         assert run.data.params["evaluate.n_cases"] == "30"  # the source's test bags, nothing else
         auc = run.data.metrics["test/auc"]
         cells = _row(text, run.data.tags["repro.train_bags"])
-        assert cells[1:3] == [f"{auc:.3f} ± 0.000 (n=1)", "—"]  # no paper value for 20 or 40 bags
+        assert cells[1:3] == [f"{auc:.3f} ± 0.000 (n=1, MDE —)", "—"]  # no paper value for 20 or 40 bags
 
     digits = _test_metrics(uri, reproduce.LONG_TAILED)
     assert len(digits) == 4
@@ -150,6 +150,19 @@ def test_the_sequential_study_looks_only_at_its_own_ratios(reproduce):
     assert sorted(both["ratio"].unique()) == [10.0, 100.0] and not both["decided"].all()
     assert list(only["ratio"].unique()) == [100.0] and only["decided"].all()
     assert only["alpha"].tolist() == pytest.approx([0.025, 0.025])  # split over the two planned pairs only
+
+
+def test_mnist_bags_cells_carry_the_mde_against_the_paper(reproduce):
+    """A cell's MDE: the gap to the paper's AUC a one-sample t-test over the repetitions detects with
+    power 0.8 at two-sided 0.05 (statsmodels' solver times the std)."""
+    import pandas as pd
+    from statsmodels.stats.power import TTestPower
+
+    summary = pd.DataFrame([{"head": "attention", "train_bags": 50, "auc_mean": 0.853, "auc_std": 0.046, "n": 5,
+                             "paper": 0.768}])
+    effect = TTestPower().solve_power(nobs=5, alpha=0.05, power=0.8, alternative="two-sided")
+    cell = _row(reproduce.mnist_bags_markdown(summary), "50")[1]
+    assert cell == f"0.853 ± 0.046 (n=5, MDE {effect * 0.046:.3f})"
 
 
 def test_quick_runs_never_write_docs_results_md(reproduce, tmp_path):
