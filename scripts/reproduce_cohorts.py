@@ -528,6 +528,14 @@ def _ordered_differences(frame: pd.DataFrame, metric: str, reference: str, chall
     return (shared[challenger] - shared[reference]).to_numpy(), float(ratio)
 
 
+def fixed_budget_text(frame: pd.DataFrame) -> str:
+    """The budget of a study run without ``--budget-seeds``: its seeds and folds, one look."""
+    seeds = sorted({int(s) for s in frame["seed"]})
+    folds = sorted({int(f) for f in frame["fold"]}) if "fold" in frame else [0]
+    return (f"Budget: a fixed design of {len(seeds)} seed(s) × {len(folds)} fold(s) a variant, one look (no "
+            "sequential study); the MDE column says what these pairs could detect.")
+
+
 def sequential_outcomes(frame: pd.DataFrame, study: str, first_seeds: int, budget: int) -> pd.DataFrame:
     """Per planned pair, :func:`losslab.stats.sequential_decision` with a look after each seed from
     ``first_seeds`` to ``budget`` (a seed adds one block per fold), alpha split over the pairs."""
@@ -714,6 +722,8 @@ def main(argv=None) -> int:
             outcomes = sequential_outcomes(study_frame(args.read_stores, study, args.mode), study, args.first_seeds,
                                            args.budget_seeds)
             body += "\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds)
+        elif body != NO_RUNS:
+            body += "\n\n" + fixed_budget_text(study_frame(args.read_stores, study, args.mode))
         if body == NO_RUNS:  # e.g. --tables-only on another study's stores: leave the section as it is
             print(f"[{study}] no {args.mode} runs of this study in {', '.join(args.read_stores)}; "
                   f"{args.output} left as it is", flush=True)

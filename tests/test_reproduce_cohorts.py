@@ -132,7 +132,8 @@ def test_lumbar_table_matches_the_runs(quick):
                     history.setdefault(m.step, []).append(m.value)
             dead_epochs.append(float(sum(0.0 in counts for counts in history.values())))
         assert row["epochs with a dead class"] == _mean_std(dead_epochs)
-        assert row["competition score"] == _mean_std([r.data.metrics["test/rsna_score"] for r in mine])
+        assert "Budget: a fixed design of 1 seed(s) × 2 fold(s) a variant, one look" in section
+    assert row["competition score"] == _mean_std([r.data.metrics["test/rsna_score"] for r in mine])
     _check_competition_score_from_predictions(uri, evaluations[0])
 
 
