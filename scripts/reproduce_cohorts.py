@@ -413,8 +413,9 @@ def lumbar_table(frame: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
         row |= {f"recall {c}": cell(part.get(f"test/recall_{c}", [])) for c in class_names}
         row["bal. acc."] = cell(part.get("test/balanced_accuracy", []))
         row["weighted log loss"] = cell(part.get("test/rsna_weighted_log_loss", []))
-        row["competition score"] = cell(part.get("test/rsna_score", []))
-        row["any-severe term"] = cell(part.get("test/rsna_any_severe_spinal_log_loss", []))
+        if "test/rsna_score" in frame:  # runs evaluated before evaluate logged it have none
+            row["competition score"] = cell(part["test/rsna_score"])
+            row["any-severe term"] = cell(part.get("test/rsna_any_severe_spinal_log_loss", []))
         row["epochs with a dead class"] = cell(part["dead_epochs"])
         row["epochs"] = cell(part["epochs"])
         row["dead-class folds (test)"] = f"{int(part['dead/test'].dropna().sum())}/{len(part['dead/test'].dropna())}"

@@ -156,3 +156,15 @@ def test_many_to_one_comparisons_holm_over_the_reference_pairs_only():
     assert table.loc[low, "p_holm"] == pytest.approx(min(1, 2 * raw[low]), rel=1e-6)
     assert table.loc[high, "p_holm"] == pytest.approx(min(1, max(2 * raw[low], raw[high])), rel=1e-6)
     assert paired_comparisons(values, "m", groups=["x", "y"], reference="ref").empty
+
+
+def test_identical_pairs_say_there_is_nothing_to_test():
+    """Two models that predict one class on every fold score the same on every block: the verdict says
+    so, and no MDE or pairs-needed is given (there is no spread to size a test on)."""
+    values = pd.DataFrame({"group": ["plan"] * 5 + ["coral"] * 5, "block": list(range(5)) * 2,
+                           "value": [1 / 3] * 10, "test_train_ratio": 0.25})
+    row = stats.paired_comparisons(values, "balanced_accuracy").iloc[0]
+    assert row["verdict"] == stats.IDENTICAL and row["mean_diff"] == 0
+    assert math.isnan(row["mde"]) and math.isnan(row["n_needed"])
+    assert stats.n_needed_text(row["n_needed"], row["verdict"]) == "—"
+    assert stats.decision_line(row) == f"coral − plan: {stats.IDENTICAL} (n = 5)"

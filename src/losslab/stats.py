@@ -90,6 +90,7 @@ NO_DIFFERENCE = "no detectable difference"
 TOO_FEW = "too few pairs"
 UNTESTED = "untested: n_test/n_train unknown (runs lack data.n_val / data.n_train params)"
 NO_SPREAD = "untested: every paired difference is the same (no spread to test against)"
+IDENTICAL = "identical in every pair: nothing to test (e.g. both predict one class on every fold)"
 COLUMNS = ["metric", "group_a", "group_b", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
            "test", "verdict", "mde", "n_needed"]
 
@@ -231,9 +232,11 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 def _verdict(group_a: str, group_b: str, n_pairs: int, mean_diff: float, p_holm: float,
-             higher_is_better: bool, alpha: float, no_spread: bool = False) -> str:
+             higher_is_better: bool, alpha: float, no_spread: bool = False, identical: bool = False) -> str:
     if n_pairs < 2:
         return TOO_FEW
+    if identical:
+        return IDENTICAL
     if math.isnan(p_holm):
         return NO_SPREAD if no_spread else UNTESTED
     if p_holm >= alpha or mean_diff == 0:
@@ -245,7 +248,7 @@ def _verdict(group_a: str, group_b: str, n_pairs: int, mean_diff: float, p_holm:
 def _power_columns(d: np.ndarray, ratio: float) -> dict:
     """``mde`` at the pairs there are and ``n_needed`` for the observed mean difference (NaN when
     the t-test cannot run: fewer than 2 pairs or an unknown ratio)."""
-    if d.size < 2 or not math.isfinite(ratio):
+    if d.size < 2 or not math.isfinite(ratio) or np.all(d == 0):  # identical pairs: no spread to size a test on
         return {"mde": math.nan, "n_needed": math.nan}
     spread = float(d.std(ddof=1)) if not np.all(d == d[0]) else 0.0
     return {"mde": minimum_detectable_difference(spread, int(d.size), ratio),
@@ -257,7 +260,8 @@ def _pair_rows(metric: str, a: str, b: str, x: np.ndarray, y: np.ndarray, ratio:
     d = x - y
     base = {"metric": metric, "group_a": a, "group_b": b, "n_pairs": int(d.size),
             "mean_diff": float(d.mean()) if d.size else math.nan, "ci_low": math.nan, "ci_high": math.nan,
-            "no_spread": bool(d.size >= 2 and np.all(d == d[0]) and d[0] != 0)} | _power_columns(d, ratio)
+            "no_spread": bool(d.size >= 2 and np.all(d == d[0]) and d[0] != 0),
+            "identical": bool(d.size >= 2 and np.all(d == 0))} | _power_columns(d, ratio)
     if d.size < 2:
         return [base | {"p_value": math.nan, "test": NB_TEST}]
     base["ci_low"], base["ci_high"] = bootstrap_mean_difference(x, y, n_resamples=n_resamples, seed=seed)
@@ -306,13 +310,13 @@ def paired_comparisons(values: pd.DataFrame, metric: str, higher_is_better: bool
         known = known[np.isfinite(known)]
         ratio = float(known.mean()) if known.size else math.nan
         rows += _pair_rows(metric, a, b, shared[a].to_numpy(), shared[b].to_numpy(), ratio, n_resamples, seed)
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")] + ["no_spread"])
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")] + ["no_spread", "identical"])
     table = table.astype({"mde": float, "n_needed": float})
     table["p_holm"] = np.nan
     for _, index in table.groupby("test").groups.items():
         table.loc[index, "p_holm"] = holm(table.loc[index, "p_value"].to_numpy())
     table["verdict"] = [_verdict(r.group_a, r.group_b, r.n_pairs, r.mean_diff, r.p_holm, higher_is_better, alpha,
-                                 bool(r.no_spread)) for r in table.itertuples()]
+                                 bool(r.no_spread), bool(r.identical)) for r in table.itertuples()]
     return table[COLUMNS]
 
 
