@@ -71,7 +71,10 @@ def moved_table(scores: pd.DataFrame) -> pd.DataFrame:
     out = []
     for variant, part in scores.groupby("variant", sort=False):
         wide = part.pivot_table(index=["seed", "fold"], columns="weights", values=list(METRICS))
-        row = {"variant": variant, "folds": str(len(wide)), "weights": ", ".join(sorted(set(part["eval_source"])))}
+        averaged = part[part["weights"] == "averaged"]
+        counts = averaged["eval_source"].value_counts()
+        row = {"variant": variant, "folds": str(len(wide)),
+               "best checkpoint's weights": ", ".join(f"{k} {v}/{len(averaged)}" for k, v in sorted(counts.items()))}
         for metric, label in METRICS.items():
             d = wide[(metric, "averaged")] - wide[(metric, "raw")]
             row[f"{label} averaged"] = f"{wide[(metric, 'averaged')].mean():.3f}"
@@ -93,14 +96,20 @@ def main(argv=None) -> int:
     parser.add_argument("--study", required=True, choices=["dual_stream_mil", "lumbar_spine"])
     parser.add_argument("--stores", nargs="+", required=True, metavar="URI")
     parser.add_argument("--output", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--scores", help="CSV of the scores: read when it exists, else written (table only once)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "scripts"))
-    scores = study_scores(args.study, args.stores)
+    if args.scores and Path(args.scores).is_file():
+        scores = pd.read_csv(args.scores, dtype={"fold": str, "seed": str})
+    else:
+        scores = study_scores(args.study, args.stores)
+        if args.scores:
+            scores.to_csv(args.scores, index=False)
     if scores.empty:
         raise SystemExit(f"no finished full-mode train runs of {args.study} in {', '.join(args.stores)}")
     body = ("### The same runs scored with the raw weights (the defect `evaluate <run id>` had)\n\n"
             "Every train run above scored on the held-out test split twice: with the weights it validated and "
-            "registered (`averaged`: its EMA or SWA weights, as the table above) and with the raw trained weights "
+            "registered (`averaged`: its EMA or SWA weights where the best epoch had them — the column says in how many folds —, as the table above) and with the raw trained weights "
             "of the same best checkpoint (`raw`: what `evaluate <run id>` scored before commit 20024a2). Same runs, "
             "folds and test patients; Δ = averaged − raw, mean over folds and the largest absolute one. Written by "
             "`scripts/weights_moved.py`.\n\n" + moved_table(scores).to_markdown(index=False, disable_numparse=True))

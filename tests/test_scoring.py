@@ -151,7 +151,7 @@ def test_weights_moved_table_by_hand():
             rows.append({"variant": "focal", "fold": str(fold), "seed": "0", "weights": weights, "eval_source": "ema",
                          "test/balanced_accuracy": value, "test/auc": value, "test/loss": 1 - value})
     row = _weights_moved().moved_table(pd.DataFrame(rows)).iloc[0]
-    assert row["folds"] == "3" and row["weights"] == "ema"
+    assert row["folds"] == "3" and row["best checkpoint's weights"] == "ema 3/3"
     assert row["bal. acc. averaged"] == f"{(0.70 + 0.80 + 0.65) / 3:.3f}" and row["bal. acc. raw"] == f"{2.0 / 3:.3f}"
     assert row["bal. acc. Δ mean (largest)"] == f"{(0.10 - 0.05 + 0.10) / 3:+.3f} (0.100)"
     assert row["test loss Δ mean (largest)"] == f"{-(0.10 - 0.05 + 0.10) / 3:+.3f} (0.100)"
