@@ -315,13 +315,15 @@ def paired_markdown(paired: pd.DataFrame) -> str:
         return ""
     from losslab.stats import n_needed_text
 
-    lines = ["| ratio | comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict | MDE | pairs needed |",
-             "|---:|---|---:|---:|---|---:|---|---:|---:|"]
-    for r in paired.sort_values(["ratio", "group_b"]).itertuples():
+    lines = ["| ratio | comparison | pairs | mean difference | 95 % CI | test | p (Holm) | verdict | MDE | pairs needed |",
+             "|---:|---|---:|---:|---|---|---:|---|---:|---:|"]
+    tests = {"nadeau_bengio_t": "paired t", "wilcoxon": "Wilcoxon"}  # ratio 0: the corrected t is the plain one
+    for r in paired.sort_values(["ratio", "group_b", "test"]).itertuples():
         ci = "—" if np.isnan(r.ci_low) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
         p = "—" if np.isnan(r.p_holm) else f"{r.p_holm:.3g}"
         mde = "—" if np.isnan(r.mde) else f"{r.mde:.3f}"
-        lines.append(f"| {r.ratio:g} | {r.group_a} − {r.group_b} | {r.n_pairs} | {r.mean_diff:+.3f} | {ci} | {p} | "
+        lines.append(f"| {r.ratio:g} | {r.group_a} − {r.group_b} | {r.n_pairs} | {r.mean_diff:+.3f} | {ci} | "
+                     f"{tests.get(r.test, r.test)} | {p} | "
                      f"{r.verdict} | {mde} | {n_needed_text(r.n_needed, r.verdict)} |")
     return "\n".join(lines)
 
@@ -429,6 +431,14 @@ def study_section(study: str, mode: str, stores: list[str], budget: tuple | None
     body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
             + drw_note(test_runs(study, mode, stores, entry_point="train")))
     sequential = sequential_markdown(sequential_outcomes(runs, *budget), *budget[:2]) if budget else ""
+    if sequential:
+        sequential += ("\n\nThe sequential table decides the planned pairs. The paired table's p-values are "
+                       "fixed-design p-values over every seed run, so for the planned pairs they ignore the looks "
+                       "that chose when to stop; they are shown for the other ratios and for the MDE.")
+    first = budget[0] if budget else int(runs.groupby(["tags.repro.loss_variant", "tags.repro.ratio"]).size().max())
+    body += (f"\n\nBudget: a fixed design of {first} seeds, one look" + (
+        f"; the planned pairs at ratio {', '.join(f'{r:g}' for r in budget[2])} then ran as a sequential study with "
+        f"a budget of {budget[1]} seeds (below)." if budget else "."))
     return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds; MDE: the "
                    "smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the seeds "
                    "that would detect the observed difference):\n\n" + paired if paired else "") \
