@@ -171,8 +171,8 @@ def paired_section(by_seed: dict[str, dict[int, float]], reference: str) -> str:
     seeds = len(by_seed[reference])
     lines = [f"Paired against {reference} (test mean Dice, blocks = seeds; plain paired t-test, the test patients "
              f"being the same for every seed; Holm over these pairs). Budget: a fixed design of {seeds} seeds, one look. "
-             "MDE: the smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the "
-             "seeds that would detect the observed difference.", "",
+             "MDE: the smallest difference these seeds detect with power 0.8 at two-sided 0.05 (one comparison, "
+             "before the Holm step); pairs needed: the seeds that would detect the observed difference.", "",
              "| comparison | pairs | mean difference | 95 % CI | p (Holm) | verdict | MDE | pairs needed |",
              "|---|---:|---:|---|---:|---|---:|---:|"]
     for r in paired_table(by_seed, reference).itertuples():

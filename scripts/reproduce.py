@@ -440,8 +440,8 @@ def study_section(study: str, mode: str, stores: list[str], budget: tuple | None
         f"; the planned pairs at ratio {', '.join(f'{r:g}' for r in budget[2])} then ran as a sequential study with "
         f"a budget of {budget[1]} seeds (below)." if budget else "."))
     return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds; MDE: the "
-                   "smallest difference these seeds detect with power 0.8 at two-sided 0.05; pairs needed: the seeds "
-                   "that would detect the observed difference):\n\n" + paired if paired else "") \
+                   "smallest difference these seeds detect with power 0.8 at two-sided 0.05, one comparison before the "
+                   "Holm step; pairs needed: the seeds that would detect the observed difference):\n\n" + paired if paired else "") \
         + ("\n\n" + sequential if sequential else "")
 
 
