@@ -722,7 +722,9 @@ def main(argv=None) -> int:
         if args.budget_seeds and body != NO_RUNS:
             outcomes = sequential_outcomes(study_frame(args.read_stores, study, args.mode), study, args.first_seeds,
                                            args.budget_seeds)
-            body += "\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds)
+            body += ("\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds)
+                     + "\n\nThe sequential table decides the planned pair; the paired table's p-values are fixed-design "
+                     "p-values over every seed run, which ignore the looks that chose when to stop.")
         elif body != NO_RUNS:
             body += "\n\n" + fixed_budget_text(study_frame(args.read_stores, study, args.mode))
         if body == NO_RUNS:  # e.g. --tables-only on another study's stores: leave the section as it is
