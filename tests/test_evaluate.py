@@ -260,6 +260,7 @@ def test_rsna_competition_score_by_hand_and_by_the_published_scorer():
     import pandas as pd
 
     from losslab.engine.metrics import rsna_competition_score
+    from losslab.pipelines.evaluate import rsna_cases
 
     y = np.array([0, 1, 2, 0, 0])
     p = np.array([[.7, .2, .1], [.3, .4, .3], [.2, .3, .5], [.9, .05, .05], [.6, .3, .1]])
@@ -278,7 +279,7 @@ def test_rsna_competition_score_by_hand_and_by_the_published_scorer():
     labels, probs = rng.integers(0, 3, n), rng.dirichlet([1, 1, 1], n)
     order = rng.permutation(n)  # outputs come in loader order; "index" points into the rows
     outputs = {"labels": labels[order], "probs": probs[order], "index": order}
-    metrics = rsna_metrics(outputs, "test", rsna=True, rows=rows)
+    metrics = rsna_metrics(outputs, "test", rsna=True, cases=rsna_cases(rows))
     frame = pd.DataFrame({"label": labels, "study": rows["patient_id"], "p0": probs[:, 0], "p1": probs[:, 1],
                           "p2": probs[:, 2], "group": [c.split("_")[0] if c.startswith("spinal") else
                                                       ("foraminal" if "foraminal" in c else "subarticular")

@@ -54,7 +54,6 @@ confusion_matrix_calibrated}.png``.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig,
                             section_dict)
 from losslab.data.cache import CacheInfo, load_cache
 from losslab.data.splits import TEST_FOLD, split_fingerprint
+from losslab.data.text import index_meta
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
 from losslab.engine.loop import predict, resolve_device
@@ -173,33 +173,34 @@ def fit_calibrator(val_outputs: dict[str, Any], num_classes: int, settings: Cali
                             threshold_method=settings.threshold_method, objective=settings.objective)
 
 
-def rsna_metrics(outputs: dict[str, Any], prefix: str, rsna: bool, rows: pd.DataFrame | None = None) -> dict[str, float]:
-    """``<prefix>/rsna_weighted_log_loss`` when asked; with the evaluated cases' index ``rows``
-    (``patient_id`` = the salted study, ``meta.condition``) also the competition's whole score
-    ``<prefix>/rsna_score`` and its ``<prefix>/rsna_any_severe_spinal_log_loss`` term
-    (:func:`~losslab.engine.metrics.rsna_competition_score`)."""
+def rsna_metrics(outputs: dict[str, Any], prefix: str, rsna: bool,
+                 cases: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """``<prefix>/rsna_weighted_log_loss`` when asked; with ``cases`` (:func:`rsna_cases` of the
+    evaluated index) also the competition's whole score ``<prefix>/rsna_score`` and its
+    ``<prefix>/rsna_any_severe_spinal_log_loss`` term (:func:`~losslab.engine.metrics.rsna_competition_score`)."""
     if not rsna:
         return {}
     out = {"rsna_weighted_log_loss": rsna_weighted_log_loss(outputs["labels"], outputs["probs"])}
-    conditions = _conditions(rows, outputs["index"])
-    if conditions is not None:
-        studies = rows["patient_id"].to_numpy()[np.asarray(outputs["index"], dtype=int)]
-        out |= rsna_competition_score(outputs["labels"], outputs["probs"], studies, conditions)
+    if cases is not None:
+        order = np.asarray(outputs["index"], dtype=int)
+        out |= rsna_competition_score(outputs["labels"], outputs["probs"], cases[0][order], cases[1][order])
     return {f"{prefix}/{k}": v for k, v in out.items()}
 
 
-def _conditions(rows: pd.DataFrame | None, index) -> list[str] | None:
-    """Each evaluated case's RSNA condition from its index row's ``meta``; None when the rows do not
-    say (not the rsna_lumbar source, or no study ids)."""
-    if rows is None or "patient_id" not in rows or "meta" not in rows:
+def rsna_cases(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(study, condition)`` of every index row (``patient_id`` is the salted study, ``meta.condition``
+    the RSNA condition), decoded once per evaluation; None when the rows do not say (not the
+    rsna_lumbar source)."""
+    if "patient_id" not in rows or "meta" not in rows:
         return None
-    metas = [json.loads(m) if isinstance(m, str) else (m or {}) for m in rows["meta"].to_numpy()[np.asarray(index, dtype=int)]]
-    conditions = [m.get("condition") for m in metas]
-    return conditions if conditions and all(isinstance(c, str) for c in conditions) else None
+    conditions = [m.get("condition") for m in index_meta(rows)]
+    if not conditions or not all(isinstance(c, str) for c in conditions):
+        return None
+    return rows["patient_id"].to_numpy(), np.asarray(conditions)
 
 
 def calibrated_metrics(calibrator: Calibrator, outputs: dict[str, Any], class_names: list[str],
-                       prefix: str, rsna: bool, rows: pd.DataFrame | None = None
+                       prefix: str, rsna: bool, cases: tuple[np.ndarray, np.ndarray] | None = None
                        ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     from losslab.engine.metrics import classification_metrics
 
@@ -208,7 +209,7 @@ def calibrated_metrics(calibrator: Calibrator, outputs: dict[str, Any], class_na
     y_pred = calibrator.predict(logp)
     metrics = {f"{prefix}/{k}": float(v)
                for k, v in classification_metrics(outputs["labels"], probs, class_names, y_pred=y_pred).items()}
-    return metrics | rsna_metrics(dict(outputs, probs=probs), prefix, rsna, rows), probs, y_pred
+    return metrics | rsna_metrics(dict(outputs, probs=probs), prefix, rsna, cases), probs, y_pred
 
 
 def calibration_summary(calibrator: Calibrator, before: dict[str, float], after: dict[str, float],
@@ -356,20 +357,21 @@ def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tu
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names,
                                                        loaded.tags.get("losslab.source_split_fingerprint"))
     outputs = step.predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
-    metrics = split_metrics(step, outputs, class_names, loss_fn, "test") | rsna_metrics(outputs, "test", rsna, rows) \
+    cases = rsna_cases(rows) if rsna else None
+    metrics = split_metrics(step, outputs, class_names, loss_fn, "test") | rsna_metrics(outputs, "test", rsna, cases) \
         | step.split_summary(outputs, eval_ds, class_names, "test", settings.intervals)
     calibrator, cal_probs, cal_pred = Calibrator(), outputs["probs"], None
     if settings.calibration.enabled:
         val_outputs = outputs if settings.split == "val" else step.predict(
             model, _loader(val_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
         calibrator = fit_calibrator(val_outputs, len(class_names), settings.calibration)
-        after, cal_probs, cal_pred = calibrated_metrics(calibrator, outputs, class_names, "test_calibrated", rsna, rows)
+        after, cal_probs, cal_pred = calibrated_metrics(calibrator, outputs, class_names, "test_calibrated", rsna, cases)
         metrics |= after | calibration_summary(calibrator, metrics, after)
     tta_pred = None
     if settings.tta.enabled:
         tta = _tta_outputs(model, src_cfg, eval_info, rows, eval_ds.normalizer, loss_fn, device, settings.tta,
                            batch_size, outputs)
-        metrics |= split_metrics(step, tta, class_names, loss_fn, "test_tta") | rsna_metrics(tta, "test_tta", rsna, rows)
+        metrics |= split_metrics(step, tta, class_names, loss_fn, "test_tta") | rsna_metrics(tta, "test_tta", rsna, cases)
         tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
     if settings.latency.enabled:
         metrics |= measure_latency(model, eval_ds, device, batch_size, settings.latency.warmup,
@@ -426,4 +428,4 @@ def _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn) -> None:
 
 __all__ = ["EvaluateResult", "EvaluateSettings", "LoadedSource", "SourceNotFoundError", "calibrated_metrics",
            "calibration_summary", "fit_calibrator", "load_source", "measure_latency", "parse_model_uri",
-           "rsna_metrics", "run_evaluate", "select_datasets"]
+           "rsna_cases", "rsna_metrics", "run_evaluate", "select_datasets"]
