@@ -419,24 +419,24 @@ def sequential_markdown(outcomes: pd.DataFrame, first_look: int, budget: int) ->
 
 def study_section(study: str, mode: str, stores: list[str], budget: tuple | None = None) -> str:
     """The study's tables; ``budget = (first look, budget seeds, ratios)`` adds the sequential study's outcome."""
+    from losslab.stats import SEQUENTIAL_DECIDES, fixed_design_text
+
     runs = test_runs(study, mode, stores)
     if len(runs) == 0:
         return f"_No finished test runs of {study} ({mode}) in the store._"
     if study == MNIST_BAGS:
         summary = mnist_bags_summary(runs)
         return ("MDE: the smallest gap to the paper's AUC that a one-sample t-test over the n repetitions detects "
-                f"(power 0.8, two-sided 0.05). Budget: a fixed design of {int(summary['n'].max())} repetitions, one "
-                "look.\n\n" + mnist_bags_markdown(summary))
+                f"(power 0.8, two-sided 0.05). {fixed_design_text(int(summary['n'].max()))}.\n\n"
+                + mnist_bags_markdown(summary))
     paired = paired_markdown(long_tailed_paired(runs))
     body = (long_tailed_markdown(long_tailed_summary(runs)) + "\n\n" + long_tailed_ordering(runs) + " "
             + drw_note(test_runs(study, mode, stores, entry_point="train")))
     sequential = sequential_markdown(sequential_outcomes(runs, *budget), *budget[:2]) if budget else ""
     if sequential:
-        sequential += ("\n\nThe sequential table decides the planned pairs. The paired table's p-values are "
-                       "fixed-design p-values over every seed run, so for the planned pairs they ignore the looks "
-                       "that chose when to stop; they are shown for the other ratios and for the MDE.")
+        sequential += "\n\n" + SEQUENTIAL_DECIDES
     first = budget[0] if budget else int(runs.groupby(["tags.repro.loss_variant", "tags.repro.ratio"]).size().max())
-    body += (f"\n\nBudget: a fixed design of {first} seeds, one look" + (
+    body += ("\n\n" + fixed_design_text(first) + (
         f"; the planned pairs at ratio {', '.join(f'{r:g}' for r in budget[2])} then ran as a sequential study with "
         f"a budget of {budget[1]} seeds (below)." if budget else "."))
     return body + ("\n\nPaired test balanced accuracy (`losslab.stats.paired_comparisons`, blocks = seeds; MDE: the "

@@ -531,10 +531,11 @@ def _ordered_differences(frame: pd.DataFrame, metric: str, reference: str, chall
 
 def fixed_budget_text(frame: pd.DataFrame) -> str:
     """The budget of a study run without ``--budget-seeds``: its seeds and folds, one look."""
-    seeds = sorted({int(s) for s in frame["seed"]})
-    folds = sorted({int(f) for f in frame["fold"]}) if "fold" in frame else [0]
-    return (f"Budget: a fixed design of {len(seeds)} seed(s) × {len(folds)} fold(s) a variant, one look (no "
-            "sequential study); the MDE column says what these pairs could detect.")
+    from losslab.stats import fixed_design_text
+
+    folds = len({int(f) for f in frame["fold"]}) if "fold" in frame else 1
+    return (fixed_design_text(len({int(s) for s in frame["seed"]}), folds)
+            + " (no sequential study); the MDE column says what these pairs could detect.")
 
 
 def sequential_outcomes(frame: pd.DataFrame, study: str, first_seeds: int, budget: int) -> pd.DataFrame:
@@ -708,6 +709,8 @@ def main(argv=None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     import torch
 
+    from losslab import stats
+
     torch.set_num_threads(args.threads)
     studies = list(STUDIES) if args.study == "all" else [args.study]
     initial_seeds = list(args.seeds)
@@ -722,9 +725,8 @@ def main(argv=None) -> int:
         if args.budget_seeds and body != NO_RUNS:
             outcomes = sequential_outcomes(study_frame(args.read_stores, study, args.mode), study, args.first_seeds,
                                            args.budget_seeds)
-            body += ("\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds)
-                     + "\n\nThe sequential table decides the planned pair; the paired table's p-values are fixed-design "
-                     "p-values over every seed run, which ignore the looks that chose when to stop.")
+            body += ("\n\n" + sequential_markdown(outcomes, args.first_seeds, args.budget_seeds) + "\n\n"
+                     + stats.SEQUENTIAL_DECIDES)
         elif body != NO_RUNS:
             body += "\n\n" + fixed_budget_text(study_frame(args.read_stores, study, args.mode))
         if body == NO_RUNS:  # e.g. --tables-only on another study's stores: leave the section as it is

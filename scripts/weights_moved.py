@@ -84,13 +84,6 @@ def moved_table(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_section(path: Path, study: str, body: str) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from reproduce_cohorts import write_section as write
-
-    write(path, f"weights_moved:{study}", body)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", required=True, choices=["dual_stream_mil", "lumbar_spine"])
@@ -98,7 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--scores", help="CSV of the scores: read when it exists, else written (table only once)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "scripts"))  # reproduce_cohorts: the study's runs and its section markers
+    from reproduce_cohorts import write_section
+
     if args.scores and Path(args.scores).is_file():
         scores = pd.read_csv(args.scores, dtype={"fold": str, "seed": str})
     else:
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
             "of the same best checkpoint (`raw`: what `evaluate <run id>` scored before commit 20024a2). Same runs, "
             "folds and test patients; Δ = averaged − raw, mean over folds and the largest absolute one. Written by "
             "`scripts/weights_moved.py`.\n\n" + moved_table(scores).to_markdown(index=False, disable_numparse=True))
-    write_section(Path(args.output), args.study, body)
+    write_section(Path(args.output), f"weights_moved:{args.study}", body)
     print(body)
     return 0
 

@@ -504,6 +504,17 @@ def sequential_design_text(first_look: int, budget: int, alpha: float, n_pairs: 
             f"to the budget of {budget}, alpha {alpha:.2g} split over {n_pairs} planned pair(s) (Bonferroni).")
 
 
+#: said under a sequential study's tables: its fixed-design p-values are not its decision
+SEQUENTIAL_DECIDES = ("The sequential table decides the planned pairs; the paired table's p-values are fixed-design "
+                      "p-values over every seed run, which ignore the looks that chose when to stop.")
+
+
+def fixed_design_text(seeds: int, folds: int | None = None) -> str:
+    """The budget sentence of a study run without a sequential design."""
+    blocks = f"{seeds} seed(s)" + (f" × {folds} fold(s) a variant" if folds is not None else "")
+    return f"Budget: a fixed design of {blocks}, one look"
+
+
 def sequential_cells(p_value: float, threshold: float, decided: bool, budget_spent: bool, seeds: int,
                      budget: int) -> tuple[str, str, str]:
     """``(p, the look's threshold, outcome)`` of one planned pair, as a sequential table shows them."""
