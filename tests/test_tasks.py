@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError, load_config
 from losslab.engine.steps import StepOutput
-from losslab.tasks import TASK_OF_KIND, TaskError, get_task, list_tasks, task_of
+from losslab.tasks import TaskError, get_task, list_tasks, task_of, task_of_kind
 
 
 def _yaml(tmp_path, body: dict):
@@ -25,7 +25,7 @@ def _yaml(tmp_path, body: dict):
 def test_registry_names_and_inference_from_model_kind(make_config):
     assert list_tasks() == ["bag_classification", "image_classification", "multitask", "segmentation",
                             "volume_classification"]
-    assert TASK_OF_KIND == {"mil": "bag_classification", "slices25d": "bag_classification", "image": "image_classification",
+    assert task_of_kind() == {"mil": "bag_classification", "slices25d": "bag_classification", "image": "image_classification",
                             "volume3d": "volume_classification", "multimodal": "multitask",
                             "segmentation": "segmentation"}
     assert task_of(make_config()).name == "bag_classification"

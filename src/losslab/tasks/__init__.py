@@ -31,10 +31,7 @@ from losslab.tasks.classification import BagClassificationTask, ImageClassificat
 from losslab.tasks.multitask import MultitaskTask
 from losslab.tasks.segmentation import SegmentationTask, plot_segmentation_overlay
 
-#: model.kind -> task of the built-in tasks (:func:`task_of_kind` also sees tasks registered later)
-TASK_OF_KIND = task_of_kind()
-
-__all__ = ["TASK_OF_KIND", "BagClassificationTask", "FoldSetup", "ImageClassificationTask", "MultitaskTask",
+__all__ = ["BagClassificationTask", "FoldSetup", "ImageClassificationTask", "MultitaskTask",
            "SegmentationTask", "Task", "TaskError", "VolumeClassificationTask", "build_from_spec", "build_task_model",
            "check_task", "get_task", "list_tasks", "loss_tasks_of", "plot_segmentation_overlay", "register_task",
            "task_name", "task_of", "task_of_kind"]
