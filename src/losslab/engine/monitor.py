@@ -22,9 +22,32 @@ Mode = Literal["max", "min"]
 TIE_TOLERANCE = 1e-9
 
 
+#: lower is better: a metric whose name (after its last ``/``) contains one of these
+LOWER_IS_BETTER = ("loss", "ece", "brier", "hd95", "dead_class", "rsna_score")
+#: higher is better: a metric whose name contains one of these (and none of the above)
+HIGHER_IS_BETTER = ("accuracy", "auc", "f1", "recall", "precision", "dice", "kappa", "specificity", "sensitivity",
+                    "objective")
+
+
+def metric_mode(metric: str) -> Mode | None:
+    """``min`` for losses (``loss``, ``log_loss``, ``rsna_score``), ECE, Brier, HD95 and dead-class
+    counts, ``max`` for rates and overlaps (accuracy, AUC, F1, recall, precision, Dice, ...), None
+    when the name does not say (``pred_count_*``, ``lr``, timings).
+
+    >>> [metric_mode(k) for k in ("val/loss", "test/hd95_WT", "val/mean_dice", "val/pred_count_HGG")]
+    ['min', 'min', 'max', None]
+    """
+    name = metric.rsplit("/", 1)[-1].lower()
+    if any(word in name for word in LOWER_IS_BETTER):
+        return "min"
+    if any(word in name for word in HIGHER_IS_BETTER):
+        return "max"
+    return None
+
+
 def default_mode(metric: str) -> Mode:
-    """``min`` for losses, ECE and dead-class counts, ``max`` for everything else."""
-    return "min" if any(word in metric for word in ("loss", "ece", "dead_class")) else "max"
+    """:func:`metric_mode`, ``max`` where the name does not say."""
+    return metric_mode(metric) or "max"
 
 
 def _finite(value: float | None) -> bool:

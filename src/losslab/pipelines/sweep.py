@@ -95,9 +95,26 @@ def study_name(cfg: ExperimentConfig, settings: SweepSettings) -> str:
 
 
 def metric_and_direction(cfg: ExperimentConfig, settings: SweepSettings) -> tuple[str, str]:
+    """``(objective metric, Optuna direction)``: ``sweep.metric`` (default ``train.monitor``) and
+    ``sweep.direction``, else the metric's own direction (:func:`losslab.engine.monitor.metric_mode`:
+    losses, ECE, HD95 minimised, rates and Dice maximised), else ``train.monitor_mode`` when the metric
+    is the monitor and that mode was set.
+
+    Raises:
+        ConfigError: the direction is not set and the metric's name does not say which way is better.
+    """
+    from losslab.engine.monitor import metric_mode
+
     metric = settings.metric or cfg.train.monitor
-    direction = settings.direction or ("maximize" if cfg.train.monitor_mode == "max" else "minimize")
-    return metric, direction
+    if settings.direction:
+        return metric, settings.direction
+    mode = metric_mode(metric)
+    if mode is None and metric == cfg.train.monitor and "monitor_mode" in cfg.train.model_fields_set:
+        mode = cfg.train.monitor_mode
+    if mode is None:
+        raise ConfigError(f"sweep.metric={metric}: its name does not say whether higher or lower is better; "
+                          "set sweep.direction (maximize | minimize)")
+    return metric, "maximize" if mode == "max" else "minimize"
 
 
 # ---------------------------------------------------------------------------------- overrides
@@ -142,11 +159,11 @@ def sample_params(trial: Any, space: dict[str, SpaceParam]) -> dict[str, Any]:
     return sampled
 
 
-def check_space(cfg: ExperimentConfig, settings: SweepSettings, num_classes: int) -> None:
-    """Fail before any trial runs if a space key or value makes an invalid config or loss: each
-    choice and each bound is applied (with the values its ``when`` needs) and the loss is built."""
-    from losslab.losses import build_loss
-
+def check_space(cfg: ExperimentConfig, settings: SweepSettings, info: Any) -> None:
+    """Fail before any trial runs if a space key or value makes an invalid config, loss or model: each
+    choice and each bound is applied (with the values its ``when`` needs) and the trial's task builds
+    its loss and model as training does (:meth:`losslab.tasks.Task.build`, random weights, for the
+    task's output names: a segmentation loss gets every channel, background included)."""
     for key, p in settings.space.items():
         values = p.choices if p.type == "categorical" else [p.low, p.high]
         if p.type == "int":
@@ -155,11 +172,19 @@ def check_space(cfg: ExperimentConfig, settings: SweepSettings, num_classes: int
         for value in values:
             overrides = _ordered(conditions | {key: value})
             try:
-                trial_cfg = apply_trial_overrides(cfg, overrides)
-                build_loss(trial_cfg.loss.name, **trial_cfg.loss.params, class_counts=[1] * num_classes,
-                           num_classes=num_classes)
+                _build_trial(apply_trial_overrides(cfg, overrides), info)
             except Exception as exc:
                 raise ConfigError(f"sweep.space.{key} = {value!r} (with {overrides}) makes an invalid config: {exc}") from None
+
+
+def _build_trial(trial_cfg: ExperimentConfig, info: Any) -> None:
+    """The trial's loss and model, built by its task as training builds them (no pretrained download)."""
+    from losslab.tasks import task_of
+
+    task = task_of(trial_cfg)
+    unpretrained = trial_cfg.model_copy(update={"model": trial_cfg.model.model_copy(update={"pretrained": False})})
+    names = task.output_names(unpretrained, info)
+    task.build(unpretrained, names, [1] * len(names))
 
 
 # ---------------------------------------------------------------------------------- Optuna objects
@@ -474,7 +499,8 @@ def run_sweep(cfg: ExperimentConfig, settings: SweepSettings, info: Any = None) 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _retry(lambda: setup_tracking(cfg.tracking), "set up the MLflow experiment")  # two workers may create it at once
     info = info or task_of(cfg).build_cache(cfg)
-    check_space(cfg, settings, len(info.class_names))
+    metric_and_direction(cfg, settings)  # a metric whose direction is unknown: refused before any trial
+    check_space(cfg, settings, info)
     name = study_name(cfg, settings)
     study, created = open_study(cfg, settings)
     parent_id = _parent_run_id(study, created, settings)

