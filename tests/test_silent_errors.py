@@ -97,3 +97,43 @@ def test_sweep_precheck_builds_a_segmentation_loss_for_every_channel(seg_classes
     check_space(*settings(right), info)
     with pytest.raises(ConfigError, match=r"sweep.space.loss.gamma = 0.0 .*alpha"):
         check_space(*settings(wrong), info)
+
+
+# ----------------------------------------------------------------------------- 6. mixup records both halves' terms
+def test_mixup_records_the_mixed_loss_terms(make_config, small_cache, tmp_path):
+    """One training batch of a CE + focal compound loss under mixup: ``train/loss_<term>`` is
+    ``λ·term(logits, y_a) + (1−λ)·term(logits, y_b)``, each term computed here by hand from the logits
+    and the two targets the loss saw (read with a forward hook), and λ from ``train/loss`` =
+    ``λ·L(y_a) + (1−λ)·L(y_b)``."""
+    from losslab.engine.loop import fit, seed_everything
+    from losslab.pipelines.train import build_components, make_datasets, make_loaders
+
+    cfg = make_config("train.device=cpu", "train.epochs=1", "train.max_train_batches=1", "train.mixup_alpha=0.4",
+                      "data.sampler=none", "loss=compound", "loss.weighting=fixed",
+                      "loss.terms=[{name: ce, weight: 0.7}, {name: focal, weight: 0.3, gamma: 2.0}]")
+    seed_everything(3)
+    train_ds, val_ds = make_datasets(cfg, small_cache, 0)
+    counts = torch.bincount(torch.as_tensor(train_ds.labels), minlength=2).tolist()
+    loss_fn, model = build_components(cfg, counts)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds)
+    seen = []
+    loss_fn.register_forward_hook(lambda module, args, out: seen.append(
+        (args[0].detach().clone(), args[1].clone(), out.detach().clone())) if torch.is_grad_enabled() else None)
+    state = fit(model, loss_fn, train_loader, val_loader, cfg.train.model_copy(update={"checkpoint_dir": str(tmp_path)}),
+                cfg.optim, small_cache.class_names)
+    (logits, y_a, loss_a), (logits_b, y_b, loss_b) = seen  # one batch: the y_a forward, then the y_b forward
+    assert torch.equal(logits, logits_b) and not torch.equal(y_a, y_b)
+    recorded = state.history["train/loss"][0]
+    lam = (recorded - float(loss_b)) / (float(loss_a) - float(loss_b))
+    assert 0.0 < lam < 1.0 and abs(float(loss_a) - float(loss_b)) > 1e-3
+
+    def ce(y):
+        return float(F.cross_entropy(logits.double(), y))
+
+    def focal(y):  # -(1 - p_t)^2 log p_t, mean over the batch
+        log_p = F.log_softmax(logits.double(), dim=1).gather(1, y[:, None]).squeeze(1)
+        return float((-(1 - log_p.exp()) ** 2 * log_p).mean())
+
+    assert float(loss_a) == pytest.approx(0.7 * ce(y_a) + 0.3 * focal(y_a), abs=1e-5)  # the terms are what we think
+    assert state.history["train/loss_ce"][0] == pytest.approx(lam * ce(y_a) + (1 - lam) * ce(y_b), abs=1e-5)
+    assert state.history["train/loss_focal"][0] == pytest.approx(lam * focal(y_a) + (1 - lam) * focal(y_b), abs=1e-5)

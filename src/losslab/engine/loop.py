@@ -61,7 +61,7 @@ from losslab.engine.ema import mixup_batch
 from losslab.engine.steps import ClassificationStep, StepOutput, autocast, predict, validation_metrics
 
 # re-exported for the pipelines, benches and tests that import them from here
-__all__ = ["CheckpointDiskFullError", "FitRun", "FitState", "NonFiniteLossError", "NonFiniteWeightsError", "autocast", "build_optimizer", "compute_mixed_loss",
+__all__ = ["CheckpointDiskFullError", "FitRun", "FitState", "NonFiniteLossError", "NonFiniteWeightsError", "autocast", "build_optimizer", "compute_mixed_loss", "mixed_loss_and_terms",
            "cosine_with_warmup", "evaluation_weights", "fit", "load_checkpoint", "predict", "resolve_device",
            "save_checkpoint", "seed_everything", "set_backbone_frozen", "validation_metrics"]
 
@@ -108,11 +108,23 @@ def resolve_device(name: str) -> torch.device:
 def compute_mixed_loss(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
                        lam: float, step: ClassificationStep | None = None) -> torch.Tensor:
     """Mixup loss ``lam * L(y_a) + (1 - lam) * L(y_b)``; plain ``L(y_a)`` when ``target_b`` is None."""
+    return mixed_loss_and_terms(loss_fn, out, target, target_b, lam, step)[0]
+
+
+def mixed_loss_and_terms(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
+                         lam: float, step: ClassificationStep | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`compute_mixed_loss` and the loss's terms mixed the same way: ``lam * terms(y_a) +
+    (1 - lam) * terms(y_b)`` (each forward overwrites the loss's last terms, so they are read after each)."""
     step = step or ClassificationStep()
     loss = step.loss(loss_fn, out, target)
+    terms = _loss_terms(loss_fn)
     if target_b is None:
-        return loss
-    return lam * loss + (1.0 - lam) * step.loss(loss_fn, out, target_b)
+        return loss, terms
+    loss_b = step.loss(loss_fn, out, target_b)
+    terms_b = _loss_terms(loss_fn)
+    mixed = {k: lam * v + (1.0 - lam) * terms_b[k].to(v.device, v.dtype) for k, v in terms.items() if k in terms_b}
+    return lam * loss + (1.0 - lam) * loss_b, mixed
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -416,10 +428,10 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
         target = step.target(batch, run.device)
         with autocast(run.device, cfg.amp):
             out = step.forward(run.train_model, batch, run.device)
-        loss = compute_mixed_loss(loss_fn, out, target, target_b, lam, step)
+        loss, terms = mixed_loss_and_terms(loss_fn, out, target, target_b, lam, step)
         lr = _optimizer_step(run, loss)
         state.global_step += 1
-        sums.add(b, loss.detach(), step.size(target), _loss_terms(loss_fn))
+        sums.add(b, loss.detach(), step.size(target), terms)
         if (b + 1) % cfg.finite_check_every == 0:
             sums.check_finite()
         run.cbs.on_train_batch_end(state, b, loss.detach())
