@@ -6,8 +6,19 @@ Layout of a cache folder::
     index.parquet           case_id, patient_id, label, class_name, fold, split, array_path,
                             array_bytes, array_sha256, n_instances, shape, channel_mean,
                             channel_std, meta (JSON)
-    report.json             cases read and skipped (with reasons), class counts, fingerprint
+    report.json             cases read and skipped (with reasons), class counts, fingerprint,
+                            split_fingerprint (the folds, independent of the salt), modalities
+                            (the channels' names, in the one brain MRI order for MRI sources)
     .salt                   the local hashing salt when none is configured (never logged)
+
+Folds are drawn over the source's own patient identifiers (their split keys,
+:func:`losslab.data.splits.split_key`) and ``data.seed``: two fresh caches of the same data, on any
+machine and with any salt, put every patient in the same fold and have the same
+``split_fingerprint``. The salt only hides identifiers.
+
+Concurrent builders of one cache folder (two workers of a sweep or a study starting at once) take
+an exclusive lock first: the salt is resolved (and, when new, written atomically) under it, so the
+second waits and then reuses what the first built.
 
 Re-running on unchanged inputs (same content hash of the source files and the same settings)
 reuses the cache and says so, once every array's size and hash match the index
@@ -35,7 +46,6 @@ half a grey level of any window up to 2048 wide (soft tissue: one level = 1/350 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -49,14 +59,16 @@ import numpy as np
 import pandas as pd
 
 from losslab.data.deid import resolve_salt
-from losslab.data.integrity import ArrayRecord, CacheIntegrityError, damage, record_file, verify_arrays
+from losslab.data.integrity import (ArrayRecord, CacheIntegrityError, damage, exclusive, record_file, save_atomic,
+                                    verify_arrays)
 from losslab.data.raw_data import ensure_raw_data, ensure_raw_data_to_rebuild  # noqa: F401 - ensure_raw_data re-exported
 from losslab.data.raw_data import hash_files as _hash_files
 from losslab.data.seg_cache import SegCacheInfo, build_seg_cache
 from losslab.data.sources import Case, SkipReport, Source, Task, build_source, source_reads_root
-from losslab.data.splits import TEST_FOLD, assign_folds
+from losslab.data.splits import TEST_FOLD, assign_folds, split_fingerprint, split_key
 
-CACHE_VERSION = 3  # 2: a source's own test split is the held-out test (fold -1); 3: array sizes and hashes
+CACHE_VERSION = 4  # 2: a source's own test split is the held-out test (fold -1); 3: array sizes and hashes;
+# 4: folds drawn over split keys (independent of the salt) and the split fingerprint in report.json
 JOURNAL = ".preprocess-journal.jsonl"
 #: below this many raw files a build runs in-process (not worth a worker pool)
 AUTO_PARALLEL_FILES = 1000
@@ -84,6 +96,11 @@ class CacheInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def split_fingerprint(self) -> str:
+        """The folds and test split of the cache (:func:`losslab.data.splits.split_fingerprint`)."""
+        return str(self.report.get("split_fingerprint", ""))
 
 
 def _settings_fingerprint(data_cfg: Any, salt: str) -> str:
@@ -137,20 +154,18 @@ def build_cache(data_cfg: Any, force: bool = False, seg: Any = None) -> CacheInf
     if seg is not None:
         return build_seg_cache(data_cfg, seg, force)
     cache_dir = Path(data_cfg.cache_dir)
-    if source_reads_root(data_cfg.source):
-        ensure_raw_data_to_rebuild(data_cfg, lambda: load_cache(cache_dir, check_hashes=True))
-    salt = resolve_salt(data_cfg.salt, cache_dir)
-    report = SkipReport()
-    source = build_source(data_cfg.source, data_cfg.root, salt, report, **data_cfg.source_kwargs)
-    fingerprint = hashlib.sha256(
-        (_hash_files(source.fingerprint_files(), data_cfg.root) + _settings_fingerprint(data_cfg, salt)).encode()
-    ).hexdigest()
-    if not force and isinstance(found := _reusable(cache_dir, fingerprint), CacheInfo):
-        return found
-    with _exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder at a time
+    with exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder at a time
+        if source_reads_root(data_cfg.source):
+            ensure_raw_data_to_rebuild(data_cfg, lambda: load_cache(cache_dir, check_hashes=True))
+        salt = resolve_salt(data_cfg.salt, cache_dir)  # under the lock: concurrent builders share one salt
+        report = SkipReport()
+        source = build_source(data_cfg.source, data_cfg.root, salt, report, **data_cfg.source_kwargs)
+        fingerprint = hashlib.sha256(
+            (_hash_files(source.fingerprint_files(), data_cfg.root) + _settings_fingerprint(data_cfg, salt)).encode()
+        ).hexdigest()
         found = None if force else _reusable(cache_dir, fingerprint)
         if isinstance(found, CacheInfo):
-            return found  # another process built it while this one waited
+            return found  # unchanged inputs, or another process built it while this one waited
         info = _build(data_cfg, cache_dir, source, report, fingerprint, force)
         info.rebuilt_because = found or ""
         return info
@@ -171,23 +186,6 @@ def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | str | None:
             info.reused = True
             return info
     return None
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (released by the kernel if the holder is killed)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, fingerprint: str,
@@ -221,7 +219,8 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
         dup = index.loc[index["case_id"].duplicated(), "case_id"].tolist()[:5]
         raise ValueError(f"duplicate case ids from source {data_cfg.source!r}: {dup}")
     source_test = np.array([json.loads(m).get("split") == "test" for m in index["meta"]])
-    index["fold"] = assign_folds(index["label"].to_numpy(), index["patient_id"].to_numpy(),
+    keys = index.pop("split_key").to_numpy()  # orders the draw; never written to the index
+    index["fold"] = assign_folds(index["label"].to_numpy(), keys,
                                  data_cfg.num_folds, data_cfg.seed, data_cfg.test_fraction, fixed_test=source_test)
     index["split"] = np.where(index["fold"] == TEST_FOLD, "test", "train")
     if source_test.any():
@@ -235,7 +234,10 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
         "cases": int(len(index)),
         "folds": {int(k): int(v) for k, v in index["fold"].value_counts().sort_index().items()},
         "fingerprint": fingerprint,
+        "split_fingerprint": split_fingerprint(keys, index["fold"].to_numpy()),
         "source": data_cfg.source,
+        # the channels' names, in the one brain MRI order for MRI sources (losslab.data.sources.channels)
+        "modalities": list(getattr(source, "modalities", None) or []),
         "test_split": "source" if source_test.any() else ("test_fraction" if data_cfg.test_fraction > 0 else "none"),
     }
     _commit(cache_dir, index, full_report, journal)
@@ -259,14 +261,6 @@ class _Store:
     arrays: Path
     class_names: list[str]
     dtype: str  # float16 | float32; float16 values beyond its range are an error, never clipped
-
-
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary file, then ``os.replace``: a killed writer leaves no half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _float16_round_trip(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,6 +294,7 @@ def _store_case(case: Case, store: _Store, report: SkipReport) -> dict[str, Any]
     return {
         "case_id": case.case_id,
         "patient_id": case.patient_id,
+        "split_key": split_key(case.patient_key),
         "label": int(case.label),
         "class_name": store.class_names[case.label],
         "array_path": record.path,

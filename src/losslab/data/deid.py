@@ -29,13 +29,26 @@ def resolve_salt(configured: str | None, cache_dir: str | Path) -> str:
     if env:
         return env
     path = Path(cache_dir) / ".salt"
-    if path.is_file():
-        return path.read_text().strip()
+    if not path.is_file():
+        _create_salt_file(path)
+    return path.read_text().strip()
+
+
+def _create_salt_file(path: Path) -> None:
+    """Write a random salt to ``path`` (mode 0600) unless a concurrent process got there first: the
+    salt goes to a private temporary file that is then hard-linked into place, which fails when
+    ``path`` exists, so every process reads the one salt, and never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    salt = secrets.token_hex(16)
-    path.write_text(salt)
-    os.chmod(path, 0o600)
-    return salt
+    tmp = path.with_name(f".salt.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(16))
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process wrote the salt first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _salt_matching(fingerprint: str, cache_dir: str | Path) -> str:

@@ -17,19 +17,50 @@ A build records ``(bytes, sha256)`` of every array file it writes (the classific
   18 ms. A 1 GiB cache costs about 3 s of hashing per open; building costs the same hash once.
 
 A damaged file is named in a one-line :class:`CacheIntegrityError`; a build then rebuilds the cache
-from the raw data, or refuses with that message when the raw data is gone.
+from the raw data, or refuses with that message when the raw data is gone. Builders of one cache
+folder hold :func:`exclusive` on its lock file, so two never write it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 #: caches up to this many array bytes have their hashes checked on every open (about 3 s)
 HASH_ON_OPEN_MAX_BYTES = 1 << 30
 HASH = "sha256"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released by the kernel if the holder is killed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def save_atomic(path: Path, array: "np.ndarray") -> None:
+    """``np.save`` to a temporary file, then ``os.replace``: a killed writer leaves no half file."""
+    import os
+
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+    os.replace(tmp, path)
 
 
 class CacheIntegrityError(ValueError):

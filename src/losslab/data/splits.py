@@ -1,7 +1,11 @@
 """Patient-level stratified (group) k-fold splits, stored in the cache index, and the training pool.
 
 Uses scikit-learn's ``StratifiedGroupKFold`` so that no patient is in two folds and class ratios
-are kept per fold. The held-out test split (fold ``-1``) is the source's own test split when it
+are kept per fold. Folds depend only on the source's own patient identifiers and ``data.seed``, never
+on the de-identification salt: patients enter the draw in the order of their split keys
+(:func:`split_key`: a hash of the source's identifier with no salt), so two fresh caches of the same
+data on two machines put every patient in the same fold, and :func:`split_fingerprint` (over the
+split keys, not the salted case ids) says so. The held-out test split (fold ``-1``) is the source's own test split when it
 defines one (``meta["split"] == "test"``), else an optional patient-level share carved out first.
 
 :func:`training_rows` gives a run's training cases: the folds other than the validation fold, then
@@ -16,13 +20,30 @@ import numpy as np
 TEST_FOLD = -1
 
 
+def split_key(identifier: str) -> str:
+    """16 hex digits of ``sha256("losslab-split:" + identifier)``, ``identifier`` being the source's own
+    patient identifier (a BraTS case folder, an MSD image name, a manifest's patient column, a study id).
+
+    No salt on purpose: it orders patients for the fold draw, so that folds are the same on every
+    machine. It lives only in a build's journal (next to ``.salt``, which with the salted ids already
+    allows the same brute force) and is dropped before the index is written.
+    """
+    import hashlib
+
+    if not str(identifier):
+        raise ValueError("a case without its source's patient identifier: cannot place it in a fold")
+    return hashlib.sha256(f"losslab-split:{identifier}".encode()).hexdigest()[:16]
+
+
 def assign_folds(labels, groups, num_folds: int = 5, seed: int = 0, test_fraction: float = 0.0,
                  fixed_test=None) -> np.ndarray:
     """Return a fold number per sample: ``0..num_folds-1``, or ``-1`` for the held-out test split.
 
     Args:
         labels: ``(N,)`` integer class labels.
-        groups: ``(N,)`` patient identifiers (hashes); all samples of a patient share a fold.
+        groups: ``(N,)`` patient identifiers; all samples of a patient share a fold. The draw depends
+            on their sorted order (scikit-learn numbers groups by ``np.unique``): pass split keys
+            (:func:`split_key`), not salted hashes, for folds that do not depend on the salt.
         num_folds: number of cross-validation folds (>= 2).
         seed: shuffling seed (deterministic).
         test_fraction: fraction of patients held out as a test split before the folds (0 = none).
@@ -60,12 +81,14 @@ def assign_folds(labels, groups, num_folds: int = 5, seed: int = 0, test_fractio
     return folds
 
 
-def split_fingerprint(index) -> str:
-    """12 hex digits of the SHA-256 of the sorted ``(case_id, fold)`` pairs of a cache index: equal
-    exactly when two caches put every case in the same fold and the same held-out test split."""
+def split_fingerprint(keys, folds) -> str:
+    """12 hex digits of the SHA-256 of the sorted distinct ``(split key, fold)`` pairs of a cache's
+    cases (:func:`split_key`): equal exactly when two caches put every patient in the same fold and
+    the same held-out test split, whatever their salts. Computed when a cache is built and kept in its
+    ``report.json`` (``split_fingerprint``), since the index holds no split key."""
     import hashlib
 
-    pairs = sorted(zip(index["case_id"].astype(str), index["fold"].astype(int)))
+    pairs = sorted({(str(k), int(f)) for k, f in zip(keys, folds)})
     return hashlib.sha256(repr(pairs).encode()).hexdigest()[:12]
 
 

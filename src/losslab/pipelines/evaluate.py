@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader
 from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, IntervalConfig, LatencyConfig, TTAConfig,
                             section_dict)
 from losslab.data.cache import CacheInfo, load_cache
-from losslab.data.splits import TEST_FOLD, split_fingerprint
+from losslab.data.splits import TEST_FOLD
 from losslab.data.text import index_meta
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
@@ -123,9 +123,9 @@ def select_datasets(cfg: ExperimentConfig, settings: EvaluateSettings, class_nam
     run recorded (tag ``losslab.split_fingerprint``): a cache whose folds differ is refused."""
     fold = model_fold(cfg, settings)
     info = task_of(cfg).load_cache(cfg)
-    if trained_split is not None and split_fingerprint(info.index) != trained_split:
+    if trained_split is not None and info.split_fingerprint != trained_split:
         raise ValueError(f"the cache {info.cache_dir} puts cases in other folds than the one the model was trained "
-                         f"on (split fingerprint {split_fingerprint(info.index)}, the run's {trained_split}): its "
+                         f"on (split fingerprint {info.split_fingerprint}, the run's {trained_split}): its "
                          "validation and test cases may be training data; rebuild it with the run's data settings")
     _, val_ds = make_datasets(cfg, info, fold)
     if settings.split == "val":

@@ -212,7 +212,8 @@ class Task(ClassificationStep):
         """The datasets of ``fold``, the loss and model built from its training class counts, the loaders."""
         import numpy as np
 
-        from losslab.data.splits import TEST_FOLD, split_fingerprint
+        from losslab.data.sources.channels import modality_params
+        from losslab.data.splits import TEST_FOLD
 
         names = list(info.class_names)
         train_ds, val_ds = self.fold_datasets(cfg, info, fold)
@@ -221,9 +222,10 @@ class Task(ClassificationStep):
         train_loader, val_loader = self.loaders(cfg, train_ds, val_ds)
         normalization = train_ds.normalizer.params()
         params = {"data.class_counts_train": str(counts), "data.n_train": len(train_ds), "data.n_val": len(val_ds),
-                  "data.n_test": int((info.index["fold"] == TEST_FOLD).sum())} | normalization
+                  "data.n_test": int((info.index["fold"] == TEST_FOLD).sum())} | normalization \
+            | modality_params(info.report)
         return FoldSetup(train_loader, val_loader, loss_fn, model, names, self.spec(cfg, names, counts), params,
-                         normalization, {"losslab.split_fingerprint": split_fingerprint(info.index)})
+                         normalization, {"losslab.split_fingerprint": info.split_fingerprint})
 
     def input_example(self, cfg: Any, val_loader: Any) -> Any:
         """One validation input ``(1, ...)`` as numpy: the signature of the registered model."""

@@ -34,6 +34,9 @@ class Case:
             volume for 3D models is stored as ``(D, C, H, W)`` too and transposed by the dataset.
         meta: small JSON-able extras stored as index columns (e.g. ``level``, ``text``, extra task
             labels, ``spacing``); never identifiers.
+        patient_key: the source's own patient identifier, unsalted (a BraTS case folder, a study id).
+            Never stored: the cache turns it into a split key (:func:`losslab.data.splits.split_key`)
+            that orders patients for the fold draw, so folds do not depend on the salt.
     """
 
     case_id: str
@@ -41,6 +44,7 @@ class Case:
     label: int
     image: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    patient_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,12 @@ class SegmentationSource:
         """``{name: [raw label values]}`` for ``labels`` = ``regions`` (overlapping, sigmoid) or ``classes``
         (exclusive, softmax, background first), when the config names none."""
         raise NotImplementedError
+
+    def image_channels(self) -> tuple[list[str], list[int]]:
+        """``(channel names as cached, position of each in the image as read)``: the segmentation cache stores
+        channel k of a case as channel ``order[k]`` of its files' stack (or 4D image), and records the names
+        in ``report.json`` (``modalities``). Default ``([], [])``: the channels as read, unnamed."""
+        return [], []
 
 
 def segmentation_sources() -> list[str]:

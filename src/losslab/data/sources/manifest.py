@@ -198,6 +198,7 @@ class ManifestSource(Source):
             yield Case(
                 case_id=salted_hash(f"manifest:{row['path']}", self.salt),
                 patient_id=salted_hash(f"manifest:{row['patient_id']}", self.salt),
+                patient_key=str(row["patient_id"]),
                 label=index[row["label"]],
                 image=np.ascontiguousarray(image, dtype=np.float32),
                 meta=meta,

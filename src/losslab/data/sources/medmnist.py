@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import Case, SkipReport, Source, register_generator, register_source
+from losslab.data.sources.base import Case, SkipReport, Source, confined_file, register_generator, register_source
 
 SPLITS = ("train", "val", "test")
 
@@ -56,7 +56,7 @@ class MedMnistSource(Source):
     """MedMNIST npz files.
 
     Args (source kwargs):
-        files: npz names relative to root (default every ``*.npz`` under root).
+        files: npz names relative to root, inside it (default every ``*.npz`` under root; one outside is refused).
         splits: splits to read (default train, val, test).
         class_names: names in label order (default ``class_<i>`` up to the largest label).
         label_index: column of multi-label ``labels`` to use as a binary label.
@@ -76,7 +76,7 @@ class MedMnistSource(Source):
         self.splits = list(splits)
         self.label_index = label_index
         self.max_per_split = max_per_split
-        self.files = sorted(str(Path(root) / f) for f in files) if files else sorted(
+        self.files = sorted(confined_file(root, f, "data.source_kwargs.files") for f in files) if files else sorted(
             str(p) for p in Path(root).rglob("*.npz"))
         if class_names:
             self.class_names = [str(c) for c in class_names]
@@ -134,7 +134,8 @@ class MedMnistSource(Source):
                         case_hash = salted_hash(f"medmnist:{stem}:{split}:{index}", self.salt)
                         meta: dict[str, Any] = {"split": split, "dataset": stem, "index": index}
                         report.read += 1
-                        yield Case(case_id=case_hash, patient_id=case_hash, label=label, image=image, meta=meta)
+                        yield Case(case_id=case_hash, patient_id=case_hash, label=label, image=image, meta=meta,
+                                   patient_key=f"{stem}:{split}:{index}")
 
 
 @register_generator("medmnist")

@@ -143,4 +143,5 @@ class MnistBagsSource(Source):
                 }
                 self.report.read += 1
                 yield Case(case_id=bag_hash, patient_id=bag_hash, label=int(instance_labels.any()),
+                           patient_key=f"{self.seed}:{split}:{number}",
                            image=images[bag][:, None].copy(), meta=meta)

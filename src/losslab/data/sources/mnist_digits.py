@@ -56,6 +56,6 @@ class MnistDigitsSource(Source):
         for index in range(len(digits)):
             case_hash = salted_hash(f"mnist_digits:{index}", self.salt)
             self.report.read += 1
-            yield Case(case_id=case_hash, patient_id=case_hash, label=int(digits[index]),
+            yield Case(case_id=case_hash, patient_id=case_hash, label=int(digits[index]), patient_key=f"digit:{index}",
                        image=images[index][None, None].copy(),
                        meta={"split": "test" if is_test[index] else "train", "index": index})

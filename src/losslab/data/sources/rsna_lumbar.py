@@ -279,6 +279,7 @@ class RsnaLumbarSource(Source):
             yield Case(
                 case_id=salted_hash(f"rsna_lumbar:{study}:{condition_key}:{level}", self.salt),
                 patient_id=salted_hash(f"rsna_lumbar:{study}", self.salt),
+                patient_key=str(study),
                 label=label,
                 image=image,
                 meta=meta,
