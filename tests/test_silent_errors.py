@@ -137,3 +137,73 @@ def test_mixup_records_the_mixed_loss_terms(make_config, small_cache, tmp_path):
     assert float(loss_a) == pytest.approx(0.7 * ce(y_a) + 0.3 * focal(y_a), abs=1e-5)  # the terms are what we think
     assert state.history["train/loss_ce"][0] == pytest.approx(lam * ce(y_a) + (1 - lam) * ce(y_b), abs=1e-5)
     assert state.history["train/loss_focal"][0] == pytest.approx(lam * focal(y_a) + (1 - lam) * focal(y_b), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2. evaluate: the loaded model's task
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory, mlflow_store):
+    """One tiny segmentation train run (1 epoch) with held-out test patients; its cache is scored again below."""
+    from _data_factories import generate_embedded_brats
+
+    from losslab.pipelines.train import run_train
+
+    root = generate_embedded_brats(tmp_path_factory, "silent-seg", seed=5, num_cases=8, shape=(24, 24, 12))
+    work = tmp_path_factory.mktemp("silent-seg-work")
+    cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml", [
+        f"data.root={root}", f"data.cache_dir={work / 'cache'}", "data.num_folds=2", "data.test_fraction=0.25",
+        "data.salt=test-salt", "data.batch_size=2", "seg.patch_size=[16, 16, 8]", "seg.samples_per_case=1",
+        "seg.hd95=false", "train.epochs=1", "train.device=cpu", f"train.checkpoint_dir={work / 'ckpt'}",
+        f"tracking.experiment=silent-seg-{uuid.uuid4().hex[:6]}", "tracking.log_model=false"])
+    torch.set_num_threads(1)
+    fold = run_train(cfg).folds[0]
+    return cfg, fold.run_id
+
+
+def _evaluate_runs(experiment_id: str) -> int:
+    runs = MlflowClient().search_runs([experiment_id], "tags.`losslab.entry_point` = 'evaluate'")
+    return len(runs)
+
+
+def test_evaluate_checks_the_loaded_segmentation_model_not_the_command_line_config(seg_run, monkeypatch):
+    """No ``-c``: the command line's config is the default (a classifier), the model a segmentation
+    network. Its test split is scored as train scored it; another cache, calibration and a cache
+    split without a cache are refused in one line, and no evaluate run is logged for them."""
+    from losslab.pipelines.evaluate import run_evaluate
+
+    seg_cfg, run_id = seg_run
+    monkeypatch.setenv("LOSSLAB_SALT", "test-salt")  # the run's config.yaml holds only the salt's fingerprint
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    default = load_config(None, [])
+    assert default.model.kind != "segmentation"
+    scored = run_evaluate(default, source=run_id).metrics  # split test, the default; the loaded model's task
+    dice = [k for k in run.data.metrics if k.startswith("test/dice_")]
+    assert len(dice) == 3
+    for key in dice + ["test/mean_dice", "test/loss"]:
+        assert scored[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
+    before = _evaluate_runs(run.info.experiment_id)
+    with pytest.raises(ValueError, match=r"^evaluate.split=cache: .* segmentation model"):
+        run_evaluate(default, source=run_id, split="cache", cache_dir=seg_cfg.data.cache_dir)
+    with pytest.raises(ValueError, match=r"^evaluate.split=cache needs evaluate.cache_dir"):
+        run_evaluate(default, source=run_id, split="cache")
+    asked = default.model_copy(update={"evaluate": {"calibration": {"enabled": True}, "tta": {"passes": 2},
+                                                    "latency": {"enabled": False}}})
+    with pytest.raises(ValueError, match=r"^evaluate.calibration, evaluate.tta: .* segmentation model"):
+        run_evaluate(asked, source=run_id)
+    assert _evaluate_runs(run.info.experiment_id) == before
+
+
+def test_evaluate_refuses_data_overrides_for_a_run_source(seg_run, monkeypatch, capsys):
+    """``losslab evaluate -m <run id> -o data.cache_dir=...``: the run is scored on its own
+    ``config.yaml``, so the override is refused in one line (exit 1) instead of being dropped."""
+    from losslab.cli import run as cli_run
+
+    _, run_id = seg_run
+    monkeypatch.setenv("LOSSLAB_SALT", "test-salt")
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    before = _evaluate_runs(experiment_id)
+    assert cli_run(["evaluate", "-m", run_id, "-o", "data.cache_dir=/nowhere/else"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("losslab:")]  # not MLflow's bars
+    assert len(err) == 1 and err[0].startswith("losslab: ValueError: data.cache_dir=/nowhere/else: ") \
+        and "config.yaml" in err[0], err
+    assert _evaluate_runs(experiment_id) == before

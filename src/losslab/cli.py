@@ -145,7 +145,8 @@ def evaluate(config: Optional[str] = ConfigOpt, override: Optional[list[str]] = 
     try:
         with entry_point_run("evaluate", cfg.tracking):
             result = run_evaluate(cfg, source=model or None, split=split or None, fold=fold, cache_dir=cache_dir or None,
-                                  allow_pickle=allow_pickle or None)
+                                  allow_pickle=allow_pickle or None, data_overrides=[
+                                      o for o in _overrides(override, overrides) if o.startswith(("data.", "data="))])
     except (SourceNotFoundError, UnsafeModelError) as exc:
         _error(exc)
         raise typer.Exit(2) from None

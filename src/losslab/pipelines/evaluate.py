@@ -270,26 +270,30 @@ def _experiment_for(settings: EvaluateSettings, loaded: LoadedSource, cfg: Exper
         setup_tracking(tracking)
 
 
-def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: Any) -> EvaluateResult:
+def run_evaluate(cfg: ExperimentConfig, source: str | None = None, data_overrides: list[str] | None = None,
+                 **overrides: Any) -> EvaluateResult:
     """Evaluate ``source`` (or ``cfg.evaluate.source``) and log everything to a new run.
 
-    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``. A task
-    without per-case probabilities (segmentation) is scored on ``test`` or ``val`` only: calibration,
-    TTA, latency and intervals are per-case probability tools.
+    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``. What the
+    model can do is its own task's (the loaded model's, not the command line config's): a task without
+    per-case probabilities (segmentation) is scored on ``test`` or ``val`` only, and calibration, TTA,
+    latency, intervals, ``batch_size``, ``rsna_metric`` or another cache asked for it are refused in
+    one line (:func:`check_applicable`), as are ``data_overrides`` (the command line's ``-o data.*``)
+    for a run or a registered version, which is scored on its run's own data settings.
     """
-    task = task_of(cfg)
-    if not task.per_case_probabilities:
-        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("fold", "split", "allow_pickle"))
-        if unsupported:
-            raise ValueError(f"evaluate of a {task.name} model takes only --split, --fold and --allow-pickle; got {unsupported}")
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
         raise ValueError("nothing to evaluate: set evaluate.source (models:/name@alias, models:/name/version, "
                          "a run id or a checkpoint file)")
-    if not task.per_case_probabilities and settings.split == "cache":
-        raise ValueError(f"evaluate.split=cache is not available for {task.name} models; use test or val")
+    if settings.split == "cache" and not settings.cache_dir:
+        raise ValueError("evaluate.split=cache needs evaluate.cache_dir (--cache-dir): the cache to score")
+    if settings.cache_dir and settings.split != "cache":
+        raise ValueError(f"evaluate.cache_dir={settings.cache_dir} is read only with evaluate.split=cache "
+                         f"(--split cache), not split={settings.split}")
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     loaded = load_source(settings.source, cfg, allow_pickle=settings.allow_pickle)
+    check_applicable(loaded, settings, section_dict(cfg.evaluate) | {k: v for k, v in overrides.items()
+                                                                     if v is not None}, data_overrides)
     device = resolve_device(settings.device)
     loaded.model.to(device).eval()
     loaded.loss_fn.to(device)
@@ -319,6 +323,43 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, **overrides: 
             _log_case_artifacts(artifacts, loaded)
     return EvaluateResult(run.info.run_id, metrics, artifacts.calibrator if artifacts else Calibrator(),
                           artifacts.predictions if artifacts else pd.DataFrame(), tags)
+
+
+#: the evaluate settings that apply to a model without per-case probabilities (segmentation)
+_SPLIT_ONLY = ("source", "split", "fold", "experiment", "device", "run_name", "allow_pickle")
+
+
+def check_applicable(loaded: LoadedSource, settings: EvaluateSettings, explicit: dict[str, Any],
+                     data_overrides: list[str] | None) -> None:
+    """Refuse, in one line, what the loaded model's evaluation would drop: ``data.*`` overrides for a
+    run or registered version (scored on its run's ``config.yaml``), and for a task without per-case
+    probabilities another cache or any ``explicit`` setting (set in the config or on the command line)
+    other than :data:`_SPLIT_ONLY` that asks for something (a section with ``enabled: false`` or
+    ``rsna_metric`` false/auto asks for nothing)."""
+    if data_overrides and loaded.run_id is not None:
+        raise ValueError(f"{' '.join(data_overrides)}: {settings.source} is scored on the data settings of its run's "
+                         f"config.yaml (run {loaded.run_id}), so -o data.* does not apply; score another cache with "
+                         "--split cache --cache-dir, or a checkpoint file with the config it needs")
+    task = loaded.task
+    if task.per_case_probabilities:
+        return
+    if settings.split == "cache":
+        raise ValueError(f"evaluate.split=cache: {settings.source} is a {task.name} model, scored on its own "
+                         "held-out test split or its validation fold only; use --split test or --split val")
+    asked = sorted(k for k, v in explicit.items() if k not in _SPLIT_ONLY and not _asks_for_nothing(k, v))
+    if asked:
+        raise ValueError(f"evaluate.{', evaluate.'.join(asked)}: {settings.source} is a {task.name} model, which has "
+                         "no per-case probabilities to calibrate, augment, time or bootstrap; evaluate takes only "
+                         f"{', '.join(_SPLIT_ONLY)} for it")
+
+
+def _asks_for_nothing(key: str, value: Any) -> bool:
+    if key == "rsna_metric":
+        return value in (False, "auto")
+    if key in ("calibration", "tta", "latency", "intervals"):
+        enabled = value.get("enabled") if isinstance(value, dict) else getattr(value, "enabled", None)
+        return enabled is False
+    return False
 
 
 def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> dict[str, float]:
@@ -427,5 +468,6 @@ def _log_plots(outputs, cal_probs, cal_pred, class_names, loss_fn) -> None:
 
 
 __all__ = ["EvaluateResult", "EvaluateSettings", "LoadedSource", "SourceNotFoundError", "calibrated_metrics",
+           "check_applicable",
            "calibration_summary", "fit_calibrator", "load_source", "measure_latency", "parse_model_uri",
            "rsna_cases", "rsna_metrics", "run_evaluate", "select_datasets"]
