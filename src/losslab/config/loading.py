@@ -196,8 +196,18 @@ def validate_config(data: dict[str, Any], origins: dict[str, str] | None = None,
     _check_folds(cfg)
     _check_distill_data(cfg)
     task = _check_task(cfg, origins or {}, path)
+    _fill_task_defaults(cfg, task)
     _check_channels_last(cfg, task)
     return cfg
+
+
+def _fill_task_defaults(cfg: ExperimentConfig, task: Any) -> None:
+    """The settings whose default is the task's (:meth:`losslab.tasks.Task.config_defaults`: the monitored
+    metric and its mode and tie-breaks, the registered model's name), where the config sets none."""
+    for (section, key), value in task.config_defaults().items():
+        part = getattr(cfg, section)
+        if key not in part.model_fields_set:
+            setattr(part, key, value)
 
 
 def _check_distill_data(cfg: ExperimentConfig) -> None:

@@ -63,6 +63,11 @@ class Task(ClassificationStep):
     entry_points: ClassVar[tuple[str, ...]] = ("train", "evaluate", "sweep")
     #: what ``losslab train`` prints for each fold
     headline_metric: ClassVar[str] = "val/balanced_accuracy"
+    #: settings whose default follows the task, filled in when a config leaves them unset
+    #: (:meth:`config_defaults`): the metric that picks the best epoch, its tie-breaks, the registry name
+    default_monitor: ClassVar[tuple[str, str]] = ("val/balanced_accuracy", "max")
+    default_tiebreak: ClassVar[tuple[str, ...]] = ("val/auc", "val/loss")
+    default_model_name: ClassVar[str] = "losslab-mil"
     #: one probability vector per case: ``evaluate`` calibrates, averages TTA passes, bootstraps intervals
     per_case_probabilities: ClassVar[bool] = True
     #: trains under torchrun (DDP) too
@@ -80,6 +85,15 @@ class Task(ClassificationStep):
         from losslab.data.datasets import collate_padded
 
         return collate_padded(items)
+
+    def config_defaults(self) -> dict[tuple[str, str], Any]:
+        """``{(section, key): value}`` of the settings whose default is this task's: the config loader
+        fills each one the config does not set (so a segmentation config that names no monitor picks
+        its best epoch by mean Dice, not by a balanced accuracy it never logs)."""
+        metric, mode = self.default_monitor
+        return {("train", "monitor"): metric, ("train", "monitor_mode"): mode,
+                ("train", "monitor_tiebreak"): list(self.default_tiebreak),
+                ("tracking", "registered_model_name"): self.default_model_name}
 
     def check_entry_point(self, entry_point: str) -> None:
         """Refuse an entry point that cannot run this task (before any MLflow run opens)."""
@@ -236,7 +250,8 @@ class Task(ClassificationStep):
         """``(loss, model, output names)`` of the model a run of this task trained (random weights, no
         pretrained download): the class names from the run's tag ``losslab.class_names`` and the
         training class counts from its param ``data.class_counts_train``, else both from the cache of
-        ``cfg.data`` (every fold but ``data.fold``, never the test split)."""
+        ``cfg.data`` (:func:`losslab.data.splits.training_rows`: every fold but ``data.fold``, never the test
+        split, then ``data.imbalance`` and ``data.train_cases``)."""
         import ast
 
         import numpy as np
@@ -247,9 +262,10 @@ class Task(ClassificationStep):
         names = tagged.split(",") if tagged else self.output_names(cfg, info)
         if "data.class_counts_train" in run_params:
             counts = [int(c) for c in ast.literal_eval(run_params["data.class_counts_train"])]
-        else:
-            index = info.index
-            train = index[(index["fold"] != cfg.data.fold) & (index["fold"] >= 0)]
+        else:  # the training cases as training chose them (data.imbalance, data.train_cases)
+            from losslab.data.splits import training_rows
+
+            train = training_rows(cfg.data, info.index, cfg.data.fold, len(names))
             counts = np.bincount(train["label"].to_numpy(), minlength=len(names)).tolist()
         loss_fn, model = self.build(cfg, names, counts)
         return loss_fn, model, names
@@ -342,6 +358,7 @@ def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None, 
     """``(model, loss or None, task or None)`` with random weights, shaped as a registered model's ``spec`` says
     (:meth:`Task.spec`); no pretrained weights are read (the registered state dict replaces them)."""
     from losslab.config.schema import ExperimentConfig
+    from losslab.engine.checkpoint import loss_from_spec
     from losslab.models.export import ModelFormatError, build_multimodal_from_spec
 
     kind = spec.get("kind")
@@ -356,7 +373,7 @@ def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None, 
     names = list(spec.get("class_names") or spec["channel_names"])
     task = get_task(spec["task"]) if spec.get("task") else task_of(cfg)  # without a task name: its model kind's
     loss_fn, model = task.build(cfg, names, spec.get("class_counts"))
-    return model, loss_fn, task
+    return model, loss_from_spec(loss_fn, spec), task
 
 
 def build_task_model(cfg: Any, names: list[str], class_counts: list[int] | None = None,

@@ -55,6 +55,7 @@ class ImageClassificationTask(Task):
     """One 2D image per case ``(B, C, H, W)`` → ``model.kind: image``."""
 
     name = "image_classification"
+    default_model_name = "losslab-image"
     model_kinds = ("image",)
 
     def inputs(self, batch, device):
@@ -72,6 +73,7 @@ class VolumeClassificationTask(ImageClassificationTask):
     goes to the model as an image does, only the dataset differs."""
 
     name = "volume_classification"
+    default_model_name = "losslab-volume"
     model_kinds = ("volume3d",)
 
     def convolves_volumes(self, cfg):

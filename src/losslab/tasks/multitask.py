@@ -23,6 +23,9 @@ class MultitaskTask(Task):
 
     name = "multitask"
     model_kinds = ("multimodal",)
+    default_monitor = ("val/mean_accuracy", "max")
+    default_tiebreak = ("val/loss",)
+    default_model_name = "losslab-multitask"
     entry_points = ("distill",)
 
     def __init__(self, task_classes: dict[str, list[str]] | None = None, teacher: dict[str, torch.Tensor] | None = None,
