@@ -73,11 +73,15 @@ def test_brats_2020_layout_with_labels_csv(embedded_root, tmp_path):
             shutil.copytree(case, root / case.name)  # a copy: a symlink out of the data root is refused
             rows.append({"case": case.name, "label": grade})
     rows.append({"case": "Brats18_missing", "label": "HGG"})
-    csv = tmp_path / "labels.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     report = SkipReport()
-    cases = list(build_source("brats", str(root), "s", report, labels_csv=str(csv)).iter_cases())
+    cases = list(build_source("brats", str(root), "s", report, labels_csv="labels.csv").iter_cases())
     assert sorted(c.label for c in cases) == [0, 0, 0, 1, 1, 1]
+    # relative to data.root (not to the working directory), and never outside it
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    for outside in (str(tmp_path / "labels.csv"), "../labels.csv"):
+        with pytest.raises(ValueError, match=r"data.source_kwargs.labels_csv=.* is outside the data root"):
+            build_source("brats", str(root), "s", SkipReport(), labels_csv=outside)
 
 
 def test_cache_reproduces_raw_slices_exactly(embedded_root, small_cache):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from losslab.engine.checkpoint import restore_loss
 from losslab.engine.loop import load_checkpoint, resolve_device
 from losslab.pipelines.evaluate import run_evaluate
 from losslab.pipelines.scoring import score_test_split
@@ -82,6 +83,7 @@ def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
     counts = torch.bincount(torch.as_tensor(train_ds.labels), minlength=len(info.class_names)).tolist()
     loss_fn, model = task.build(cfg, info.class_names, counts)
     model.load_state_dict(ckpt["model"])
+    restore_loss(loss_fn, ckpt)  # the loss as validated: only the model's weights differ
     return score_test_split(cfg, info, task, model.eval(), loss_fn, resolve_device("cpu"), train_ds.normalizer)
 
 
@@ -89,10 +91,18 @@ def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
     ("plain", (), "model"),
     ("ema", ("train.ema_decay=0.5",), "ema"),
     ("swa", ("train.swa_epochs=2", "train.swa_lr=0.01"), "swa"),
+    # losses built from the training class counts, on training folds that data.imbalance and data.train_cases
+    # subsample (a checkpoint rebuilt from the cache's counts would score another loss), LDAM with its deferred
+    # re-weighting switching on at epoch 2, and a compound loss whose term weights are learned
+    ("ldam on a long-tailed subsample", ("loss.name=ldam", "loss.drw_start_epoch=2", "data.imbalance={ratio: 4.0}"),
+     "model"),
+    ("logit adjustment on 12 training cases", ("loss.name=logit_adjusted", "data.train_cases=12"), "model"),
+    ("learnable compound", ("loss.name=compound", "loss.weighting=learnable_softmax", "optim.lr=0.05",
+                            "loss.terms=[{name: ce, weight: 0.5}, {name: focal, weight: 0.5, gamma: 2.0}]"), "model"),
 ])
 def test_train_and_the_three_evaluate_sources_give_the_same_test_numbers(make_config, test_split_cache, variant,
                                                                          overrides, eval_source, tmp_path):
-    name = f"scoring-{variant}-{uuid.uuid4().hex[:6]}"
+    name = f"scoring-{variant.replace(' ', '-')}-{uuid.uuid4().hex[:6]}"
     cfg = make_config(f"data.cache_dir={test_split_cache.cache_dir}", "data.test_fraction=0.2", "train.epochs=4",
                       "train.max_train_batches=3", "train.device=cpu", "loss.name=focal",
                       f"tracking.registered_model_name={name}", *overrides, experiment="scoring")

@@ -55,7 +55,41 @@ def test_segmentation_reads_through_registered_sources(tmp_path):
     assert all(files[0].name == mask.name and mask.parent.name == "labelsTr" for _, files, mask in items)
     assert source.default_segmentation_mapping("regions") == {"lesion": [1]}
     assert source.default_segmentation_mapping("classes") == {"background": [0], "lesion": [1]}
+    # the task's name decides nothing: a "Brain Tumour" task with one lesion label keeps that label; what
+    # Task01 holds (four brain MRI contrasts, labels edema / non-enhancing / enhancing) gets the BraTS
+    # regions whatever its name (the release says "BRATS")
     dataset = json.loads((tmp_path / "task" / "dataset.json").read_text())
     (tmp_path / "task" / "dataset.json").write_text(json.dumps(dataset | {"name": "Brain Tumour"}))
+    named_only = build_source("msd", str(tmp_path / "task"), salt="s")
+    assert named_only.default_segmentation_mapping("regions") == {"lesion": [1]}
+    task01_content = {"name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                      "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps(dataset | task01_content))
     brain = build_source("msd", str(tmp_path / "task"), salt="s")
     assert brain.default_segmentation_mapping("regions") == {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
+    assert brain.default_segmentation_mapping("classes") == {
+        "background": [0], "edema": [1], "non_enhancing_tumor": [2], "enhancing_tumour": [3]}
+    # the same labels with other contrasts (not brain MRI) are one region per label, under metric-safe names
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps(dataset | task01_content | {"modality": {"0": "CT"}}))
+    other = build_source("msd", str(tmp_path / "task"), salt="s")
+    assert other.default_segmentation_mapping("regions") == {
+        "edema": [1], "non_enhancing_tumor": [2], "enhancing_tumour": [3]}
+
+
+def test_label_names_become_metric_safe_and_a_clash_is_refused(tmp_path):
+    """dataset.json label names name metrics: spaces and dashes become ``_``; two names that become one
+    are refused, naming both labels."""
+    import json
+
+    import pytest
+
+    run_generator("msd", str(tmp_path), seed=0, cases=2)
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    labels = {"0": "background", "1": "Left Atrium", "2": "right-ventricle (RV)"}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset | {"labels": labels}))
+    source = build_source("msd", str(tmp_path), salt="s")
+    assert source.default_segmentation_mapping("regions") == {"left_atrium": [1], "right_ventricle_rv": [2]}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset | {"labels": labels | {"2": "left-atrium"}}))
+    with pytest.raises(ValueError, match=r"dataset.json: labels 1 \('Left Atrium'\) and 2 \('left-atrium'\) both "
+                                         r"name metrics 'left_atrium'"):
+        build_source("msd", str(tmp_path), salt="s").default_segmentation_mapping("regions")

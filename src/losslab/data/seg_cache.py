@@ -22,7 +22,9 @@ Layout under ``data.cache_dir``::
     index.json                  one row per case: case_id, patient_id, fold, spacing, shape, empty,
                                 voxels (foreground voxels per region, or voxels per class), arrays
                                 (path, bytes and sha256 of each of the case's three files)
-    report.json                 read / skipped (item + reason) / notes, channel names, fingerprint
+    report.json                 read / skipped (item + reason) / notes, channel names, fingerprint,
+                                modalities (the image channels' names: t1, t1ce, t2, flair for brain MRI
+                                from every source, :mod:`losslab.data.sources.channels`)
 
 A mask with a raw label outside the mapping and a mask whose shape differs from its image are skipped
 and named in the report; an empty mask (no labelled voxel) is kept (a case without tumour) and named in
@@ -173,8 +175,10 @@ def distance_maps(target: np.ndarray, labels: str, num_channels: int, spacing: l
     return signed_distance_map(target[0].astype(np.int64), num_channels, spacing)
 
 
-def _read_case(files: list[Path | None], seg: Path | None, allowed: set[int]) -> tuple[Any, str]:
-    """``((image, mask, spacing), "")`` or ``(None, reason)``."""
+def _read_case(files: list[Path | None], seg: Path | None, allowed: set[int],
+               channel_order: list[int] | None = None) -> tuple[Any, str]:
+    """``((image, mask, spacing), "")`` or ``(None, reason)``; the image's channels put in ``channel_order``
+    (the source's :meth:`~losslab.data.sources.base.SegmentationSource.image_channels`) when given."""
     import nibabel as nib
 
     if seg is None:
@@ -189,6 +193,10 @@ def _read_case(files: list[Path | None], seg: Path | None, allowed: set[int]) ->
     except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not fatal
         return None, f"cannot read NIfTI: {type(exc).__name__}: {exc}"
     image = np.moveaxis(vols[0], -1, 0) if len(vols) == 1 and vols[0].ndim == 4 else np.stack(vols)
+    if channel_order:
+        if image.shape[0] != len(channel_order):
+            return None, f"image has {image.shape[0]} channel(s); the source names {len(channel_order)}"
+        image = image[channel_order]
     if image.ndim != 4 or not np.isfinite(image).all():
         return None, f"image is not a finite (C, X, Y, Z) volume: shape {image.shape}"
     if mask.shape != image.shape[1:]:
@@ -224,17 +232,20 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     mapping = {str(k): [int(v) for v in vs]
                for k, vs in (configured or source.default_segmentation_mapping(seg_cfg.labels)).items()}
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
-    settings = _settings(data_cfg, seg_cfg, mapping, salt)
+    settings = _settings(data_cfg, seg_cfg, mapping, salt) | {"modalities": source.image_channels()[0]}
     fingerprint = hashlib.sha256((hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     found = None if force else _reusable(cache_dir, fingerprint)
     if isinstance(found, SegCacheInfo):
         return found
     (cache_dir / "report.json").unlink(missing_ok=True)  # the commit mark goes first, comes back last
+    modalities, channel_order = source.image_channels()
     report, rows = _write_cases(source.segmentation_items(), cache_dir, mapping, seg_cfg.labels, salt,
-                                data_cfg.source)
+                                data_cfg.source, channel_order)
+    report.skipped += source.report.skipped  # what the source itself refused or noted (e.g. a known quirk)
+    report.notes += source.report.notes
     _assign_folds(rows, data_cfg)
     full = report.to_dict() | {"fingerprint": fingerprint, "channel_names": list(mapping), "labels": seg_cfg.labels,
-                               "mapping": mapping, "source": data_cfg.source}
+                               "mapping": mapping, "source": data_cfg.source, "modalities": modalities}
     (cache_dir / "index.json").write_text(json.dumps(rows, indent=1))
     tmp = cache_dir / "report.json.tmp"
     tmp.write_text(json.dumps(full, indent=2))
@@ -256,7 +267,8 @@ def _segmentation_source(name: str) -> type[SegmentationSource]:
 
 
 def _write_cases(items: Iterator[SegmentationItem], cache_dir: Path, mapping: dict[str, list[int]], labels: str,
-                 salt: str, source: str) -> tuple[SkipReport, list[dict[str, Any]]]:
+                 salt: str, source: str, channel_order: list[int] | None = None
+                 ) -> tuple[SkipReport, list[dict[str, Any]]]:
     report = SkipReport()
     allowed = {0} | {v for values in mapping.values() for v in values}
     cases = cache_dir / "cases"
@@ -264,7 +276,7 @@ def _write_cases(items: Iterator[SegmentationItem], cache_dir: Path, mapping: di
     cases.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for item, files, seg in items:
-        read, reason = _read_case(files, seg, allowed)
+        read, reason = _read_case(files, seg, allowed, channel_order)
         if read is None:
             report.skip(item, reason)
             continue

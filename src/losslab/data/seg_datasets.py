@@ -42,6 +42,24 @@ def train_transforms(seg_cfg: Any, spatial_dims: int):
     return T.Compose(chain)
 
 
+def check_patch_fits(patch_size: list[int], spatial_dims: int, info: SegCacheInfo) -> None:
+    """Refuse a training patch larger than the smallest volume of the cache (``RandCropByPosNegLabeld``
+    would fail mid-epoch): compared per axis with the smallest extent among the cached cases; in 2D the
+    patch is ``(h, w)`` of the first two axes.
+
+    Raises:
+        ValueError: names ``seg.patch_size``, the smallest extents and the cache.
+    """
+    shapes = np.array([row["shape"] for row in info.index], dtype=np.int64)
+    smallest = shapes.min(axis=0)[: len(patch_size)] if len(shapes) else None
+    if smallest is None or all(int(p) <= int(s) for p, s in zip(patch_size, smallest)):
+        return
+    fitting = [min(int(p), int(s)) for p, s in zip(patch_size, smallest)]
+    raise ValueError(f"seg.patch_size={list(patch_size)} is larger than the smallest volume in the segmentation "
+                     f"cache {info.cache_dir} ({' x '.join(str(int(s)) for s in shapes.min(axis=0))} voxels per "
+                     f"axis, over {len(shapes)} cases); set seg.patch_size to at most {fitting}")
+
+
 class SegVolumeDataset(torch.utils.data.Dataset):
     """Cached cases as dicts of tensors, through ``transform`` (a MONAI Compose, or None for whole volumes)."""
 

@@ -26,8 +26,8 @@ import torch
 
 from losslab.engine.ema import averaged_weights
 
-__all__ = ["CheckpointDiskFullError", "CheckpointWriter", "evaluation_weights", "load_checkpoint",
-           "non_finite_tensors", "rng_state", "save_checkpoint", "set_rng_state", "to_cpu"]
+__all__ = ["CheckpointDiskFullError", "CheckpointWriter", "evaluation_weights", "load_checkpoint", "loss_from_spec",
+           "loss_spec", "non_finite_tensors", "restore_loss", "rng_state", "save_checkpoint", "set_rng_state", "to_cpu"]
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -231,3 +231,31 @@ def evaluation_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     if source == "model":
         return ckpt["model"]
     return averaged_weights(ckpt[source])
+
+
+def restore_loss(loss_fn: torch.nn.Module, ckpt: dict[str, Any]) -> torch.nn.Module:
+    """``loss_fn`` as it was when the checkpoint's weights were validated: its schedule at the
+    checkpoint's epoch (``on_epoch_start``, e.g. LDAM's deferred re-weighting) and its state dict
+    (learned term weights, buffers), when the checkpoint holds one."""
+    if hasattr(loss_fn, "on_epoch_start") and ckpt.get("epoch") is not None:
+        loss_fn.on_epoch_start(int(ckpt["epoch"]))
+    if ckpt.get("loss") is not None:
+        loss_fn.load_state_dict(ckpt["loss"])
+    return loss_fn
+
+
+def loss_spec(loss_fn: torch.nn.Module, epoch: int | None) -> dict[str, Any]:
+    """What a registered model's JSON spec carries so that :func:`loss_from_spec` rebuilds the loss as
+    :func:`restore_loss` left it: ``loss_epoch`` and ``loss_state`` (each tensor's dtype, shape and
+    values; a float32 value written as a JSON float reads back exactly)."""
+    state = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                    "values": t.detach().cpu().flatten().tolist()} for name, t in loss_fn.state_dict().items()}
+    return {"loss_epoch": epoch, "loss_state": state}
+
+
+def loss_from_spec(loss_fn: torch.nn.Module, spec: dict[str, Any]) -> torch.nn.Module:
+    """``loss_fn`` (built from the spec's ``loss`` section) with the ``loss_epoch`` and ``loss_state``
+    of :func:`loss_spec`; a spec without them (registered before) leaves it as built."""
+    state = {name: torch.tensor(t["values"], dtype=getattr(torch, t["dtype"])).reshape(t["shape"])
+             for name, t in (spec.get("loss_state") or {}).items()}
+    return restore_loss(loss_fn, {"epoch": spec.get("loss_epoch"), "loss": state or None})

@@ -78,7 +78,7 @@ from losslab.engine.loop import predict, resolve_device
 from losslab.engine.metrics import (confusion_matrix, dead_class_names, pred_counts, rsna_competition_score,
                                     rsna_weighted_log_loss)
 from losslab.pipelines.common import base_tags
-from losslab.pipelines.scoring import (LoadedSource, SourceNotFoundError, check_model_fold, load_source,
+from losslab.pipelines.scoring import (LoadedSource, SourceNotFoundError, check_model_fold, check_modalities, load_source,
                                       parse_model_uri, split_metrics)
 from losslab.pipelines.train import make_datasets
 from losslab.tasks import task_of
@@ -367,6 +367,7 @@ def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> di
     own validation fold (refused when the cache has no test cases)."""
     cfg, task = loaded.cfg, loaded.task
     info = task.load_cache(cfg)
+    check_modalities(loaded, info.report, info.cache_dir)
     if settings.split == "val":
         loader = task.fold_loaders(cfg, info, check_model_fold(cfg.data.fold, settings.fold))[1]
     else:
@@ -397,6 +398,7 @@ def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tu
     rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names,
                                                        loaded.tags.get("losslab.source_split_fingerprint"))
+    check_modalities(loaded, eval_info.report, eval_info.cache_dir)
     outputs = step.predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
     cases = rsna_cases(rows) if rsna else None
     metrics = split_metrics(step, outputs, class_names, loss_fn, "test") | rsna_metrics(outputs, "test", rsna, cases) \

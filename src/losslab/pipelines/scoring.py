@@ -5,11 +5,13 @@
     models:/<name>@<alias>      a registered version (safetensors weights + spec, rebuilt by the task;
     models:/<name>/<version>    a pickle-format model only with ``allow_pickle``)
     <run id> | runs:/<run id>   a train run: its ``config.yaml`` + ``checkpoints/best.pt`` artifacts
-    <path>.pt                   a checkpoint file, rebuilt from the *given* config
+    <path>.pt                   a checkpoint file, rebuilt from the *given* config (its training class
+                                counts from the cache, after data.imbalance and data.train_cases)
 
 A checkpoint's weights are its evaluation weights (:func:`losslab.engine.checkpoint.evaluation_weights`:
 the SWA average, else the EMA, else the trained weights — what validation scored and the registry
-holds), so the three forms give the same numbers. :func:`split_metrics` scores a model on a loader
+holds), and the loss is restored as it was at that validation (its learned weights, its epoch's
+schedule: :func:`losslab.engine.checkpoint.restore_loss`), so the three forms give the same numbers. :func:`split_metrics` scores a model on a loader
 through its task (the metrics of training's validation, renamed ``<prefix>/*``);
 :func:`score_test_split` is ``train``'s one score on the held-out test split. Every model a task
 trains goes through these functions: ``train``'s ``test/*`` and ``evaluate`` for all tasks.
@@ -30,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from losslab.config import ExperimentConfig, load_config
+from losslab.engine.checkpoint import restore_loss
 from losslab.engine.loop import evaluation_weights, load_checkpoint
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import Task, task_of
@@ -119,9 +122,14 @@ def download_best_checkpoint(run_id: str, dst_dir: str | Path) -> Path:
         raise SourceNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {exc}") from None
 
 
-def load_evaluation_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """``model`` with the weights ``checkpoint`` was validated with (SWA, EMA or the trained weights)."""
-    model.load_state_dict(evaluation_weights(load_checkpoint(checkpoint)))
+def load_evaluation_weights(model: nn.Module, checkpoint: str | Path, loss_fn: nn.Module | None = None) -> nn.Module:
+    """``model`` with the weights ``checkpoint`` was validated with (SWA, EMA or the trained weights);
+    ``loss_fn``, when given, as it was at that validation (:func:`losslab.engine.checkpoint.restore_loss`:
+    its epoch's schedule and its learned state), so that ``test/loss`` is the loss the run validated with."""
+    ckpt = load_checkpoint(checkpoint)
+    model.load_state_dict(evaluation_weights(ckpt))
+    if loss_fn is not None:
+        restore_loss(loss_fn, ckpt)
     return model
 
 
@@ -144,7 +152,8 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
         loss_fn, model, names = task.rebuild(cfg, {}, {})
         tags = {"losslab.source_checkpoint": str(path.resolve()), "losslab.loss": cfg.loss.name,
                 "losslab.dataset": cfg.data.source}
-        return LoadedSource(cfg, load_evaluation_weights(model, path).eval(), loss_fn, task, names, None, None, tags)
+        return LoadedSource(cfg, load_evaluation_weights(model, path, loss_fn).eval(), loss_fn, task, names, None, None,
+                            tags)
     run_id = source[len("runs:/"):].strip("/").split("/")[0] if source.startswith("runs:/") else source
     if not _RUN_ID.match(run_id):
         raise ValueError(f"evaluate.source {source!r} is not a models:/ URI, a run id or an existing checkpoint file")
@@ -153,7 +162,7 @@ def load_source(source: str, cfg: ExperimentConfig, allow_pickle: bool = False) 
     task = task_of(run_cfg)
     loss_fn, model, names = task.rebuild(run_cfg, run.data.tags, run.data.params)
     with tempfile.TemporaryDirectory() as tmp:
-        load_evaluation_weights(model, download_best_checkpoint(run_id, tmp))
+        load_evaluation_weights(model, download_best_checkpoint(run_id, tmp), loss_fn)
     return LoadedSource(run_cfg, model.eval(), loss_fn, task, names, run_id, run.info.experiment_id,
                         {"losslab.source_run_id": run_id} | _provenance(run))
 
@@ -200,7 +209,23 @@ def _provenance(run) -> dict[str, str]:
         out["losslab.source_fold"] = tags["losslab.fold"]
     if "losslab.split_fingerprint" in tags:
         out["losslab.source_split_fingerprint"] = tags["losslab.split_fingerprint"]
+    if "data.modalities" in run.data.params:
+        out["losslab.source_modalities"] = run.data.params["data.modalities"]
     return out
+
+
+def check_modalities(loaded: LoadedSource, report: dict[str, Any], cache_dir: Any) -> None:
+    """Refuse data whose channels are in another order than the model's (its run's ``data.modalities``
+    against the cache's ``report.json``); a model whose run recorded none is scored with a warning."""
+    trained = loaded.tags.get("losslab.source_modalities", "")
+    data = ",".join(report.get("modalities") or [])
+    if trained and trained != data:
+        held = data or "channels in an unrecorded order (a cache built before orders were recorded: rebuild it)"
+        raise ValueError(f"the model was trained on channels {trained} (its run's data.modalities) but the cache "
+                         f"{cache_dir} holds {held}: refused")
+    if not trained and data:
+        log.warning("the model's run records no data.modalities: scoring it on %s (channels %s) assumes it was "
+                    "trained in that order", cache_dir, data)
 
 
 # --------------------------------------------------------------------------- the numbers
@@ -236,6 +261,6 @@ def score_test_split(cfg: ExperimentConfig, info, task: Task, model: nn.Module, 
         | task.split_summary(outputs, loader.dataset, info.class_names, "test")
 
 
-__all__ = ["LoadedSource", "SourceNotFoundError", "check_model_fold", "client_call", "download_best_checkpoint",
+__all__ = ["LoadedSource", "SourceNotFoundError", "check_model_fold", "check_modalities", "client_call", "download_best_checkpoint",
            "load_evaluation_weights", "load_source", "parse_model_uri", "run_config", "score_test_split",
            "split_metrics", "with_run_fold"]

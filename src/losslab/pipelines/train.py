@@ -19,6 +19,7 @@ import pandas as pd
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo
 from losslab.engine import distributed as ddp
+from losslab.engine.checkpoint import loss_spec
 from losslab.engine.metrics import dead_class_names, pred_counts
 from losslab.engine.monitor import BestModelRule
 from losslab.engine.loop import fit, resolve_device, seed_everything
@@ -136,7 +137,8 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
             mv = log_and_register_model(setup.model, task.input_example(cfg, setup.val_loader),
                                         cfg.tracking.registered_model_name, cfg.tracking.alias if set_alias else None,
                                         version_tags={"fold": fold, "seed": cfg.train.seed, "loss": cfg.loss.name,
-                                                      "run_id": run_id}, spec=setup.spec)
+                                                      "run_id": run_id},
+                                        spec=setup.spec | loss_spec(setup.loss_fn, state.best_epoch))
             version = f"{mv.version}" if mv is not None else None
         tracker.remove_uploaded_checkpoints()  # the run's artifacts are the copies that stay
         return FoldResult(fold, run_id, "FINISHED", best_metrics, version, seed=cfg.train.seed)
@@ -169,7 +171,7 @@ def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, task,
     and ``best_epoch``, then the one score on the held-out test split (``test/*``); return ``val/*``
     and ``test/*``."""
     device = resolve_device(cfg.train.device)
-    load_evaluation_weights(model, best_path).to(device)
+    load_evaluation_weights(model, best_path, loss_fn).to(device)
     best_metrics = task.metrics(task.predict(model, val_loader, device, loss_fn, cfg.train.amp), info.class_names,
                                 loss_fn)
     summary = {f"best_{k}": v for k, v in best_metrics.items()}

@@ -44,9 +44,14 @@ class SegmentationTask(SegmentationStep, Task):
                             f"volumes and their masks is not supported for model.kind=segmentation; set it to 0")
 
     def build_cache(self, cfg, force=False):
+        """The segmentation cache of ``cfg``, refused (one line, before any training) when ``seg.patch_size``
+        does not fit its smallest volume."""
         from losslab.data.seg_cache import build_seg_cache
+        from losslab.data.seg_datasets import check_patch_fits
 
-        return build_seg_cache(cfg.data, cfg.seg, force=force)
+        info = build_seg_cache(cfg.data, cfg.seg, force=force)
+        check_patch_fits(cfg.seg.patch_size, cfg.model.spatial_dims, info)
+        return info
 
     def cache_summary(self, info):
         lines = [f"{'reused' if info.reused else 'wrote'} the segmentation cache at {info.cache_dir} "
@@ -92,6 +97,7 @@ class SegmentationTask(SegmentationStep, Task):
     def setup_fold(self, cfg, info, fold):
         """The network with its output bias at the fold's voxel fractions, patch and volume loaders; the
         training crops are reseeded every epoch (so a resumed run draws what the uninterrupted one drew)."""
+        from losslab.data.sources.channels import mapping_text, modality_params
         from losslab.engine.callbacks import ReseedEachEpoch
 
         fractions = info.voxel_fractions(fold)
@@ -99,7 +105,8 @@ class SegmentationTask(SegmentationStep, Task):
         train_loader, val_loader = self.fold_loaders(cfg, info, fold)
         prior = ",".join(f"{n}={f:.5g}" for n, f in zip(info.channel_names, fractions))
         params = {"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
-                  "seg.channels": ",".join(info.channel_names), "seg.output_bias_prior": prior}
+                  "seg.channels": ",".join(info.channel_names), "seg.output_bias_prior": prior,
+                  "seg.mapping": mapping_text(info.report["mapping"])} | modality_params(info.report)
         return FoldSetup(train_loader, val_loader, loss_fn, model, self.metric_names,
                          self.spec(cfg, info.channel_names), params,
                          callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed + fold)], figures=self.epoch_figures)

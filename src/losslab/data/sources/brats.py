@@ -1,15 +1,26 @@
 """BraTS: the embedded synthetic cohort generator and the reader of the public BraTS layouts.
 
-Layouts read (one folder per case, NIfTI volumes, axial slices along the last axis):
+Layouts read as the releases ship them (one folder per case, NIfTI volumes, ``.nii.gz`` or ``.nii``,
+axial slices along the last axis); ``data.root`` is the folder the release unpacks to:
 
-* BraTS 2018/2019: ``<root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``; the grade is
-  the parent folder.
-* BraTS 2020+: ``<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` (2020/2021) or
-  ``<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (2023); these releases carry no grade folder, so labels come
-  from a CSV (``labels_csv`` with columns ``case,label``, e.g. the 2020 ``name_mapping.csv`` turned
-  into grade labels).
+* BraTS 2018 (``MICCAI_BraTS_2018_Data_Training``): ``<root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``;
+  the grade is the parent folder.
+* BraTS 2019 (``MICCAI_BraTS_2019_Data_Training``): the same folders plus ``<root>/name_mapping.csv``
+  (``Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID``); a
+  case whose folder and table disagree on its grade is an error naming both.
+* BraTS 2020 (``MICCAI_BraTS2020_TrainingData``): ``<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii``
+  (uncompressed) and ``<root>/name_mapping.csv`` (``Grade,...,BraTS_2020_subject_ID``): the grade of
+  the case folder named in the latest ``BraTS_<year>_subject_ID`` column. Its subject 355 ships its mask
+  under another name (:data:`KNOWN_QUIRKS`).
+* BraTS 2021 (``RSNA_ASNR_MICCAI_BraTS2021_TrainingData``): ``<root>/BraTS2021_00000/BraTS2021_00000_{flair,seg,t1,t1ce,t2}.nii.gz``,
+  no grade at all: classification needs ``labels_csv``; segmentation needs nothing.
+* BraTS 2023: ``<case>-{t1n,t1c,t2w,t2f}.nii.gz`` (the modalities only; its ``-seg`` masks are not read).
 
-Each case becomes a bag of axial 2D slices ``(N, 4, H, W)`` (t1, t1ce, t2, flair as channels),
+``labels_csv`` (columns ``case,label``, label ``HGG``/``LGG``/1/0, or a table in ``name_mapping.csv``'s
+format) is a path inside ``data.root`` (relative to it), like every file this reader opens.
+
+Each case becomes a bag of axial 2D slices ``(N, 4, H, W)`` (t1, t1ce, t2, flair as channels: the one
+brain MRI order of every source, :data:`losslab.data.sources.channels.BRAIN_MRI_ORDER`),
 keeping slices that contain brain. Raw intensities are kept (no normalisation here) so the cache
 reproduces the raw slices exactly; the dataset normalises per case with statistics stored in the
 index.
@@ -17,9 +28,9 @@ index.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,10 +38,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import (Case, PositiveSize, SegmentationItem, SegmentationSource, Source, refused_link, register_generator, register_source,
+from losslab.data.sources.base import (Case, PositiveSize, SegmentationItem, SegmentationSource, Source, confined_file,
+                                       read_csv_table, refused_link, register_generator, register_source,
                                        shown_columns)
+from losslab.data.sources.channels import BRAIN_MRI_ORDER
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+MODALITIES = BRAIN_MRI_ORDER
 # BraTS 2023 names of the same four modalities
 MODALITY_ALIASES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")}
 GRADES = ("LGG", "HGG")  # label 0 = LGG, 1 = HGG
@@ -38,6 +51,16 @@ GRADES = ("LGG", "HGG")  # label 0 = LGG, 1 = HGG
 #: tumour core and enhancing tumour as overlapping regions, or the exclusive classes
 BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
 BRATS_CLASSES = {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing": [4]}
+#: the grade table BraTS 2019 and 2020 ship in the data root (read without any option)
+NAME_MAPPING = "name_mapping.csv"
+_GRADE_VALUES = {"HGG": 1, "LGG": 0, "1": 1, "0": 0}
+_SUBJECT_COLUMN = re.compile(r"BraTS_(\d{4})_subject_ID")
+#: Known quirks of the public releases, read as each release ships them (no file is renamed):
+#: ``(case folder, file role) -> (the file the release ships instead, which release)``.
+KNOWN_QUIRKS: dict[tuple[str, str], tuple[str, str]] = {
+    # MICCAI_BraTS2020_TrainingData ships this mask instead of BraTS20_Training_355_seg.nii
+    ("BraTS20_Training_355", "seg"): ("W39_1998.09.19_Segm.nii", "BraTS 2020"),
+}
 
 
 # --------------------------------------------------------------------------------- generator
@@ -196,47 +219,111 @@ def _find_modality(folder: Path, case: str, modality: str) -> Path | None:
     return None
 
 
+def find_mask(folder: Path, case: str) -> tuple[Path | None, str]:
+    """``(the case's mask, a note)``: ``<case>_seg.nii.gz`` / ``.nii``, else the file a known quirk of a
+    release names (:data:`KNOWN_QUIRKS`; the note says which), else ``(None, "")``."""
+    for ext in (".nii.gz", ".nii"):
+        if (folder / f"{case}_seg{ext}").is_file():
+            return folder / f"{case}_seg{ext}", ""
+    shipped, release = KNOWN_QUIRKS.get((case, "seg"), ("", ""))
+    if shipped and (folder / shipped).is_file():
+        return folder / shipped, f"{case}: mask read from {shipped} (as {release} ships it: a known quirk)"
+    return None, ""
+
+
+def read_grade_table(path: str, shown: str) -> dict[str, str]:
+    """``{case folder: grade as written}`` of a CSV with columns ``case,label`` or in the format of the
+    ``name_mapping.csv`` BraTS 2019/2020 ship (``Grade`` and ``BraTS_<year>_subject_ID`` columns: the
+    latest year's column names the case folder of that release).
+
+    Raises:
+        ValueError: neither format (names the file and the columns found).
+    """
+    header, rows = read_csv_table(path, (), shown=shown)
+    if {"case", "label"} <= set(header):
+        case_column, grade_column = "case", "label"
+    else:
+        years = sorted((int(m.group(1)), h) for h in header if (m := _SUBJECT_COLUMN.fullmatch(h)))
+        if "Grade" not in header or not years:
+            raise ValueError(f"{shown}: missing column(s) ['case', 'label'] (or name_mapping.csv's Grade and "
+                             f"BraTS_<year>_subject_ID); found {shown_columns(header)}")
+        case_column, grade_column = years[-1][1], "Grade"
+    return {row[case_column]: row[grade_column].upper() for row in rows if row[case_column] not in ("", "NA")}
+
+
 @register_source
 class BratsSource(Source, SegmentationSource):
-    """Read BraTS 2018/2019 grade folders, or BraTS 2020+ flat folders with a labels CSV.
+    """Read the public BraTS releases (module docstring): grade folders, or flat case folders with
+    the release's ``name_mapping.csv`` or a labels CSV.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder (the folder the release unpacks to).
         salt: salt for case and patient hashes.
-        labels_csv: for BraTS 2020+ (no grade folders): CSV with columns ``case,label`` where label
-            is ``HGG``/``LGG`` or 1/0. Default None (grade folders required).
+        labels_csv: a CSV inside the data root (a path relative to it) with columns ``case,label`` where
+            label is ``HGG``/``LGG`` or 1/0 (or in ``name_mapping.csv``'s format). Default None: the grade
+            folders, else ``<root>/name_mapping.csv`` (BraTS 2019/2020). BraTS 2021 ships no grade.
         min_brain_fraction: keep an axial slice when at least this fraction of its pixels is brain
             (non-zero in any modality). Default 0.05.
         image_size: resize slices to this size (None keeps the native size, the default; the raw
             slices are then cached exactly).
+
+    Raises:
+        ValueError: ``labels_csv`` outside the data root (refused before it is opened).
     """
 
     name = "brats"
     class_names = ["LGG", "HGG"]
+    modalities = list(MODALITIES)
 
     def __init__(self, root: str, salt: str, report=None, labels_csv: str | None = None,
                  min_brain_fraction: float = 0.05, image_size: PositiveSize | None = None) -> None:
         super().__init__(root, salt, report)
         self.labels_csv = labels_csv
+        self.labels_path = confined_file(root, labels_csv, "data.source_kwargs.labels_csv") if labels_csv else None
         self.min_brain_fraction = float(min_brain_fraction)
         self.image_size = image_size
+
+    def _grade_file(self) -> tuple[str, str] | None:
+        """``(path, name shown)`` of the grade table: ``labels_csv``, else the release's ``name_mapping.csv``."""
+        if self.labels_path:
+            return self.labels_path, str(self.labels_csv)
+        if os.path.lexists(Path(self.root) / NAME_MAPPING):
+            return confined_file(self.root, NAME_MAPPING, NAME_MAPPING), NAME_MAPPING
+        return None
 
     def _case_folders(self) -> list[tuple[Path, int | None]]:
         root = Path(self.root)
         if not root.is_dir():
             raise FileNotFoundError(f"BraTS root {root} does not exist")
-        out: list[tuple[Path, int | None]] = []
+        grade_file = self._grade_file()
+        table = read_grade_table(*grade_file) if grade_file else None
+        self.grade_source = grade_file[1] if grade_file else "the grade folders"
         grade_dirs = [root / g for g in GRADES if (root / g).is_dir() or (root / g).is_symlink()]
         if grade_dirs:
-            for label, grade in enumerate(GRADES):
-                gdir = root / grade
-                if self._allowed(gdir):
-                    out += [(p, label) for p in sorted(gdir.iterdir()) if self._allowed(p)]
-            return out
-        labels = self._read_labels_csv()
-        for p in sorted(root.iterdir()):
-            if self._allowed(p):
-                out.append((p, labels.get(p.name)))
+            return self._graded_folders(table)
+        if table is None:
+            raise ValueError(
+                f"{root}: no HGG/LGG folders and no {NAME_MAPPING}, so no grade to classify (BraTS 2021 and later "
+                "ship none); classification needs data.source_kwargs.labels_csv (a CSV with columns case,label "
+                "inside data.root); segmentation needs no grade")
+        return [(p, _GRADE_VALUES.get(table[p.name], -99) if p.name in table else None)
+                for p in sorted(root.iterdir()) if self._allowed(p)]
+
+    def _graded_folders(self, table: dict[str, str] | None) -> list[tuple[Path, int | None]]:
+        """The case folders under ``HGG``/``LGG`` with the folder's grade; a grade table (BraTS 2019's
+        ``name_mapping.csv``) that says otherwise for a case is an error naming both."""
+        out: list[tuple[Path, int | None]] = []
+        for label, grade in enumerate(GRADES):
+            gdir = Path(self.root) / grade
+            if not self._allowed(gdir):
+                continue
+            for p in sorted(gdir.iterdir()):
+                if not self._allowed(p):
+                    continue
+                if table is not None and p.name in table and _GRADE_VALUES.get(table[p.name]) != label:
+                    raise ValueError(f"{grade}/{p.name}: the folder says {grade} but {self.grade_source} says "
+                                     f"{table[p.name]!r}; correct one of them")
+                out.append((p, label))
         return out
 
     def _allowed(self, path: Path) -> bool:
@@ -250,45 +337,33 @@ class BratsSource(Source, SegmentationSource):
             return False
         return path.is_dir()
 
-    def _read_labels_csv(self) -> dict[str, int]:
-        if not self.labels_csv:
-            raise ValueError(
-                f"{self.root}: no HGG/LGG folders found; for BraTS 2020+ layouts pass "
-                "data.source_kwargs.labels_csv (CSV with columns case,label)"
-            )
-        path = Path(self.labels_csv)
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"case", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found "
-                                 f"{shown_columns([str(h) for h in reader.fieldnames or []])}")
-            out = {}
-            for row in reader:
-                raw = str(row["label"]).strip().upper()
-                mapping = {"HGG": 1, "LGG": 0, "1": 1, "0": 0}
-                if raw in mapping:
-                    out[row["case"].strip()] = mapping[raw]
-                else:
-                    out[row["case"].strip()] = -99  # reported as unknown label when the case is read
-        return out
-
     def segmentation_items(self) -> Iterator[SegmentationItem]:
-        """Every folder under the root holding ``<folder>_*.nii*`` files: its four modalities and
-        ``<case>_seg.nii.gz`` (grade folders or none)."""
+        """Every folder under the root holding ``<folder>_*.nii*`` files: its four modalities and its mask
+        (``<case>_seg.nii.gz`` / ``.nii``, or the file a known quirk names; grade folders or none). A file
+        that is a symlink out of the root, or a dangling one, is left out (the case is then skipped)."""
         root = Path(self.root)
         folders = sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob(f"{p.name}_*.nii*")))
         for folder in folders:
             case = folder.name
-            seg = next((p for p in (folder / f"{case}_seg.nii.gz", folder / f"{case}_seg.nii") if p.is_file()), None)
-            yield str(folder.relative_to(root)), [_find_modality(folder, case, m) for m in MODALITIES], seg
+            seg, note = find_mask(folder, case)
+            if note:
+                self.report.notes.append(note)
+            files = [_find_modality(folder, case, m) for m in MODALITIES]
+            inside = [f if f is not None and not refused_link(self.root, f) else None for f in files]
+            yield (str(folder.relative_to(root)), inside,
+                   seg if seg is not None and not refused_link(self.root, seg) else None)
+
+    def image_channels(self) -> tuple[list[str], list[int]]:
+        """The four modalities, in the order :meth:`segmentation_items` lists their files (the canonical one)."""
+        return list(MODALITIES), list(range(len(MODALITIES)))
 
     def default_segmentation_mapping(self, labels: str) -> dict[str, list[int]]:
         return dict(BRATS_REGIONS if labels == "regions" else BRATS_CLASSES)
 
     def fingerprint_files(self) -> list[str]:
         files = sorted(str(p) for p in Path(self.root).rglob("*.nii*"))
-        return files + ([str(self.labels_csv)] if self.labels_csv else [])
+        grade_file = self._grade_file()
+        return files + ([grade_file[0]] if grade_file and os.path.isfile(grade_file[0]) else [])
 
     def iter_cases(self) -> Iterator[Case]:
         import nibabel as nib
@@ -297,10 +372,10 @@ class BratsSource(Source, SegmentationSource):
             case = folder.name
             rel = str(folder.relative_to(self.root))
             if label is None:
-                self.report.skip(rel, "no label for this case in labels_csv")
+                self.report.skip(rel, f"no label for this case in {self.grade_source}")
                 continue
             if label == -99:
-                self.report.skip(rel, "unknown label value in labels_csv (expected HGG/LGG/1/0)")
+                self.report.skip(rel, f"unknown grade in {self.grade_source} (expected HGG/LGG/1/0)")
                 continue
             paths = {m: _find_modality(folder, case, m) for m in MODALITIES}
             missing = [m for m, p in paths.items() if p is None]
@@ -344,6 +419,7 @@ class BratsSource(Source, SegmentationSource):
             yield Case(
                 case_id=salted_hash(case, self.salt),
                 patient_id=salted_hash(case, self.salt),
+                patient_key=case,
                 label=int(label),
                 image=np.ascontiguousarray(slices, dtype=np.float32),
                 meta={"slice_index": [int(k) for k in keep], "spacing": list(spacing)},

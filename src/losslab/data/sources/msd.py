@@ -8,16 +8,28 @@ Layout under ``root`` (one task, e.g. ``Task01_BrainTumour``)::
     labelsTr/*.nii.gz (X, Y, Z) integer label map
 
 One :class:`Case` per training image: ``image`` ``float32 (Z, C, Y, X)`` (axial slices as
-instances, modalities as channels), optionally resized per slice and normalised. The class label
-is configurable:
+instances, modalities as channels), optionally resized per slice and normalised. Channels keep the
+order of ``dataset.json``'s ``modality`` unless they are the four brain MRI contrasts (Task01_BrainTumour
+ships ``FLAIR, T1w, t1gd, T2w``): those are stored in the one brain MRI order of every source,
+``t1, t1ce, t2, flair`` (:mod:`losslab.data.sources.channels`), in the classification and the
+segmentation cache alike.
+
+Task01_BrainTumour is recognised by what it holds, not by its ``name`` (the release says ``"BRATS"``):
+the four brain MRI contrasts and the labels 1 edema, 2 non-enhancing tumour, 3 enhancing tumour. Its
+regions are the BraTS ones, whole tumour ``wt = 1+2+3``, tumour core ``tc = 2+3``, enhancing tumour
+``et = 3`` (:data:`MSD_BRAIN_REGIONS`). Label names of ``dataset.json`` become metric-safe names
+(``"non-enhancing tumor"`` -> ``non_enhancing_tumor``).
+
+The class label is configurable:
 
     * ``label_mode="presence"`` (default): 1 when the label map holds at least ``min_voxels``
       voxels of ``label_class`` (default 1), else 0; ``class_names`` ``["absent", "present"]``.
-    * ``label_mode="csv"``: ``labels_csv`` (relative to root) with columns ``case,label`` where
+    * ``label_mode="csv"``: ``labels_csv`` (a path inside the data root, relative to it; one outside
+      is refused) with columns ``case,label`` where
       ``case`` is the image file name without extension; labels map through ``class_names`` or
       the sorted unique values.
 
-``meta``: ``spacing`` (from the NIfTI header, ``[dz, dy, dx]``), ``modalities``, ``voxels_<class>``
+``meta``: ``spacing`` (from the NIfTI header, ``[dz, dy, dx]``), ``modalities`` (as stored), ``voxels_<class>``
 (presence mode). ``case_id`` and ``patient_id`` are salted hashes of the image name (one image a
 patient in MSD). Missing files, unreadable NIfTI, paths outside the root, shape mismatches,
 NaN/inf and all-background images are skips with reasons (see :mod:`losslab.data.dicom`).
@@ -34,13 +46,23 @@ import numpy as np
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
 from losslab.data.sources.base import (Case, PositiveSize, SegmentationItem, SegmentationSource, SkipReport, Source,
-                                       read_csv_table, register_generator,
+                                       confined_file, read_csv_table, register_generator,
                                        register_source, resolve_under)
+from losslab.data.sources.channels import brain_mri_order, metric_safe_names, ordered_channels
 from losslab.data.sources.manifest import nifti_to_stack, sorted_labels
 
 
 #: regions of MSD Task01_BrainTumour (1 oedema, 2 non-enhancing tumour, 3 enhancing tumour)
 MSD_BRAIN_REGIONS = {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}
+
+
+def is_brain_tumour_task(modalities: Sequence[str], labels: dict[int, str]) -> bool:
+    """Whether a task holds what Task01_BrainTumour holds: the four brain MRI contrasts and the labels
+    0 background, 1 edema (oedema), 2 non-enhancing tumour, 3 enhancing tumour (metric-safe names)."""
+    if brain_mri_order(modalities) is None or sorted(labels) != [0, 1, 2, 3]:
+        return False
+    return (labels[1] in ("edema", "oedema") and labels[2].startswith(("non_enhancing", "nonenhancing"))
+            and labels[3].startswith("enhancing"))
 
 
 def case_name(path: str) -> str:
@@ -89,11 +111,14 @@ class MsdSource(Source, SegmentationSource):
         self.dataset = json.loads(path.read_text())
         if not isinstance(self.dataset.get("training"), list):
             raise ValueError(f"{path}: missing key 'training' (a list of {{image, label}})")
+        modality = self.dataset.get("modality") or {}
+        self.shipped_modalities = [str(modality[k]) for k in sorted(modality, key=lambda k: int(k))]
+        self.modalities, self.channel_order = ordered_channels(self.shipped_modalities)
         self.csv_labels: dict[str, str] = {}
         if label_mode == "csv":
             if not labels_csv:
                 raise ValueError("labels_csv is required with label_mode='csv'")
-            csv_path = Path(root) / labels_csv
+            csv_path = Path(confined_file(root, labels_csv, "data.source_kwargs.labels_csv"))
             if not csv_path.is_file():
                 raise FileNotFoundError(f"{csv_path}: labels CSV not found")
             _, rows = read_csv_table(csv_path, ("case", "label"), shown=str(labels_csv))
@@ -104,7 +129,7 @@ class MsdSource(Source, SegmentationSource):
             self.class_names = [str(c) for c in class_names] if class_names else ["absent", "present"]
 
     def iter_cases(self) -> Iterator[Case]:
-        modalities = [str(v) for _, v in sorted((self.dataset.get("modality") or {}).items())]
+        modalities = list(self.modalities)
         for entry in self.dataset["training"]:
             image_rel = str(entry.get("image", "")) if isinstance(entry, dict) else ""
             if not image_rel:
@@ -126,7 +151,7 @@ class MsdSource(Source, SegmentationSource):
                 continue
             self.report.read += 1
             case_hash = salted_hash(f"msd:{self.dataset.get('name', '')}:{case_name(image_rel)}", self.salt)
-            yield Case(case_id=case_hash, patient_id=case_hash, label=label,
+            yield Case(case_id=case_hash, patient_id=case_hash, label=label, patient_key=case_name(image_rel),
                        image=np.ascontiguousarray(read, dtype=np.float32), meta=meta)
 
     def segmentation_items(self) -> Iterator[SegmentationItem]:
@@ -141,16 +166,23 @@ class MsdSource(Source, SegmentationSource):
             yield (item, [Path(image) if image and Path(image).is_file() else None],
                    Path(label) if label and Path(label).is_file() else None)
 
+    def image_channels(self) -> tuple[list[str], list[int]]:
+        """The channels as cached (the brain MRI order for Task01, else ``dataset.json``'s) and where each
+        sits in the shipped 4D image."""
+        return list(self.modalities), list(self.channel_order)
+
     def default_segmentation_mapping(self, labels: str) -> dict[str, list[int]]:
-        """The labels of ``dataset.json``: each a class (``classes``), or each non-zero one a region
-        (``regions``; Task01_BrainTumour: its nested wt/tc/et regions)."""
-        names = {int(k): str(v) for k, v in (self.dataset.get("labels") or {}).items()}
-        if not names:
-            raise ValueError(f"{Path(self.root) / 'dataset.json'}: no 'labels'; set seg.regions or seg.classes "
-                             "in the config")
+        """The labels of ``dataset.json`` under metric-safe names: each a class (``classes``), or each
+        non-zero one a region (``regions``; Task01_BrainTumour, recognised by its contrasts and labels:
+        the nested BraTS regions wt/tc/et)."""
+        where = str(Path(self.root) / "dataset.json")
+        raw = {int(k): str(v) for k, v in (self.dataset.get("labels") or {}).items()}
+        if not raw:
+            raise ValueError(f"{where}: no 'labels'; set seg.regions or seg.classes in the config")
+        names = metric_safe_names(raw, where)
         if labels == "classes":
             return {names[k]: [k] for k in sorted(names)}
-        if "braintumour" in str(self.dataset.get("name", "")).lower().replace(" ", ""):
+        if is_brain_tumour_task(self.shipped_modalities, names):
             return dict(MSD_BRAIN_REGIONS)
         return {names[k]: [k] for k in sorted(names) if k != 0}
 
@@ -207,7 +239,7 @@ class MsdSource(Source, SegmentationSource):
             self.report.skip(item, f"label map shape {label_map.shape[:3]} differs from the image {data.shape[:3]}")
             return None
         try:
-            stack = nifti_to_stack(data)
+            stack = self._in_channel_order(nifti_to_stack(data))
         except ValueError as exc:
             self.report.skip(item, str(exc))
             return None
@@ -220,6 +252,19 @@ class MsdSource(Source, SegmentationSource):
         zooms += [1.0] * (3 - len(zooms))
         meta["spacing"] = [zooms[2], zooms[1], zooms[0]]
         return dicom.normalise(stack, self.normalise)
+
+    def _in_channel_order(self, stack: np.ndarray) -> np.ndarray:
+        """``(Z, C, Y, X)`` with its channels in the cached order (:meth:`image_channels`).
+
+        Raises:
+            ValueError: the image has another number of channels than ``dataset.json`` names modalities.
+        """
+        if not self.channel_order:
+            return stack
+        if stack.shape[1] != len(self.channel_order):
+            raise ValueError(f"image has {stack.shape[1]} channel(s); dataset.json names "
+                             f"{len(self.channel_order)} modalities ({', '.join(self.shipped_modalities)})")
+        return np.ascontiguousarray(stack[:, self.channel_order])
 
 
 @register_generator("msd")
