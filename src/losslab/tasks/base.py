@@ -239,7 +239,8 @@ class Task(ClassificationStep):
                   "data.n_test": int((info.index["fold"] == TEST_FOLD).sum())} | normalization \
             | modality_params(info.report)
         return FoldSetup(train_loader, val_loader, loss_fn, model, names, self.spec(cfg, names, counts), params,
-                         normalization, {"losslab.split_fingerprint": info.split_fingerprint})
+                         normalization | modality_params(info.report),
+                         {"losslab.split_fingerprint": info.split_fingerprint})
 
     def input_example(self, cfg: Any, val_loader: Any) -> Any:
         """One validation input ``(1, ...)`` as numpy: the signature of the registered model."""

@@ -107,8 +107,9 @@ class SegmentationTask(SegmentationStep, Task):
         params = {"data.n_train": len(train_loader.dataset), "data.n_val": len(val_loader.dataset),
                   "seg.channels": ",".join(info.channel_names), "seg.output_bias_prior": prior,
                   "seg.mapping": mapping_text(info.report["mapping"])} | modality_params(info.report)
+        data_settings = {"seg.mapping": params["seg.mapping"]} | modality_params(info.report)  # the data trained on
         return FoldSetup(train_loader, val_loader, loss_fn, model, self.metric_names,
-                         self.spec(cfg, info.channel_names), params,
+                         self.spec(cfg, info.channel_names), params, hashed_params=data_settings,
                          callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed + fold)], figures=self.epoch_figures)
 
     def epoch_figures(self, state, final):
