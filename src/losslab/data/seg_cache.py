@@ -49,11 +49,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from losslab.data.deid import resolve_salt, salted_hash
-from losslab.data.integrity import ArrayRecord, CacheIntegrityError, record_file, verify_arrays
+from losslab.data.integrity import (ArrayRecord, CacheIntegrityError, exclusive, record_file, save_atomic,
+                                    verify_arrays)
 from losslab.data.raw_data import ensure_raw_data_to_rebuild, hash_files
 from losslab.data.sources.base import SegmentationItem, SegmentationSource, SkipReport
+from losslab.data.splits import assign_folds, split_fingerprint, split_key
 
-SEG_CACHE_VERSION = 3  # 2: voxel counts per channel in the index; 3: array sizes and hashes
+SEG_CACHE_VERSION = 4  # 2: voxel counts per channel in the index; 3: array sizes and hashes;
+# 4: folds over split keys (independent of the salt), the split fingerprint in report.json
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,11 @@ class SegCacheInfo:
     labels: str
     channel_names: list[str] = field(default_factory=list)
     rebuilt_because: str = ""  # the damage found in the previous cache when this build replaced it
+
+    @property
+    def split_fingerprint(self) -> str:
+        """The folds and test split of the cache (:func:`losslab.data.splits.split_fingerprint`)."""
+        return str(self.report.get("split_fingerprint", ""))
 
     @property
     def class_names(self) -> list[str]:
@@ -225,33 +233,46 @@ def build_seg_cache(data_cfg: Any, seg_cfg: Any, force: bool = False) -> SegCach
     """
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
     source_class = _segmentation_source(data_cfg.source)
-    ensure_raw_data_to_rebuild(data_cfg, lambda: load_seg_cache(cache_dir, check_hashes=True))
-    salt = resolve_salt(data_cfg.salt, cache_dir)
-    source = source_class(root=str(root), salt=salt, report=SkipReport())  # masks need no source_kwargs
-    configured = seg_cfg.regions if seg_cfg.labels == "regions" else seg_cfg.classes
-    mapping = {str(k): [int(v) for v in vs]
-               for k, vs in (configured or source.default_segmentation_mapping(seg_cfg.labels)).items()}
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
-    settings = _settings(data_cfg, seg_cfg, mapping, salt) | {"modalities": source.image_channels()[0]}
-    fingerprint = hashlib.sha256((hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    found = None if force else _reusable(cache_dir, fingerprint)
-    if isinstance(found, SegCacheInfo):
-        return found
-    (cache_dir / "report.json").unlink(missing_ok=True)  # the commit mark goes first, comes back last
+    with exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder; the salt is resolved under it
+        ensure_raw_data_to_rebuild(data_cfg, lambda: load_seg_cache(cache_dir, check_hashes=True))
+        salt = resolve_salt(data_cfg.salt, cache_dir)
+        source = source_class(root=str(root), salt=salt, report=SkipReport())  # masks need no source_kwargs
+        configured = seg_cfg.regions if seg_cfg.labels == "regions" else seg_cfg.classes
+        mapping = {str(k): [int(v) for v in vs]
+                   for k, vs in (configured or source.default_segmentation_mapping(seg_cfg.labels)).items()}
+        files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+        settings = _settings(data_cfg, seg_cfg, mapping, salt) | {"modalities": source.image_channels()[0]}
+        fingerprint = hashlib.sha256((hash_files(files, str(root)) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+        found = None if force else _reusable(cache_dir, fingerprint)
+        if isinstance(found, SegCacheInfo):
+            return found  # unchanged inputs, or another process built it while this one waited
+        info = _build(data_cfg, seg_cfg, source, mapping, fingerprint, salt)
+        info.rebuilt_because = found or ""
+        return info
+
+
+def _build(data_cfg: Any, seg_cfg: Any, source: SegmentationSource, mapping: dict[str, list[int]],
+           fingerprint: str, salt: str) -> SegCacheInfo:
+    """Write every case, draw the folds over the cases' split keys, then the index and the report (the
+    commit mark: removed first, written last)."""
+    cache_dir = Path(data_cfg.cache_dir)
+    (cache_dir / "report.json").unlink(missing_ok=True)
     modalities, channel_order = source.image_channels()
     report, rows = _write_cases(source.segmentation_items(), cache_dir, mapping, seg_cfg.labels, salt,
                                 data_cfg.source, channel_order)
     report.skipped += source.report.skipped  # what the source itself refused or noted (e.g. a known quirk)
     report.notes += source.report.notes
-    _assign_folds(rows, data_cfg)
+    keys = [row.pop("split_key") for row in rows]  # orders the draw; never written to the index
+    _assign_folds(rows, keys, data_cfg)
     full = report.to_dict() | {"fingerprint": fingerprint, "channel_names": list(mapping), "labels": seg_cfg.labels,
-                               "mapping": mapping, "source": data_cfg.source, "modalities": modalities}
-    (cache_dir / "index.json").write_text(json.dumps(rows, indent=1))
+                               "mapping": mapping, "source": data_cfg.source, "modalities": modalities,
+                               "split_fingerprint": split_fingerprint(keys, [r["fold"] for r in rows])}
+    (cache_dir / "index.json.tmp").write_text(json.dumps(rows, indent=1))
+    os.replace(cache_dir / "index.json.tmp", cache_dir / "index.json")
     tmp = cache_dir / "report.json.tmp"
     tmp.write_text(json.dumps(full, indent=2))
     os.replace(tmp, cache_dir / "report.json")  # the report is the commit mark
-    return SegCacheInfo(cache_dir, rows, full, False, fingerprint, seg_cfg.labels, list(mapping),
-                        rebuilt_because=found or "")
+    return SegCacheInfo(cache_dir, rows, full, False, fingerprint, seg_cfg.labels, list(mapping))
 
 
 def _segmentation_source(name: str) -> type[SegmentationSource]:
@@ -286,13 +307,14 @@ def _write_cases(items: Iterator[SegmentationItem], cache_dir: Path, mapping: di
         if empty:
             report.notes.append(f"{item}: empty mask (no labelled voxel); kept as a case without tumour")
         case_id = salted_hash(f"seg:{source}:{item}", salt)
+        key = split_key(f"seg:{source}:{item}")
         arrays = {"image": _zscore(image), "target": target,
                   "dist": distance_maps(target, labels, len(mapping), spacing).astype(np.float32)}
         records = []
         for suffix, array in arrays.items():
-            np.save(cases / f"{case_id}_{suffix}.npy", array)
+            save_atomic(cases / f"{case_id}_{suffix}.npy", array)
             records.append(asdict(record_file(cache_dir, cases / f"{case_id}_{suffix}.npy")))
-        rows.append({"case_id": case_id, "patient_id": case_id, "spacing": spacing, "shape": list(mask.shape),
+        rows.append({"case_id": case_id, "patient_id": case_id, "split_key": key, "spacing": spacing, "shape": list(mask.shape),
                      "empty": empty, "fold": 0, "voxels": channel_voxels(target, labels, len(mapping)),
                      "arrays": records})
         report.read += 1
@@ -302,11 +324,10 @@ def _write_cases(items: Iterator[SegmentationItem], cache_dir: Path, mapping: di
     return report, rows
 
 
-def _assign_folds(rows: list[dict[str, Any]], data_cfg: Any) -> None:
-    """Patient-level folds (``assign_folds``), stratified on whether the mask is empty when possible."""
-    from losslab.data.splits import assign_folds
-
-    groups = [r["patient_id"] for r in rows]
+def _assign_folds(rows: list[dict[str, Any]], keys: list[str], data_cfg: Any) -> None:
+    """Patient-level folds (``assign_folds`` over the split keys, so independent of the salt),
+    stratified on whether the mask is empty when possible."""
+    groups = list(keys)
     strata = [int(r["empty"]) for r in rows]
     if min(strata.count(0), strata.count(1) or data_cfg.num_folds) < data_cfg.num_folds:
         strata = [0] * len(rows)

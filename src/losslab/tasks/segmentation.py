@@ -20,6 +20,9 @@ class SegmentationTask(SegmentationStep, Task):
     loss_tasks = ("segmentation",)
     entry_points = ("train", "evaluate", "sweep")
     headline_metric = "val/mean_dice"
+    default_monitor = ("val/mean_dice", "max")
+    default_tiebreak = ("val/loss",)
+    default_model_name = "losslab-seg"
     per_case_probabilities = False
 
     def convolves_volumes(self, cfg):
@@ -60,11 +63,19 @@ class SegmentationTask(SegmentationStep, Task):
         return lines + [f"note: {note}" for note in info.report["notes"]], {}
 
     def load_cache(self, cfg):
+        """The segmentation cache of ``cfg.data`` a trained model is scored on: read as it is when it was
+        built (the raw files may be gone), else built."""
+        from pathlib import Path
+
+        from losslab.data.seg_cache import load_seg_cache
+
+        if (Path(cfg.data.cache_dir) / "report.json").is_file():
+            return load_seg_cache(cfg.data.cache_dir)
         return self.build_cache(cfg)
 
     def output_names(self, cfg, info=None):
         """The output channels: the regions, or the classes with background first."""
-        return list((info or self.build_cache(cfg)).channel_names)
+        return list((info or self.load_cache(cfg)).channel_names)
 
     def build(self, cfg, names, class_counts=None, fractions=None):
         """``(loss, model)``: the loss (refused unless it is a segmentation loss, ``sigmoid`` for regions)
@@ -110,6 +121,7 @@ class SegmentationTask(SegmentationStep, Task):
         data_settings = {"seg.mapping": params["seg.mapping"]} | modality_params(info.report)  # the data trained on
         return FoldSetup(train_loader, val_loader, loss_fn, model, self.metric_names,
                          self.spec(cfg, info.channel_names), params, hashed_params=data_settings,
+                         tags={"losslab.split_fingerprint": info.split_fingerprint},
                          callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed + fold)], figures=self.epoch_figures)
 
     def epoch_figures(self, state, final):
