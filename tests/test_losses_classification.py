@@ -382,7 +382,7 @@ def test_class_balanced_matches_numpy(batch, base_loss, gamma):
 def test_base_defaults():
     loss = build_loss("ce")
     z = torch.tensor([[1.0, 2.0, 0.5]])
-    assert loss.task == "classification" and loss.output_dim(3) == 3
+    assert loss.family == "classification" and loss.output_dim(3) == 3
     assert loss.terms() == {} and loss.weights() == {}
     loss.on_epoch_start(0)
     torch.testing.assert_close(loss.probabilities(z), torch.softmax(z, 1))

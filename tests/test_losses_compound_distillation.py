@@ -75,7 +75,7 @@ def test_compound_seg_example_passes_dist_maps_to_boundary_only(seg_batch):
     spec = yaml.safe_load((CONFIG_DIR / "compound_seg.yaml").read_text())
     name = spec.pop("name")
     loss = build_loss(name, class_counts=COUNTS, num_classes=3, **spec)
-    assert loss.task == "segmentation" and loss.weighting == "learnable_softmax"
+    assert loss.family == "segmentation" and loss.weighting == "learnable_softmax"
     dice = build_loss("dice")(logits, target).item()
     focal = build_loss("focal_seg", alpha=0.25, gamma=2)(logits, target).item()
     boundary = build_loss("boundary")(logits, target, dist).item()
@@ -130,7 +130,7 @@ def test_compound_delegates_epoch_and_class_counts(cls_batch):
     assert loss.losses[0].drw_active
     assert loss(z, y).item() != pytest.approx(F.cross_entropy(z, y).item())
     ordinal = build_loss("compound", terms=[{"name": "coral"}, {"name": "corn"}], num_classes=4)
-    assert ordinal.output_dim(4) == 3 and ordinal.task == "ordinal"
+    assert ordinal.output_dim(4) == 3 and ordinal.family == "ordinal"
     torch.testing.assert_close(ordinal.probabilities(torch.zeros(1, 3)), torch.tensor([[0.5, 0.0, 0.0, 0.5]]))
 
 
@@ -141,7 +141,7 @@ def test_compound_errors():
         build_loss("compound", terms=[{"name": "focal", "gama": 2}])
     with pytest.raises(ValueError, match=r"terms\[0\] \('focal'\): loss 'focal': gamma=-1.0 is out of range"):
         build_loss("compound", terms=[{"name": "focal", "gamma": -1}])
-    with pytest.raises(ValueError, match=r"loss 'compound': terms mix tasks \['classification', 'segmentation'\]"):
+    with pytest.raises(ValueError, match=r"loss 'compound': terms mix loss families \['classification', 'segmentation'\]"):
         build_loss("compound", terms=[{"name": "ce"}, {"name": "dice"}])
     with pytest.raises(ValueError, match=r"loss 'compound': terms need different head sizes"):
         build_loss("compound", terms=[{"name": "ce"}, {"name": "focal", "mode": "sigmoid"}], num_classes=2)
@@ -195,7 +195,7 @@ def test_kd_matches_numpy(kd_batch, reduction):
     kd, ce = np_kd(s.numpy(), t.numpy(), 3.0), np_ce(s.numpy(), y.numpy())
     np.testing.assert_allclose(loss(s, t, y).numpy(), reduce_np(0.7 * kd + 0.3 * ce, reduction), atol=ATOL)
     assert loss.terms() == pytest.approx({"kd": kd.mean(), "ce": ce.mean()}, abs=ATOL)
-    assert loss.task == "distillation"
+    assert loss.family == "distillation"
     ss = s.clone().requires_grad_(True)
     tt = t.clone().requires_grad_(True)
     loss(ss, tt, y).sum().backward()
@@ -367,5 +367,42 @@ def test_every_registered_loss_has_a_config_that_builds():
         name = spec.pop("name")
         assert name in list_losses(), path
         loss = build_loss(name, class_counts=[30, 10, 5], num_classes=3, **spec)
-        assert loss.task in ("classification", "ordinal", "segmentation", "distillation")
+        assert loss.family in ("classification", "ordinal", "segmentation", "distillation")
         assert loss.reduction in ("mean", "sum", "none")
+
+
+def test_every_composite_loss_records_its_terms_through_the_loss_base():
+    """compound, dice_boundary, the distillation losses and the multi-task objectives keep their terms
+    with ``TermRecorder.record_terms``: ``term_tensors()`` are detached 0-d tensors (the training loop
+    sums them on the device), ``terms()`` the same values as floats, and each forward replaces the last."""
+    from losslab.losses.base import TermRecorder
+    from losslab.losses.multitask import LabelsOnly, MultiTaskDistillation
+
+    torch.manual_seed(0)
+    s = {"a": torch.randn(4, 3, requires_grad=True), "b": torch.randn(4, 2)}
+    t = {"a": torch.randn(4, 3), "b": torch.randn(4, 2)}
+    y = {"a": torch.tensor([0, 1, 2, 0]), "b": torch.tensor([1, 0, 1, 1])}
+    fs, ft = torch.randn(4, 8), torch.randn(4, 16)
+    objective = MultiTaskDistillation("vanilla", {"temperature": 2.0}, ["a", "b"], 8, 16)
+    objective(s, t, y, fs, ft)
+    kd_a = F.kl_div(F.log_softmax(s["a"] / 2, 1), F.softmax(t["a"] / 2, 1), reduction="batchmean") * 4
+    tensors = objective.term_tensors()
+    assert isinstance(objective, TermRecorder) and set(tensors) == {"ce/a", "ce/b", "kd/a", "kd/b"}
+    assert all(v.dim() == 0 and not v.requires_grad for v in tensors.values())
+    assert float(tensors["ce/a"]) == pytest.approx(float(F.cross_entropy(s["a"], y["a"])), abs=ATOL)
+    assert float(tensors["kd/a"]) == pytest.approx(float(kd_a), abs=ATOL)
+    assert objective.terms() == {k: float(v) for k, v in tensors.items()}
+
+    labels_only = LabelsOnly(["a", "b"])
+    labels_only(s, t, y, fs, ft)
+    labels_only.tasks = ["b"]  # the next forward's terms replace the last ones, never add to them
+    labels_only(s, t, y, fs, ft)
+    assert labels_only.terms() == pytest.approx({"ce/b": float(F.cross_entropy(s["b"], y["b"]))}, abs=ATOL)
+
+    z, target = torch.randn(2, 3, 6, 6, requires_grad=True), torch.randint(0, 3, (2, 1, 6, 6))
+    dist = torch.stack([torch.tensor(signed_distance_map(m[0].numpy(), 3)) for m in target])
+    dice_boundary = build_loss("dice_boundary")
+    dice_boundary(z, target, dist)
+    expected = build_loss("dice", reduction="none")(z, target).mean()
+    assert all(not v.requires_grad for v in dice_boundary.term_tensors().values())
+    assert float(dice_boundary.term_tensors()["dice"]) == pytest.approx(float(expected), abs=ATOL)

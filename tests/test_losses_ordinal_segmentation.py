@@ -45,7 +45,7 @@ def test_coral_hand_value():
     # K = 3, logits 0: each task costs log 2, two tasks
     loss = build_loss("coral", num_classes=3)
     assert loss(torch.zeros(1, 2), torch.tensor([1])).item() == pytest.approx(2 * np.log(2), abs=ATOL)
-    assert loss.output_dim(3) == 2 and loss.task == "ordinal"
+    assert loss.output_dim(3) == 2 and loss.family == "ordinal"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -306,7 +306,7 @@ def test_segmentation_3d_shapes_and_task():
     target = torch.randint(0, 2, (2, 1, 3, 4, 4), generator=g)
     for name in ["dice", "dice_ce", "tversky", "focal_tversky", "focal_seg"]:
         loss = build_loss(name, reduction="none")
-        assert loss.task == "segmentation"
+        assert loss.family == "segmentation"
         out = loss(logits, target)
         assert out.shape == (2,) and torch.isfinite(out).all()
     assert build_loss("dice").predict(logits).shape == (2, 3, 4, 4)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from losslab.losses import get_loss_class, list_losses
 from losslab.pipelines.train import run_train
 
-CLASSIFICATION = sorted(n for n in list_losses() if get_loss_class(n).task in ("classification", "ordinal"))
+CLASSIFICATION = sorted(n for n in list_losses() if get_loss_class(n).family in ("classification", "ordinal"))
 
 
 def _history(client, run_id, key):

@@ -2,14 +2,17 @@
 
 The train pipeline relies on exactly this interface:
 
-* ``task`` (class attribute): ``"classification"``, ``"ordinal"``, ``"segmentation"`` or ``"distillation"``.
+* ``family`` (class attribute): the kind of target the loss is for, ``"classification"``, ``"ordinal"``,
+  ``"segmentation"`` or ``"distillation"`` (a task, :mod:`losslab.tasks`, says which families it trains).
 * ``reduction``: ``"mean"`` (mean over samples, never over samples x classes), ``"sum"`` or ``"none"``
   (one value per sample, shape ``(B,)``).
 * ``on_epoch_start(epoch)``: called by the engine at the start of every epoch (0-based); no-op here.
 * ``output_dim(num_classes)``: the size of the model head this loss expects (K by default).
 * ``probabilities(logits) -> (B, K)`` and ``predict(logits) -> (B,)`` turn head outputs into
   class probabilities and labels (softmax / argmax by default).
-* ``terms()``: per-term values of the last forward (``train/loss_<term>``), empty by default.
+* ``terms()`` / ``term_tensors()``: per-term values of the last forward (``train/loss_<term>``), empty
+  by default; a composite loss records them with :meth:`TermRecorder.record_terms`, the one place
+  that keeps them.
 * ``weights()``: current term weights (``loss_weight/<term>``), empty by default.
 
 Learnable loss parameters are ordinary ``nn.Parameter``s; the pipeline adds ``loss.parameters()``
@@ -30,19 +33,19 @@ from torch import nn
 __all__ = [
     "LossBase",
     "LossReduction",
-    "TASKS",
+    "TermRecorder",
     "WEIGHT_SCHEMES",
     "check_reduction",
     "check_number",
     "check_choice",
     "check_bool",
     "check_class_counts",
+    "check_per_class",
     "class_weights_from_counts",
     "resolve_class_weights",
     "reduce_values",
 ]
 
-TASKS = ("classification", "ordinal", "segmentation", "distillation")
 #: Class weights computed from ``class_counts`` (see :func:`class_weights_from_counts`).
 WEIGHT_SCHEMES = ("inverse_freq", "sqrt_inverse_freq", "effective_number")
 
@@ -129,6 +132,17 @@ def _check_sequence(loss: str, arg: str, value: Any) -> list[float]:
     return out
 
 
+def check_per_class(loss: str, arg: str, value: Any, length: int | None, what: str = "classes") -> list[float]:
+    """Validate a per-class list (``alpha``, ``class_weights``, ...): ``length`` finite numbers >= 0
+    (any length when ``length`` is None); the message says how many ``what`` there are."""
+    values = _check_sequence(loss, arg, value)
+    if length is not None and len(values) != length:
+        raise ValueError(f"loss {loss!r}: {arg} has {len(values)} entries {values!r} but there are {length} {what}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"loss {loss!r}: {arg} must be >= 0, got {values!r}")
+    return values
+
+
 def check_class_counts(loss: str, class_counts: Any, num_classes: int | None = None, *, required: bool = True) -> list[float] | None:
     """Validate ``class_counts`` (a list of K >= 2 non-negative numbers, matching ``num_classes``)."""
     if class_counts is None:
@@ -196,16 +210,17 @@ def resolve_class_weights(
                              f"counts); got class_counts=None")
         counts = check_class_counts(loss, class_counts, num_classes)
         return class_weights_from_counts(counts, class_weights, beta)
-    weights = _check_sequence(loss, arg, class_weights)
-    if any(w < 0 for w in weights):
-        raise ValueError(f"loss {loss!r}: {arg} must be >= 0, got {weights!r}")
-    expected = num_classes if num_classes is not None else (len(class_counts) if class_counts is not None else None)
-    if expected is not None and len(weights) != expected:
-        raise ValueError(f"loss {loss!r}: {arg} has {len(weights)} entries {weights!r} but there are "
-                         f"{expected} classes")
+    weights = check_per_class(loss, arg, class_weights, expected_classes(num_classes, class_counts))
     if len(weights) < 1 or sum(weights) <= 0:
         raise ValueError(f"loss {loss!r}: {arg} must contain a positive weight, got {weights!r}")
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def expected_classes(num_classes: int | None, class_counts: Any) -> int | None:
+    """K for a per-class list: ``num_classes``, else the length of ``class_counts``, else unknown (None)."""
+    if num_classes is not None:
+        return num_classes
+    return len(class_counts) if class_counts is not None else None
 
 
 def reduce_values(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -218,7 +233,42 @@ def reduce_values(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ base
-class LossBase(nn.Module):
+class TermRecorder(nn.Module):
+    """Keeps the named terms of a loss's last forward: the one copy of this mechanism.
+
+    A composite loss (``compound``, ``dice_boundary``, the distillation losses, the multi-task
+    objectives) calls :meth:`record_terms` in its forward; the training loop reads :meth:`term_tensors`
+    (summed on the device, logged as ``train/loss_<term>``), anything else :meth:`terms`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._terms: dict[str, torch.Tensor] = {}
+
+    def record_terms(self, /, **values: torch.Tensor) -> None:
+        """Keep each term's value of this forward, detached and averaged over the batch (0-d); replaces
+        the previous forward's terms."""
+        self._terms = {name: value.detach().mean() for name, value in values.items()}
+
+    def terms(self) -> dict[str, float]:
+        """Per-term values of the last forward (logged as ``train/loss_<term>``). Empty by default."""
+        return {name: float(value) for name, value in self._terms.items()}
+
+    def term_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`terms` as the detached 0-d tensors they were computed as (no host read)."""
+        return dict(self._terms)
+
+
+class _FamilyAlias:
+    """``loss.task``: the former name of ``loss.family``, read on the class and on instances.
+
+    Kept only while ``tasks/segmentation.py`` and ``pipelines/evaluate.py`` still read ``task``."""
+
+    def __get__(self, instance: Any, owner: type) -> str:
+        return (owner if instance is None else instance).family
+
+
+class LossBase(TermRecorder):
     """Base class of every registered loss (see the module docstring for the contract).
 
     Args:
@@ -228,7 +278,8 @@ class LossBase(nn.Module):
         ValueError: ``reduction`` is not one of mean, sum, none.
     """
 
-    task: ClassVar[str] = "classification"
+    family: ClassVar[str] = "classification"
+    task = _FamilyAlias()
     name: ClassVar[str] = "loss"
     #: The classifier head this loss expects: "linear" (default) or "normed_linear" (cosine logits in
     #: [-1, 1], see :class:`losslab.losses.classification.NormedLinear`; LDAM). A hint for model builders.
@@ -256,15 +307,6 @@ class LossBase(nn.Module):
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Predicted class labels ``(B,)`` (argmax of :meth:`probabilities`)."""
         return self.probabilities(logits).argmax(dim=1)
-
-    def terms(self) -> dict[str, float]:
-        """Per-term values of the last forward (logged as ``train/loss_<term>``). Empty by default."""
-        return {}
-
-    def term_tensors(self) -> dict[str, torch.Tensor]:
-        """:meth:`terms` as detached 0-d tensors where they were computed (the training loop sums them
-        on the device); a loss that keeps its terms as tensors returns them without a host read."""
-        return {k: torch.as_tensor(v) for k, v in self.terms().items()}
 
     def weights(self) -> dict[str, float]:
         """Current term weights (logged as ``loss_weight/<term>``). Empty by default."""

@@ -27,9 +27,10 @@ from .base import (
     check_choice,
     check_class_counts,
     check_number,
+    check_per_class,
     class_weights_from_counts,
+    expected_classes,
     resolve_class_weights,
-    _check_sequence,
 )
 from .registry import register_loss
 
@@ -301,14 +302,7 @@ class FocalLoss(LossBase):
             elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
                 self.alpha_scalar = check_number(self.name, "alpha", alpha, minimum=0.0, min_inclusive=False)
             else:
-                values = _check_sequence(self.name, "alpha", alpha)
-                expected = num_classes if num_classes is not None else (
-                    len(class_counts) if class_counts is not None else None)
-                if expected is not None and len(values) != expected:
-                    raise ValueError(f"loss {self.name!r}: alpha has {len(values)} entries {values!r} but there "
-                                     f"are {expected} classes")
-                if any(v < 0 for v in values):
-                    raise ValueError(f"loss {self.name!r}: alpha must be >= 0, got {values!r}")
+                values = check_per_class(self.name, "alpha", alpha, expected_classes(num_classes, class_counts))
                 alpha_tensor = torch.tensor(values, dtype=torch.float32)
         self.register_buffer("alpha", alpha_tensor)
         weight = resolve_class_weights(self.name, class_weights, class_counts, num_classes, beta)

@@ -57,8 +57,8 @@ class CompoundLoss(LossBase):
     ``forward(*args, **kwargs)`` passes the positional args to every term and each keyword argument
     (e.g. ``dist_maps``) only to the terms whose ``forward`` accepts it. ``terms()`` returns each term's
     last value (reduced, unweighted), ``weights()`` the current weights, both keyed by term name (a
-    repeated name gets ``_2``, ``_3``, …). ``str(loss)`` renders the formula. ``task``, ``output_dim``,
-    ``probabilities`` and ``predict`` come from the terms (which must agree on task and head size);
+    repeated name gets ``_2``, ``_3``, …). ``str(loss)`` renders the formula. ``family``, ``output_dim``,
+    ``probabilities`` and ``predict`` come from the terms (which must agree on family and head size);
     ``on_epoch_start`` is forwarded to every term.
 
     Args:
@@ -70,7 +70,7 @@ class CompoundLoss(LossBase):
 
     Raises:
         ValueError: empty ``terms``, a term without ``name``, bad weights, unknown weighting, terms of
-            different tasks or head sizes; a term's own errors are re-raised prefixed with its position.
+            different families or head sizes; a term's own errors are re-raised prefixed with its position.
         TypeError: ``terms`` not a list of dicts; a term's unknown parameter.
         UnknownLossError: a term's unknown name.
 
@@ -110,7 +110,7 @@ class CompoundLoss(LossBase):
         built = [self._build_term(i, spec, class_counts, num_classes, reduction) for i, spec in enumerate(terms)]
         modules = [term for _, term, _ in built]
         self._check_terms_agree(modules, num_classes)
-        self.task = modules[0].task  # type: ignore[misc]
+        self.family = modules[0].family  # type: ignore[misc]
         self.head = modules[0].head  # type: ignore[misc]
         self.term_names = _unique_term_names([name for name, _, _ in built])
         self.losses = nn.ModuleList(modules)
@@ -122,7 +122,6 @@ class CompoundLoss(LossBase):
             self.weight_logits = nn.Parameter((w / w.sum()).log())
         else:
             self.log_vars = nn.Parameter(-w.log())
-        self._last: dict[str, torch.Tensor] = {}
 
     def _build_term(self, i: int, spec: Any, class_counts: Sequence[float] | None, num_classes: int | None,
                     reduction: str) -> tuple[str, LossBase, float]:
@@ -148,10 +147,11 @@ class CompoundLoss(LossBase):
         return name, term, weight
 
     def _check_terms_agree(self, modules: list[LossBase], num_classes: int | None) -> None:
-        """Every term of one task and one head size."""
-        tasks = {m.task for m in modules}
-        if len(tasks) > 1:
-            raise ValueError(f"loss {self.name!r}: terms mix tasks {sorted(tasks)}; all terms must share one task")
+        """Every term of one family and one head size."""
+        families = {m.family for m in modules}
+        if len(families) > 1:
+            raise ValueError(f"loss {self.name!r}: terms mix loss families {sorted(families)}; all terms must "
+                             f"share one family")
         k = num_classes if num_classes is not None else 3
         dims = {m.output_dim(k) for m in modules}
         if len(dims) > 1:
@@ -171,26 +171,20 @@ class CompoundLoss(LossBase):
         values = self.current_weights().detach().cpu().tolist()
         return dict(zip(self.term_names, map(float, values)))
 
-    def terms(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._last.items()}
-
-    def term_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._last)
-
     # ---------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         weights = self.current_weights()
         total = None
-        last = {}
+        values = {}
         for i, (key, term, accepted) in enumerate(zip(self.term_names, self.losses, self._forward_kwargs)):
             kw = kwargs if accepted is None else {k: v for k, v in kwargs.items() if k in accepted}
             value = term(*args, **kw)
-            last[key] = value.detach().mean() if value.dim() else value.detach()
+            values[key] = value
             part = weights[i].to(value.dtype) * value
             if self.weighting == "uncertainty":
                 part = part + 0.5 * self.log_vars[i].to(value.dtype)
             total = part if total is None else total + part
-        self._last = last
+        self.record_terms(**values)
         return total
 
     # ---------------------------------------------------------------- delegation

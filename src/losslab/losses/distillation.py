@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses: ``kd``, ``combined``, ``rkd``, ``crd``, ``mmd`` (``task = "distillation"``).
+"""Knowledge-distillation losses: ``kd``, ``combined``, ``rkd``, ``crd``, ``mmd`` (``family = "distillation"``).
 
 Every distillation loss here has the same call::
 
@@ -45,20 +45,7 @@ __all__ = [
 
 
 class _DistillationLoss(LossBase):
-    task = "distillation"
-
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__(reduction)
-        self._last: dict[str, torch.Tensor] = {}
-
-    def _record(self, **values: torch.Tensor) -> None:
-        self._last = {k: v.detach().mean() for k, v in values.items()}
-
-    def terms(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._last.items()}
-
-    def term_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._last)
+    family = "distillation"
 
     def _dims(self, student_dim, teacher_dim, required: bool, why: str) -> tuple[int | None, int | None]:
         if required and (student_dim is None or teacher_dim is None):
@@ -122,14 +109,14 @@ class KDLoss(_DistillationLoss):
             T = self.temperature
             kd = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits.detach() / T, dim=1),
                           reduction="batchmean", log_target=True) * T**2
-            self._record(kd=kd)
+            self.record_terms(kd=kd)
             return kd
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
         if self.alpha == 1.0:
-            self._record(kd=kd)
+            self.record_terms(kd=kd)
             return self.reduce(kd)
         ce = _ce(student_logits, target)
-        self._record(kd=kd, ce=ce)
+        self.record_terms(kd=kd, ce=ce)
         return self.reduce(self.alpha * kd + (1.0 - self.alpha) * ce)
 
 
@@ -186,10 +173,10 @@ class CombinedDistillationLoss(_DistillationLoss):
         ce = _ce(student_logits, target)
         total = self.alpha * kd + (1.0 - self.alpha) * ce
         if self.projection is None:
-            self._record(ce=ce, kd=kd)
+            self.record_terms(ce=ce, kd=kd)
             return self.reduce(total)
         hint = (self.projection(student_features) - teacher_features.detach()).pow(2).mean(dim=1)
-        self._record(ce=ce, kd=kd, hint=hint)
+        self.record_terms(ce=ce, kd=kd, hint=hint)
         return self.reduce(total + self.hint_weight * hint)
 
 
@@ -284,10 +271,10 @@ class RKDLoss(_DistillationLoss):
         total = self.distance_weight * dist + self.angle_weight * angle
         if self.ce_weight > 0:
             ce = _ce(student_logits, target)
-            self._record(ce=ce, rkd_distance=dist, rkd_angle=angle)
+            self.record_terms(ce=ce, rkd_distance=dist, rkd_angle=angle)
             total = total + self.ce_weight * ce
         else:
-            self._record(rkd_distance=dist, rkd_angle=angle)
+            self.record_terms(rkd_distance=dist, rkd_angle=angle)
         return self.reduce(total)
 
 
@@ -409,10 +396,10 @@ class CRDLoss(_DistillationLoss):
         total = self.crd_weight * crd
         if self.ce_weight > 0:
             ce = _ce(student_logits, target)
-            self._record(ce=ce, crd=crd)
+            self.record_terms(ce=ce, crd=crd)
             total = total + self.ce_weight * ce
         else:
-            self._record(crd=crd)
+            self.record_terms(crd=crd)
         return self.reduce(total)
 
 
@@ -485,8 +472,8 @@ class MMDLoss(_DistillationLoss):
         total = self.mmd_weight * mmd
         if self.ce_weight > 0:
             ce = _ce(student_logits, target)
-            self._record(ce=ce, mmd=mmd)
+            self.record_terms(ce=ce, mmd=mmd)
             total = total + self.ce_weight * ce
         else:
-            self._record(mmd=mmd)
+            self.record_terms(mmd=mmd)
         return self.reduce(total)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import TermRecorder
+
 __all__ = ["DISTILL_LOSSES", "LabelsOnly", "MultiTaskDistillation", "UNLABELLED", "labelled_cross_entropy",
            "labelled_subset"]
 
@@ -48,7 +50,7 @@ def labelled_subset(labels: Sequence, fraction: float, seed: int) -> np.ndarray:
         mask[rng.choice(members, size=keep, replace=False)] = True
     return mask
 
-class MultiTaskDistillation(nn.Module):
+class MultiTaskDistillation(TermRecorder):
     """``L = ce_weight · Σ_t CE(s_t, y_t) + distill_weight · D`` with D from the loss library.
 
     Args:
@@ -104,14 +106,13 @@ class MultiTaskDistillation(nn.Module):
             self.losses = nn.ModuleDict(losses)
         else:
             self.losses = nn.ModuleDict({"features": build_loss(self.registry_name, **params, ce_weight=0.0)})
-        self._terms: dict[str, float] = {}
 
     def forward(self, student_logits, teacher_logits, labels, student_features, teacher_features, index=None):
         terms: dict[str, torch.Tensor] = {}
         ce = student_features.new_zeros(())
         for task in self.tasks:
             ce_t = labelled_cross_entropy(student_logits[task].float(), labels[task])
-            terms[f"ce/{task}"] = ce_t.detach()
+            terms[f"ce/{task}"] = ce_t
             ce = ce + ce_t
         distill = student_features.new_zeros(())
         if self.registry_name in _PER_TASK:
@@ -119,38 +120,33 @@ class MultiTaskDistillation(nn.Module):
                 loss = self.losses[task]
                 distill = distill + loss(student_logits[task].float(), teacher_logits[task].float(), labels[task],
                                          student_features.float(), teacher_features.float(), index)
-                for k, v in loss.terms().items():
+                for k, v in loss.term_tensors().items():
                     if k != "ce":
-                        terms[k if k == "hint" else f"{k}/{task}"] = torch.tensor(v)
+                        terms[k if k == "hint" else f"{k}/{task}"] = v
         else:
             first = self.tasks[0]
             loss = self.losses["features"]
             distill = loss(student_logits[first].float(), teacher_logits[first].float(), labels[first],
                            student_features.float(), teacher_features.float(), index)
-            terms.update({k: torch.tensor(v) for k, v in loss.terms().items() if k != "ce"})
-        self._terms = {k: float(v) for k, v in terms.items()}
+            terms.update({k: v for k, v in loss.term_tensors().items() if k != "ce"})
+        self.record_terms(**terms)
         return self.ce_weight * ce + self.distill_weight * distill
 
-    def terms(self) -> dict[str, float]:
-        return dict(self._terms)
 
-
-class LabelsOnly(nn.Module):
+class LabelsOnly(TermRecorder):
     """``Σ_t CE(s_t, y_t)`` (teacher and student alone)."""
 
     def __init__(self, tasks: Sequence[str], ce_weight: float = 1.0) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.ce_weight = float(ce_weight)
-        self._terms: dict[str, float] = {}
 
     def forward(self, student_logits, teacher_logits, labels, student_features, teacher_features, index=None):
         total = student_features.new_zeros(())
+        terms = {}
         for task in self.tasks:
             ce = F.cross_entropy(student_logits[task].float(), labels[task])
-            self._terms[f"ce/{task}"] = float(ce.detach())
+            terms[f"ce/{task}"] = ce
             total = total + ce
+        self.record_terms(**terms)
         return self.ce_weight * total
-
-    def terms(self) -> dict[str, float]:
-        return dict(self._terms)

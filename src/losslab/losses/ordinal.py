@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import LossBase, _check_sequence
+from .base import LossBase, check_per_class
 from .registry import register_loss
 
 __all__ = [
@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 
-def ordinal_levels(target: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def ordinal_levels(target: torch.Tensor, num_thresholds: int) -> torch.Tensor:
     """Extended binary labels ``(B, K−1)``: ``levels[i, k] = 1[y_i > k]``."""
-    ranks = torch.arange(num_tasks, device=target.device)
+    ranks = torch.arange(num_thresholds, device=target.device)
     return (target.unsqueeze(1) > ranks).float()
 
 
@@ -76,9 +76,9 @@ class CoralLoss(LossBase):
     Cao, Mirjalili, Raschka, "Rank consistent ordinal regression for neural networks with application to
     age estimation", Pattern Recognition Letters 2020, arXiv:1901.07884.
 
-    The K ordered classes become K−1 binary tasks ``y > k``; ``L = −Σ_k λ_k [t_k log σ(z_k) +
+    The K ordered classes become K−1 binary problems ``y > k``; ``L = −Σ_k λ_k [t_k log σ(z_k) +
     (1 − t_k) log(1 − σ(z_k))]`` with ``t_k = 1[y > k]`` (as ``coral_pytorch.losses.coral_loss``: sum over
-    tasks, mean over samples). Rank consistency comes from the head (one shared weight vector, K−1
+    the binary problems, mean over samples). Rank consistency comes from the head (one shared weight vector, K−1
     biases); the loss also works with an ordinary ``Linear(D, K−1)``.
 
     Args:
@@ -101,7 +101,7 @@ class CoralLoss(LossBase):
         importance_weights: null
     """
 
-    task = "ordinal"
+    family = "ordinal"
 
     def __init__(
         self,
@@ -112,12 +112,9 @@ class CoralLoss(LossBase):
         super().__init__(reduction)
         importance = None
         if importance_weights is not None:
-            values = _check_sequence(self.name, "importance_weights", importance_weights)
-            if num_classes is not None and len(values) != num_classes - 1:
-                raise ValueError(f"loss {self.name!r}: importance_weights has {len(values)} entries {values!r} but "
-                                 f"needs num_classes - 1 = {num_classes - 1}")
-            if any(v < 0 for v in values):
-                raise ValueError(f"loss {self.name!r}: importance_weights must be >= 0, got {values!r}")
+            thresholds = None if num_classes is None else num_classes - 1
+            values = check_per_class(self.name, "importance_weights", importance_weights, thresholds,
+                                     f"rank thresholds, num_classes - 1 = {thresholds}")
             importance = torch.tensor(values, dtype=torch.float32)
         self.register_buffer("importance_weights", importance)
 
@@ -136,16 +133,16 @@ class CoralLoss(LossBase):
 
 # ------------------------------------------------------------------------------------------- CORN
 def corn_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unreduced CORN loss: (per-sample loss ``(B,)``, per-sample number of tasks ``(B,)``).
+    """Unreduced CORN loss: (per-sample loss ``(B,)``, per-sample number of binary problems ``(B,)``).
 
-    Task k (``z_k`` models ``P(y > k | y > k−1)``) is trained only on samples with ``y ≥ k`` (task 0 on
-    all samples), label ``1[y > k]``: ``l_i = −Σ_{k ≤ min(y_i, K−2)} [t_ik log σ(z_ik) + (1 − t_ik) log(1 − σ(z_ik))]``.
+    Binary problem k (``z_k`` models ``P(y > k | y > k−1)``) is trained only on samples with ``y ≥ k``
+    (problem 0 on all samples), label ``1[y > k]``: ``l_i = −Σ_{k ≤ min(y_i, K−2)} [t_ik log σ(z_ik) + (1 − t_ik) log(1 − σ(z_ik))]``.
     """
-    num_tasks = logits.shape[1]
-    ranks = torch.arange(num_tasks, device=target.device)
-    in_task = (target.unsqueeze(1) >= ranks).to(logits.dtype)  # sample i is in the subset of task k
-    ll = _binary_log_likelihood(logits, ordinal_levels(target, num_tasks).to(logits.dtype))
-    return -(ll * in_task).sum(dim=1), in_task.sum(dim=1)
+    num_thresholds = logits.shape[1]
+    ranks = torch.arange(num_thresholds, device=target.device)
+    in_subset = (target.unsqueeze(1) >= ranks).to(logits.dtype)  # sample i is in the subset of problem k
+    ll = _binary_log_likelihood(logits, ordinal_levels(target, num_thresholds).to(logits.dtype))
+    return -(ll * in_subset).sum(dim=1), in_subset.sum(dim=1)
 
 
 def corn_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -164,15 +161,15 @@ def corn_predict(logits: torch.Tensor) -> torch.Tensor:
 
 @register_loss("corn")
 class CornLoss(LossBase):
-    """CORN: conditional ordinal regression with K−1 conditional binary tasks.
+    """CORN: conditional ordinal regression with K−1 conditional binary problems.
 
     Shi, Cao, Raschka, "Deep Neural Networks for Rank-Consistent Ordinal Regression Based On Conditional
     Probabilities", Pattern Analysis and Applications 2023, arXiv:2111.08851.
 
-    Logit ``z_k`` models ``P(y > k | y > k−1)``; task k is trained on the samples with ``y ≥ k`` only.
-    ``reduction="mean"`` divides the summed binary losses by the number of (sample, task) pairs, as the
+    Logit ``z_k`` models ``P(y > k | y > k−1)``; problem k is trained on the samples with ``y ≥ k`` only.
+    ``reduction="mean"`` divides the summed binary losses by the number of (sample, problem) pairs, as the
     reference ``coral_pytorch.losses.corn_loss`` does (a weighted mean over samples, each weighted by its
-    number of tasks); ``none`` gives each sample's summed binary losses; ``sum`` their sum.
+    number of problems); ``none`` gives each sample's summed binary losses; ``sum`` their sum.
     ``P(y > k) = Π_{j ≤ k} σ(z_j)`` is rank-consistent by construction.
 
     Args:
@@ -192,7 +189,7 @@ class CornLoss(LossBase):
         name: corn
     """
 
-    task = "ordinal"
+    family = "ordinal"
 
     def __init__(self, num_classes: int | None = None, reduction: str = "mean") -> None:
         super().__init__(reduction)
@@ -207,7 +204,7 @@ class CornLoss(LossBase):
         return corn_predict(logits)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        values, num_tasks = corn_loss(logits, target)
+        values, num_problems = corn_loss(logits, target)
         if self.reduction == "mean":
-            return values.sum() / num_tasks.sum()
+            return values.sum() / num_problems.sum()
         return self.reduce(values)

@@ -26,7 +26,7 @@ from monai.losses import DiceLoss as MonaiDiceLoss
 from monai.losses import FocalLoss as MonaiFocalLoss
 from monai.losses import TverskyLoss as MonaiTverskyLoss
 
-from .base import LossBase, _check_sequence, check_bool, check_number
+from .base import LossBase, check_bool, check_number, check_per_class
 from .registry import register_loss
 
 __all__ = [
@@ -55,7 +55,22 @@ def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _SegmentationLoss(LossBase):
-    task = "segmentation"
+    family = "segmentation"
+
+    def _check_channels(self, include_background: bool, sigmoid: bool) -> dict[str, bool]:
+        """Validate the channel flags, set ``self.sigmoid``; MONAI's channel arguments for them (with
+        sigmoid channels there is no background channel to drop, and the target is already multi-hot)."""
+        check_bool(self.name, "include_background", include_background)
+        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
+        return {"include_background": include_background or sigmoid, "to_onehot_y": not sigmoid}
+
+    def _overlap_args(self, include_background: bool, sigmoid: bool, smooth_nr: float,
+                      smooth_dr: float) -> dict[str, bool | float]:
+        """The validated arguments Dice and Tversky share, as MONAI's ``DiceLoss``/``TverskyLoss`` take them."""
+        return self._check_channels(include_background, sigmoid) | {
+            "softmax": not sigmoid, "sigmoid": sigmoid,
+            "smooth_nr": check_number(self.name, "smooth_nr", smooth_nr, minimum=0.0),
+            "smooth_dr": check_number(self.name, "smooth_dr", smooth_dr, minimum=0.0)}
 
 
 # ------------------------------------------------------------------------------------------- dice
@@ -101,14 +116,9 @@ class DiceLoss(_SegmentationLoss):
         sigmoid: bool = False,
     ) -> None:
         super().__init__(reduction)
-        check_bool(self.name, "include_background", include_background)
         check_bool(self.name, "squared_pred", squared_pred)
-        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
-        smooth_nr = check_number(self.name, "smooth_nr", smooth_nr, minimum=0.0)
-        smooth_dr = check_number(self.name, "smooth_dr", smooth_dr, minimum=0.0)
-        self.dice = MonaiDiceLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
-                                  softmax=not sigmoid, sigmoid=sigmoid, squared_pred=squared_pred,
-                                  smooth_nr=smooth_nr, smooth_dr=smooth_dr, reduction="none")
+        self.dice = MonaiDiceLoss(squared_pred=squared_pred, reduction="none",
+                                  **self._overlap_args(include_background, sigmoid, smooth_nr, smooth_dr))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.reduce(_per_sample(self.dice(logits, target)))
@@ -209,14 +219,8 @@ class TverskyLoss(_SegmentationLoss):
         super().__init__(reduction)
         self.alpha = check_number(self.name, "alpha", alpha, minimum=0.0)
         self.beta = check_number(self.name, "beta", beta, minimum=0.0)
-        check_bool(self.name, "include_background", include_background)
-        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
-        smooth_nr = check_number(self.name, "smooth_nr", smooth_nr, minimum=0.0)
-        smooth_dr = check_number(self.name, "smooth_dr", smooth_dr, minimum=0.0)
-        self.tversky = MonaiTverskyLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
-                                        softmax=not sigmoid, sigmoid=sigmoid,
-                                        alpha=self.alpha, beta=self.beta, smooth_nr=smooth_nr,
-                                        smooth_dr=smooth_dr, reduction="none")
+        self.tversky = MonaiTverskyLoss(alpha=self.alpha, beta=self.beta, reduction="none",
+                                        **self._overlap_args(include_background, sigmoid, smooth_nr, smooth_dr))
 
     def per_class(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Tversky loss per sample and class ``(B, K')`` (K' = K, or K − 1 without background)."""
@@ -321,28 +325,17 @@ class FocalSegLoss(_SegmentationLoss):
     ) -> None:
         super().__init__(reduction)
         self.gamma = check_number(self.name, "gamma", gamma, minimum=0.0)
-        check_bool(self.name, "include_background", include_background)
-        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
+        channels = self._check_channels(include_background, sigmoid)
         if alpha is not None:
             if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
                 alpha = check_number(self.name, "alpha", alpha, minimum=0.0, maximum=1.0)
             else:
-                alpha = self._check_list("alpha", alpha, num_classes)
+                alpha = check_per_class(self.name, "alpha", alpha, num_classes)
         if class_weights is not None:
-            class_weights = self._check_list("class_weights", class_weights, num_classes)
+            class_weights = check_per_class(self.name, "class_weights", class_weights, num_classes)
         self.alpha = alpha
-        self.focal = MonaiFocalLoss(include_background=include_background or sigmoid, to_onehot_y=not sigmoid,
-                                    gamma=self.gamma, alpha=alpha, weight=class_weights, use_softmax=not sigmoid,
-                                    reduction="none")
-
-    def _check_list(self, arg: str, value, num_classes: int | None) -> list[float]:
-        values = _check_sequence(self.name, arg, value)
-        if num_classes is not None and len(values) != num_classes:
-            raise ValueError(f"loss {self.name!r}: {arg} has {len(values)} entries {values!r} but there are "
-                             f"{num_classes} classes")
-        if any(v < 0 for v in values):
-            raise ValueError(f"loss {self.name!r}: {arg} must be >= 0, got {values!r}")
-        return values
+        self.focal = MonaiFocalLoss(gamma=self.gamma, alpha=alpha, weight=class_weights, use_softmax=not sigmoid,
+                                    reduction="none", **channels)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.sigmoid and not isinstance(self.alpha, list) and self.focal.class_weight is None:
@@ -466,8 +459,8 @@ class BoundaryLoss(_SegmentationLoss):
     def __init__(self, include_background: bool = False, num_classes: int | None = None, reduction: str = "mean",
                  sigmoid: bool = False) -> None:
         super().__init__(reduction)
-        self.include_background = check_bool(self.name, "include_background", include_background)
-        self.sigmoid = check_bool(self.name, "sigmoid", sigmoid)
+        self._check_channels(include_background, sigmoid)
+        self.include_background = include_background
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor | None, dist_maps: torch.Tensor) -> torch.Tensor:
         return self.reduce(boundary_loss(logits, dist_maps, self.include_background, self.sigmoid))
@@ -522,7 +515,6 @@ class DiceBoundaryLoss(_SegmentationLoss):
         self.dice = DiceLoss(include_background=include_background, reduction="none", sigmoid=sigmoid)
         self.boundary = BoundaryLoss(include_background=boundary_include_background, reduction="none", sigmoid=sigmoid)
         self.alpha = self.alpha_start
-        self._terms: dict[str, torch.Tensor] = {}
 
     def on_epoch_start(self, epoch: int) -> None:
         """Set ``α = max(alpha_min, alpha_start − alpha_step · epoch)``."""
@@ -531,14 +523,8 @@ class DiceBoundaryLoss(_SegmentationLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, dist_maps: torch.Tensor) -> torch.Tensor:
         dice = self.dice(logits, target)
         boundary = self.boundary(logits, target, dist_maps)
-        self._terms = {"dice": dice.detach().mean(), "boundary": boundary.detach().mean()}
+        self.record_terms(dice=dice, boundary=boundary)
         return self.reduce(self.alpha * dice + (1.0 - self.alpha) * boundary)
-
-    def terms(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._terms.items()}
-
-    def term_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._terms)
 
     def weights(self) -> dict[str, float]:
         return {"dice": float(self.alpha), "boundary": float(1.0 - self.alpha)}

@@ -386,16 +386,17 @@ def build_task_model(cfg: Any, names: list[str], class_counts: list[int] | None 
 
 
 def loss_tasks_of(name: str, params: dict[str, Any]) -> dict[str, str]:
-    """``{loss name: task}`` for ``loss.name`` and, for a compound loss, each of its terms."""
+    """``{loss name: its family}`` (``LossBase.family``) for ``loss.name`` and, for a compound loss, each
+    of its terms."""
     from losslab.losses.registry import get_loss_class
 
-    out = {name: getattr(get_loss_class(name), "task", "classification")}
+    out = {name: getattr(get_loss_class(name), "family", "classification")}
     terms = params.get("terms")
     if isinstance(terms, list) and terms:
         out = {}
         for term in terms:
             if isinstance(term, dict) and isinstance(term.get("name"), str):
-                out[term["name"]] = getattr(get_loss_class(term["name"]), "task", "classification")
+                out[term["name"]] = getattr(get_loss_class(term["name"]), "family", "classification")
     return out
 
 
