@@ -118,14 +118,16 @@ def test_read_series_meta_has_no_identifier(tmp_path):
     assert "FAKE" not in text and not set(meta) & dicom.PHI_KEYWORDS
 
 
-def test_apply_window_and_multi_window():
+def test_multi_window_applies_linear_windows():
     volume = np.linspace(-1000, 2000, 4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
-    np.testing.assert_allclose(dicom.apply_window(np.array([-125.0, 50.0, 225.0]), 50, 350), [0, 0.5, 1])
+    edges = dicom.multi_window(np.array([[[-125.0, 50.0, 225.0]]]), [(50, 350)])
+    np.testing.assert_allclose(edges[0, 0, 0], [0, 0.5, 1])
     stacked = dicom.multi_window(volume, file_window=(500.0, 1000.0))
     assert stacked.shape == (4, 3, 8, 8) and stacked.dtype == np.float32
     assert stacked.min() >= 0 and stacked.max() <= 1
-    np.testing.assert_allclose(stacked[:, 1], dicom.apply_window(volume, 400, 2000))
-    np.testing.assert_allclose(stacked[:, 2], dicom.apply_window(volume, 500, 1000))
+    for channel, (centre, width) in enumerate([(50.0, 350.0), (400.0, 2000.0), (500.0, 1000.0)]):
+        expected = np.clip((volume.astype(np.float64) - (centre - width / 2)) / width, 0, 1)
+        np.testing.assert_allclose(stacked[:, channel], expected, atol=1e-6)
     # no file window: "file" falls back to the automatic window
     auto = dicom.multi_window(volume, windows=["file"])
     assert auto.shape == (4, 1, 8, 8) and auto.max() == 1.0 and auto.min() == 0.0

@@ -56,8 +56,8 @@ def test_a_multimodal_model_round_trips_through_safetensors_and_its_spec(tmp_pat
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.eval()
     assert rebuilt.task_classes == tasks and rebuilt.preprocessing == model.preprocessing
-    ids, mask = model.tokenize(captions)
-    ids2, mask2 = rebuilt.tokenize(captions)
+    ids, mask = model.tokenizer(captions, model.max_length)  # as ImageTextDataset tokenizes for the model
+    ids2, mask2 = rebuilt.tokenizer(captions, rebuilt.max_length)
     assert torch.equal(ids, ids2) and torch.equal(mask, mask2)  # the same vocabulary, not a re-learnt one
     image = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -25,6 +25,15 @@ TASKS = ["modality", "location"]
 IMAGE = {"backbone": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 
 
+def caption_tokens(model, texts):
+    """Captions as the data path hands them to ``model`` (:class:`ImageTextDataset`:
+    ``model.tokenizer(texts, model.max_length)``; zero-width ids and mask for an image-only model)."""
+    if model.tokenizer is None:
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return empty, empty.clone()
+    return model.tokenizer(list(texts), model.max_length)
+
+
 @pytest.fixture(scope="module")
 def medpix(tmp_path_factory):
     root = tmp_path_factory.mktemp("medpix") / "raw"
@@ -121,7 +130,7 @@ def test_multimodal_forward_shapes_and_backward(fusion):
     model = build_multimodal_model({"image": IMAGE, "text": {"dim": 16, "depth": 1, "num_heads": 2, "max_length": 12},
                                     "fusion": fusion, "fusion_dim": 16, "num_heads": 2}, tasks,
                                    texts=["CT of the chest", "MRI of the head"])
-    ids, mask = model.tokenize(["CT of the chest", "MRI"])
+    ids, mask = caption_tokens(model, ["CT of the chest", "MRI"])
     logits, features = model(torch.randn(2, 1, 32, 32), ids, mask)
     assert {k: tuple(v.shape) for k, v in logits.items()} == {"modality": (2, 3), "location": (2, 2)}
     assert features.shape == (2, model.feature_dim)
@@ -144,10 +153,10 @@ def test_cross_attention_text_changes_image_prediction_and_padding_does_not():
                                     "fusion": "cross_attention", "fusion_dim": 16, "num_heads": 2, "dropout": 0.0},
                                    {"t": ["a", "b"]}, texts=["ct chest", "mri head"]).eval()
     x = torch.randn(1, 1, 32, 32)
-    a = model(x, *model.tokenize(["ct chest"]))[1]
-    b = model(x, *model.tokenize(["mri head"]))[1]
+    a = model(x, *caption_tokens(model, ["ct chest"]))[1]
+    b = model(x, *caption_tokens(model, ["mri head"]))[1]
     assert not torch.allclose(a[:, :16], b[:, :16])  # the image stream attends to the text
-    ids, mask = model.tokenize(["ct chest"])
+    ids, mask = caption_tokens(model, ["ct chest"])
     ids2 = ids.clone()
     ids2[mask == 0] = 5
     assert torch.allclose(model(x, ids2, mask)[1], a, atol=1e-5)
@@ -171,7 +180,7 @@ def test_build_model_dispatches_multimodal():
                                    "text": {"dim": 16, "num_heads": 2, "depth": 1, "max_length": 8}})
     model = build_model(cfg, 3)
     assert isinstance(model, MultiModalClassifier) and model.task_classes == {"label": ["0", "1", "2"]}
-    logits, _ = model(torch.randn(2, 1, 32, 32), *model.tokenize(["ct", "mri"]))
+    logits, _ = model(torch.randn(2, 1, 32, 32), *caption_tokens(model, ["ct", "mri"]))
     assert logits["label"].shape == (2, 3)
     with pytest.raises(ValueError, match="model.head is the fusion"):
         build_model(ModelConfig(kind="multimodal"), 2)

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-MODES = ("none", "per_case_nonzero_zscore", "fixed", "dataset")
-
 
 @dataclass(frozen=True)
 class Normalizer:

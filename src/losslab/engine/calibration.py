@@ -335,12 +335,3 @@ class Calibrator:
             "objective": self.objective,
             "extra": dict(self.extra),
         }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibrator":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown Calibrator fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)

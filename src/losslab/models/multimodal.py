@@ -156,14 +156,6 @@ class MultiModalClassifier(nn.Module):
         features = torch.cat(pooled, dim=1)
         return {task: head(features) for task, head in self.heads.items()}, features
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> ``(input_ids (B, L), attention_mask (B, L))`` with this model's tokenizer
-        (``(B, 0)`` tensors for ``image_only``, which reads no text)."""
-        if self.tokenizer is None:
-            empty = torch.zeros(len(texts), 0, dtype=torch.long)
-            return empty, empty.clone()
-        return self.tokenizer(list(texts), max_length=self.max_length)
-
 
 def build_multimodal_model(spec: dict[str, Any], task_classes: dict[str, Sequence[str]],
                            texts: Sequence[str] | None = None, in_chans: int = 1,

@@ -55,10 +55,10 @@ from losslab.data.dicom.image import clahe, crop_around, normalise, resize
 from losslab.data.dicom.phi import PHI_KEYWORDS, SAFE_KEYWORDS, safe_metadata
 from losslab.data.dicom.read import field, find_series, group_series, native_pixels, series_files
 from losslab.data.dicom.volume import check_volume, read_series, series_volume
-from losslab.data.dicom.window import BONE, DEFAULT_WINDOWS, SOFT_TISSUE, apply_window, multi_window, windowed_crop
+from losslab.data.dicom.window import BONE, DEFAULT_WINDOWS, SOFT_TISSUE, multi_window, windowed_crop
 
 __all__ = [
-    "BONE", "DEFAULT_WINDOWS", "PHI_KEYWORDS", "SAFE_KEYWORDS", "SOFT_TISSUE", "apply_window", "check_volume",
+    "BONE", "DEFAULT_WINDOWS", "PHI_KEYWORDS", "SAFE_KEYWORDS", "SOFT_TISSUE", "check_volume",
     "clahe", "crop_around", "field", "find_series", "group_series", "multi_window", "native_pixels", "normalise",
     "read_series", "resize", "safe_metadata", "series_files", "series_volume", "windowed_crop",
 ]

@@ -14,17 +14,9 @@ BONE = (400.0, 2000.0)
 DEFAULT_WINDOWS: tuple[Any, ...] = (SOFT_TISSUE, BONE, "file")
 
 
-def apply_window(volume: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """Linear window to ``[0, 1]``: ``clip((x - (c - w/2)) / w, 0, 1)``, ``float32``.
-
-    >>> apply_window(np.array([0., 50., 100.]), 50, 100).tolist()
-    [0.0, 0.5, 1.0]
-    """
-    return _window_into(np.asarray(volume, dtype=np.float32), centre, width, None)
-
-
 def _window_into(volume: np.ndarray, centre: float, width: float, out: np.ndarray | None) -> np.ndarray:
-    """``(clip(x, lo, hi) - lo) / (hi - lo)`` with ``lo = c - w/2``, ``hi = lo + w`` in float32.
+    """Linear window to ``[0, 1]``, ``clip((x - (c - w/2)) / w, 0, 1)``, computed as
+    ``(clip(x, lo, hi) - lo) / (hi - lo)`` with ``lo = c - w/2``, ``hi = lo + w`` in float32.
 
     Dividing by the float32 span the clipped values actually have keeps the result in ``[0, 1]``
     exactly; one 2D slice at a time, so the three passes stay in the CPU cache (about 1.4x faster
@@ -65,7 +57,11 @@ def multi_window(
     Each entry of ``windows`` is ``(centre, width)``, ``"file"`` (the file's own window,
     ``file_window``; the automatic window when the file has none) or ``"auto"`` (0.5–99.5
     percentile of the volume). The default is soft tissue 50/350, bone 400/2000 and the file's
-    window: the three channels of an RGB image for 2D backbones.
+    window: the three channels of an RGB image for 2D backbones. Each window is linear,
+    ``clip((x - (c - w/2)) / w, 0, 1)``.
+
+    >>> multi_window(np.array([[[0., 50., 100.]]]), [(50, 100)]).tolist()
+    [[[[0.0, 0.5, 1.0]]]]
     """
     volume = np.asarray(volume, dtype=np.float32)
     specs = list(windows)
