@@ -25,8 +25,8 @@ reuses the cache and says so, once every array's size and hash match the index
 (:mod:`losslab.data.integrity`); a truncated or altered array is named and the cache rebuilt from
 the raw data (or refused when the raw data is gone). ``load_cache`` checks the same before any run.
 
-Building: the source's tasks (e.g. one DICOM series each) run in parallel worker processes; each
-case array is written atomically (a temporary file, then ``os.replace``) and each finished task
+Building: the source's read jobs (e.g. one DICOM series each) run in parallel worker processes; each
+case array is written atomically (a temporary file, then ``os.replace``) and each finished job
 is appended to a journal (``.preprocess-journal.jsonl``: its index rows and report entries). A
 build that was killed resumes from the journal; the index is removed when a build starts and
 written last, so a cache without ``index.parquet`` is never read. The result is the same, byte
@@ -64,7 +64,7 @@ from losslab.data.integrity import (ArrayRecord, CacheIntegrityError, damage, ex
 from losslab.data.raw_data import ensure_raw_data, ensure_raw_data_to_rebuild  # noqa: F401 - ensure_raw_data re-exported
 from losslab.data.raw_data import hash_files as _hash_files
 from losslab.data.seg_cache import SegCacheInfo, build_seg_cache
-from losslab.data.sources import Case, SkipReport, Source, Task, build_source, source_reads_root
+from losslab.data.sources import Case, ReadJob, SkipReport, Source, build_source, source_reads_root
 from losslab.data.splits import TEST_FOLD, assign_folds, split_fingerprint, split_key
 
 CACHE_VERSION = 4  # 2: a source's own test split is the held-out test (fold -1); 3: array sizes and hashes;
@@ -89,7 +89,7 @@ class CacheInfo:
     reused: bool
     fingerprint: str
     class_names: list[str] = field(default_factory=list)
-    resumed_tasks: int = 0  # tasks taken from the journal of an interrupted build
+    resumed_tasks: int = 0  # read jobs taken from the journal of an interrupted build
     total_tasks: int = 0
     rebuilt_because: str = ""  # the damage found in the previous cache when this build replaced it
 
@@ -190,19 +190,19 @@ def _reusable(cache_dir: Path, fingerprint: str) -> CacheInfo | str | None:
 
 def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, fingerprint: str,
            force: bool) -> CacheInfo:
-    """Run the source's tasks into the cache, resuming from the journal (module docstring)."""
+    """Run the source's read jobs into the cache, resuming from the journal (module docstring)."""
     class_names = list(data_cfg.class_names or source.class_names)
-    tasks = source.tasks()  # planning first: a bad table fails before the cache is touched
+    jobs = source.read_jobs()  # planning first: a bad table fails before the cache is touched
     (cache_dir / "index.parquet").unlink(missing_ok=True)  # the commit mark goes first, comes back last
     store = _Store(cache_dir / "arrays", class_names, cache_dtype(data_cfg.cache_dtype, source))
     store.arrays.mkdir(parents=True, exist_ok=True)
-    journal = _Journal(cache_dir / JOURNAL, {"fingerprint": fingerprint, "tasks": len(tasks)}, store.arrays, force)
+    journal = _Journal(cache_dir / JOURNAL, {"fingerprint": fingerprint, "tasks": len(jobs)}, store.arrays, force)
     resumed = len(journal.entries)
     if resumed:
-        log.info("resuming an interrupted build: %d of %d tasks already done", resumed, len(tasks))
-    _run_tasks(source, tasks, journal, store, data_cfg.preprocess_workers)
+        log.info("resuming an interrupted build: %d of %d read jobs already done", resumed, len(jobs))
+    _run_jobs(source, jobs, journal, store, data_cfg.preprocess_workers)
     rows = []
-    for position in range(len(tasks)):  # the tasks' order, whatever order they finished in
+    for position in range(len(jobs)):  # the jobs' order, whatever order they finished in
         entry = journal.entries[position]
         rows.extend(entry["rows"])
         report.read += entry["read"]
@@ -241,7 +241,7 @@ def _build(data_cfg: Any, cache_dir: Path, source: Source, report: SkipReport, f
         "test_split": "source" if source_test.any() else ("test_fraction" if data_cfg.test_fraction > 0 else "none"),
     }
     _commit(cache_dir, index, full_report, journal)
-    return CacheInfo(cache_dir, index, full_report, False, fingerprint, class_names, resumed, len(tasks))
+    return CacheInfo(cache_dir, index, full_report, False, fingerprint, class_names, resumed, len(jobs))
 
 
 # ----------------------------------------------------------------------------- the write path
@@ -256,7 +256,7 @@ def cache_dtype(setting: str, source: Source) -> str:
 
 @dataclass(frozen=True)
 class _Store:
-    """Where and how a task's cases are written (pickled to the worker processes)."""
+    """Where and how a read job's cases are written (pickled to the worker processes)."""
 
     arrays: Path
     class_names: list[str]
@@ -332,7 +332,7 @@ _worker: dict[str, Any] = {}
 def _init_worker(source: Source, store: _Store) -> None:
     from threadpoolctl import threadpool_limits
 
-    # one BLAS thread per process: the parallelism is across tasks, and OpenBLAS threads spinning
+    # one BLAS thread per process: the parallelism is across read jobs, and OpenBLAS threads spinning
     # on a busy machine made the small resize products 70x slower (measured on 2 shared cores)
     _worker.update(source=source, store=store, limits=threadpool_limits(1, user_api="blas"))
     if store.dtype == "float16":
@@ -343,13 +343,13 @@ def _init_worker(source: Source, store: _Store) -> None:
         torch.set_num_threads(1)
 
 
-def _run_task(position: int, task: Task) -> tuple[int, dict[str, Any]]:
-    """Run one task in this process: its journal entry (index rows and report entries)."""
+def _run_job(position: int, job: ReadJob) -> tuple[int, dict[str, Any]]:
+    """Run one read job in this process: its journal entry (index rows and report entries)."""
     source, store = _worker["source"], _worker["store"]
     report, saved = SkipReport(), source.report
     source.report = report
     try:
-        rows = [row for case in source.run_task(task) if (row := _store_case(case, store, report)) is not None]
+        rows = [row for case in source.run_job(job) if (row := _store_case(case, store, report)) is not None]
     finally:
         source.report = saved
     return position, {"task": position, "rows": rows, "read": report.read, "skipped": report.skipped,
@@ -357,10 +357,12 @@ def _run_task(position: int, task: Task) -> tuple[int, dict[str, Any]]:
 
 
 class _Journal:
-    """The finished tasks of a build, one JSON line each after a header line naming the build.
+    """The finished read jobs of a build, one JSON line each (its position under the key ``task``)
+    after a header line naming the build.
 
-    A journal of another build (fingerprint, task count) is discarded; a line cut short by a kill
-    is dropped, as is any task whose arrays are missing or not of their journalled size (it runs again).
+    A journal of another build (fingerprint, job count under ``tasks``) is discarded; a line cut short
+    by a kill is dropped, as is any job whose arrays are missing or not of their journalled size (it
+    runs again).
     """
 
     def __init__(self, path: Path, header: dict[str, Any], arrays: Path, discard: bool) -> None:
@@ -394,29 +396,29 @@ def _json_line(line: bytes) -> Any:
         return None
 
 
-def _workers(setting: int | None, files: int, tasks: int) -> int:
+def _workers(setting: int | None, files: int, jobs: int) -> int:
     if setting is None:
         setting = (os.cpu_count() or 1) if files >= AUTO_PARALLEL_FILES else 1
-    return max(1, min(int(setting), tasks))
+    return max(1, min(int(setting), jobs))
 
 
-def _run_tasks(source: Source, tasks: list[Task], journal: _Journal, store: _Store, workers: int | None) -> None:
-    """Run the tasks the journal lacks (in a process pool when worth it), journalling each."""
+def _run_jobs(source: Source, jobs: list[ReadJob], journal: _Journal, store: _Store, workers: int | None) -> None:
+    """Run the read jobs the journal lacks (in a process pool when worth it), journalling each."""
     from tqdm import tqdm
 
-    todo = [i for i in range(len(tasks)) if i not in journal.entries]
-    by_files = any(t.files > 0 for t in tasks)  # a missing series folder counts 0 files
-    weight = [t.files if by_files else 1 for t in tasks]
+    todo = [i for i in range(len(jobs)) if i not in journal.entries]
+    by_files = any(job.files > 0 for job in jobs)  # a missing series folder counts 0 files
+    weight = [job.files if by_files else 1 for job in jobs]
     workers = _workers(workers, sum(weight[i] for i in todo) if by_files else 0, len(todo))
     bar = tqdm(total=sum(weight), initial=sum(weight) - sum(weight[i] for i in todo),
-               unit="file" if by_files else "task", desc="preprocess", disable=not sys.stderr.isatty(),
+               unit="file" if by_files else "job", desc="preprocess", disable=not sys.stderr.isatty(),
                dynamic_ncols=True)
     with bar:
         if workers == 1:
             _init_worker(source, store)
             try:
                 for position in todo:
-                    journal.append(_run_task(position, tasks[position])[1])
+                    journal.append(_run_job(position, jobs[position])[1])
                     bar.update(weight[position])
             finally:
                 _worker.pop("limits").restore_original_limits()
@@ -430,7 +432,7 @@ def _run_tasks(source: Source, tasks: list[Task], journal: _Journal, store: _Sto
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=(source, store)) as pool:
-            futures = [pool.submit(_run_task, i, tasks[i]) for i in todo]
+            futures = [pool.submit(_run_job, i, jobs[i]) for i in todo]
             try:
                 for future in as_completed(futures):
                     position, entry = future.result()

@@ -3,12 +3,12 @@
 from losslab.data.sources.base import (  # noqa: F401
     Case,
     PositiveSize,
+    ReadJob,
     SegmentationItem,
     SegmentationSource,
     SkipReport,
     Source,
     SourceKwargsError,
-    Task,
     UnknownSourceError,
     build_source,
     check_source_kwargs,

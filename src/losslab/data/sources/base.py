@@ -48,13 +48,13 @@ class Case:
 
 
 @dataclass(frozen=True)
-class Task:
-    """One independent unit of a source's work (e.g. one DICOM series), run by :meth:`Source.run_task`.
+class ReadJob:
+    """One independent unit of reading a source (e.g. one DICOM series), run by :meth:`Source.run_job`.
 
     Attributes:
-        files: the raw files the task reads (for the progress bar; 0 when unknown).
-        payload: what :meth:`Source.run_task` needs; pickled to worker processes, so small and
-            free of arrays. The cache journals tasks by their position, never by payload.
+        files: the raw files the job reads (for the progress bar; 0 when unknown).
+        payload: what :meth:`Source.run_job` needs; pickled to worker processes, so small and
+            free of arrays. The cache journals jobs by their position, never by payload.
     """
 
     files: int = 0
@@ -97,14 +97,14 @@ class Source:
     def iter_cases(self) -> Iterator[Case]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def tasks(self) -> list[Task]:
-        """The source's independent units of work, in a fixed order (the cache runs them in
-        parallel and resumes an interrupted build task by task). Planning problems are reported
-        to ``self.report`` here; default: one task that runs :meth:`iter_cases`."""
-        return [Task()]
+    def read_jobs(self) -> list[ReadJob]:
+        """The source's independent units of reading, in a fixed order (the cache runs them in
+        parallel and resumes an interrupted build job by job). Planning problems are reported
+        to ``self.report`` here; default: one job that runs :meth:`iter_cases`."""
+        return [ReadJob()]
 
-    def run_task(self, task: Task) -> Iterator[Case]:
-        """The cases of one task of :meth:`tasks`; problems go to ``self.report``."""
+    def run_job(self, job: ReadJob) -> Iterator[Case]:
+        """The cases of one job of :meth:`read_jobs`; problems go to ``self.report``."""
         return self.iter_cases()
 
     def fingerprint_files(self) -> list[str]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from losslab.data import dicom
 from losslab.data.deid import salted_hash
-from losslab.data.sources.base import (Case, PositiveSize, SkipReport, Source, Task, read_csv_table, refused_link,
+from losslab.data.sources.base import (Case, PositiveSize, ReadJob, SkipReport, Source, read_csv_table, refused_link,
                                        register_source)
 from losslab.data.sources.embedded_lumbar import CONDITIONS, LEVELS, column_name
 
@@ -171,15 +171,15 @@ class RsnaLumbarSource(Source):
         return labels
 
     def iter_cases(self) -> Iterator[Case]:
-        for task in self.tasks():
-            yield from self.run_task(task)
+        for job in self.read_jobs():
+            yield from self.run_job(job)
 
-    def run_task(self, task: Task) -> Iterator[Case]:
-        """The cases of one series: ``task.payload`` is ``(study, series, cases, labels, description)``."""
-        return self._series_cases(*task.payload)
+    def run_job(self, job: ReadJob) -> Iterator[Case]:
+        """The cases of one series: ``job.payload`` is ``(study, series, cases, labels, description)``."""
+        return self._series_cases(*job.payload)
 
-    def tasks(self) -> list[Task]:
-        """One task per (study, series) with a coordinate, in sorted order; CSV problems are reported here."""
+    def read_jobs(self) -> list[ReadJob]:
+        """One job per (study, series) with a coordinate, in sorted order; CSV problems are reported here."""
         labels, descriptions, coordinates = self._tables()
         report = self.report
         # (study, series) -> [(condition, level, instance, x, y)], first coordinate per case wins
@@ -223,13 +223,13 @@ class RsnaLumbarSource(Source):
                         report.skip(TRAIN_CSV, f"no coordinate for study {study} {condition} {level}: "
                                                "cannot crop, case skipped")
 
-        tasks = []
+        jobs = []
         for (study, series), cases in sorted(by_series.items()):
             folder = os.path.join(self.root, self.images_dir, study, series)
             files = len(os.listdir(folder)) if os.path.isdir(folder) and not refused_link(self.root, folder) else 0
             study_labels = {study: labels[study]} if study in labels else {}
-            tasks.append(Task(files, (study, series, cases, study_labels, descriptions.get((study, series)))))
-        return tasks
+            jobs.append(ReadJob(files, (study, series, cases, study_labels, descriptions.get((study, series)))))
+        return jobs
 
     # ------------------------------------------------------------------ one series
     def _skip_all(self, cases: list[tuple[str, str, str, str, str]], item: str, reason: str) -> None:
