@@ -262,6 +262,39 @@ def distill(config: Optional[str] = typer.Option("configs/experiment/distill_med
                f"teacher outputs {result.teacher_cache_key} ({'reused' if result.teacher_cache_reused else 'computed'})")
 
 
+@app.command()
+def study(config: str = typer.Option(..., "--config", "-c", help="Study YAML (configs/study/<name>.yaml)."),
+          override: Optional[list[str]] = OverrideOpt, overrides: str = OverridesOpt,
+          workers: int = typer.Option(0, "--workers", help="Worker processes on this machine (default: the study "
+                                      "file's `workers`, else 1); CPU threads and GPUs are divided among them."),
+          storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by every worker (default: the "
+                                                "study file's, else $LOSSLAB_STUDY_STORAGE, else studies.db next to "
+                                                "the MLflow store). A URL with a password goes in the variable or "
+                                                "the file `storage_file`, not here."),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads per worker (default: the cores / workers)."),
+          write_results: str = typer.Option("", "--write-results", help="Write the study's section into this "
+                                            "markdown file, from the store."),
+          show_progress: bool = typer.Option(True, "--progress/--no-progress", help="Cells done, ETA, each "
+                                             "worker's cell and epoch (on stderr).")) -> None:
+    """Variants × folds × seeds as cells claimed by workers, sequential until decided; tables in MLflow."""
+    _setup_logging()
+    from losslab.config import ConfigError
+    from losslab.config.study import load_study
+    from losslab.pipelines.common import entry_point_run
+    from losslab.pipelines.study import run_study
+
+    try:
+        loaded = load_study(config, _overrides(override, overrides))
+        with entry_point_run("study", loaded.variants[loaded.spec.reference].tracking):
+            result = run_study(loaded, workers=workers or None, storage=storage or None, threads=threads,
+                               write_results=write_results or None, show_progress=show_progress)
+    except ConfigError as exc:
+        _error(exc)
+        raise typer.Exit(2) from None
+    if not result.complete:
+        raise typer.Exit(1)
+
+
 DEBUG_ENV = "LOSSLAB_DEBUG"
 
 

@@ -1,7 +1,9 @@
 """main: the demo pipeline on the embedded data, showing the method end to end.
 
 Generate and preprocess the cohort, train every loss on folds ``0 .. folds-1`` (each fold a child run
-of the main job's own run: the run ``mlflow run`` opened, else a new run named ``main``), then
+of the main job's own run: the run ``mlflow run`` opened, else a new run named ``main``) as the cells of
+the demo study (``configs/study/demo.yaml``, run by :func:`losslab.pipelines.study.run_study`, the code
+behind ``losslab study``: its tables, ``study.md`` and one line per planned pair go to the main run), then
 ``compare`` those fold runs like with like with paired statistics (:mod:`losslab.stats`), and log to
 the main run: the comparison artifacts (``comparison.csv``, ``comparison_stats.csv``,
 ``comparison.md``, plots), the metrics ``compare/<loss>/<metric>_mean`` and ``_std``, the tags
@@ -28,7 +30,7 @@ from losslab.pipelines.checks import check_config
 from losslab.pipelines.compare import CompareResult, log_comparison, run_compare
 from losslab.pipelines.doctor import run_doctor
 from losslab.pipelines.preprocess import run_preprocess
-from losslab.pipelines.train import run_train
+from losslab.pipelines.study import run_study
 from losslab.stats import NB_TEST, decision_line
 from losslab.tracking import managed_run, resolve_tracking_uri, setup_tracking
 
@@ -56,6 +58,18 @@ def _main_run() -> Iterator[str]:
         yield run.info.run_id
 
 
+def demo_study(config: str | None, overrides: list[str], losses: list[str], folds: int, run_id: str):
+    """``configs/study/demo.yaml`` with main's losses (one variant each, ``loss=<name>``), folds ``0 ..
+    folds-1`` and config, as a study of its own run (named after it: each main run is a new study)."""
+    from losslab.config import config_root
+    from losslab.config.study import load_study, read_study_file
+
+    spec = read_study_file(config_root() / "study" / "demo.yaml")
+    spec = spec.model_copy(update={"name": f"main-{run_id}", "config": config, "folds": folds,
+                                   "variants": {loss: [f"loss={loss}"] for loss in losses}, "reference": losses[0]})
+    return load_study(None, overrides, spec=spec)
+
+
 def run_demo(config: str | None, overrides: list[str], losses: list[str], folds: int = 3) -> DemoResult:
     t0 = time.perf_counter()
     base = check_config(load_config(config, overrides))
@@ -64,14 +78,14 @@ def run_demo(config: str | None, overrides: list[str], losses: list[str], folds:
     if not 2 <= folds <= base.data.num_folds:
         raise ConfigError(f"main --folds {folds}: needs 2 <= folds <= data.num_folds ({base.data.num_folds}) "
                           f"to compare losses over folds")
+    if len(set(losses)) < 2:
+        raise ConfigError(f"main --losses {' '.join(losses)!r}: name at least two losses to compare")
     setup_tracking(base.tracking)
     with _main_run() as run_id:
         mlflow.log_params({"main.losses": " ".join(losses), "main.folds": folds})
-        info = run_preprocess(base)
-        for loss in losses:
-            for fold in range(folds):
-                cfg = load_config(config, list(overrides) + [f"loss={loss}", f"data.fold={fold}", "cv.folds=null"])
-                run_train(cfg, info=info)
+        run_preprocess(base)
+        # every loss on every fold: the cells of the demo study, children of this run (losslab.pipelines.study)
+        run_study(demo_study(config, list(overrides), list(dict.fromkeys(losses)), folds, run_id), parent_run_id=run_id)
         comparison = run_compare(base.tracking.experiment, f"tags.mlflow.parentRunId = '{run_id}'", DEMO_METRICS,
                                  tracking_uri=base.tracking.tracking_uri, log_run=False)
         log_comparison(comparison, DEMO_METRICS)

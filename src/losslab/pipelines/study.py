@@ -60,7 +60,7 @@ class StudyResult:
     paired: pd.DataFrame
     markdown: str
     failed: list[str] = field(default_factory=list)
-    trained_here: int = 0  # cells this command's workers trained (not reused)
+    trained_here: int = 0  # cells completed while this command ran, by any worker, not reused
     seconds: float = 0.0
 
 
@@ -201,19 +201,19 @@ def run_study(loaded: LoadedStudy, workers: int | None = None, storage: str | No
     _retry_failed(worker)
     worker.advance()  # the first cells, or those a killed worker left to queue
     n = workers or loaded.spec.workers
-    ids = [f"{socket.gethostname()}:{os.getpid()}"]
+    before = {t.number for t in worker.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
     with progress(lambda: open_storage(url, loaded, worker.experiment_id), loaded.spec.name, show_progress):
         if n == 1:
             _run_here(worker, threads)
         else:
-            ids = run_processes(loaded, url, worker, n, threads)
-    result = finish(worker, write_results, ids)
+            run_processes(loaded, url, worker, n, threads)
+    result = finish(worker, write_results, before)
     result.seconds = time.perf_counter() - t0
     print_result(result)
     return result
 
 
-def finish(worker: Worker, write_results: str | None = None, worker_ids: list[str] | None = None) -> StudyResult:
+def finish(worker: Worker, write_results: str | None = None, before: set[int] | None = None) -> StudyResult:
     """The study's tables from the store, logged to its parent (and ``write_results``); the parent ends
     FINISHED once the study is complete (unless it is the run of this process: its owner ends it)."""
     spec = worker.spec
@@ -230,16 +230,15 @@ def finish(worker: Worker, write_results: str | None = None, worker_ids: list[st
         MlflowClient().set_terminated(worker.parent_id, "FINISHED")
     if write_results:
         write_section(write_results, spec.name, markdown)
-    mine = set(worker_ids or [])
     trained = sum(1 for ts in by_cell.values() for t in ts if t.state.name == "COMPLETE"
-                  and t.user_attrs.get("worker") in mine and not t.user_attrs.get("reused"))
+                  and t.number not in (before or set()) and not t.user_attrs.get("reused"))
     return StudyResult(spec.name, worker.parent_id, complete, decided, frame, paired, markdown, failed, trained)
 
 
 def print_result(result: StudyResult) -> None:
     state = "complete" if result.complete else "not complete (cells left: run the command again)"
     print(f"study {result.name}: {state}; {len(result.frame)} cell(s) in the tables, {result.trained_here} trained "
-          f"by this command in {result.seconds:.1f} s; parent run {result.parent_run_id} (study.md)", flush=True)
+          f"while this command ran ({result.seconds:.1f} s); parent run {result.parent_run_id} (study.md)", flush=True)
     for outcome in result.outcomes:
         print("  " + outcome.line(), flush=True)
     if result.failed:

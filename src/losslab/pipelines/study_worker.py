@@ -108,10 +108,12 @@ def open_storage(url: str, loaded: LoadedStudy, experiment_id: str) -> Any:
     spec = loaded.spec
     kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 120}} if url.startswith("sqlite")
                               else {"pool_pre_ping": True}}
-    return optuna.storages.RDBStorage(url, heartbeat_interval=spec.heartbeat_interval,
-                                      grace_period=spec.grace_period or 2 * spec.heartbeat_interval,
-                                      heartbeat_stale_trial_callback=DeadCellHandler(spec.name, experiment_id,
-                                                                                     spec.max_retry), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=spec.heartbeat_interval,
+                                          grace_period=spec.grace_period or 2 * spec.heartbeat_interval,
+                                          heartbeat_stale_trial_callback=DeadCellHandler(spec.name, experiment_id,
+                                                                                         spec.max_retry), **kwargs)
 
 
 def open_study(storage: Any, loaded: LoadedStudy) -> tuple[Any, bool]:
