@@ -9,6 +9,7 @@ Real SQLite MLflow store (the session fixture), real tiny train runs, no mocks.
 
 from __future__ import annotations
 
+import ast
 import math
 import uuid
 from pathlib import Path
@@ -91,14 +92,17 @@ def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
     ("plain", (), "model"),
     ("ema", ("train.ema_decay=0.5",), "ema"),
     ("swa", ("train.swa_epochs=2", "train.swa_lr=0.01"), "swa"),
-    # losses built from the training class counts, on training folds that data.imbalance and data.train_cases
-    # subsample (a checkpoint rebuilt from the cache's counts would score another loss), LDAM with its deferred
-    # re-weighting switching on at epoch 2, and a compound loss whose term weights are learned
+    # losses built from the training class counts on training folds that data.imbalance or data.train_cases
+    # subsample (a checkpoint rebuilt from the whole cache's counts scores another loss): LDAM, whose deferred
+    # re-weighting switches on at epoch 2, class-balanced weights of the absolute counts (beta 0.9), and a
+    # compound of logit adjustment and focal whose uncertainty weights are learned (the loss's own state)
     ("ldam on a long-tailed subsample", ("loss.name=ldam", "loss.drw_start_epoch=2", "data.imbalance={ratio: 4.0}"),
      "model"),
-    ("logit adjustment on 12 training cases", ("loss.name=logit_adjusted", "data.train_cases=12"), "model"),
-    ("learnable compound", ("loss.name=compound", "loss.weighting=learnable_softmax", "optim.lr=0.05",
-                            "loss.terms=[{name: ce, weight: 0.5}, {name: focal, weight: 0.5, gamma: 2.0}]"), "model"),
+    ("class-balanced on 12 training cases", ("loss.name=class_balanced", "loss.beta=0.9", "data.train_cases=12"),
+     "model"),
+    ("learned compound on a long-tailed subsample", (
+        "loss.name=compound", "loss.weighting=uncertainty", "data.imbalance={ratio: 3.0}",
+        "loss.terms=[{name: logit_adjusted, weight: 1.0}, {name: focal, weight: 1.0, gamma: 2.0}]"), "model"),
 ])
 def test_train_and_the_three_evaluate_sources_give_the_same_test_numbers(make_config, test_split_cache, variant,
                                                                          overrides, eval_source, tmp_path):
@@ -112,6 +116,12 @@ def test_train_and_the_three_evaluate_sources_give_the_same_test_numbers(make_co
     ckpt = load_checkpoint(checkpoint)
     assert ckpt.get("eval_source", "model") == eval_source  # the run validated the weights the variant names
     keys = [f"test/{k}" for k in CLASSIFIER_KEYS]
+    if any(o.startswith("data.") for o in overrides):  # the training counts are not the whole training folds'
+        index = test_split_cache.index
+        whole = torch.bincount(torch.as_tensor(index[index["fold"] > 0]["label"].to_numpy()), minlength=2).tolist()
+        assert ast.literal_eval(MlflowClient().get_run(fold.run_id).data.params["data.class_counts_train"]) != whole
+    if "loss.weighting=uncertainty" in overrides:  # the loss learned its weights: its state is not the initial one
+        assert ckpt["loss"]["log_vars"].abs().max() > 1e-3, ckpt["loss"]
     evaluated = _evaluate_three_ways(cfg, fold.run_id, name, fold.model_version, checkpoint)
     _assert_agree(logged, evaluated, keys)
     raw = _raw_weights_test_metrics(cfg, test_split_cache, ckpt)
