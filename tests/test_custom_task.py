@@ -22,7 +22,7 @@ from losslab.tasks import BagClassificationTask, register_task
 class GradeMSELoss(nn.Module):
     """Mean squared error of one output ``(B, 1)`` against the grade ``(B,)`` as a number."""
 
-    task = "regression"
+    family = "regression"
 
     def __init__(self) -> None:
         super().__init__()

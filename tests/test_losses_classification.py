@@ -387,3 +387,18 @@ def test_base_defaults():
     loss.on_epoch_start(0)
     torch.testing.assert_close(loss.probabilities(z), torch.softmax(z, 1))
     assert loss.predict(z).tolist() == [1]
+
+
+def test_a_loss_says_its_family_and_the_former_task_name_only_reads_it():
+    """``family`` is the one attribute; ``task`` reads it (for the callers not yet moved) on classes and
+    instances, a compound's included, and a loss class that still sets ``task`` is refused."""
+    compound = build_loss("compound", terms=[{"name": "dice"}, {"name": "boundary"}])
+    assert (compound.family, compound.task) == ("segmentation", "segmentation")
+    coral = build_loss("coral")
+    assert (coral.family, coral.task) == ("ordinal", "ordinal")
+    from losslab.losses import get_loss_class
+
+    assert get_loss_class("kd").task == get_loss_class("kd").family == "distillation"
+    with pytest.raises(TypeError, match="sets task='regression'.*family"):
+        class _Stale(LossBase):  # noqa: F841
+            task = "regression"

@@ -92,7 +92,7 @@ def _register_exploding_loss():
 
     @register_loss(key="explode_for_test")
     class ExplodingLoss(LossBase):
-        task = "classification"
+        family = "classification"
 
         def forward(self, logits, target):
             raise RuntimeError("boom: the loss exploded on purpose")
@@ -126,7 +126,7 @@ def _register_nan_loss():
 
     @register_loss(key="nan_from_epoch1_for_test")
     class NanLoss(LossBase):
-        task = "classification"
+        family = "classification"
 
         def __init__(self, reduction: str = "mean"):
             super().__init__(reduction=reduction)

@@ -285,6 +285,12 @@ class LossBase(TermRecorder):
     #: [-1, 1], see :class:`losslab.losses.classification.NormedLinear`; LDAM). A hint for model builders.
     head: ClassVar[str] = "linear"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "task" in vars(cls):  # the former name would be ignored: say so at definition
+            raise TypeError(f"loss class {cls.__name__} sets task={vars(cls)['task']!r}; a loss names the kind of "
+                            f"target it is for with family (e.g. family = 'segmentation')")
+
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = check_reduction(self.name, reduction)
