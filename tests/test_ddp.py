@@ -114,3 +114,30 @@ def test_torchrun_refuses_frozen_backbone_with_the_option_in_the_error(make_conf
     assert "train.freeze_backbone_epochs" in proc.stderr
     run = _only_run(MlflowClient(), "ddp-refused")  # rank 0 opened the run and ended it FAILED
     assert run.info.status == "FAILED" and "freeze_backbone_epochs" in run.data.tags["losslab.error"]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(make_config, tmp_path):
+    """Rank 1's loss is NaN at batch 1 while rank 0's is finite (the NaN reaches rank 0's weights only through
+    that step's gradient all-reduce): the non-finite flag is gathered over the ranks, so both ranks stop at
+    the same check with the same one line, and rank 0's run is FAILED with it (not a rank left waiting in
+    the next all-reduce until torchrun kills it)."""
+    import time
+
+    cfg = make_config("train.epochs=1", "train.progress=false", "train.device=cpu", "data.sampler=none",
+                      "data.batch_size=2", "train.finite_check_every=1", "loss.name=ce", "tracking.log_model=false",
+                      experiment="ddp-nan-one-rank")
+    # the loss exists only in the launched processes (tests/_ddp_nan_rank.py registers it there)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"name": "nan_on_rank_one"})})))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "_ddp_nan_rank.py"), "train", "-c", str(path)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    line = "losslab: NonFiniteLossError: non-finite training loss (nan) at epoch 0, batch 1 on rank 1 of 2"
+    assert proc.returncode != 0
+    assert proc.stderr.count(line) == 2, proc.stderr[-6000:]  # rank 0 and rank 1, the same line
+    run = _only_run(MlflowClient(), "ddp-nan-one-rank")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["losslab.error"] == line[len("losslab: "):], run.data.tags["losslab.error"]
+    assert elapsed < 120, elapsed

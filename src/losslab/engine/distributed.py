@@ -35,7 +35,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TerminatedError", "all_reduce_sum", "barrier", "broadcast_object", "distributed_context", "is_distributed",
+__all__ = ["TerminatedError", "all_gather_rows", "all_reduce_sum", "barrier", "broadcast_object", "distributed_context", "is_distributed",
            "is_main_process", "local_rank", "rank", "unwrap", "world_size", "wrap_model"]
 
 
@@ -157,6 +157,16 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """``(world_size, *values.shape)``: every rank's ``values`` (on their device: CPU for gloo, this rank's
+    GPU for nccl), in rank order; ``values[None]`` when not distributed."""
+    if not is_distributed():
+        return values[None]
+    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values.contiguous())
+    return torch.stack(rows)
 
 
 def all_reduce_mean_grads(params) -> None:

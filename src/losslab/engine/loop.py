@@ -358,10 +358,12 @@ def _restore(run: FitRun, state: FitState, resume_from: str | Path) -> int:
 class _EpochSums:
     """An epoch's training loss and loss terms, summed on the device with each batch's sample count
     as weight, and the first batch whose loss is NaN/inf: nothing here is read by the host until
-    :meth:`check_finite` (every ``train.finite_check_every`` steps) or :meth:`read` (epoch end)."""
+    :meth:`check_finite` (every ``train.finite_check_every`` steps) or :meth:`read` (epoch end).
+    ``distributed``: the check gathers every rank's flag, so all ranks stop together with one message."""
 
-    def __init__(self, device: torch.device, epoch: int) -> None:
+    def __init__(self, device: torch.device, epoch: int, distributed: bool = False) -> None:
         self.epoch = epoch
+        self.distributed = distributed
         self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.loss = torch.zeros((), dtype=self.dtype, device=device)
         self.terms: dict[str, torch.Tensor] = {}
@@ -381,11 +383,19 @@ class _EpochSums:
         self.seen += size
 
     def check_finite(self) -> None:
-        """One host read; raises :class:`NonFiniteLossError` naming the epoch and the first bad batch."""
+        """One host read; raises :class:`NonFiniteLossError` naming the epoch and the first bad batch.
+
+        Under DDP every rank calls it at the same steps: the flags of all ranks are gathered first, so a
+        NaN on one rank stops every rank with the same message (naming the first bad batch over the ranks
+        and its rank) instead of leaving the others waiting in the next gradient all-reduce."""
+        flags = torch.stack([self.first_bad.to(self.bad_value.dtype), self.bad_value])
         with torch.profiler.record_function(HOST_READ):
-            first_bad, value = torch.stack([self.first_bad.to(self.bad_value.dtype), self.bad_value]).tolist()
-        if first_bad >= 0:
-            raise NonFiniteLossError(f"non-finite training loss ({value}) at epoch {self.epoch}, batch {int(first_bad)}")
+            rows = (ddp.all_gather_rows(flags) if self.distributed else flags[None]).tolist()
+        bad = sorted((int(first_bad), rank, value) for rank, (first_bad, value) in enumerate(rows) if first_bad >= 0)
+        if bad:
+            batch, rank, value = bad[0]
+            where = f" on rank {rank} of {len(rows)}" if self.distributed else ""
+            raise NonFiniteLossError(f"non-finite training loss ({value}) at epoch {self.epoch}, batch {batch}{where}")
 
     def read(self) -> tuple[float, dict[str, float]]:
         """The loss sum and the term sums as floats (one host read)."""
@@ -417,7 +427,7 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
     run.cbs.on_train_epoch_start(state)  # after train(): the frozen phase puts BN back in eval mode
     show_progress = bool(getattr(cfg, "progress", False)) and sys.stderr.isatty()
     t0 = time.perf_counter()
-    sums, lr = _EpochSums(run.device, epoch), run.optimizer.param_groups[-1]["lr"]
+    sums, lr = _EpochSums(run.device, epoch, run.distributed), run.optimizer.param_groups[-1]["lr"]
     for b, batch in enumerate(_progress(run.train_loader, run.steps_per_epoch, f"epoch {epoch}", show_progress)):
         if cfg.max_train_batches is not None and b >= cfg.max_train_batches:
             break
