@@ -88,8 +88,8 @@ class SegmentationTask(SegmentationStep, Task):
         self.check_settings(cfg)
         _check_segmentation_loss(cfg.loss.name)
         loss_fn = build_loss(cfg.loss.name, **_seg_loss_params(cfg), num_classes=len(names))
-        if getattr(loss_fn, "task", None) != "segmentation":
-            raise TaskError(f"loss.name={cfg.loss.name!r}: its terms are {loss_fn.task} losses, not segmentation losses")
+        if getattr(loss_fn, "family", None) != "segmentation":
+            raise TaskError(f"loss.name={cfg.loss.name!r}: its terms are {loss_fn.family} losses, not segmentation losses")
         model = build_model(cfg.model, num_outputs=len(names))
         if fractions is not None:
             model.init_output_bias(fractions, sigmoid=cfg.seg.labels == "regions")
@@ -192,8 +192,8 @@ def _check_segmentation_loss(name: str) -> None:
     from losslab.losses import list_losses
     from losslab.losses.registry import get_loss_class
 
-    if getattr(get_loss_class(name), "task", None) != "segmentation" and name != "compound":
-        seg = [n for n in list_losses() if getattr(get_loss_class(n), "task", None) == "segmentation"]
+    if getattr(get_loss_class(name), "family", None) != "segmentation" and name != "compound":
+        seg = [n for n in list_losses() if getattr(get_loss_class(n), "family", None) == "segmentation"]
         raise TaskError(f"loss.name={name!r} is not a segmentation loss; with model.kind=segmentation use "
                         f"one of {', '.join(seg + ['compound'])}")
 
