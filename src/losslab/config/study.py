@@ -209,11 +209,17 @@ def validate_study(data: dict[str, Any], path: str) -> StudyConfig:
 
 
 def _resolve_config(spec: StudyConfig, path: str) -> StudyConfig:
-    """``config`` as given (cwd or the configs root, as ``load_config`` looks), else next to the study file."""
+    """``config`` as given (from the working folder, or under the configs root as ``load_config`` looks),
+    else next to the study file, else from the folder holding the configs root (``configs/experiment/x.yaml``
+    from anywhere)."""
+    from losslab.config.loading import config_root
+
     if spec.config is None or Path(spec.config).is_file():
         return spec
-    beside = Path(path).parent / spec.config
-    return spec.model_copy(update={"config": str(beside)}) if beside.is_file() else spec
+    for candidate in (Path(path).parent / spec.config, config_root().parent / spec.config):
+        if candidate.is_file():
+            return spec.model_copy(update={"config": str(candidate.resolve())})
+    return spec
 
 
 def load_study(path: str | Path | None, overrides: list[str] | None = None,

@@ -131,7 +131,7 @@ def metric_figure(spec: StudyConfig, frame: pd.DataFrame, key: str):
     from matplotlib.figure import Figure
 
     order = variant_order(spec, frame)
-    fig = Figure(figsize=(1.6 + 1.2 * max(1, len(order)), 4.0), dpi=100)
+    fig = Figure(figsize=(max(4.5, 1.6 + 1.2 * len(order)), 4.2), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     data = [pd.to_numeric(frame.loc[frame["variant"] == v, key], errors="coerce").dropna().to_numpy() for v in order]
     ax.boxplot(data, showfliers=False)
@@ -143,7 +143,7 @@ def metric_figure(spec: StudyConfig, frame: pd.DataFrame, key: str):
         ax.scatter(x, pd.to_numeric(part[key], errors="coerce"), c=part["fold"].astype(int), cmap="tab10",
                    vmin=0, vmax=9, s=22, zorder=3, edgecolors="black", linewidths=0.4)
     ax.set_ylabel(key)
-    ax.set_title(f"{spec.name}: {key} per variant (each point a cell; colour = fold)", fontsize=9)
+    ax.set_title(f"study {spec.name}: {key} per variant\n(box: quartiles; each point a cell, colour = fold)", fontsize=9)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
     return fig

@@ -77,13 +77,16 @@ def _row(spec: StudyConfig, run, evaluated) -> dict:
 
 
 def cells_frame(spec: StudyConfig, experiment_id: str) -> pd.DataFrame:
-    """One row per finished cell: ``variant, fold, seed, cell, run_id, eval_run_id, test_train_ratio``
-    and each study metric (a ``test_calibrated/*`` metric from the cell's evaluate run; when evaluate
+    """One row per finished cell of the study file's variants, folds and seeds: ``variant, fold, seed, cell,
+    run_id, eval_run_id, test_train_ratio`` and each study metric (a ``test_calibrated/*`` metric from the cell's evaluate run; when evaluate
     runs are asked for, a cell counts once its evaluate run is finished)."""
     trains = _newest_per_cell(search(experiment_id, spec.name, "cell"))
     evals = _newest_per_cell(search(experiment_id, spec.name, "evaluate")) if spec.needs_evaluate else {}
     rows = [_row(spec, run, evals.get(key)) for key, run in trains.items()
             if not spec.needs_evaluate or key in evals]
+    # only the cells of this study file (a study re-run with fewer variants, folds or seeds keeps its runs)
+    rows = [r for r in rows if r["variant"] in spec.variants and r["fold"] in spec.fold_list
+            and r["seed"] in spec.all_seeds]
     keys = [m.key(spec.split) for m in spec.metrics]
     return pd.DataFrame(rows, columns=FRAME_COLUMNS + [k for k in keys if k not in FRAME_COLUMNS])
 

@@ -278,6 +278,9 @@ class Worker:
                               "the same data with the same data.seed, data.num_folds and data.test_fraction")
         sigs = {v: dict(signature(config_params(cfg))) for v, cfg in self.loaded.variants.items()}
         recorded = set_if_absent(self.study, SIGNATURES_ATTR, sigs)
+        if set(sigs) - set(recorded):  # a variant new to the study: recorded from now on
+            recorded = {**sigs, **recorded}
+            self.study.set_user_attr(SIGNATURES_ATTR, recorded)
         for variant, sig in sigs.items():
             diff = differing_keys(sig, recorded.get(variant, {}))
             if diff:
