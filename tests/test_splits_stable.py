@@ -39,7 +39,7 @@ def _data_cfg(root: Path, cache_dir: Path, **extra):
 
 
 def _seg_cfg():
-    from losslab.config.schema import SegConfig
+    from losslab.schema import SegConfig
 
     return SegConfig()
 

@@ -5,7 +5,7 @@ relative to the ``configs/`` root (``data/embedded_brats``) or to the file itsel
 An entry whose first path component is a section name (``data``, ``model``, ``loss``, ``optim``,
 ``train``, ``tracking``, ``sweep``, ``cv``) is placed under that section; any other entry is merged at
 the top level. The file's own keys are deep-merged last, then command-line overrides
-(``loss.gamma=2.0``) are applied, then the result is validated against :mod:`losslab.config.schema`
+(``loss.gamma=2.0``) are applied, then the result is validated against :mod:`losslab.schema`
 and the task (:func:`losslab.tasks.check_task`). Every error names the key, the bad value and the file
 it came from.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from losslab.config.schema import CONFIG_ROOT_ENV, SECTIONS, ConfigError, ExperimentConfig, _nearest_origin
+from losslab.schema import CONFIG_ROOT_ENV, SECTIONS, ConfigError, ExperimentConfig, _nearest_origin
 
 def config_root() -> Path:
     """The ``configs/`` folder: $LOSSLAB_CONFIG_ROOT, else ./configs, else the repository's."""

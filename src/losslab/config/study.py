@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from losslab.config.loading import load_config
-from losslab.config.schema import ConfigError, ExperimentConfig
+from losslab.schema import ConfigError, ExperimentConfig
 
 SPLITS = ("test", "val", "test_calibrated")
 METRIC_PREFIX = {"test": "test/", "val": "best_val/", "test_calibrated": "test_calibrated/"}

@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import nn
 
-from losslab.config.schema import ModelConfig
+from losslab.schema import ModelConfig
 from losslab.models.backbones import UnknownBackboneError, create_backbone, load_backbone_weights, read_state_dict
 from losslab.models.image import ImageClassifier
 from losslab.models.mil import (

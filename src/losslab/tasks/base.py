@@ -358,7 +358,7 @@ def task_of(cfg: Any) -> Task:
 def build_from_spec(spec: dict[str, Any]) -> tuple[nn.Module, nn.Module | None, "Task | None"]:
     """``(model, loss or None, task or None)`` with random weights, shaped as a registered model's ``spec`` says
     (:meth:`Task.spec`); no pretrained weights are read (the registered state dict replaces them)."""
-    from losslab.config.schema import ExperimentConfig
+    from losslab.schema import ExperimentConfig
     from losslab.engine.checkpoint import loss_from_spec
     from losslab.models.export import ModelFormatError, build_multimodal_from_spec
 
