@@ -454,20 +454,29 @@ def table_lumbar_spine(stores: list[str], mode: str) -> str:
 
 
 def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
-    """One row per student run: variant, seed, block, ``test_train_ratio`` (validation / training
-    cases, from the parent run) and the ``best_val/*`` metrics."""
+    """One row per student run: variant, seed, block, ``test_train_ratio`` (held-out test / training
+    cases, from the parent run) and the ``test/*`` metrics (the held-out test split; each run's best epoch
+    was picked on fold 0's validation split).
+
+    Raises:
+        SystemExit: a run scored before distill scored the test split (no ``test/*``): rerun the study."""
     from mlflow.tracking import MlflowClient
 
     rows = []
     for store, run in study_runs(stores, "distillation", mode, "distill"):
         parent = MlflowClient(tracking_uri=store).get_run(run.data.tags["repro.parent_run"]).data.params
+        if "test/mean_accuracy" not in run.data.metrics or "data.n_test" not in parent:
+            raise SystemExit(f"distillation run {run.info.run_id} in {store} has no held-out test scores (test/*; "
+                             "distilled before distill scored the test split, or data.test_fraction=0): rerun the study "
+                             "into a new store")
         rows.append({"extra": run.data.tags.get("repro.extra", ""), "epochs_set": run.data.params.get("epochs", "?"),
                      "label_fraction": run.data.params.get("student_label_fraction", "?"),
                      "teacher_epochs": parent.get("distill.teacher.epochs", parent.get("train.epochs", "?")),"variant": run.data.tags["repro.variant"], "seed": run.data.tags["repro.seed"],
                      "block": f"{run.data.tags['repro.seed']}/0", "run_id": run.info.run_id,
-                     "test_train_ratio": float(parent["data.n_val"]) / float(parent["data.n_train"]),
+                     "test_train_ratio": float(parent["data.n_test"]) / float(parent["data.n_train"]),
                      "labelled": float(parent["data.n_train_labelled"]), "n_train": float(parent["data.n_train"]),
-                     **{k: v for k, v in run.data.metrics.items() if k.startswith("best_val/")}})
+                     "n_test": float(parent["data.n_test"]),
+                     **{k: v for k, v in run.data.metrics.items() if k.startswith("test/")}})
     return pd.DataFrame(rows)
 
 
@@ -476,23 +485,23 @@ def table_distillation(stores: list[str], mode: str) -> str:
     if frame.empty:
         return NO_RUNS
     metrics = ["mean_accuracy", "mean_f1_macro"] + sorted(
-        {k[len("best_val/"):] for k in frame.columns if k.startswith("best_val/") and k.count("/") == 2
+        {k[len("test/"):] for k in frame.columns if k.startswith("test/") and k.count("/") == 2
          and k.endswith(("/accuracy", "/auc"))})
     rows = []
     for variant in _ordered(frame, DISTILL_VARIANTS):
         part = frame[frame["variant"] == variant]
         rows.append({"student": variant, "seeds": str(len(part)),
-                     **{m: cell(part.get(f"best_val/{m}", [])) for m in metrics}})
+                     **{m: cell(part.get(f"test/{m}", [])) for m in metrics}})
     order = _ordered(frame, DISTILL_VARIANTS)
-    pairs = pd.concat([paired(frame, f"best_val/{m}", order, label=m) for m in ("mean_accuracy", "mean_f1_macro")],
+    pairs = pd.concat([paired(frame, f"test/{m}", order, label=m) for m in ("mean_accuracy", "mean_f1_macro")],
                       ignore_index=True)
-    labelled, n_train = frame["labelled"].iloc[0], frame["n_train"].iloc[0]
+    labelled, n_train, n_test = frame["labelled"].iloc[0], frame["n_train"].iloc[0], frame["n_test"].iloc[0]
     return "\n".join([
         protocol("distillation", frame), "",
         f"The student sees the labels of {int(labelled)} of {int(n_train)} training cases (per class, "
         "`distill.student_label_fraction`); vanilla KD distils the teacher (trained on every label) on all "
-        f"{int(n_train)}. Validation split of fold 0 (the best epoch is picked on it, the same way for both); "
-        "mean ± sample std over seeds.", "",
+        f"{int(n_train)}. Held-out test split (fold −1, {int(n_test)} cases, never trained on); the best epoch "
+        "is picked on the validation split of fold 0, the same way for both; mean ± sample std over seeds.", "",
         pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), "",
         "Paired (blocks = seeds; Nadeau–Bengio corrected t-test):", "", stats_markdown(pairs)])
 
@@ -507,7 +516,7 @@ STUDIES: dict[str, tuple[Callable, Callable]] = {
 PLANNED = {  # study -> (the compared metric, the reference): each other variant against the reference
     "dual_stream_mil": ("test_calibrated/f1_macro", REFERENCE_MIL),
     "lumbar_spine": ("test/balanced_accuracy", REFERENCE_LUMBAR),
-    "distillation": ("best_val/mean_accuracy", "student alone"),
+    "distillation": ("test/mean_accuracy", "student alone"),
 }
 
 

@@ -111,7 +111,8 @@ def test_distillation_table_matches_the_runs(distilled):
     assert table["loss"].tolist() == ["teacher", *LOSSES, "none"]
     assert table["role"].tolist() == ["teacher"] + ["student"] * 5 + ["student_alone"]
     assert list(table.columns) == ["loss", "role"] + [f"{t}/{k}" for t in TASKS for k in ("accuracy", "f1_macro", "auc")] \
-        + ["latency/p50_ms", "run_id"]
+        + ["latency/p50_ms", "split", "run_id"]
+    assert table["split"].tolist() == ["val"] * len(table)  # no held-out test split here (data.test_fraction=0)
     client = MlflowClient()
     for _, row in table.iterrows():
         metrics = client.get_run(row["run_id"]).data.metrics
@@ -342,7 +343,7 @@ def test_distill_trains_through_the_engine_with_ema_and_early_stopping(tmp_path,
     """train.* works in distill as in train: EMA weights are the ones validated and checkpointed, and
     early stopping stops a monitor that never improves (train/lr under a cosine decay: best at epoch
     0, one epoch of patience, so exactly two epochs are logged)."""
-    from losslab.engine.loop import load_checkpoint
+    from losslab.engine.checkpoint import load_checkpoint
 
     cfg = _config(tmp_path / "raw", tmp_path / "cache", "distill.losses=[]", "train.epochs=5",
                   "distill.teacher.epochs=5", "train.ema_decay=0.5", "train.early_stopping_patience=1",

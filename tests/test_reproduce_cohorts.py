@@ -169,9 +169,10 @@ def test_distillation_table_matches_the_student_runs(quick):
         mine = [r for r in tagged if r.data.tags["repro.variant"] == variant]
         assert all(r.data.tags["losslab.loss"] == loss for r in mine)
         row = _row(section, variant)
-        assert row["mean_accuracy"] == _mean_std([r.data.metrics["best_val/mean_accuracy"] for r in mine])
+        assert row["mean_accuracy"] == _mean_std([r.data.metrics["test/mean_accuracy"] for r in mine])
     parent = MlflowClient(tracking_uri=uri).get_run(tagged[0].data.tags["repro.parent_run"]).data.params
     assert f"labels of {parent['data.n_train_labelled']} of {parent['data.n_train']} training cases" in section
+    assert f"Held-out test split (fold −1, {parent['data.n_test']} cases" in section  # not the epoch-picking split
 
 
 def test_a_second_quick_run_adds_no_runs_and_rewrites_the_same_table(quick, tmp_path):
@@ -275,11 +276,11 @@ def test_budget_seeds_table_on_the_quick_store(quick, tmp_path):
                  "--output", str(output), "--workdir", str(tmp_path / "unused")])
     runs = [r for r in _runs(uri, module.EXPERIMENTS["distillation"], "distill") if "repro.variant" in r.data.tags]
     assert len(runs) == 4  # no seed was added: the budget was already reached
-    value = {(r.data.tags["repro.variant"], int(r.data.tags["repro.seed"])): r.data.metrics["best_val/mean_accuracy"]
+    value = {(r.data.tags["repro.variant"], int(r.data.tags["repro.seed"])): r.data.metrics["test/mean_accuracy"]
              for r in runs}
     d = [value[("vanilla kd", s)] - value[("student alone", s)] for s in (0, 1)]
     parent = MlflowClient(tracking_uri=uri).get_run(runs[0].data.tags["repro.parent_run"]).data.params
-    decision = sequential_decision(d, [2], float(parent["data.n_val"]) / float(parent["data.n_train"]))
+    decision = sequential_decision(d, [2], float(parent["data.n_test"]) / float(parent["data.n_train"]))
     outcome = f"decided at {decision.n_pairs} seeds" if decision.decided else "budget of 2 seeds spent"
     row = _row(_section(output.read_text(), "distillation"), "vanilla kd − student alone")
     assert row["outcome"] == outcome and row["p"] == f"{decision.p_value:.3g}"

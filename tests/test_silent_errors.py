@@ -8,6 +8,7 @@ Real SQLite MLflow store (the session fixture), real tiny runs, no mocks.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from pathlib import Path
@@ -207,3 +208,62 @@ def test_evaluate_refuses_data_overrides_for_a_run_source(seg_run, monkeypatch, 
     assert len(err) == 1 and err[0].startswith("losslab: ValueError: data.cache_dir=/nowhere/else: ") \
         and "config.yaml" in err[0], err
     assert _evaluate_runs(experiment_id) == before
+
+
+# ----------------------------------------------------------------------------- 9. distillation on the test split
+TINY_MODEL = ("{image: {backbone: test_vit, kwargs: {img_size: 32, patch_size: 8}}, "
+              "text: {dim: 32, depth: 1, max_length: 24}, fusion: cross_attention, fusion_dim: 32, fusion_layers: 1}")
+
+
+def test_distill_scores_every_run_on_the_held_out_test_split(tmp_path, mlflow_store):
+    """With ``data.test_fraction`` the teacher and students log ``test/<task>/…`` next to ``best_val/*``:
+    the registered student, applied here to the cache's fold −1 cases and scored with scikit-learn, gives
+    its run's ``test/<task>/accuracy``; ``distillation_table`` reads the test split by default."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score
+    from torch.utils.data import DataLoader
+
+    from losslab.data.text import ImageTextDataset, collate_image_text
+    from losslab.pipelines.distill import distillation_table, run_distill
+    from losslab.pipelines.registry import load_registered_model
+    from losslab.tasks import MultitaskTask
+
+    experiment, student_name = f"silent-distill-{uuid.uuid4().hex[:6]}", f"silent-student-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(None, [
+        f"data.root={tmp_path / 'raw'}", "data.source=manifest", "data.generate=embedded_medpix",
+        "data.generator_kwargs={num_samples: 60, image_size: 32}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.num_folds=3", "data.test_fraction=0.25", "data.salt=test-salt", "data.batch_size=16", "data.seed=0",
+        "train.epochs=1", "train.seed=0", "train.device=cpu", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"tracking.experiment={experiment}", "distill.tasks=[modality, location]", "distill.losses=[vanilla]",
+        f"distill.teacher.model={TINY_MODEL}", "distill.teacher.epochs=1", "distill.teacher.registered_model_name=null",
+        f"distill.student.model={TINY_MODEL}", f"distill.student.registered_model_name={student_name}"])
+    torch.set_num_threads(1)
+    result = run_distill(cfg)
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id).data.params
+    from losslab.data.cache import build_cache
+
+    index = build_cache(cfg.data).index
+    test_rows = index[index["fold"] == -1].reset_index(drop=True)
+    assert int(parent["data.n_test"]) == len(test_rows) > 0
+    for run_id in [result.teacher_run_id, *result.student_run_ids.values()]:
+        metrics = client.get_run(run_id).data.metrics
+        for task in ("modality", "location"):
+            assert 0.0 <= metrics[f"test/{task}/accuracy"] <= 1.0 and f"best_val/{task}/accuracy" in metrics
+    vanilla = client.get_run(result.student_run_ids["vanilla"]).data.metrics
+    (version,) = [v for v in client.search_model_versions(f"name='{student_name}'")
+                  if v.tags.get("run_id") == result.student_run_ids["vanilla"]]
+    model = load_registered_model(f"models:/{student_name}/{version.version}").model
+    task_classes = json.loads(parent["distill.task_classes"])
+    prep = model.preprocessing
+    data = ImageTextDataset(test_rows, cfg.data.cache_dir, task_classes, model.tokenizer, model.max_length,
+                            prep["image_mean"], prep["image_std"])
+    outputs = MultitaskTask(task_classes).predict(model, DataLoader(data, batch_size=7, collate_fn=collate_image_text),
+                                                 torch.device("cpu"))
+    for task in task_classes:
+        expected = accuracy_score(data.labels[task], np.argmax(outputs["logits"][task], axis=1))
+        assert vanilla[f"test/{task}/accuracy"] == pytest.approx(expected, abs=1e-9), task
+    table = distillation_table(experiment, parent_run_id=result.parent_run_id)
+    assert table["split"].tolist() == ["test"] * 3
+    row = table.set_index("loss").loc["vanilla"]
+    assert row["location/accuracy"] == pytest.approx(vanilla["test/location/accuracy"])

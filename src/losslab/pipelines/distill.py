@@ -34,10 +34,13 @@ objectives are :mod:`losslab.losses.multitask`. Every run logs per epoch ``train
 ``train/loss_<term>`` (``ce/<task>``, ``kd/<task>``, ``hint``, ``crd``, ...), ``train/lr``,
 ``val/loss`` (Σ_t cross-entropy), ``val/<task>/{accuracy,f1_macro,auc,balanced_accuracy}``,
 ``val/mean_{accuracy,f1_macro,balanced_accuracy}``; at the end the best epoch's (by
-``distill.monitor``) weights are scored again as ``best_val/<task>/…`` with ``best_epoch`` and the
-latency ``evaluate`` reports (``latency/p50_ms``, ``latency/p95_ms``, ``latency/throughput_per_s``:
-:func:`losslab.engine.latency.measure_latency`, warm-up and repeats from ``evaluate.latency``).
-:func:`distillation_table` reads them back as one row per run.
+``distill.monitor``) weights are scored again on the validation split that picked them as
+``best_val/<task>/…``, with ``best_epoch``, and on the held-out test split (fold −1, ``data.test_fraction``)
+as ``test/<task>/…`` and ``test/mean_…``, with the latency ``evaluate`` reports (``latency/p50_ms``,
+``latency/p95_ms``, ``latency/throughput_per_s``: :func:`losslab.engine.latency.measure_latency`,
+warm-up and repeats from ``evaluate.latency``). :func:`distillation_table` reads them back as one row
+per run: the test split's scores when the runs have them, else (no test split) the validation split's,
+its ``split`` column saying which.
 
 ``distill:`` keys (all optional; ``configs/experiment/distill_*.yaml`` are complete examples)::
 
@@ -93,7 +96,7 @@ from losslab.data.cache import CacheInfo
 from losslab.data.text import check_distill_data
 from losslab.engine.loop import seed_everything
 from losslab.losses.multitask import DISTILL_LOSSES, LabelsOnly, MultiTaskDistillation, labelled_subset
-from losslab.pipelines.distill_data import DistillData, distill_loaders, prepare_distill_data
+from losslab.pipelines.distill_data import DistillData, distill_loaders, distill_test_loader, prepare_distill_data
 from losslab.pipelines.distill_fit import fit_run, log_distilled_model, run_latency, run_summary, run_tags
 from losslab.pipelines.distill_resume import PreviousRuns, previous_runs
 from losslab.pipelines.distill_settings import DEFAULT_STUDENT, DistillSettings, distill_settings
@@ -145,7 +148,8 @@ def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan
     previous = previous or PreviousRuns()
     done = previous.finished(label)
     if done is not None:
-        return label, done.info.run_id, {k: v for k, v in done.data.metrics.items() if k.startswith(("best_", "latency/"))}
+        return label, done.info.run_id, {k: v for k, v in done.data.metrics.items()
+                                         if k.startswith(("best_", "test/", "latency/"))}
     resume_id = previous.unfinished_id(label)
     with managed_run(run_name=f"student-{name}" if distilling else "student-alone",
                      tags=run_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag}, nested=True,
@@ -171,8 +175,8 @@ def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan
         step = MultitaskTask(d.task_classes, teacher_train if distilling else None,
                              torch.as_tensor(labelled) if distilling and not labelled.all() else None)
         fitted = fit_run(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id,
-                         resume_id is not None, previous.callbacks)
-        summary = run_summary(fitted.best_metrics, fitted.best_epoch, run_latency(student, step, val_loader, cfg))
+                         resume_id is not None, previous.callbacks, distill_test_loader(cfg, student, d, s.batch_size))
+        summary = run_summary(fitted, run_latency(student, step, val_loader, cfg))
         log_metrics_batch(run_id, summary, step=fitted.best_epoch)
         if cfg.tracking.log_model:
             log_distilled_model(student, st.get("registered_model_name"), None,
@@ -201,7 +205,8 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run
         if resume_run_id is None:
             log_config(cfg)
             mlflow.log_params({"distill.task_classes": json.dumps(d.task_classes), "data.n_train": len(d.train_df),
-                               "data.n_val": len(d.val_df), "data.n_train_labelled": int(labelled.sum())})
+                               "data.n_val": len(d.val_df), "data.n_test": len(d.test_df),
+                               "data.n_train_labelled": int(labelled.sum())})
         all_metrics: dict[str, dict[str, float]] = {}
         teacher, teacher_run, teacher_uri, origin = run_teacher(cfg, s, d, all_metrics, previous)
         teacher_train, key, cache_tag = teacher_train_outputs(teacher, d, s, origin)

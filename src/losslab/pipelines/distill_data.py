@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig
 from losslab.data.cache import CacheInfo, build_cache
+from losslab.data.splits import TEST_FOLD
 from losslab.data.text import (ImageTextDataset, check_image_text_manifest, collate_image_text, index_meta,
                                task_classes_from_index)
 from losslab.engine.loop import resolve_device
@@ -44,6 +45,7 @@ class DistillData:
     task_classes: dict[str, list[str]]
     train_df: pd.DataFrame
     val_df: pd.DataFrame
+    test_df: pd.DataFrame  # the held-out test cases (fold -1; empty without data.test_fraction)
     texts: list[str]
     preprocessing: dict[str, Any]
     in_chans: int
@@ -52,7 +54,7 @@ class DistillData:
 
 def prepare_distill_data(cfg: ExperimentConfig, tasks: Any, info: CacheInfo | None) -> DistillData:
     """The cache (built when not given), the tasks (``distill.tasks``, default every ``task_*`` column),
-    the training and validation cases and the image preprocessing."""
+    the training, validation and held-out test cases and the image preprocessing."""
     if info is None:
         info = _build_checked_cache(cfg, tasks)
     tasks = tasks or sorted({k[len("task_"):] for m in index_meta(info.index) for k in m if k.startswith("task_")})
@@ -63,7 +65,8 @@ def prepare_distill_data(cfg: ExperimentConfig, tasks: Any, info: CacheInfo | No
     train_df, val_df = distill_splits(cfg, info)
     probe = ImageTextDataset(train_df, info.cache_dir, task_classes)  # checks captions and task values
     mean, std = image_preprocessing(cfg.data.normalize, probe)
-    return DistillData(info, list(tasks), task_classes, train_df, val_df, probe.texts,
+    test_df = info.index[info.index["fold"] == TEST_FOLD].reset_index(drop=True)
+    return DistillData(info, list(tasks), task_classes, train_df, val_df, test_df, probe.texts,
                        {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device))
 
 
@@ -142,3 +145,19 @@ def distill_loaders(cfg: ExperimentConfig, model: Any, d: DistillData, train_df:
     val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text,
                             num_workers=options["num_workers"])
     return train_loader, val_loader
+
+
+def distill_test_loader(cfg: ExperimentConfig, model: Any, d: DistillData, batch_size: int,
+                        preprocessing: dict[str, Any] | None = None) -> DataLoader | None:
+    """The held-out test cases (``d.test_df``) as :func:`distill_loaders` builds its validation loader
+    (``model``'s tokenizer and ``preprocessing``, default ``d.preprocessing``); None without test cases."""
+    from losslab.data.loaders import resolve_num_workers
+
+    if len(d.test_df) == 0:
+        return None
+    tokenizer = model.tokenizer if model.text_encoder is not None else None
+    preprocessing = d.preprocessing if preprocessing is None else preprocessing
+    test_ds = ImageTextDataset(d.test_df, d.info.cache_dir, d.task_classes, tokenizer, model.max_length,
+                               preprocessing["image_mean"], preprocessing["image_std"])
+    return DataLoader(test_ds, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text,
+                      num_workers=resolve_num_workers(cfg.data.num_workers))

@@ -1,9 +1,10 @@
 """One distill run's training and what it logs: the engine fit with the best epoch's weights scored
-again, the latency, the run's tags, its summary metrics and its registered model."""
+again (on the validation split that picked the epoch, ``best_val/*``, and on the held-out test split,
+``test/*``), the latency, the run's tags, its summary metrics and its registered model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -16,19 +17,28 @@ from losslab.tracking import log_and_register_model
 
 @dataclass
 class Fitted:
-    best_metrics: dict[str, float]
+    best_metrics: dict[str, float]  # val/*: the best epoch's weights on the validation split
     best_epoch: int
+    test_metrics: dict[str, float] = field(default_factory=dict)  # test/*: the same weights on the test split
+
+
+def score_test(model: nn.Module, step: MultitaskTask, test_loader, device) -> dict[str, float]:
+    """``test/<task>/…`` and ``test/mean_…`` of ``model`` on the held-out test split (``{}`` without one)."""
+    if test_loader is None:
+        return {}
+    return {"test/" + k.split("/", 1)[1]: v for k, v in step.metrics(step.predict(model, test_loader, device), []).items()}
 
 
 def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskTask, loaders: tuple,
             epochs: int, lr: float, monitor: str, run_id: str, resume: bool = False,
-            extra_callbacks: list | None = None) -> Fitted:
+            extra_callbacks: list | None = None, test_loader=None) -> Fitted:
     """Train through the engine's :func:`losslab.engine.loop.fit` (AMP, clipping, EMA, SWA, the frozen
     phase, checkpoints in ``<train.checkpoint_dir>/<run id>`` uploaded to the run, early stopping,
     alarms, per-epoch metrics logged to ``run_id``), the best epoch by ``monitor`` (its mode by name:
     ``val/loss`` lower, else higher); then load the best epoch's validated weights (EMA/SWA when on)
-    back into ``model`` and score them on the validation split. ``resume``: continue the run from its
-    ``last.pt`` (a run that was stopped or killed)."""
+    back into ``model`` and score them on the validation split and, with ``test_loader``, on the held-out
+    test split (:func:`score_test`). ``resume``: continue the run from its ``last.pt`` (a run that was
+    stopped or killed)."""
     from losslab.engine.callbacks import ReseedEachEpoch
     from losslab.engine.loop import fit
     from losslab.pipelines.scoring import load_evaluation_weights
@@ -49,8 +59,9 @@ def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step:
                 callbacks=[reseed, tracker, *(extra_callbacks or [])], resume_from=resume_from, step=step)
     load_evaluation_weights(model, Path(train_cfg.checkpoint_dir) / "best.pt")
     tracker.remove_uploaded_checkpoints()  # the run's checkpoints/ artifacts are the copies that stay
-    scored = step.metrics(step.predict(model, val_loader, resolve_device(cfg.train.device)), [])
-    return Fitted(scored, state.best_epoch)
+    device = resolve_device(cfg.train.device)
+    scored = step.metrics(step.predict(model, val_loader, device), [])
+    return Fitted(scored, state.best_epoch, score_test(model, step, test_loader, device))
 
 
 def run_latency(model: nn.Module, step: MultitaskTask, val_loader, cfg: ExperimentConfig) -> dict[str, float]:
@@ -70,9 +81,11 @@ def run_tags(cfg: ExperimentConfig, role: str, loss: str) -> dict[str, str]:
             "losslab.dataset": cfg.data.source, "losslab.fold": str(cfg.data.fold)}
 
 
-def run_summary(fitted_metrics: dict[str, float], best_epoch: int, latency: dict[str, float]) -> dict[str, float]:
-    out = {k.replace("val/", "best_val/", 1): v for k, v in fitted_metrics.items()}
-    out["best_epoch"] = float(best_epoch)
+def run_summary(fitted: Fitted, latency: dict[str, float]) -> dict[str, float]:
+    """``best_val/*`` (the validation split that picked the epoch), ``test/*`` (the held-out test split),
+    ``best_epoch`` and the latency."""
+    out = {k.replace("val/", "best_val/", 1): v for k, v in fitted.best_metrics.items()} | fitted.test_metrics
+    out["best_epoch"] = float(fitted.best_epoch)
     return out | latency
 
 

@@ -26,8 +26,9 @@ from losslab.data.cache import CacheInfo
 from losslab.data.text import ImageTextDataset, collate_image_text
 from losslab.engine.loop import seed_everything
 from losslab.losses.multitask import LabelsOnly
-from losslab.pipelines.distill_data import DistillData, distill_loaders
-from losslab.pipelines.distill_fit import Fitted, fit_run, log_distilled_model, run_latency, run_summary, run_tags
+from losslab.pipelines.distill_data import DistillData, distill_loaders, distill_test_loader
+from losslab.pipelines.distill_fit import (Fitted, fit_run, log_distilled_model, run_latency, run_summary, run_tags,
+                                           score_test)
 from losslab.pipelines.distill_resume import PreviousRuns
 from losslab.pipelines.distill_settings import DEFAULT_TEACHER, DistillSettings
 from losslab.pipelines.registry import load_registered_model
@@ -104,7 +105,8 @@ def _check_teacher_tasks(teacher: nn.Module, task_classes: dict[str, list[str]],
 
 def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: DistillSettings, cfg: ExperimentConfig,
                            run_id: str):
-    """A registered teacher, checked against the data's tasks and scored on the validation split."""
+    """A registered teacher, checked against the data's tasks and scored on the validation split and the
+    held-out test split."""
     origin = _resolve_model_uri(uri)
     mlflow.set_tag("losslab.teacher_uri", origin)
     teacher = load_registered_model(uri, allow_pickle=allow_pickle).model
@@ -112,7 +114,8 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: Dist
     teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
     _, val_loader = distill_loaders(cfg, teacher, d, d.train_df, s.batch_size, teacher_prep)
     step = MultitaskTask(d.task_classes)
-    fitted = Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1)
+    fitted = Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1,
+                    score_test(teacher, step, distill_test_loader(cfg, teacher, d, s.batch_size, teacher_prep), d.device))
     log_metrics_batch(run_id, fitted.best_metrics, step=0)
     return teacher, fitted, val_loader, origin
 
@@ -125,7 +128,8 @@ def _finished_teacher(done, d: DistillData, all_metrics: dict):
                          f"(losslab.teacher_uri); start a new distill run")
     teacher = load_registered_model(uri).model
     _check_teacher_tasks(teacher, d.task_classes, uri)
-    all_metrics["teacher"] = {k: v for k, v in done.data.metrics.items() if k.startswith(("best_", "latency/"))}
+    all_metrics["teacher"] = {k: v for k, v in done.data.metrics.items()
+                              if k.startswith(("best_", "test/", "latency/"))}
     origin = done.data.tags.get("losslab.teacher_origin") or f"{uri} (run {done.info.run_id})"
     return teacher, done.info.run_id, uri, origin
 
@@ -156,10 +160,11 @@ def run_teacher(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, all_m
             epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
             fitted = fit_run(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes),
-                             (train_loader, val_loader), epochs, lr, s.monitor, teacher_run, resume_id is not None, previous.callbacks)
+                             (train_loader, val_loader), epochs, lr, s.monitor, teacher_run, resume_id is not None, previous.callbacks,
+                             distill_test_loader(cfg, teacher, d, s.batch_size))
             teacher_uri = None
         latency = run_latency(teacher, MultitaskTask(d.task_classes), val_loader, cfg)
-        summary = run_summary(fitted.best_metrics, fitted.best_epoch, latency)
+        summary = run_summary(fitted, latency)
         log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
         all_metrics["teacher"] = summary
         if not t.get("model_uri"):
