@@ -21,9 +21,13 @@ Studies (``--study``):
   while vanilla KD distils the teacher on every training case; KD against the student alone (same
   initial weights and batch order), over several seeds.
 
-Every run is tagged ``repro.study``, ``repro.variant``, ``repro.mode`` (``quick`` | ``full``),
-``repro.fold`` and ``repro.seed``; a (variant, fold, seed) whose runs are already in the store is not
-run again, so an interrupted study resumes. The tables are computed from the store only
+The dual-stream MIL loss study and the lumbar-spine plan are study files (``configs/study/dual_stream_mil.yaml``,
+``configs/study/lumbar_spine.yaml``) run by ``losslab study``'s code (:func:`losslab.pipelines.study.run_study`,
+a study named ``<study>-<mode>-<digest of the settings>``): its cells, the reuse of finished cells, the resume
+of a killed one and the sequential seeds are the study's; this script sets the epochs, folds, seeds and cohort
+and keeps what is its own: the tables of docs/results.md. Every run is tagged ``repro.study``,
+``repro.variant``, ``repro.mode`` (``quick`` | ``full``), ``repro.fold`` and ``repro.seed`` (the
+distillation study, which runs ``losslab distill``, still skips a seed whose runs are in the store). The tables are computed from the store only
 (mean ± sample std over the runs, :func:`losslab.pipelines.compare.format_mean_std`; paired
 statistics with :func:`losslab.stats.paired_comparisons`, blocks = (seed, fold), with the minimum
 detectable difference ``mde`` and the pairs ``n_needed`` to detect the observed one) and written between
@@ -31,8 +35,8 @@ detectable difference ``mde`` and the pairs ``n_needed`` to detect the observed 
 ``docs/results.md``, which holds results only: a ``--quick`` run writes ``<name>:quick`` sections into
 ``<workdir>/results-quick.md`` and refuses ``docs/results.md``).
 
-**Sequential study** (``--budget-seeds N``): after the ``--seeds`` given, one seed at a time is added
-(every fold and variant of it), up to ``N`` seeds, until the study's planned comparison (:data:`PLANNED`:
+**Sequential study** (``--budget-seeds N``: the study's ``budget_seeds``): after the ``--seeds`` given,
+one seed at a time is added (every fold of it, for the variants of undecided pairs), up to ``N`` seeds, until the study's planned comparison (:data:`PLANNED`:
 each variant against the reference, alpha split over the pairs by Bonferroni) is decided by
 :func:`losslab.stats.sequential_decision` — a group-sequential design with Lan–DeMets O'Brien–Fleming
 alpha spending, looks after each seed, so the repeated looks keep the false-positive rate at alpha — or
@@ -68,23 +72,17 @@ STUDY_TITLES = {
 EXPERIMENTS = {"dual_stream_mil": "repro-dual-stream-mil", "lumbar_spine": "repro-lumbar-spine",
                "distillation": "repro-distillation"}
 
-REFERENCE_MIL = "ce + weighted sampler"
-MIL_VARIANTS = {  # variant -> overrides on configs/experiment/brats_dual_stream_mil.yaml (DSMIL over resnet10t,
-    # bags of 32); that study samples class-balanced batches, so every other variant sets the sampler off
-    REFERENCE_MIL: ["loss=ce", "data.sampler=weighted_random"],
-    "ce + class weights": ["loss=ce", "loss.class_weights=inverse_freq", "data.sampler=none"],
-    "focal": ["loss=focal", "loss.gamma=2.0", "data.sampler=none"],
-    "ldam-drw": ["loss=ldam", "loss.drw=true", "data.sampler=none"],  # loss.drw_start_epoch is set from the epochs
-    "logit adjustment": ["loss=logit_adjusted", "loss.tau=1.0", "data.sampler=none"],
-}
-MIL_FOLDS = 5  # the audited study's 5 folds (the demo itself uses 3)
-REFERENCE_LUMBAR = "weighted ce [1, 2, 4]"
-LUMBAR_VARIANTS = {  # variant -> overrides on configs/experiment/rsna_lumbar_v8.yaml
-    REFERENCE_LUMBAR: [],
-    "ce + weighted sampler": ["loss.class_weights=null", "data.sampler=weighted_random"],
-    "coral": ["loss=coral"],
-    "corn": ["loss=corn"],
-}
+def _study_keys(name: str) -> dict:
+    """The keys of ``configs/study/<name>.yaml``: the variants and reference are the study file's own."""
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "study" / f"{name}.yaml").read_text())
+
+
+# variant -> overrides on the study's experiment config (configs/study/dual_stream_mil.yaml: DSMIL over resnet10t,
+# bags of 32, 5 folds; lumbar_spine.yaml: rsna_lumbar_v8.yaml)
+MIL_VARIANTS, REFERENCE_MIL = _study_keys("dual_stream_mil")["variants"], _study_keys("dual_stream_mil")["reference"]
+LUMBAR_VARIANTS, REFERENCE_LUMBAR = _study_keys("lumbar_spine")["variants"], _study_keys("lumbar_spine")["reference"]
 DISTILL_VARIANTS = {"student alone": "none", "vanilla kd": "vanilla"}  # variant -> losslab.loss of the student run
 
 NO_RUNS = "(no runs in the store)"
@@ -142,67 +140,63 @@ def _done(client, run: Run, mode: str, entry_point: str) -> bool:
     return bool(found)
 
 
-def train_and_evaluate(run: Run, args, mode: str) -> str | None:
-    """``losslab train`` on one fold, then ``losslab evaluate --split test`` (calibration fitted on
-    the fold's validation split; no TTA, no latency); both runs tagged. Returns the evaluate run id,
-    None when it was already in the store."""
-    from losslab.config import load_config
-    from losslab.pipelines.evaluate import run_evaluate
-    from losslab.pipelines.train import run_train
-
-    client = _client(args)
-    if _done(client, run, mode, "evaluate"):
-        return None
-    cfg = load_config(run.config, [*run.overrides, *_common_overrides(args, run.study), f"data.fold={run.fold}",
-                                   f"train.seed={run.seed}"])
-    trained = run_train(cfg).folds[0]
-    if trained.status != "FINISHED":
-        raise SystemExit(f"{run.study}/{run.variant} fold {run.fold} seed {run.seed}: train {trained.status}: "
-                         f"{trained.error}")
-    tags = _repro_tags(run, mode, _extra(args, run.study))
-    for key, value in tags.items():
-        client.set_tag(trained.run_id, key, value)
-    result = run_evaluate(cfg, source=trained.run_id, split="test", tta={"enabled": False},
-                          latency={"enabled": False})
-    for key, value in (tags | {"repro.train_run": trained.run_id}).items():
-        client.set_tag(result.run_id, key, value)
-    return result.run_id
+STUDY_FILES = {"dual_stream_mil": REPO / "configs" / "study" / "dual_stream_mil.yaml",
+               "lumbar_spine": REPO / "configs" / "study" / "lumbar_spine.yaml"}
 
 
-def dual_stream_runs(args) -> list[Run]:
-    drw_start = max(1, int(0.75 * args.epochs))  # the paper's 160 of 200 epochs, scaled (0-based)
-    # the study's EMA decay 0.999 suits its 20 epochs; over a few epochs of 12 steps its average would
-    # be mostly the initial weights, so the decay is scaled to a horizon of about one epoch
-    extra = [f"train.epochs={args.epochs}", f"data.num_folds={MIL_FOLDS}", "data.test_fraction=0.2",
-             "train.ema_decay=0.9", "train.early_stopping_patience=null",
-             "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
-    return [Run("dual_stream_mil", variant, CONFIGS / "brats_dual_stream_mil.yaml",
-                overrides + extra + ([f"loss.drw_start_epoch={drw_start}"] if variant == "ldam-drw" else []),
-                fold, seed)
-            for seed in args.seeds for fold in args.folds for variant, overrides in MIL_VARIANTS.items()
-            if variant in args.variants_for("dual_stream_mil")]
-
-
-def lumbar_runs(args) -> list[Run]:
+def _epoch_overrides(study: str, args) -> tuple[list[str], dict[str, list[str]]]:
+    """What follows ``--epochs``: overrides for every variant, and for one variant."""
+    warmup = "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"
+    if study == "dual_stream_mil":  # DRW from the paper's 160 of 200 epochs, scaled (0-based)
+        return [f"train.epochs={args.epochs}", warmup], {"ldam-drw": [f"loss.drw_start_epoch={max(1, int(0.75 * args.epochs))}"]}
     frozen = 1 if args.epochs >= 4 else 0
     swa = max(0, min(4, args.epochs // 3)) if args.epochs >= 4 else 0
-    extra = [f"train.epochs={args.epochs}", f"train.freeze_backbone_epochs={frozen}", f"train.swa_epochs={swa}",
-             "optim.warmup_epochs=0" if args.epochs < 3 else "optim.warmup_epochs=1"]
-    return [Run("lumbar_spine", variant, CONFIGS / "rsna_lumbar_v8.yaml", overrides + extra, fold, seed)
-            for seed in args.seeds for fold in args.folds for variant, overrides in LUMBAR_VARIANTS.items()
-            if variant in args.variants_for("lumbar_spine")]
+    return [f"train.epochs={args.epochs}", f"train.freeze_backbone_epochs={frozen}", f"train.swa_epochs={swa}", warmup], {}
+
+
+def cohort_study(study: str, args):
+    """``configs/study/<study>.yaml`` with this run's variants, folds, seeds, seed budget, epochs and
+    ``--set`` overrides; its name carries the mode and a digest of the settings (another setting in the
+    same store is another study, never refused as a changed one)."""
+    import hashlib
+    import json
+
+    from losslab.config.study import load_study, read_study_file
+
+    spec = read_study_file(STUDY_FILES[study])
+    common, per_variant = _epoch_overrides(study, args)
+    variants = {v: [*o, *per_variant.get(v, [])] for v, o in spec.variants.items() if v in args.variants_for(study)}
+    if spec.reference not in variants:
+        raise SystemExit(f"--variants: the study compares against {spec.reference!r}; include it")
+    digest = hashlib.sha256(json.dumps([common, _extra(args, study)]).encode()).hexdigest()[:8]
+    spec = spec.model_copy(update={"name": f"{study}-{args.mode}-{digest}", "variants": variants,
+                                   "folds": list(args.folds), "seeds": list(args.seeds),
+                                   "budget_seeds": args.budget_seeds or len(args.seeds)})
+    return load_study(STUDY_FILES[study], [*common, *_common_overrides(args, study)], spec=spec)
+
+
+def run_cohort_study(study: str, args, mode: str) -> None:
+    """The study through ``losslab study`` (its cells, the reuse of finished ones, the resume of a killed
+    one, the sequential seeds up to ``--budget-seeds``); then its runs get the ``repro.*`` tags the
+    tables read (``repro.train_run`` on each evaluate run)."""
+    from losslab.pipelines.study import run_study
+
+    result = run_study(cohort_study(study, args), show_progress=False)
+    client = _client(args)
+    for cell in result.frame.itertuples():
+        tags = _repro_tags(Run(study, cell.variant, STUDY_FILES[study], [], int(cell.fold), int(cell.seed)), mode,
+                           _extra(args, study))
+        for run_id, extra in ((cell.run_id, {}), (cell.eval_run_id, {"repro.train_run": cell.run_id})):
+            for key, value in (tags | extra).items() if run_id else ():
+                client.set_tag(run_id, key, value)
 
 
 def run_dual_stream_mil(args, mode: str) -> None:
-    for run in dual_stream_runs(args):
-        print(f"[dual_stream_mil] {run.variant} fold {run.fold} seed {run.seed}", flush=True)
-        train_and_evaluate(run, args, mode)
+    run_cohort_study("dual_stream_mil", args, mode)
 
 
 def run_lumbar_spine(args, mode: str) -> None:
-    for run in lumbar_runs(args):
-        print(f"[lumbar_spine] {run.variant} fold {run.fold} seed {run.seed}", flush=True)
-        train_and_evaluate(run, args, mode)
+    run_cohort_study("lumbar_spine", args, mode)
 
 
 def run_distillation(args, mode: str) -> None:
@@ -585,8 +579,9 @@ def sequential_markdown(outcomes: pd.DataFrame, first_seeds: int, budget: int) -
 
 
 def run_sequentially(study: str, args) -> None:
-    """Run ``args.seeds``, then add one seed at a time until every planned pair is decided or
-    ``--budget-seeds`` seeds have run; ``args.seeds`` ends as every seed run."""
+    """The distillation-loss study (``distill`` runs, not study cells): run ``args.seeds``, then add one
+    seed at a time until every planned pair is decided or ``--budget-seeds`` seeds have run; ``args.seeds``
+    ends as every seed run. (The other studies are sequential as ``losslab study`` studies.)"""
     runner = STUDIES[study][0]
     seeds = list(args.seeds)
     runner(args, args.mode)
@@ -727,7 +722,7 @@ def main(argv=None) -> int:
         runner, table = STUDIES[study]
         args.seeds = list(initial_seeds)
         if not args.tables_only:
-            run_sequentially(study, args) if args.budget_seeds else runner(args, args.mode)
+            run_sequentially(study, args) if args.budget_seeds and study == "distillation" else runner(args, args.mode)
         if args.no_tables:
             continue
         body = table(args.read_stores, args.mode)

@@ -179,7 +179,9 @@ def test_a_second_quick_run_adds_no_runs_and_rewrites_the_same_table(quick, tmp_
     module, uri, text = quick
     before = len(_runs(uri, module.EXPERIMENTS["dual_stream_mil"], "train"))
     output = tmp_path / "again.md"
+    # the same settings (a study reuses a cell of the same config and folds; other --set values are other cells)
     module.main(["--study", "dual_stream_mil", "--quick", "--variants", "ce + weighted sampler", "logit adjustment",
+                 "--set", TINY_BRATS, "--set", "dual_stream_mil:data.bag_size=4",
                  "--tracking-uri", uri, "--output", str(output), "--workdir", str(tmp_path / "unused")])
     assert len(_runs(uri, module.EXPERIMENTS["dual_stream_mil"], "train")) == before
     assert _section(output.read_text(), "dual_stream_mil") == _section(text, "dual_stream_mil")
