@@ -76,7 +76,8 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     (``val/mean_dice``), and that checkpoint is scored on the held-out test patients, which neither
     training nor the choice saw."""
     from losslab.data.seg_datasets import make_seg_loaders, make_seg_test_loader
-    from losslab.engine.loop import evaluation_weights, fit, load_checkpoint, seed_everything
+    from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
+    from losslab.engine.loop import fit, seed_everything
     from losslab.pipelines.scoring import split_metrics
     from losslab.tasks import build_task_model
 

@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import ConfigError
 from losslab.engine import steps
-from losslab.engine.loop import fit, load_checkpoint, seed_everything
+from losslab.engine.checkpoint import load_checkpoint
+from losslab.engine.loop import fit, seed_everything
 from losslab.engine.monitor import BestModelRule, default_mode
 from losslab.pipelines.train import build_components, make_datasets, make_loaders, run_train
 

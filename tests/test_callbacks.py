@@ -14,7 +14,8 @@ from torch import nn
 from losslab.engine.callbacks import (EMA, SWA, AlarmMonitor, Callback, CallbackList, EarlyStopping, FreezeBackbone,
                                       ModelCheckpoint, training_callbacks)
 from losslab.engine.checkpoint import CheckpointWriter
-from losslab.engine.loop import FitState, NonFiniteWeightsError, load_checkpoint
+from losslab.engine.checkpoint import load_checkpoint
+from losslab.engine.loop import FitState
 from losslab.engine.monitor import BestModelRule
 
 

@@ -30,7 +30,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from losslab.config import dump_yaml
-from losslab.engine.loop import load_checkpoint
+from losslab.engine.checkpoint import load_checkpoint
 from losslab.pipelines.train import build_components
 
 REPO = Path(__file__).resolve().parents[1]

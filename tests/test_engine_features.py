@@ -18,8 +18,10 @@ from losslab.engine import checkpoint
 from losslab.engine.callbacks import Callback
 from losslab.engine.ema import mixup_batch, update_bn
 from losslab.engine.checkpoint import CheckpointDiskFullError
-from losslab.engine.loop import (NonFiniteLossError, NonFiniteWeightsError, compute_mixed_loss, cosine_with_warmup,
-                                 evaluation_weights, fit, load_checkpoint, predict, seed_everything)
+from losslab.engine.callbacks import NonFiniteWeightsError
+from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
+from losslab.engine.loop import NonFiniteLossError, compute_mixed_loss, cosine_with_warmup, fit, seed_everything
+from losslab.engine.steps import predict
 from losslab.engine.steps import StepOutput
 from losslab.pipelines.train import build_components, make_datasets, make_loaders
 

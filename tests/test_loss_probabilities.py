@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
-from losslab.engine.loop import predict, validation_metrics
+from losslab.engine.steps import predict, validation_metrics
 from losslab.losses import build_loss
 
 COUNTS = [50, 12, 4]

@@ -389,16 +389,16 @@ def test_base_defaults():
     assert loss.predict(z).tolist() == [1]
 
 
-def test_a_loss_says_its_family_and_the_former_task_name_only_reads_it():
-    """``family`` is the one attribute; ``task`` reads it (for the callers not yet moved) on classes and
-    instances, a compound's included, and a loss class that still sets ``task`` is refused."""
+def test_a_loss_says_its_family_and_the_former_task_name_is_gone():
+    """``family`` is the one attribute, on classes and instances, a compound's included; ``task`` no longer
+    exists, and a loss class that still sets ``task`` is refused."""
     compound = build_loss("compound", terms=[{"name": "dice"}, {"name": "boundary"}])
-    assert (compound.family, compound.task) == ("segmentation", "segmentation")
+    assert compound.family == "segmentation" and not hasattr(compound, "task")
     coral = build_loss("coral")
-    assert (coral.family, coral.task) == ("ordinal", "ordinal")
+    assert coral.family == "ordinal" and not hasattr(type(coral), "task")
     from losslab.losses import get_loss_class
 
-    assert get_loss_class("kd").task == get_loss_class("kd").family == "distillation"
+    assert get_loss_class("kd").family == "distillation"
     with pytest.raises(TypeError, match="sets task='regression'.*family"):
         class _Stale(LossBase):  # noqa: F841
             task = "regression"

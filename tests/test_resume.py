@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from losslab.config import dump_yaml
 from losslab.engine.callbacks import Callback
-from losslab.engine.loop import fit, load_checkpoint, seed_everything
+from losslab.engine.checkpoint import load_checkpoint
+from losslab.engine.loop import fit, seed_everything
 from losslab.pipelines.train import build_components, make_datasets, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from losslab.engine.checkpoint import restore_loss
-from losslab.engine.loop import load_checkpoint, resolve_device
+from losslab.engine.checkpoint import load_checkpoint
+from losslab.engine.loop import resolve_device
 from losslab.pipelines.evaluate import run_evaluate
 from losslab.pipelines.scoring import score_test_split
 from losslab.pipelines.train import run_train

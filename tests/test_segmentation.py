@@ -145,7 +145,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     from losslab.config import load_config
     from losslab.data.seg_cache import build_seg_cache
     from losslab.data.seg_datasets import SegVolumeDataset
-    from losslab.engine.loop import load_checkpoint
+    from losslab.engine.checkpoint import load_checkpoint
     from losslab.tasks import build_task_model
 
     run_id = _train("seg_dice", seg_root, tmp_path / "cache", tmp_path, "seg-test-split", "data.test_fraction=0.25",
@@ -180,7 +180,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
 
 
 def test_learned_compound_weights_change_and_are_logged_each_epoch(seg_root, seg_cache_dir, tmp_path):
-    from losslab.engine.loop import load_checkpoint
+    from losslab.engine.checkpoint import load_checkpoint
 
     run_id = _train("seg_compound_learnable", seg_root, seg_cache_dir, tmp_path, "seg-compound", "optim.lr=0.05")
     client = MlflowClient()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from losslab.engine.loop import load_checkpoint
+from losslab.engine.checkpoint import load_checkpoint
 from losslab.losses import LossBase, register_loss
 from losslab.models.export import LogitsOnly
 from losslab.pipelines.registry import load_registered_model

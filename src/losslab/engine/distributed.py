@@ -36,7 +36,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = ["TerminatedError", "all_gather_rows", "all_reduce_sum", "barrier", "broadcast_object", "distributed_context", "is_distributed",
-           "is_main_process", "local_rank", "rank", "unwrap", "world_size", "wrap_model"]
+           "is_main_process", "local_rank", "rank", "world_size", "wrap_model"]
 
 
 class TerminatedError(RuntimeError):
@@ -128,11 +128,6 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     find_unused = os.environ.get("LOSSLAB_DDP_FIND_UNUSED", "") not in ("", "0")
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (state dicts then match single-process checkpoints)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def barrier() -> None:

@@ -53,17 +53,13 @@ import torch
 from torch import nn
 
 from losslab.engine import distributed as ddp
-from losslab.engine.callbacks import (Callback, CallbackList, ModelCheckpoint, NonFiniteWeightsError,
-                                      set_backbone_frozen, training_callbacks)
-from losslab.engine.checkpoint import (CheckpointDiskFullError, CheckpointWriter, evaluation_weights, load_checkpoint,
-                                       rng_state, save_checkpoint, set_rng_state)
+from losslab.engine.callbacks import Callback, CallbackList, ModelCheckpoint, training_callbacks
+from losslab.engine.checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from losslab.engine.ema import mixup_batch
-from losslab.engine.steps import ClassificationStep, StepOutput, autocast, predict, validation_metrics
+from losslab.engine.steps import ClassificationStep, StepOutput, autocast
 
-# re-exported for the pipelines, benches and tests that import them from here
-__all__ = ["CheckpointDiskFullError", "FitRun", "FitState", "NonFiniteLossError", "NonFiniteWeightsError", "autocast", "build_optimizer", "compute_mixed_loss", "mixed_loss_and_terms",
-           "cosine_with_warmup", "evaluation_weights", "fit", "load_checkpoint", "predict", "resolve_device",
-           "save_checkpoint", "seed_everything", "set_backbone_frozen", "validation_metrics"]
+__all__ = ["FitRun", "FitState", "HOST_READ", "NonFiniteLossError", "build_optimizer", "compute_mixed_loss",
+           "cosine_with_warmup", "fit", "mixed_loss_and_terms", "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
 HOST_READ = "losslab::host_read"  # the profiler range around each read of device values by the loop

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from losslab.engine.loop import autocast
+from losslab.engine.steps import autocast
 from losslab.engine.steps import ClassificationStep, StepOutput
 
 

@@ -259,15 +259,6 @@ class TermRecorder(nn.Module):
         return dict(self._terms)
 
 
-class _FamilyAlias:
-    """``loss.task``: the former name of ``loss.family``, read on the class and on instances.
-
-    Kept only while ``tasks/segmentation.py`` and ``pipelines/evaluate.py`` still read ``task``."""
-
-    def __get__(self, instance: Any, owner: type) -> str:
-        return (owner if instance is None else instance).family
-
-
 class LossBase(TermRecorder):
     """Base class of every registered loss (see the module docstring for the contract).
 
@@ -279,7 +270,6 @@ class LossBase(TermRecorder):
     """
 
     family: ClassVar[str] = "classification"
-    task = _FamilyAlias()
     name: ClassVar[str] = "loss"
     #: The classifier head this loss expects: "linear" (default) or "normed_linear" (cosine logits in
     #: [-1, 1], see :class:`losslab.losses.classification.NormedLinear`; LDAM). A hint for model builders.

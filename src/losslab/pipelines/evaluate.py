@@ -67,14 +67,15 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, IntervalConfig, LatencyConfig, TTAConfig,
+from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, LatencyConfig, TTAConfig,
                             section_dict)
 from losslab.data.cache import CacheInfo, load_cache
 from losslab.data.splits import TEST_FOLD
 from losslab.data.text import index_meta
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
-from losslab.engine.loop import predict, resolve_device
+from losslab.engine.loop import resolve_device
+from losslab.engine.steps import predict
 from losslab.engine.metrics import (confusion_matrix, dead_class_names, pred_counts, rsna_competition_score,
                                     rsna_weighted_log_loss)
 from losslab.pipelines.common import base_tags
@@ -89,7 +90,6 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- settings
 CalibrationSettings, TTASettings, LatencySettings = CalibrationConfig, TTAConfig, LatencyConfig
-IntervalSettings = IntervalConfig
 
 
 class EvaluateSettings(EvaluateConfig):
@@ -246,7 +246,7 @@ def _tta_outputs(model, cfg, info, rows, normalizer, loss_fn, device, settings: 
 def _use_rsna(setting, cfg: ExperimentConfig, loss_fn, num_classes: int) -> bool:
     if setting != "auto":
         return bool(setting)
-    ordinal = getattr(loss_fn, "task", "") == "ordinal" or cfg.data.source == "rsna_lumbar"
+    ordinal = getattr(loss_fn, "family", "") == "ordinal" or cfg.data.source == "rsna_lumbar"
     return num_classes == 3 and ordinal
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from losslab.config import ExperimentConfig, load_config
 from losslab.engine.checkpoint import restore_loss
-from losslab.engine.loop import evaluation_weights, load_checkpoint
+from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import Task, task_of
 

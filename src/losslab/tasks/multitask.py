@@ -75,7 +75,7 @@ class MultitaskTask(Task):
     @torch.no_grad()
     def predict(self, model, loader, device, loss_fn=None, amp=False):
         """``{"logits": {task: (N, K_t)}, "labels": {task: (N,)}, "features": (N, D)}`` as arrays."""
-        from losslab.engine.loop import autocast
+        from losslab.engine.steps import autocast
 
         model.eval()
         logits: dict[str, list] = {}
