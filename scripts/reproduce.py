@@ -11,15 +11,18 @@ Studies (``--study``):
 
 Every run is ``losslab train`` (one fold: the validation fold picks the best epoch) followed by
 ``losslab evaluate`` on the source's held-out test split, both into one MLflow store
-(``--tracking-uri``, default ``sqlite:///<workdir>/mlflow.db``). Runs are tagged
-``repro.study``/``repro.setting``/``repro.repetition``/``repro.mode``; a setting whose test run is
-already in the store is not run again. The tables are then computed from the store only (never
+(``--tracking-uri``, default ``sqlite:///<workdir>/mlflow.db``). Each study is a study file
+(``configs/study/mnist_bags.yaml``; ``configs/study/long_tailed_digits.yaml``, one study per ratio) run by
+``losslab study``'s code (:func:`losslab.pipelines.study.run_study`): its cells (a train run and its
+``evaluate --split test`` run), the reuse of finished ones, the resume of a killed one and the sequential
+seeds are the study's; this script keeps what is specific to the reproduction (the settings, the paper's
+numbers beside ours, the tables). Runs are tagged ``repro.study``/``repro.setting``/``repro.repetition``/``repro.mode``. The tables are then computed from the store only (never
 typed) and written between the study's markers in ``--output`` (default ``docs/results.md``, which holds
 results only: a ``--quick`` run writes ``<workdir>/results-quick.md`` and refuses ``docs/results.md``).
 
 **Sequential study** (``--budget-seeds N``, long-tailed digits): the planned comparison is CE against
 LDAM-DRW and logit adjustment in test balanced accuracy at each ratio (Bonferroni: alpha/2 a pair). After
-the first ``--repetitions`` seeds the script adds one seed at a time, up to ``N``, until every planned pair
+the first ``--repetitions`` seeds the study adds one seed at a time, up to ``N``, until every planned pair
 is decided by :func:`losslab.stats.sequential_decision` (group-sequential, Lan–DeMets O'Brien–Fleming
 spending, so the repeated looks keep the false-positive rate at alpha) or the budget is spent; the table
 says which happened.
@@ -37,8 +40,6 @@ import argparse
 import os
 import re
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +55,18 @@ PAPER_AUC = {
     "attention": {50: 0.768, 100: 0.948, 150: 0.949, 200: 0.970},
     "gated_attention": {50: 0.753, 100: 0.916, 150: 0.955, 200: 0.974},
 }
-LONG_TAILED_LOSSES = {  # variant -> overrides (the loss files under configs/loss, plus the sampler)
-    "ce": ["loss=ce"],
-    "ce + weighted sampler": ["loss=ce", "data.sampler=weighted_random"],
-    "focal": ["loss=focal"],
-    "class_balanced": ["loss=class_balanced"],
-    "ldam": ["loss=ldam", "loss.drw=false"],
-    "ldam + DRW": ["loss=ldam", "loss.drw=true"],
-    "logit_adjusted": ["loss=logit_adjusted"],
-    "balanced_softmax": ["loss=balanced_softmax"],
-}
+STUDY_FILES = {MNIST_BAGS: REPO / "configs" / "study" / "mnist_bags.yaml",
+               LONG_TAILED: REPO / "configs" / "study" / "long_tailed_digits.yaml"}
+
+
+def _study_keys(title: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(STUDY_FILES[title].read_text())
+
+
+# variant -> overrides (the loss files under configs/loss, plus the sampler): the study file's variants
+LONG_TAILED_LOSSES = _study_keys(LONG_TAILED)["variants"]
 
 
 PROTOCOL = {
@@ -92,88 +95,76 @@ PROTOCOL = {
 }
 
 
-@dataclass
-class Setting:
-    """One training + test-evaluation run of a study."""
-
-    study: str
-    name: str
-    repetition: int
-    config: Path
-    overrides: list[str]
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------- settings
-def mnist_bags_settings(args) -> list[Setting]:
-    """Heads x training-bag counts x repetitions; repetition r draws new bags (source seed r)."""
-    out = []
-    for rep in args.repetition_list:
-        for head in args.heads:
-            for bags in args.train_bags:
-                overrides = [f"model.head={head}", f"data.train_cases={bags}",
-                             f"data.source_kwargs.seed={rep}", f"data.source_kwargs.test_bags={args.test_bags}",
-                             f"data.seed={rep}", f"train.seed={rep}",
-                             f"data.cache_dir={args.workdir}/cache/mnist_bags-rep{rep}-test{args.test_bags}"]
-                if args.epochs:
-                    overrides.append(f"train.epochs={args.epochs}")
-                out.append(Setting(MNIST_BAGS, f"{head}/{bags}", rep, CONFIGS / "mnist_bags_attention.yaml",
-                                   overrides, {"repro.head": head, "repro.train_bags": str(bags)}))
-    return out
-
-
-def long_tailed_settings(args) -> list[Setting]:
-    """Losses x imbalance ratios x seeds; seed s redraws the long-tailed subsample and the weights."""
-    epochs = args.epochs or 15
-    out = []
-    for seed in args.repetition_list:
-        for ratio in args.ratios:
-            for variant in args.losses:
-                overrides = list(LONG_TAILED_LOSSES[variant]) + [
-                    f"data.imbalance.ratio={ratio}", f"data.imbalance.seed={seed}", f"train.seed={seed}",
-                    f"train.epochs={epochs}", f"data.cache_dir={args.workdir}/cache/mnist_digits"]
-                if variant.startswith("ldam"):
-                    overrides.append(f"loss.drw_start_epoch={max(1, int(round(0.8 * epochs)))}")
-                out.append(Setting(LONG_TAILED, f"{variant}/{ratio:g}", seed, CONFIGS / "long_tailed_digits.yaml",
-                                   overrides, {"repro.loss_variant": variant, "repro.ratio": f"{ratio:g}"}))
-    return out
-
-
 # ------------------------------------------------------------------------------------- running
-def _done(client, experiment_id: str, setting: Setting, mode: str) -> bool:
-    query = (f"tags.`repro.setting` = '{setting.name}' and tags.`repro.repetition` = '{setting.repetition}' "
-             f"and tags.`repro.mode` = '{mode}' and tags.`losslab.entry_point` = 'evaluate' "
-             "and attributes.status = 'FINISHED'")
-    return bool(client.search_runs([experiment_id], query, max_results=1))
+def repro_study(title: str, name: str, variants: dict[str, list[str]], overrides: list[str], args,
+                planned: list | None = None):
+    """The study file of ``title`` with these variants, the seeds to run (``--repetitions``, or
+    ``--only-repetitions``) and the seed budget, named ``<name>-<mode>-<digest of the settings>``."""
+    import hashlib
+    import json
+
+    from losslab.config.study import load_study, read_study_file
+
+    spec = read_study_file(STUDY_FILES[title])
+    shown = [o for o in overrides if not o.startswith(("data.cache_dir", "tracking.tracking_uri", "train.checkpoint_dir"))]
+    digest = hashlib.sha256(json.dumps([variants, shown]).encode()).hexdigest()[:8]
+    seeds = list(args.repetition_list)
+    update = {"name": f"{name}-{args.mode}-{digest}", "variants": variants, "seeds": seeds,
+              "budget_seeds": max(args.budget_seeds or 0, len(seeds)), "reference": next(iter(variants))}
+    if title == LONG_TAILED:
+        update |= {"reference": PLANNED_AGAINST, "planned": planned or None}
+    return load_study(STUDY_FILES[title], overrides, spec=spec.model_copy(update=update))
 
 
-def run_setting(setting: Setting, args, mode: str) -> str | None:
-    """Train, then evaluate on the held-out test split; both runs tagged. Returns the test run id."""
-    import mlflow
+def run_repro_study(loaded, args, tags_of) -> None:
+    """``losslab study`` on it (cells, reuse of finished ones, resume, sequential seeds); then its train
+    and evaluate runs get the ``repro.*`` tags the tables read (``tags_of(variant, seed)``)."""
+    from mlflow.tracking import MlflowClient
 
-    from losslab.config import load_config
-    from losslab.pipelines.evaluate import run_evaluate
-    from losslab.pipelines.train import run_train
+    from losslab.pipelines.study import run_study
 
-    client = mlflow.tracking.MlflowClient()
-    experiment = client.get_experiment_by_name(setting.study)
-    if experiment is not None and _done(client, experiment.experiment_id, setting, mode):
-        return None
-    overrides = setting.overrides + [f"tracking.experiment={setting.study}", f"tracking.tracking_uri={args.tracking_uri}",
-                                     f"train.checkpoint_dir={args.workdir}/checkpoints"]
-    cfg = load_config(setting.config, overrides)
-    tags = {"repro.study": setting.study, "repro.setting": setting.name, "repro.repetition": str(setting.repetition),
-            "repro.mode": mode} | setting.tags
-    result = run_train(cfg)
-    train_run = result.folds[0].run_id
-    for key, value in tags.items():
-        client.set_tag(train_run, key, value)
-    evaluated = run_evaluate(cfg, source=train_run, split="test", experiment=setting.study,
-                             calibration={"enabled": False}, tta={"enabled": False}, latency={"enabled": False},
-                             run_name=f"test-{setting.name}-r{setting.repetition}")
-    for key, value in tags.items():
-        client.set_tag(evaluated.run_id, key, value)
-    return evaluated.run_id
+    result = run_study(loaded, show_progress=False)
+    client = MlflowClient()
+    for cell in result.frame.itertuples():
+        for run_id in (cell.run_id, cell.eval_run_id):
+            for key, value in (tags_of(cell.variant, int(cell.seed)) if run_id else {}).items():
+                client.set_tag(run_id, key, value)
+
+
+def _common(args, title: str) -> list[str]:
+    overrides = [f"tracking.experiment={title}", f"tracking.tracking_uri={args.tracking_uri}",
+                 f"train.checkpoint_dir={args.workdir}/checkpoints"]
+    return overrides + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+
+
+def run_mnist_bags(args, mode: str) -> None:
+    """Heads x training-bag counts, one variant each; a seed (repetition) draws new bags (source seed)."""
+    variants = {f"{head}/{bags}": [f"model.head={head}", f"data.train_cases={bags}"]
+                for head in args.heads for bags in args.train_bags}
+    overrides = _common(args, MNIST_BAGS) + [f"data.source_kwargs.test_bags={args.test_bags}",
+                                             f"data.cache_dir={args.workdir}/cache/mnist_bags-rep{{seed}}-test{args.test_bags}"]
+    loaded = repro_study(MNIST_BAGS, "mnist_bags", variants, overrides, args)
+    run_repro_study(loaded, args, lambda variant, seed: {
+        "repro.study": MNIST_BAGS, "repro.setting": variant, "repro.repetition": str(seed), "repro.mode": mode,
+        "repro.head": variant.split("/")[0], "repro.train_bags": variant.split("/")[1]})
+
+
+def run_long_tailed(args, mode: str) -> None:
+    """One study per imbalance ratio: the chosen losses, a seed redrawing the subsample; the planned pairs
+    (ce against LDAM-DRW and logit adjustment, those chosen) decide when ``--budget-seeds`` adds seeds."""
+    epochs = args.epochs or 15
+    variants = {v: [*LONG_TAILED_LOSSES[v], *([f"loss.drw_start_epoch={max(1, int(round(0.8 * epochs)))}"]
+                                               if v.startswith("ldam") else [])] for v in args.losses}
+    planned = [(c, PLANNED_AGAINST) for c in PLANNED_CHALLENGERS if c in variants]
+    if PLANNED_AGAINST not in variants:
+        raise SystemExit(f"--losses: the long-tailed study compares against {PLANNED_AGAINST!r}; include it")
+    for ratio in args.ratios:
+        overrides = _common(args, LONG_TAILED) + [f"data.imbalance.ratio={ratio}", f"train.epochs={epochs}",
+                                                  f"data.cache_dir={args.workdir}/cache/mnist_digits"]
+        loaded = repro_study(LONG_TAILED, f"long_tailed-r{ratio:g}", variants, overrides, args, planned)
+        run_repro_study(loaded, args, lambda variant, seed, r=ratio: {
+            "repro.study": LONG_TAILED, "repro.setting": f"{variant}/{r:g}", "repro.repetition": str(seed),
+            "repro.mode": mode, "repro.loss_variant": variant, "repro.ratio": f"{r:g}"})
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -516,32 +507,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_settings(builder, title: str, study_args, mode: str) -> None:
-    settings = builder(study_args)
-    for i, setting in enumerate(settings, 1):
-        start = time.time()
-        run_id = run_setting(setting, study_args, mode)
-        status = "skipped (in the store)" if run_id is None else f"test run {run_id} in {time.time() - start:.0f} s"
-        print(f"[{title}] {i}/{len(settings)} {setting.name} rep {setting.repetition}: {status}", flush=True)
-
-
-def run_sequentially(study_args, mode: str, stores: list[str]) -> None:
-    """Add one seed at a time after the first ``repetitions`` until every planned pair of
-    :func:`sequential_outcomes` is decided or ``--budget-seeds`` seeds have run."""
-    run_settings(long_tailed_settings, LONG_TAILED, study_args, mode)
-    seeds = list(study_args.repetition_list)
-    while len(seeds) < study_args.budget_seeds:
-        outcomes = sequential_outcomes(test_runs(LONG_TAILED, mode, stores), study_args.repetitions,
-                                       study_args.budget_seeds, study_args.ratios)
-        if len(outcomes) and outcomes["decided"].all():
-            print(f"[{LONG_TAILED}] every planned comparison decided at {len(seeds)} seeds", flush=True)
-            return
-        seeds.append(max(seeds) + 1)
-        print(f"[{LONG_TAILED}] undecided at {len(seeds) - 1} seeds: adding seed {seeds[-1]}", flush=True)
-        run_settings(long_tailed_settings, LONG_TAILED, argparse.Namespace(**vars(study_args) | {
-            "repetition_list": [seeds[-1]]}), mode)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir = str(Path(args.workdir).resolve())
@@ -563,20 +528,18 @@ def main(argv=None) -> int:
         if study in COHORT_STUDIES:
             run_cohort_study(study, args)
             continue
-        builder, title = (mnist_bags_settings, MNIST_BAGS) if study == "mnist_bags" else (long_tailed_settings, LONG_TAILED)
+        runner, title = (run_mnist_bags, MNIST_BAGS) if study == "mnist_bags" else (run_long_tailed, LONG_TAILED)
         default_reps = 1 if args.quick else (5 if study == "mnist_bags" else 3)
-        study_args = argparse.Namespace(**vars(args))
+        study_args = argparse.Namespace(**vars(args), mode=mode)
         study_args.repetitions = args.repetitions or default_reps
         study_args.repetition_list = args.only_repetitions or list(range(study_args.repetitions))
         sequential = args.budget_seeds is not None and study == "long_tailed"
         if sequential and not 2 <= study_args.repetitions <= args.budget_seeds:
             raise SystemExit(f"--budget-seeds {args.budget_seeds}: needs 2 <= --repetitions "
                              f"({study_args.repetitions}) <= the budget")
+        study_args.budget_seeds = args.budget_seeds if sequential else None
         if not args.tables_only:
-            if sequential:
-                run_sequentially(study_args, mode, stores)
-            else:
-                run_settings(builder, title, study_args, mode)
+            runner(study_args, mode)
         note = (f"Mode `{mode}`; {len(stores)} MLflow store(s). Test metrics of `losslab evaluate --split test` "
                 "on the source's held-out test split; mean ± sample std over repetitions (n = runs).\n\n"
                 + PROTOCOL[title])
