@@ -75,7 +75,9 @@ def test_the_study_tables_match_compare_and_live_on_the_parent_run(planted):
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
     assert parent.info.run_name == "study-planted" and parent.info.status == "FINISHED"
-    assert parent.data.tags["mlflow.note.content"] == result.markdown
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(result.markdown)  # study.md, then the plots as images served by the MLflow server
+    assert f"(get-artifact?path=plots%2Fstudy_best_val_loss.png&run_uuid={result.parent_run_id})" in note
     children = {r.info.run_id for r in _cell_runs("study-planted", "planted")}
     exp = client.get_experiment_by_name("study-planted")
     nested = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")

@@ -14,7 +14,7 @@ From the finished cells (:func:`losslab.pipelines.study_store.cells_frame`):
   the critical-difference diagram (:func:`losslab.stats.plot_critical_difference`).
 
 Logged to the parent run: ``study.md`` (also its description, ``mlflow.note.content``, which the MLflow
-UI shows on the run's page), ``study_cells.csv``, ``study_table.csv``, ``study_paired.csv``,
+UI shows on the run's page, followed there by the plots as images), ``study_cells.csv``, ``study_table.csv``, ``study_paired.csv``,
 ``study_sequential.csv``, ``plots/study_<metric>.png``, ``plots/critical_difference_<metric>.png``, the
 metrics ``study/<variant>/<metric>_mean|_std`` and ``study/cells``, the tag ``losslab.study_verdict``.
 """
@@ -162,6 +162,17 @@ def figures(spec: StudyConfig, frame: pd.DataFrame) -> dict:
     return out
 
 
+def plot_links(run_id: str, paths: list[str]) -> str:
+    """The plots as images in the run's description: links to the MLflow server's ``get-artifact`` endpoint,
+    relative to the UI's address (so the Overview shows them, under any ``--static-prefix``)."""
+    from urllib.parse import quote
+
+    if not paths:
+        return ""
+    return "\n## Plots\n\n" + "\n\n".join(
+        f"![{path}](get-artifact?path={quote(path, safe='')}&run_uuid={run_id})" for path in paths) + "\n"
+
+
 def log_report(parent_id: str, spec: StudyConfig, frame: pd.DataFrame, outcomes: list[PairOutcome],
                paired: pd.DataFrame, markdown: str) -> None:
     """Everything of the module docstring, on the parent run (re-logged by whoever finishes last)."""
@@ -178,7 +189,8 @@ def log_report(parent_id: str, spec: StudyConfig, frame: pd.DataFrame, outcomes:
         sequential_table(outcomes).to_csv(root / "study_sequential.csv", index=False)
         for name in ("study.md", "study_cells.csv", "study_table.csv", "study_paired.csv", "study_sequential.csv"):
             client.log_artifact(parent_id, str(root / name))
-    for path, fig in figures(spec, frame).items():
+    plots = figures(spec, frame)
+    for path, fig in plots.items():
         client.log_figure(parent_id, fig, path)
     metrics = {"study/cells": float(len(frame))}
     for row in table.to_dict("records"):
@@ -188,7 +200,7 @@ def log_report(parent_id: str, spec: StudyConfig, frame: pd.DataFrame, outcomes:
                 if math.isfinite(value):
                     metrics[f"study/{_safe(row['variant'])}/{m.key(spec.split)}_{stat}"] = float(value)
     log_metrics_batch(parent_id, metrics, step=0)
-    client.set_tag(parent_id, NOTE_TAG, markdown[:60000])
+    client.set_tag(parent_id, NOTE_TAG, (markdown + plot_links(parent_id, list(plots)))[:60000])
     client.set_tag(parent_id, "losslab.study_verdict", "; ".join(o.line() for o in outcomes)[:5000])
 
 
@@ -204,5 +216,5 @@ def write_section(path: str | Path, name: str, markdown: str) -> None:
     file.write_text(text)
 
 
-__all__ = ["figures", "log_report", "metric_figure", "paired_table", "sequential_table", "study_markdown",
+__all__ = ["figures", "log_report", "metric_figure", "paired_table", "plot_links", "sequential_table", "study_markdown",
            "values_for", "variant_table", "write_section"]
