@@ -97,8 +97,8 @@ def test_each_fold_run_records_its_fold_and_evaluate_scores_that_fold(make_confi
     # fold 0 was in fold 2's training set: neither scored nor used for calibration
     for split in ("val", "cache"):
         with pytest.raises(ValueError, match=r"evaluate.fold=0: the model trained on fold 0 \(its validation fold is 2\)"):
-            run_evaluate(cfg.model_copy(update={"evaluate": {**fast, "split": split, "fold": 0,
-                                                             "cache_dir": str(small_cache.cache_dir)}}),
+            run_evaluate(cfg.model_copy(update={"evaluate": {**fast, "split": split, "fold": 0, **(
+                {"cache_dir": str(small_cache.cache_dir)} if split == "cache" else {})}}),
                          source=f"models:/cv-fold-model/{fold2.model_version}")
 
 

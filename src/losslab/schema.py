@@ -282,7 +282,7 @@ class SweepConfig(BaseModel):
     max_trials: int | None = Field(None, ge=1)  # stop when the study has this many COMPLETE+PRUNED trials
     timeout: float | None = Field(None, gt=0)  # seconds for this worker
     metric: str | None = None  # default: train.monitor
-    direction: Literal["maximize", "minimize"] | None = None  # default: from train.monitor_mode
+    direction: Literal["maximize", "minimize"] | None = None  # default: the metric's own (engine.monitor.metric_mode)
     folds: int | list[int] | None = None  # None: data.fold; k: folds 0..k-1; or a list
     sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})  # name + kwargs (seed, ...)
     pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})  # median|hyperband|threshold|none
