@@ -8,7 +8,9 @@ A registered losslab model is a folder (the ``losslab`` flavor of an MLflow mode
 
 The spec is plain JSON: ``{"format": 1, "kind": ..., ...}``. ``kind="classifier"`` carries the
 ``model`` and ``loss`` config sections, ``class_names`` and ``class_counts`` (the loss decides the
-output size, e.g. K-1 for CORAL, and the classifier type, e.g. a cosine classifier for LDAM);
+output size, e.g. K-1 for CORAL, and the classifier type, e.g. a cosine classifier for LDAM), and
+``loss_state`` / ``loss_epoch``: the loss as it was when the registered weights were validated (learned
+term weights, buffers, its epoch's schedule; :func:`losslab.engine.checkpoint.loss_spec`);
 ``kind="multimodal"`` carries the build ``spec``, ``task_classes``, ``in_chans``, the tokenizer
 (``tokenizer_json``, a serialised WordPiece vocabulary) and the image ``preprocessing``. Loading reads
 the spec, builds a fresh model with the library's own builders and calls ``load_state_dict(strict=True)``:
