@@ -114,11 +114,18 @@ def test_running_the_study_again_reuses_every_cell(planted):
     assert again.outcomes[0].line() == first.outcomes[0].line()
 
 
-def test_a_worker_whose_folds_differ_is_refused_before_it_trains(planted, tmp_path, capsys):
+def test_a_worker_whose_folds_differ_is_refused_before_it_trains(planted, embedded_root, tmp_path):
+    """Another machine with the same study file and settings, but its copy of the data lacks one patient:
+    its cache's folds differ, and it is refused in one line before anything trains."""
+    import shutil
+
     from losslab.pipelines.study import run_study
 
     loaded, _, _ = planted
-    other = load_study(None, [f"data.cache_dir={tmp_path / 'other-cache'}", "data.seed=7"], spec=loaded.spec)
+    copy = tmp_path / "embedded_brats"
+    shutil.copytree(embedded_root, copy)
+    shutil.rmtree(sorted((copy / "HGG").iterdir())[0])
+    other = load_study(None, [f"data.root={copy}", f"data.cache_dir={tmp_path / 'other-cache'}"], spec=loaded.spec)
     before = len(_cell_runs("study-planted", "planted", status=None))
     with pytest.raises(ConfigError, match=r"^study planted: this worker's folds differ from the study's") as info:
         run_study(other, show_progress=False)

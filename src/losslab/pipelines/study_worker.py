@@ -169,6 +169,13 @@ def enqueue(study: Any, cells: list[Cell], retry_failed: bool = False) -> int:
     return added
 
 
+def data_key(cfg: ExperimentConfig) -> str:
+    """The data settings that decide a cache's folds, as a fingerprint: the config's ``data.*`` params
+    minus paths, salt and bookkeeping (:data:`losslab.likeness.IGNORED`), so two machines with the same
+    settings share it whatever their folders."""
+    return config_hash({k: v for k, v in config_params(cfg).items() if k.startswith("data.")})
+
+
 def study_id_of(storage: Any, study: Any) -> int:
     return storage.get_study_id_from_name(study.study_name)
 
@@ -261,21 +268,32 @@ class Worker:
             self.infos[key] = task_of(cfg).build_cache(cfg)
         return self.infos[key]
 
+    def check_split(self, cfg: ExperimentConfig, info: Any) -> str:
+        """The cache's split fingerprint against the one the study recorded for the same data settings
+        (:func:`data_key`; the first worker to build such a cache records it): refused in one line when
+        the folds differ. Returns the fingerprint."""
+        key, mine = data_key(cfg), info.split_fingerprint
+        recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {}
+        if key not in recorded:
+            self.study.set_user_attr(FINGERPRINT_ATTR, {**recorded, key: mine})
+            recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {key: mine}  # a race: the first one wins
+        if recorded.get(key, mine) != mine:
+            raise ConfigError(f"study {self.spec.name}: this worker's folds differ from the study's (split fingerprint "
+                              f"{mine} of its cache {getattr(info, 'cache_dir', '')}, the study's {recorded[key]}): refusing to train; "
+                              "build the cache from the same data with the same data.seed, data.num_folds and "
+                              "data.test_fraction")
+        return mine
+
     def check(self) -> str:
         """Refuse, in one line and before training, a worker whose folds or variant configs differ from
         the study's (the first worker records both in the study). Returns the split fingerprint."""
         spec, fingerprints = self.spec, {}
         for variant, cfg in self.loaded.variants.items():
-            fingerprints[variant] = self.cache(cfg).split_fingerprint
+            fingerprints[variant] = self.check_split(cfg, self.cache(cfg))
         if len(set(fingerprints.values())) > 1:
             raise ConfigError(f"{self.loaded.path}: the variants' caches have different folds {fingerprints}: "
                               "a study pairs variants on the same folds (the variants may not change them)")
         mine = next(iter(fingerprints.values()))
-        theirs = set_if_absent(self.study, FINGERPRINT_ATTR, mine)
-        if mine != theirs:
-            raise ConfigError(f"study {spec.name}: this worker's folds differ from the study's (split fingerprint "
-                              f"{mine} of its cache, the study's {theirs}): refusing to train; build the cache from "
-                              "the same data with the same data.seed, data.num_folds and data.test_fraction")
         sigs = {v: dict(signature(config_params(cfg))) for v, cfg in self.loaded.variants.items()}
         recorded = set_if_absent(self.study, SIGNATURES_ATTR, sigs)
         if set(sigs) - set(recorded):  # a variant new to the study: recorded from now on
@@ -377,6 +395,9 @@ class Worker:
         beat.start()
         try:
             value, attrs = self._run(cell, trial_id)
+        except ConfigError:  # this worker cannot run the study (its folds differ): the cell goes to another
+            _fail_running(self.storage, self.study, trial)
+            raise
         except Exception as exc:
             log.error("study %s: cell %s failed: %s", self.spec.name, cell.label, exc)
             self.storage.set_trial_user_attr(trial_id, "error", redact_text(f"{type(exc).__name__}: {exc}")[:2000])
@@ -395,6 +416,7 @@ class Worker:
     def _run(self, cell: Cell, trial_id: int) -> tuple[float, dict]:
         cfg = self.cell_config(cell)
         info = self.cache(cfg)
+        self.check_split(cfg, info)  # a cell's own cache (`{seed}` in data.*) is checked too
         cell_hash = config_hash(config_params(cfg))
         self.storage.set_trial_user_attr(trial_id, "epochs", int(cfg.train.epochs))
         reused = self._finished_run(cell, cell_hash, info.split_fingerprint)
@@ -512,6 +534,6 @@ def join_study(payload: dict) -> int:
     return worker.run()
 
 
-__all__ = ["CellProgress", "DeadCellHandler", "STORAGE_ENV", "Worker", "cell_state", "default_storage", "enqueue",
+__all__ = ["CellProgress", "DeadCellHandler", "STORAGE_ENV", "Worker", "cell_state", "data_key", "default_storage", "enqueue",
            "join_study", "open_storage", "open_study", "open_worker", "resolve_storage", "set_if_absent", "trials_by_cell",
            "worker_id"]
