@@ -100,11 +100,12 @@ def test_main_job_then_evaluate_split_test_on_its_alias(embedded_root, tmp_path,
                  "model.head_kwargs={hidden_dim: 16}", "train.epochs=1", "train.max_train_batches=2",
                  "train.device=cpu", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
                  "tracking.experiment=readme-flow", "tracking.registered_model_name=readme-flow-model"]
-    demo = run_demo("configs/experiment/demo.yaml", overrides, ["ce"])
+    demo = run_demo("configs/experiment/demo.yaml", overrides, ["ce", "focal"])
     candidate = MlflowClient().get_run(MlflowClient().get_run(demo.run_id).data.tags["losslab.candidate_run"])
     assert "test/balanced_accuracy_ci_low" in candidate.data.metrics
+    # the registered model is scored on its own run's data settings (-o data.* would be refused)
     args = ["evaluate", "-c", "configs/experiment/demo.yaml", "--split", "test",
-            "--model", "models:/readme-flow-model@candidate"] + [a for o in overrides for a in ("-o", o)]
+            "--model", "models:/readme-flow-model@candidate"]
     args += ["-o", "evaluate.tta.enabled=false", "-o", "evaluate.latency.enabled=false"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
