@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -600,14 +599,11 @@ def run_sequentially(study: str, args) -> None:
 
 # ------------------------------------------------------------------------------------- results.md
 def write_section(path: Path, study: str, body: str) -> None:
-    """Replace (or append) the text between ``<!-- study:<study>:start -->`` and ``:end -->``."""
-    start, end = f"<!-- study:{study}:start -->", f"<!-- study:{study}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Reproduced results\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Replace (or append) the text between ``<!-- study:<study>:start -->`` and ``:end -->`` (the study
+    command's writer, without its footer: these sections carry their own provenance)."""
+    from losslab.pipelines.study_report import write_section as write_study_section
+
+    write_study_section(path, study, body, footer=None, title="# Reproduced results")
 
 
 def section(study: str, body: str, mode: str, title: str | None = None) -> str:

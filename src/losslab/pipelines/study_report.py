@@ -204,12 +204,17 @@ def log_report(parent_id: str, spec: StudyConfig, frame: pd.DataFrame, outcomes:
     client.set_tag(parent_id, "losslab.study_verdict", "; ".join(o.line() for o in outcomes)[:5000])
 
 
-def write_section(path: str | Path, name: str, markdown: str) -> None:
-    """Replace (or append) the text between ``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->``."""
+GENERATED = "_Generated from the MLflow store by `losslab study`; do not edit by hand._"
+
+
+def write_section(path: str | Path, name: str, markdown: str, footer: str | None = GENERATED,
+                  title: str = "# Results") -> None:
+    """Replace (or append) the text between ``<!-- study:<name>:start -->`` and ``<!-- study:<name>:end -->``
+    (``footer`` after the markdown; ``title`` heads a new file)."""
     file = Path(path)
     start, end = f"<!-- study:{name}:start -->", f"<!-- study:{name}:end -->"
-    block = f"{start}\n{markdown.rstrip()}\n\n_Generated from the MLflow store by `losslab study`; do not edit by hand._\n{end}"
-    text = file.read_text() if file.exists() else "# Results\n"
+    block = f"{start}\n{markdown.rstrip()}\n" + (f"\n{footer}\n" if footer else "") + end
+    text = file.read_text() if file.exists() else title + "\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     file.parent.mkdir(parents=True, exist_ok=True)
