@@ -141,3 +141,20 @@ def test_identical_variants_are_never_decided_and_one_fold_is_a_plain_paired_t()
     (out,) = outcomes(spec, _frame(spec, values, ratio=0.4))
     d = np.array([0.0, 0.0, 0.8 - 0.7])
     assert out.p_value == pytest.approx(stats.nadeau_bengio_ttest(d, 0.0)[1])  # ratio 0: one fold
+
+
+def test_a_study_recorded_by_an_older_losslab_is_refused_in_one_line():
+    """Before f04cd57 the study kept one split fingerprint (a str); checking it then raised
+    ``TypeError: 'str' object is not a mapping``. It is now refused naming the study."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from losslab.config import ConfigError, load_config
+    from losslab.pipelines.study_worker import FINGERPRINT_ATTR, Worker
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    study.set_user_attr(FINGERPRINT_ATTR, "70d1d45c06c1")
+    worker = SimpleNamespace(study=study, spec=SimpleNamespace(name="old-demo"))
+    with pytest.raises(ConfigError, match="study old-demo was created by an older losslab.*70d1d45c06c1"):
+        Worker.check_split(worker, load_config(None), SimpleNamespace(split_fingerprint="70d1d45c06c1"))

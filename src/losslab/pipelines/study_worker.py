@@ -274,6 +274,9 @@ class Worker:
         the folds differ. Returns the fingerprint."""
         key, mine = data_key(cfg), info.split_fingerprint
         recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {}
+        if not isinstance(recorded, dict):  # one fingerprint for the whole study (before f04cd57)
+            raise ConfigError(f"study {self.spec.name} was created by an older losslab (one split fingerprint, "
+                              f"{recorded}, for every data setting); give the study a new name to start it again")
         if key not in recorded:
             self.study.set_user_attr(FINGERPRINT_ATTR, {**recorded, key: mine})
             recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {key: mine}  # a race: the first one wins
