@@ -182,3 +182,24 @@ class MLflowServer:
             except ProcessLookupError:
                 pass
         self.log_file.close()
+
+
+def running_cluster():
+    """A throw-away cluster for a module fixture: ``yield from running_cluster()``."""
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def running_mlflow_server(postgres: "PostgresCluster", root: Path):
+    """An MLflow server on a new database of ``postgres``, its artifacts under ``root`` (``artifacts_dir``),
+    for a module fixture: ``yield from running_mlflow_server(postgres, root)``."""
+    server = MLflowServer(postgres.create_database("mlflow", driver="psycopg2"), root / "artifacts", root / "server.log")
+    server.artifacts_dir = root / "artifacts"
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

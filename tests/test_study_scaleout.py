@@ -26,20 +26,12 @@ PASSWORD = "Study-pw-51c2"  # must reach neither MLflow nor the workers' output
 
 @pytest.fixture(scope="module")
 def postgres():
-    cluster = _pg.PostgresCluster().start()
-    yield cluster
-    cluster.stop()
+    yield from _pg.running_cluster()
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
-    root = tmp_path_factory.mktemp("study-mlflow-server")
-    server = _pg.MLflowServer(postgres.create_database("mlflow", driver="psycopg2"), root / "artifacts", root / "server.log")
-    try:
-        server.wait_healthy()
-        yield server
-    finally:
-        server.stop()
+    yield from _pg.running_mlflow_server(postgres, tmp_path_factory.mktemp("study-mlflow-server"))
 
 
 def test_two_workers_on_two_folders_share_one_study(postgres, mlflow_server, embedded_root, small_cache, tmp_path):

@@ -32,21 +32,12 @@ PASSWORD = "Pg-pw-7f3a9"  # must never reach MLflow or the workers' output
 
 @pytest.fixture(scope="module")
 def postgres():
-    cluster = _pg.PostgresCluster().start()
-    yield cluster
-    cluster.stop()
+    yield from _pg.running_cluster()
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    server = _pg.MLflowServer(postgres.create_database("mlflow", driver="psycopg2"), root / "artifacts", root / "server.log")
-    server.artifacts_dir = root / "artifacts"
-    try:
-        server.wait_healthy()
-        yield server
-    finally:
-        server.stop()
+    yield from _pg.running_mlflow_server(postgres, tmp_path_factory.mktemp("mlflow-server"))
 
 
 class Worker:
