@@ -154,3 +154,36 @@ def test_a_null_study_runs_to_its_budget_and_says_so_with_the_mde(embedded_root,
     assert math.isinf(outcome.n_needed) or outcome.n_needed == stats.pairs_needed(d.mean(), spread, 0.0, 0.05)
     line = outcome.line()
     assert "undecided, budget of 2 seed(s) spent" in line and f"MDE {outcome.mde:.3g}" in line
+
+
+def test_failed_cells_fail_the_command_with_their_reason(embedded_root, small_cache, tmp_path):
+    """A variant whose training diverges (learning rate 1e12: the non-finite loss stops it): its cell fails
+    for real; the command exits 1 with one line naming the cell and the reason, the parent run is FAILED,
+    and the study's tables hold only the cell that finished. (Before: exit 0, "complete", parent FINISHED.)"""
+    import yaml
+
+    from losslab.cli import run
+
+    spec = {"name": "diverging", "config": None, "reference": "ce", "split": "val", "heartbeat_interval": 2,
+            "overrides": small_overrides(embedded_root, small_cache, tmp_path, "study-diverging"),
+            "variants": {"ce": ["loss=ce"], "diverges": ["loss=ce", "optim.lr=1e12", "optim.name=sgd"]},
+            "folds": [0], "seeds": 1, "budget_seeds": 1, "metrics": ["balanced_accuracy"]}
+    path = tmp_path / "diverging.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run(["study", "-c", str(path), "--no-progress"]) == 1
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("study-diverging")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`losslab.study_role` = 'parent'")
+    assert parent.info.status == "FAILED"
+    cells = {r.data.tags["losslab.variant"]: r.info.status for r in _cell_runs("study-diverging", "diverging", None)}
+    assert cells == {"ce": "FINISHED", "diverges": "FAILED"}
+
+
+def test_failure_line_names_each_failed_cell_and_the_first_reason():
+    from losslab.pipelines.study import StudyResult, failure_line
+
+    result = StudyResult("s", "r", True, [], pd.DataFrame(), pd.DataFrame(), "", failed=["a|f0|s0", "b|f1|s0"],
+                         errors={"a|f0|s0": "FloatingPointError: loss is nan at epoch 0"})
+    line = failure_line(result)
+    assert line.startswith("study s: 2 cell(s) failed (a|f0|s0, b|f1|s0); a|f0|s0: FloatingPointError: loss is nan")
+    assert "\n" not in line

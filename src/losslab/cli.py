@@ -291,7 +291,11 @@ def study(config: str = typer.Option(..., "--config", "-c", help="Study YAML (co
     except ConfigError as exc:
         _error(exc)
         raise typer.Exit(2) from None
-    if not result.complete:
+    if result.failed:
+        from losslab.pipelines.study import failure_line
+
+        _error(failure_line(result))
+    if result.failed or not result.complete:
         raise typer.Exit(1)
 
 

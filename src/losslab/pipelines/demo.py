@@ -30,7 +30,7 @@ from losslab.pipelines.checks import check_config
 from losslab.pipelines.compare import CompareResult, log_comparison, run_compare
 from losslab.pipelines.doctor import run_doctor
 from losslab.pipelines.preprocess import run_preprocess
-from losslab.pipelines.study import run_study
+from losslab.pipelines.study import CellsFailed, failure_line, run_study
 from losslab.stats import NB_TEST, decision_line
 from losslab.tracking import managed_run, resolve_tracking_uri, setup_tracking
 
@@ -85,7 +85,10 @@ def run_demo(config: str | None, overrides: list[str], losses: list[str], folds:
         mlflow.log_params({"main.losses": " ".join(losses), "main.folds": folds})
         run_preprocess(base)
         # every loss on every fold: the cells of the demo study, children of this run (losslab.pipelines.study)
-        run_study(demo_study(config, list(overrides), list(dict.fromkeys(losses)), folds, run_id), parent_run_id=run_id)
+        study = run_study(demo_study(config, list(overrides), list(dict.fromkeys(losses)), folds, run_id),
+                          parent_run_id=run_id)
+        if study.failed:  # a table without those folds would compare fewer pairs without a word
+            raise CellsFailed(failure_line(study))
         comparison = run_compare(base.tracking.experiment, f"tags.mlflow.parentRunId = '{run_id}'", DEMO_METRICS,
                                  tracking_uri=base.tracking.tracking_uri, log_run=False)
         log_comparison(comparison, DEMO_METRICS)

@@ -60,6 +60,7 @@ class StudyResult:
     paired: pd.DataFrame
     markdown: str
     failed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # failed cell -> the reason its last trial recorded
     trained_here: int = 0  # cells completed while this command ran, by any worker, not reused
     seconds: float = 0.0
 
@@ -223,16 +224,29 @@ def finish(worker: Worker, write_results: str | None = None, before: set[int] | 
     paired = paired_table(spec, frame)
     by_cell = trials_by_cell(worker.study)
     failed = sorted(k for k, ts in by_cell.items() if cell_state(ts) == "failed")
+    errors = {k: by_cell[k][-1].user_attrs.get("error", "no reason recorded") for k in failed}
     markdown = study_markdown(spec, frame, decided, paired, failed)
     log_report(worker.parent_id, spec, frame, decided, paired, markdown)
     active = mlflow.active_run()
     if complete and (active is None or active.info.run_id != worker.parent_id):
-        MlflowClient().set_terminated(worker.parent_id, "FINISHED")
+        MlflowClient().set_terminated(worker.parent_id, "FAILED" if failed else "FINISHED")
     if write_results:
         write_section(write_results, spec.name, markdown)
     trained = sum(1 for ts in by_cell.values() for t in ts if t.state.name == "COMPLETE"
                   and t.number not in (before or set()) and not t.user_attrs.get("reused"))
-    return StudyResult(spec.name, worker.parent_id, complete, decided, frame, paired, markdown, failed, trained)
+    return StudyResult(spec.name, worker.parent_id, complete, decided, frame, paired, markdown, failed, errors, trained)
+
+
+class CellsFailed(RuntimeError):
+    """Cells of a study failed: the tables miss them (the next run of the command queues them again)."""
+
+
+def failure_line(result: StudyResult) -> str:
+    """One line: how many cells failed, and the first one's reason."""
+    first = result.failed[0]
+    return (f"study {result.name}: {len(result.failed)} cell(s) failed ({', '.join(result.failed)}); {first}: "
+            f"{result.errors.get(first, 'no reason recorded')}; the tables miss them (run the command again "
+            "to retry them)")
 
 
 def print_result(result: StudyResult) -> None:
@@ -242,7 +256,9 @@ def print_result(result: StudyResult) -> None:
     for outcome in result.outcomes:
         print("  " + outcome.line(), flush=True)
     if result.failed:
-        print(f"  failed cell(s): {', '.join(result.failed)} (queued again by the next run of the command)", flush=True)
+        for key in result.failed:
+            print(f"  failed cell {key}: {result.errors.get(key, '')} (queued again by the next run of the command)",
+                  flush=True)
 
 
-__all__ = ["StudyResult", "ensure_parent", "finish", "print_result", "run_processes", "run_study"]
+__all__ = ["CellsFailed", "StudyResult", "ensure_parent", "failure_line", "finish", "print_result", "run_processes", "run_study"]
