@@ -152,6 +152,7 @@ def _child(root: str, workers: int) -> None:
     import sklearn.model_selection  # noqa: F401 - the fold split's import (seconds) is not preprocessing
 
     from losslab.data import cache
+    from losslab.data.raw_data import hash_files
 
     folders = sorted(str(p) for p in Path(root, "train_images").glob("*/*") if p.is_dir())
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -161,7 +162,7 @@ def _child(root: str, workers: int) -> None:
         bare_s = time.perf_counter() - start
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    cache._hash_files([str(p) for p in Path(root).rglob("*") if p.is_file()], root)
+    hash_files([str(p) for p in Path(root).rglob("*") if p.is_file()], root)
     hash_s = time.perf_counter() - start  # the fingerprint's content hash, part of build_cache's wall
     with tempfile.TemporaryDirectory() as cache_dir:
         start, cpu = time.perf_counter(), _cpu_now()

@@ -8,6 +8,9 @@
 - no function in ``src/`` is 60 lines or longer;
 - the names that only tests used (issue #30) stay out of ``src/``, and a loss's named terms are
   recorded by one mechanism, in ``losses/base.py``.
+- one cache module: no ``seg_cache`` module, and one module defines a ``build_*cache`` function.
+- the kind is the task's: no ``isinstance`` on dataset or task classes and no task-kind flag read outside
+  ``tasks`` and ``models``; one loader builder: only ``data/loaders.py`` constructs a ``DataLoader``.
 """
 
 from __future__ import annotations
@@ -262,3 +265,95 @@ def test_loss_terms_are_recorded_only_in_the_loss_base():
     # and every module with a composite loss records through it
     for name in ("compound.py", "distillation.py", "segmentation.py", "multitask.py"):
         assert "self.record_terms(" in (PACKAGE / "losses" / name).read_text(), name
+
+
+# ------------------------------------------------------------------- one cache module (issue #30)
+def cache_builders(tree: ast.Module) -> list[str]:
+    """The module-level functions named ``build_*cache`` (a method of a task that calls the builder is
+    not one)."""
+    return [node.name for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and re.fullmatch(r"build_\w*cache", node.name)]
+
+
+def test_the_cache_builder_checker_finds_a_second_builder():
+    tree = ast.parse("def build_seg_cache(cfg): ...\ndef build_cache(cfg): ...\ndef build_model(cfg): ...\n"
+                     "class Task:\n    def build_cache(self, cfg): ...\n")
+    assert cache_builders(tree) == ["build_seg_cache", "build_cache"]
+
+
+def test_one_cache_module():
+    modules = _modules()
+    assert [m for m in modules if m.rpartition(".")[2] == "seg_cache"] == []
+    builders = {module: names for module, tree in modules.items() if (names := cache_builders(tree))}
+    assert builders == {"losslab.data.cache.build": ["build_cache"]}
+
+
+# ------------------------------------------- the kind is the task's: hooks, not flags (issue #30)
+#: attributes that say what kind a task is; read outside ``tasks/`` and ``models/`` they decide by kind
+TASK_KIND_FLAGS = {"per_case_probabilities", "loss_takes_class_counts", "distributed", "device_batch_kinds"}
+#: the reads left to a later change, named so that this list only shrinks: evaluate still picks its
+#: scoring by ``per_case_probabilities`` (the per-case scoring, calibration and TTA are not a task hook yet)
+PENDING_KIND_FLAG_READS = {"losslab.pipelines.evaluate": {"per_case_probabilities"}}
+
+
+def kind_decisions(tree: ast.Module) -> list[str]:
+    """``isinstance(x, C)`` where ``C`` names a dataset or a task class (``*Dataset``, ``*Task``, ``BagItems``
+    aside: a batch container), and reads of :data:`TASK_KIND_FLAGS` (``distributed`` only off a name that
+    says task: ``task.distributed``, ``loaded.task.distributed``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            for cls in classes:
+                name = cls.attr if isinstance(cls, ast.Attribute) else getattr(cls, "id", "")
+                if name.endswith(("Dataset", "Task")):
+                    found.append(f"isinstance {name}")
+        if isinstance(node, ast.Attribute) and node.attr in TASK_KIND_FLAGS:
+            owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+            if node.attr != "distributed" or "task" in owner.lower():
+                found.append(node.attr)
+    return found
+
+
+def test_the_kind_decision_checker_finds_isinstance_and_flags():
+    tree = ast.parse("if isinstance(ds, (BagDataset, data.ImageDataset)): pass\n"
+                     "if isinstance(t, SegmentationTask) or task.per_case_probabilities: pass\n"
+                     "if not loaded.task.distributed: pass\n"
+                     "if run.distributed and isinstance(x, dict): pass\n"
+                     "n = t.loss_takes_class_counts\n")
+    assert sorted(kind_decisions(tree)) == ["distributed", "isinstance BagDataset", "isinstance ImageDataset",
+                                            "isinstance SegmentationTask", "loss_takes_class_counts",
+                                            "per_case_probabilities"]
+
+
+def test_no_isinstance_on_datasets_or_tasks_and_no_kind_flag_outside_tasks_and_models():
+    found = {module: names for module, tree in _modules().items()
+             if not module.startswith(("losslab.tasks", "losslab.models")) and (names := kind_decisions(tree))}
+    unexpected = {m: n for m, n in found.items() if not set(n) <= PENDING_KIND_FLAG_READS.get(m, set())}
+    assert unexpected == {}
+    # the pending list names only what is still there
+    assert {m: set(n) for m, n in found.items()} == PENDING_KIND_FLAG_READS
+
+
+# --------------------------------------------------------------------- one loader builder (issue #30)
+#: distill still builds its own image + text loaders (its refactor into train runs of the multitask task
+#: removes them); named so that this list only shrinks
+PENDING_LOADER_BUILDERS = {"losslab.pipelines.distill_data", "losslab.pipelines.distill_teacher"}
+
+
+def loader_constructions(tree: ast.Module) -> int:
+    """Calls that construct a loader class named ``*DataLoader`` (torch's, MONAI's, any alias of them)."""
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and (getattr(node.func, "id", None) or getattr(node.func, "attr", "")).endswith("DataLoader"))
+
+
+def test_the_loader_checker_counts_constructions():
+    tree = ast.parse("from monai.data import DataLoader\nfrom torch.utils import data\n"
+                     "a = DataLoader(ds)\nb = data.DataLoader(ds, batch_size=2)\nc = build_loader(ds, cfg, True)\n"
+                     "d = loader_class(ds)\n")
+    assert loader_constructions(tree) == 2
+
+
+def test_one_loader_builder():
+    builders = {module for module, tree in _modules().items() if loader_constructions(tree)}
+    assert builders - PENDING_LOADER_BUILDERS == {"losslab.data.loaders"}

@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from losslab.config import DataConfig, SegConfig
-from losslab.data.cache import build_cache, load_cache
+from losslab.data.cache import SegCacheInfo, SegmentationEncoder, build_cache, load_cache
 from losslab.data.integrity import CacheIntegrityError
-from losslab.data.seg_cache import SegCacheInfo, build_seg_cache, load_seg_cache
 
 
 def _truncate_to_half(path: Path) -> tuple[int, int]:
@@ -115,8 +115,6 @@ def test_a_damaged_cache_without_its_raw_data_is_refused_by_name(built):
 
 
 def test_a_cache_without_hashes_is_refused_with_the_rebuild_command(built):
-    import pandas as pd
-
     _, info, _ = built
     index = pd.read_parquet(info.cache_dir / "index.parquet").drop(columns=["array_bytes", "array_sha256"])
     index.to_parquet(info.cache_dir / "index.parquet", index=False)
@@ -134,25 +132,27 @@ def seg_raw(tmp_path_factory) -> Path:
 
 def test_the_seg_cache_names_a_damaged_array_and_rebuilds_it(seg_raw, tmp_path):
     cfg = DataConfig(source="brats", root=str(seg_raw), cache_dir=str(tmp_path / "seg"), salt="s", num_folds=2)
-    info = build_seg_cache(cfg, SegConfig())
-    rows = json.loads((info.cache_dir / "index.json").read_text())
-    files = [info.cache_dir / record["path"] for row in rows for record in row["arrays"]]
+    encoder = SegmentationEncoder.from_config(SegConfig())
+    info = build_cache(cfg, encoder=encoder)
+    index = pd.read_parquet(info.cache_dir / "index.parquet")
+    keys = ("image", "target", "dist")
+    files = [info.cache_dir / path for _, row in index.iterrows() for path in (row[f"{k}_path"] for k in keys)]
     assert len(files) == 9 and {f.name.rsplit("_", 1)[1] for f in files} == {"image.npy", "target.npy", "dist.npy"}
-    for row in rows:
-        for record in row["arrays"]:
-            data = (info.cache_dir / record["path"]).read_bytes()
-            assert (record["size"], record["digest"]) == (len(data), hashlib.sha256(data).hexdigest())
+    for _, row in index.iterrows():
+        for k in keys:
+            data = (info.cache_dir / row[f"{k}_path"]).read_bytes()
+            assert (row[f"{k}_bytes"], row[f"{k}_sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     originals = {f: f.read_bytes() for f in files}
     now, was = _truncate_to_half(files[0])
     with pytest.raises(CacheIntegrityError, match=f"^{re.escape(f'cache array {files[0]} is truncated: {now} bytes, index says {was}')}$"):
-        load_seg_cache(info.cache_dir)
+        load_cache(info.cache_dir, encoder=encoder)
     files[0].write_bytes(originals[files[0]])
     _flip_last_byte(files[5])
     with pytest.raises(CacheIntegrityError, match=f"^{re.escape(f'cache array {files[5]} is altered: sha256 ')}"):
-        load_seg_cache(info.cache_dir)
+        load_cache(info.cache_dir, encoder=encoder)
     _truncate_to_half(files[7])
-    rebuilt = build_cache(cfg, seg=SegConfig())  # the one builder: a segmentation task passes its seg settings
-    assert isinstance(rebuilt, SegCacheInfo) and rebuilt.index == rows
+    rebuilt = build_cache(cfg, encoder=encoder)  # the one builder: a segmentation task passes its encoder
+    assert isinstance(rebuilt, SegCacheInfo) and rebuilt.index == info.index
     assert not rebuilt.reused and rebuilt.rebuilt_because.startswith(f"cache array {files[5]} is altered")
     assert {f: f.read_bytes() for f in files} == originals
-    assert build_seg_cache(cfg, SegConfig()).reused
+    assert build_cache(cfg, encoder=encoder).reused

@@ -261,7 +261,7 @@ def test_killed_build_resumes_to_the_same_cache(lumbar, reference, tmp_path, mlf
 
 def test_float16_round_trip_is_numpys_rounding_bit_for_bit():
     """The cache's fast float16 conversion (torch) stores the bits numpy's astype would."""
-    from losslab.data.cache import _float16_round_trip
+    from losslab.data.cache.images import _float16_round_trip
 
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.random(100_000), rng.normal(0, 300, 100_000), [0.0, -0.0, 1.0, 2.0**-25, 2.0**-24,

@@ -19,9 +19,8 @@ import torch
 from _release_layouts import (TASK01_CHANNELS, write_brats2018, write_brats2019, write_brats2020, write_brats2021,
                               write_msd_task01)
 from losslab.config import DataConfig, SegConfig
-from losslab.data.cache import build_cache
+from losslab.data.cache import SegmentationEncoder, build_cache
 from losslab.data.deid import salted_hash
-from losslab.data.seg_cache import build_seg_cache
 from losslab.data.sources import SkipReport, build_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +53,7 @@ def _brats_regions(seg: np.ndarray) -> np.ndarray:
 
 def _seg_cache(root: Path, cache: Path, source: str = "brats", **seg):
     data = DataConfig(source=source, root=str(root), cache_dir=str(cache), num_folds=2, test_fraction=0, salt=SALT)
-    return build_seg_cache(data, SegConfig(**seg))
+    return build_cache(data, encoder=SegmentationEncoder.from_config(SegConfig(**seg)))
 
 
 def _cached_case(info, item: str, source: str) -> dict[str, np.ndarray]:

@@ -42,12 +42,13 @@ def test_segmentation_reads_through_registered_sources(tmp_path):
     import pytest
 
     from losslab.config import DataConfig, SegConfig
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import SegmentationEncoder, build_cache
     from losslab.data.sources import segmentation_sources
 
     assert segmentation_sources() == ["brats", "msd"]
     with pytest.raises(ValueError, match=r"data.source='manifest' has no segmentation reader; use one of brats, msd$"):
-        build_seg_cache(DataConfig(source="manifest", root=str(tmp_path), cache_dir=str(tmp_path / "c")), SegConfig())
+        build_cache(DataConfig(source="manifest", root=str(tmp_path), cache_dir=str(tmp_path / "c")),
+                    encoder=SegmentationEncoder.from_config(SegConfig()))
     run_generator("msd", str(tmp_path / "task"), seed=0, cases=4)
     source = build_source("msd", str(tmp_path / "task"), salt="s")
     items = list(source.segmentation_items())

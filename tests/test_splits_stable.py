@@ -38,10 +38,11 @@ def _data_cfg(root: Path, cache_dir: Path, **extra):
     return DataConfig(root=str(root), cache_dir=str(cache_dir), num_folds=3, test_fraction=0.25, **extra)
 
 
-def _seg_cfg():
+def _seg_encoder():
+    from losslab.data.cache import SegmentationEncoder
     from losslab.schema import SegConfig
 
-    return SegConfig()
+    return SegmentationEncoder.from_config(SegConfig())
 
 
 def _names_by_case_id(cache_dir: Path, names: list[str], case_id_of) -> dict[str, str]:
@@ -89,32 +90,31 @@ def test_two_fresh_caches_of_the_same_data_put_every_patient_in_the_same_fold(co
 
 
 def test_two_fresh_segmentation_caches_put_every_patient_in_the_same_fold(cohort, tmp_path):
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import build_cache
 
     items = {f"{p.parent.name}/{p.name}" for p in cohort.glob("*/*") if p.is_dir()}
     folds = []
     for name in ("a", "b"):
-        info = build_seg_cache(_data_cfg(cohort, tmp_path / name), _seg_cfg())
+        info = build_cache(_data_cfg(cohort, tmp_path / name), encoder=_seg_encoder())
         by_id = _names_by_case_id(tmp_path / name, sorted(items), lambda item: f"seg:brats:{item}")
         folds.append({by_id[r["case_id"]]: r["fold"] for r in info.index})
         assert "split_key" not in info.index[0]
     assert (tmp_path / "a" / ".salt").read_text() != (tmp_path / "b" / ".salt").read_text()
     assert folds[0] == folds[1] and len(folds[0]) == 16
-    one = build_seg_cache(_data_cfg(cohort, tmp_path / "a"), _seg_cfg())
-    two = build_seg_cache(_data_cfg(cohort, tmp_path / "b"), _seg_cfg())
+    one = build_cache(_data_cfg(cohort, tmp_path / "a"), encoder=_seg_encoder())
+    two = build_cache(_data_cfg(cohort, tmp_path / "b"), encoder=_seg_encoder())
     assert one.reused and two.reused and one.split_fingerprint == two.split_fingerprint
-    other = build_seg_cache(_data_cfg(cohort, tmp_path / "c", seed=4), _seg_cfg())
+    other = build_cache(_data_cfg(cohort, tmp_path / "c", seed=4), encoder=_seg_encoder())
     assert other.split_fingerprint != one.split_fingerprint
 
 
 def _build_in_worker(kind: str, root: str, cache_dir: str, barrier, queue) -> None:
     from losslab.data.cache import build_cache
-    from losslab.data.seg_cache import build_seg_cache
 
     cfg = _data_cfg(Path(root), Path(cache_dir))
     barrier.wait()
     try:
-        info = build_cache(cfg) if kind == "cases" else build_seg_cache(cfg, _seg_cfg())
+        info = build_cache(cfg) if kind == "cases" else build_cache(cfg, encoder=_seg_encoder())
         ids = sorted(info.index["case_id"]) if kind == "cases" else sorted(r["case_id"] for r in info.index)
         queue.put((info.split_fingerprint, ids, bool(info.reused)))
     except BaseException as exc:  # noqa: BLE001 - reported to the test
@@ -126,7 +126,6 @@ def test_two_workers_building_one_fresh_cache_at_once_share_one_salt_and_one_bui
     """Two processes start building the same fresh cache folder at the same instant (no salt set):
     one builds, the other waits and reuses it; both see the same case ids, and every array is intact."""
     from losslab.data.cache import load_cache
-    from losslab.data.seg_cache import load_seg_cache
 
     context = multiprocessing.get_context("fork")
     barrier, queue = context.Barrier(2), context.Queue()
@@ -141,7 +140,7 @@ def test_two_workers_building_one_fresh_cache_at_once_share_one_salt_and_one_bui
     assert results[0][:2] == results[1][:2]
     assert sorted(r[2] for r in results) == [False, True]  # one built, the other reused that build
     reopened = load_cache(tmp_path / "cache", check_hashes=True) if kind == "cases" else \
-        load_seg_cache(tmp_path / "cache", check_hashes=True)
+        load_cache(tmp_path / "cache", check_hashes=True, encoder=_seg_encoder())
     ids = sorted(reopened.index["case_id"]) if kind == "cases" else sorted(r["case_id"] for r in reopened.index)
     assert ids == results[0][1]
     assert [p.name for p in (tmp_path / "cache").glob(".salt*")] == [".salt"]

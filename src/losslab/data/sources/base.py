@@ -246,7 +246,7 @@ SegmentationItem = tuple[str, list[Any], Any]
 
 class SegmentationSource:
     """A registered source that also reads voxel masks: the segmentation cache
-    (:mod:`losslab.data.seg_cache`) reads through these two methods, never through a source's name."""
+    (:mod:`losslab.data.cache.segmentation`) reads through these two methods, never through a source's name."""
 
     def segmentation_items(self) -> Iterator[SegmentationItem]:  # pragma: no cover - abstract
         """Per case: the report item, its image files (one per modality, or one 4D file) and its label map."""
