@@ -251,10 +251,13 @@ def test_missing_task_column_is_a_clear_error(tmp_path, mlflow_store):
 
 
 def test_bad_distill_settings_fail_before_any_run(tmp_path, mlflow_store):
-    cfg = _config(tmp_path / "raw", tmp_path / "cache", "distill.losses=[vanilla, focal]", experiment="distill-errors")
-    with pytest.raises(ValueError, match="unknown loss 'focal'"):
-        run_distill(cfg)
-    # the distill section is typed (losslab.config.DistillConfig): a typo is refused when the config loads
+    # the distill section is typed and checked by the schema (losslab.schema.DistillConfig) only: an unknown
+    # loss, a loss without a name or a typo is refused when the config loads, naming where it was set
+    with pytest.raises(ConfigError, match=r"distill.losses = .* in command-line override .*: .*unknown loss 'focal'; "
+                                          r"expected one of vanilla, kd, combined, crd, rkd, mmd"):
+        _config(tmp_path / "raw", tmp_path / "cache", "distill.losses=[vanilla, focal]", experiment="distill-errors")
+    with pytest.raises(ConfigError, match=r"distill.losses = .*: .*entry \{'temperature': 2\} has no name"):
+        _config(tmp_path / "raw", tmp_path / "cache", "distill.losses=[{temperature: 2}]", experiment="distill-errors")
     with pytest.raises(ConfigError, match=r"unknown key 'distill.teacher.epochz' \(value 3\) in command-line override"):
         _config(tmp_path / "raw", tmp_path / "cache", "distill.teacher.epochz=3", experiment="distill-errors")
     assert mlflow.get_experiment_by_name("distill-errors") is None or not MlflowClient().search_runs(
@@ -361,10 +364,24 @@ def test_distill_trains_through_the_engine_with_ema_and_early_stopping(tmp_path,
 
 
 def test_mixup_is_refused_by_distill_before_any_run(tmp_path, mlflow_store):
-    cfg = _config(tmp_path / "raw", tmp_path / "cache", "train.mixup_alpha=0.4", experiment="distill-mixup")
-    with pytest.raises(ValueError, match=r"train.mixup_alpha=0.4: .*set it to 0"):
-        run_distill(cfg)
+    with pytest.raises(ConfigError, match=r"train.mixup_alpha=0.4: .*set it to 0"):
+        _config(tmp_path / "raw", tmp_path / "cache", "train.mixup_alpha=0.4", experiment="distill-mixup")
     assert mlflow.get_experiment_by_name("distill-mixup") is None
+    assert load_config(None, ["train.mixup_alpha=0.4"]).train.mixup_alpha == 0.4  # without a distill section
+
+
+def test_the_distill_defaults_are_the_schemas():
+    """Every default of the distill section is stated once, in the schema; the pipeline reads it from there."""
+    from losslab.pipelines.distill import distill_section
+    from losslab.schema import DEFAULT_STUDENT_MODEL, DEFAULT_TEACHER_MODEL, DistillConfig
+
+    cfg = load_config(None, [])
+    assert cfg.distill is None and distill_section(cfg) == DistillConfig()
+    section = DistillConfig()
+    assert section.teacher.model == DEFAULT_TEACHER_MODEL and section.student.model == DEFAULT_STUDENT_MODEL
+    assert (section.teacher.registered_model_name, section.teacher.alias) == ("losslab-distill-teacher", "teacher")
+    specs = DistillConfig(losses=["vanilla", {"name": "rkd", "distance_weight": 25.0}]).loss_specs()
+    assert specs == [("vanilla", {}), ("rkd", {"distance_weight": 25.0})]
 
 
 def test_multitask_metrics_match_scikit_learn():

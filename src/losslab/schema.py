@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_serializer, field_validator,
+                      model_validator)
 
 CONFIG_ROOT_ENV = "LOSSLAB_CONFIG_ROOT"
 SECTIONS = ("data", "model", "loss", "optim", "train", "tracking", "sweep", "cv", "evaluate", "distill", "seg")
@@ -356,31 +357,46 @@ class EvaluateConfig(_Strict):
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     intervals: IntervalConfig = Field(default_factory=IntervalConfig)
 
+#: the loss names ``distill.losses`` accepts (``vanilla`` is ``kd``; :class:`losslab.losses.multitask.MultiTaskDistillation`)
+DISTILL_LOSSES = ("vanilla", "kd", "combined", "crd", "rkd", "mmd")
+#: the teacher and the student trained when ``distill.teacher.model`` / ``distill.student.model`` are not set
+#: (the build spec of :func:`losslab.models.multimodal.build_multimodal_model`)
+DEFAULT_TEACHER_MODEL = {"fusion": "cross_attention", "fusion_dim": 64, "fusion_layers": 2,
+                         "image": {"backbone": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "patch_size": 8}},
+                         "text": {"name": "small_transformer", "dim": 64, "depth": 2, "max_length": 32}}
+DEFAULT_STUDENT_MODEL = {"fusion": "cross_attention", "fusion_dim": 32, "fusion_layers": 1,
+                         "image": {"backbone": "test_vit", "kwargs": {"img_size": 64, "patch_size": 8}},
+                         "text": {"name": "small_transformer", "dim": 32, "depth": 1, "max_length": 32}}
+
+
 class DistillTeacherConfig(_Strict):
-    """``distill.teacher``: a registered teacher (``model_uri``) or one to train (``model``, ...)."""
+    """``distill.teacher``: a registered teacher (``model_uri``) or one to train (``model``, ...);
+    ``epochs`` and ``lr`` default to ``train.epochs`` and ``optim.lr``."""
 
     model_uri: str | None = None
     allow_pickle: bool = False
-    model: dict[str, Any] | None = None
+    model: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TEACHER_MODEL))
     epochs: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
-    registered_model_name: str | None = None
-    alias: str | None = None
+    registered_model_name: str | None = "losslab-distill-teacher"
+    alias: str | None = "teacher"
 
 
 class DistillStudentConfig(_Strict):
-    """``distill.student``: the student model spec and its training."""
+    """``distill.student``: the student model spec and its training (``epochs``, ``lr``: as the teacher's)."""
 
-    model: dict[str, Any] | None = None
+    model: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_STUDENT_MODEL))
     epochs: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     registered_model_name: str | None = None
 
 
 class DistillConfig(_Strict):
-    """The ``distill:`` section (see :mod:`losslab.pipelines.distill`)."""
+    """The ``distill:`` section (see :mod:`losslab.pipelines.distill`); ``cache_dir`` defaults to
+    ``<data.cache_dir>/teacher_outputs`` and ``batch_size`` to ``data.batch_size``."""
 
     tasks: list[str] | dict[str, Any] | None = None
+    # a loss name, or {name: <loss>, <its params>..., ce_weight, distill_weight}
     losses: list[str | dict[str, Any]] = Field(default_factory=lambda: ["vanilla"])
     student_alone: bool = True
     # the students see the labels of only this fraction of the training cases (per class, seeded);
@@ -393,6 +409,22 @@ class DistillConfig(_Strict):
     batch_size: int | None = Field(None, ge=1)
     teacher: DistillTeacherConfig = Field(default_factory=DistillTeacherConfig)
     student: DistillStudentConfig = Field(default_factory=DistillStudentConfig)
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, losses: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for entry in losses:
+            name = entry if isinstance(entry, str) else entry.get("name")
+            if name is None:
+                raise ValueError(f"entry {entry!r} has no name")
+            if name not in DISTILL_LOSSES:
+                raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(DISTILL_LOSSES)}")
+        return losses
+
+    def loss_specs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each entry of ``losses`` as ``(name, its parameters)``."""
+        specs = [{"name": e} if isinstance(e, str) else dict(e) for e in self.losses]
+        return [(str(spec.pop("name")), spec) for spec in specs]
 
 
 def section_dict(value: Any) -> dict[str, Any]:
@@ -427,6 +459,15 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _loss_from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("distill")
+    @classmethod
+    def _distill_without_mixup(cls, value: Any, info: ValidationInfo) -> Any:
+        train = info.data.get("train")
+        if value is not None and train is not None and train.mixup_alpha:
+            raise ValueError(f"train.mixup_alpha={train.mixup_alpha}: mixup mixes one label per case and cannot mix "
+                             f"the per-task labels and teacher outputs of distill; set it to 0")
+        return value
 
     @model_validator(mode="after")
     def _segmentation_patch(self) -> "ExperimentConfig":

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losslab.schema import DISTILL_LOSSES  # the names distill.losses accepts (vanilla is kd)
+
 from .base import TermRecorder
 
 __all__ = ["DISTILL_LOSSES", "LabelsOnly", "MultiTaskDistillation", "UNLABELLED", "labelled_cross_entropy",
            "labelled_subset"]
 
-#: Loss names ``distill.losses`` accepts (``vanilla`` is ``kd``).
-DISTILL_LOSSES = ("vanilla", "kd", "combined", "crd", "rkd", "mmd")
 _PER_TASK = ("kd", "combined")
 
 UNLABELLED = -100  # a label the students do not see (``F.cross_entropy``'s ignore_index)

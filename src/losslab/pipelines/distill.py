@@ -14,8 +14,8 @@ One ``losslab distill`` (``mlflow run . -e distill``) opens a parent run ``disti
 The data are :mod:`losslab.pipelines.distill_data`'s: every ``data.*`` key the other tasks honour
 (the training cases with ``data.imbalance`` and ``data.train_cases``, ``data.sampler``,
 ``data.augment``, ``data.normalize``, ``data.num_workers``) is honoured there or refused when the
-config loads. The other phases have their own modules: :mod:`~losslab.pipelines.distill_settings`
-(the ``distill:`` section), :mod:`~losslab.pipelines.distill_teacher` (the teacher run and its
+config loads; the ``distill:`` section is :class:`losslab.schema.DistillConfig` (its defaults and checks
+live there only). The other phases have their own modules: :mod:`~losslab.pipelines.distill_teacher` (the teacher run and its
 output cache), :mod:`~losslab.pipelines.distill_fit` (one run's fit, latency, summary and model),
 :mod:`~losslab.pipelines.distill_resume` (``--resume``), :mod:`~losslab.pipelines.distill_tables`
 (reading the runs back); this module runs the students and the whole invocation.
@@ -92,6 +92,7 @@ import numpy as np
 import torch
 
 from losslab.config import ExperimentConfig
+from losslab.schema import DistillConfig
 from losslab.data.cache import CacheInfo
 from losslab.data.text import check_distill_data
 from losslab.engine.loop import seed_everything
@@ -99,7 +100,6 @@ from losslab.losses.multitask import DISTILL_LOSSES, LabelsOnly, MultiTaskDistil
 from losslab.pipelines.distill_data import DistillData, distill_loaders, distill_test_loader, prepare_distill_data
 from losslab.pipelines.distill_fit import fit_run, log_distilled_model, run_latency, run_summary, run_tags
 from losslab.pipelines.distill_resume import PreviousRuns, previous_runs
-from losslab.pipelines.distill_settings import DEFAULT_STUDENT, DistillSettings, distill_settings
 from losslab.pipelines.distill_tables import distillation_table
 from losslab.pipelines.distill_teacher import run_teacher, teacher_outputs, teacher_train_outputs
 from losslab.tasks import MultitaskTask
@@ -128,7 +128,7 @@ class DistillResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan_item: tuple, teacher_train: dict,
+def _run_student(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, plan_item: tuple, teacher_train: dict,
                  labelled: np.ndarray, teacher_uri: str | None, key: str, cache_tag: str,
                  previous: PreviousRuns | None = None) -> tuple[str, str, dict]:
     """One student run (a distillation loss, or the student alone on the labelled cases only); on a
@@ -138,8 +138,8 @@ def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan
 
     name, params, role = plan_item
     st = s.student
-    student_spec = st.get("model") or DEFAULT_STUDENT
-    epochs, lr = int(st.get("epochs") or cfg.train.epochs), float(st.get("lr") or cfg.optim.lr)
+    student_spec = st.model
+    epochs, lr = int(st.epochs or cfg.train.epochs), float(st.lr or cfg.optim.lr)
     params = dict(params)
     ce_weight = float(params.pop("ce_weight", s.ce_weight))
     distill_weight = float(params.pop("distill_weight", s.distill_weight))
@@ -159,7 +159,7 @@ def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan
         student = build_multimodal_model(student_spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
         student.preprocessing = d.preprocessing
         cases = d.train_df if distilling else d.train_df[labelled].reset_index(drop=True)
-        train_loader, val_loader = distill_loaders(cfg, student, d, cases, s.batch_size)
+        train_loader, val_loader = distill_loaders(cfg, student, d, cases, d.batch_size)
         if distilling:
             objective = MultiTaskDistillation(name, params, d.tasks, student.feature_dim,
                                               int(teacher_train["features"].shape[1]), num_data=len(d.train_df),
@@ -175,13 +175,19 @@ def _run_student(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, plan
         step = MultitaskTask(d.task_classes, teacher_train if distilling else None,
                              torch.as_tensor(labelled) if distilling and not labelled.all() else None)
         fitted = fit_run(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id,
-                         resume_id is not None, previous.callbacks, distill_test_loader(cfg, student, d, s.batch_size))
+                         resume_id is not None, previous.callbacks, distill_test_loader(cfg, student, d, d.batch_size))
         summary = run_summary(fitted, run_latency(student, step, val_loader, cfg))
         log_metrics_batch(run_id, summary, step=fitted.best_epoch)
         if cfg.tracking.log_model:
-            log_distilled_model(student, st.get("registered_model_name"), None,
+            log_distilled_model(student, st.registered_model_name, None,
                                 {"role": role, "loss": label, "run_id": run_id}, d.in_chans)
     return label, run_id, summary
+
+
+def distill_section(cfg: ExperimentConfig) -> DistillConfig:
+    """The ``distill:`` section as the schema validated it (its defaults when the config has none)."""
+    section = cfg.distill
+    return section if isinstance(section, DistillConfig) else DistillConfig.model_validate(section or {})
 
 
 def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run_id: str | None = None,
@@ -192,7 +198,7 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run
     teacher and students are kept, an unfinished one continues from its last checkpoint (and ends with
     the metrics of an uninterrupted run), the missing ones run. ``extra_callbacks`` go to every fit."""
     check_distill_data(cfg)  # as when the config loaded: a config built in code skips that
-    s = distill_settings(cfg)
+    s = distill_section(cfg)
     setup_tracking(cfg.tracking)
     previous = PreviousRuns(previous_runs(resume_run_id) if resume_run_id else {}, list(extra_callbacks or []))
     d = prepare_distill_data(cfg, s.tasks, info)
@@ -210,7 +216,7 @@ def run_distill(cfg: ExperimentConfig, info: CacheInfo | None = None, resume_run
         all_metrics: dict[str, dict[str, float]] = {}
         teacher, teacher_run, teacher_uri, origin = run_teacher(cfg, s, d, all_metrics, previous)
         teacher_train, key, cache_tag = teacher_train_outputs(teacher, d, s, origin)
-        plan = [(name, params, "student") for name, params in s.losses]
+        plan = [(name, params, "student") for name, params in s.loss_specs()]
         if s.student_alone:
             plan.append(("none", {}, "student_alone"))
         runs: dict[str, str] = {}

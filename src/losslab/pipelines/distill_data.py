@@ -50,6 +50,7 @@ class DistillData:
     preprocessing: dict[str, Any]
     in_chans: int
     device: torch.device
+    batch_size: int  # distill.batch_size, default data.batch_size
 
 
 def prepare_distill_data(cfg: ExperimentConfig, tasks: Any, info: CacheInfo | None) -> DistillData:
@@ -66,8 +67,9 @@ def prepare_distill_data(cfg: ExperimentConfig, tasks: Any, info: CacheInfo | No
     probe = ImageTextDataset(train_df, info.cache_dir, task_classes)  # checks captions and task values
     mean, std = image_preprocessing(cfg.data.normalize, probe)
     test_df = info.index[info.index["fold"] == TEST_FOLD].reset_index(drop=True)
+    batch_size = (cfg.distill.batch_size if cfg.distill is not None else None) or cfg.data.batch_size
     return DistillData(info, list(tasks), task_classes, train_df, val_df, test_df, probe.texts,
-                       {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device))
+                       {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device), batch_size)
 
 
 def _build_checked_cache(cfg: ExperimentConfig, tasks: Any) -> CacheInfo:

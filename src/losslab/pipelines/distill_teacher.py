@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from losslab.config import ExperimentConfig
+from losslab.schema import DistillConfig
 from losslab.data.cache import CacheInfo
 from losslab.data.text import ImageTextDataset, collate_image_text
 from losslab.engine.loop import seed_everything
@@ -30,7 +31,6 @@ from losslab.pipelines.distill_data import DistillData, distill_loaders, distill
 from losslab.pipelines.distill_fit import (Fitted, fit_run, log_distilled_model, run_latency, run_summary, run_tags,
                                            score_test)
 from losslab.pipelines.distill_resume import PreviousRuns
-from losslab.pipelines.distill_settings import DEFAULT_TEACHER, DistillSettings
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import MultitaskTask
 from losslab.tracking import log_metrics_batch, managed_run
@@ -103,7 +103,7 @@ def _check_teacher_tasks(teacher: nn.Module, task_classes: dict[str, list[str]],
             raise ValueError(f"teacher {uri}: task {task!r} classes {have[task]} differ from the data's {classes}")
 
 
-def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: DistillSettings, cfg: ExperimentConfig,
+def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: DistillConfig, cfg: ExperimentConfig,
                            run_id: str):
     """A registered teacher, checked against the data's tasks and scored on the validation split and the
     held-out test split."""
@@ -112,10 +112,10 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: Dist
     teacher = load_registered_model(uri, allow_pickle=allow_pickle).model
     _check_teacher_tasks(teacher, d.task_classes, uri)
     teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
-    _, val_loader = distill_loaders(cfg, teacher, d, d.train_df, s.batch_size, teacher_prep)
+    _, val_loader = distill_loaders(cfg, teacher, d, d.train_df, d.batch_size, teacher_prep)
     step = MultitaskTask(d.task_classes)
     fitted = Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1,
-                    score_test(teacher, step, distill_test_loader(cfg, teacher, d, s.batch_size, teacher_prep), d.device))
+                    score_test(teacher, step, distill_test_loader(cfg, teacher, d, d.batch_size, teacher_prep), d.device))
     log_metrics_batch(run_id, fitted.best_metrics, step=0)
     return teacher, fitted, val_loader, origin
 
@@ -134,7 +134,7 @@ def _finished_teacher(done, d: DistillData, all_metrics: dict):
     return teacher, done.info.run_id, uri, origin
 
 
-def run_teacher(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, all_metrics: dict,
+def run_teacher(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, all_metrics: dict,
                  previous: PreviousRuns | None = None):
     """The teacher run: registered (``distill.teacher.model_uri``) or trained and registered here; on a
     resume, a finished teacher run is reused and an unfinished one continues from its last checkpoint.
@@ -147,29 +147,27 @@ def run_teacher(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, all_m
     resume_id = previous.unfinished_id("teacher")
     with managed_run(run_name="teacher", tags=run_tags(cfg, "teacher", "teacher"), nested=True, run_id=resume_id) as run:
         teacher_run = run.info.run_id
-        if t.get("model_uri"):
-            teacher_uri = str(t["model_uri"])
-            teacher, fitted, val_loader, origin = _teacher_from_registry(
-                teacher_uri, bool(t.get("allow_pickle", False)), d, s, cfg, teacher_run)
+        if t.model_uri:
+            teacher_uri = str(t.model_uri)
+            teacher, fitted, val_loader, origin = _teacher_from_registry(teacher_uri, t.allow_pickle, d, s, cfg, teacher_run)
         else:
             seed_everything(cfg.train.seed, cfg.train.deterministic)
-            spec = t.get("model") or DEFAULT_TEACHER
+            spec = t.model
             teacher = build_multimodal_model(spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
             teacher.preprocessing = d.preprocessing
-            train_loader, val_loader = distill_loaders(cfg, teacher, d, d.train_df, s.batch_size)
-            epochs, lr = int(t.get("epochs") or cfg.train.epochs), float(t.get("lr") or cfg.optim.lr)
+            train_loader, val_loader = distill_loaders(cfg, teacher, d, d.train_df, d.batch_size)
+            epochs, lr = int(t.epochs or cfg.train.epochs), float(t.lr or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
             fitted = fit_run(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes),
                              (train_loader, val_loader), epochs, lr, s.monitor, teacher_run, resume_id is not None, previous.callbacks,
-                             distill_test_loader(cfg, teacher, d, s.batch_size))
+                             distill_test_loader(cfg, teacher, d, d.batch_size))
             teacher_uri = None
         latency = run_latency(teacher, MultitaskTask(d.task_classes), val_loader, cfg)
         summary = run_summary(fitted, latency)
         log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
         all_metrics["teacher"] = summary
-        if not t.get("model_uri"):
-            teacher_uri = log_distilled_model(teacher, t.get("registered_model_name", "losslab-distill-teacher"),
-                                              t.get("alias", "teacher"),
+        if not t.model_uri:
+            teacher_uri = log_distilled_model(teacher, t.registered_model_name, t.alias,
                                               {"role": "teacher", "run_id": teacher_run, "tasks": ",".join(d.tasks)}, d.in_chans)
             origin = f"{teacher_uri} (run {teacher_run})" if teacher_uri else f"run {teacher_run}"
             if teacher_uri:
@@ -177,12 +175,13 @@ def run_teacher(cfg: ExperimentConfig, s: DistillSettings, d: DistillData, all_m
     return teacher, teacher_run, teacher_uri, origin
 
 
-def teacher_train_outputs(teacher, d: DistillData, s: DistillSettings, origin: str):
+def teacher_train_outputs(teacher, d: DistillData, s: DistillConfig, origin: str):
     """The teacher's outputs on every case, computed once per teacher and data (or reused), then
     the training rows as tensors. Returns ``(outputs, cache key, 'reused'|'computed')``."""
     full_index = d.info.index.reset_index(drop=True)  # every case (test fold included)
-    arrays, key, reused = teacher_outputs(teacher, d.info, full_index, d.task_classes, s.cache_dir, origin,
-                                          s.batch_size, d.device)
+    cache_dir = Path(s.cache_dir or Path(d.info.cache_dir) / "teacher_outputs")
+    arrays, key, reused = teacher_outputs(teacher, d.info, full_index, d.task_classes, cache_dir, origin,
+                                          d.batch_size, d.device)
     cache_tag = "reused" if reused else "computed"
     mlflow.set_tags({"losslab.teacher_cache": cache_tag, "losslab.teacher_cache_key": key})
     position = {cid: i for i, cid in enumerate(arrays["case_id"])}
