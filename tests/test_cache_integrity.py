@@ -4,7 +4,6 @@ from the raw data (or refused when the raw data is gone): the classification and
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path

@@ -7,8 +7,8 @@ The task supplies the per-case encoder: :class:`ImageEncoder` (:mod:`losslab.dat
 (:mod:`losslab.data.cache.segmentation`: image, target and distance maps of a volume and its mask).
 """
 
-from losslab.data.cache.build import (CACHE_VERSION, JOURNAL, CacheInfo, CaseEncoder, NoUsableDataError, build_cache,
-                                      load_cache)
+from losslab.data.cache.base import CacheInfo, CaseEncoder
+from losslab.data.cache.build import CACHE_VERSION, JOURNAL, NoUsableDataError, build_cache, load_cache
 from losslab.data.cache.images import ImageEncoder, cache_dtype, channel_statistics
 from losslab.data.cache.segmentation import SegCacheInfo, SegmentationEncoder
 from losslab.data.raw_data import ensure_raw_data

@@ -1,6 +1,7 @@
 """The one cache builder (:func:`build_cache`) and reader (:func:`load_cache`) of every task.
 
-The shared machinery is here; what a case becomes on disk is the task's :class:`CaseEncoder`
+The shared machinery is here; what a case becomes on disk is the task's
+:class:`~losslab.data.cache.base.CaseEncoder`
 (:class:`~losslab.data.cache.images.ImageEncoder`: one image array per case;
 :class:`~losslab.data.cache.segmentation.SegmentationEncoder`: image, target and distance maps).
 
@@ -18,7 +19,7 @@ Layout of a cache folder::
 
 Folds are drawn over the source's own patient identifiers (their split keys,
 :func:`losslab.data.splits.split_key`) and ``data.seed``, stratified on what the encoder names
-(:meth:`CaseEncoder.fold_strata`): two fresh caches of the same data, on any machine and with any salt,
+(:meth:`~losslab.data.cache.base.CaseEncoder.fold_strata`): two fresh caches of the same data, on any machine and with any salt,
 put every patient in the same fold and have the same ``split_fingerprint``. The salt only hides
 identifiers.
 
@@ -47,13 +48,14 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from losslab.data.cache.base import CacheInfo, CaseEncoder
+from losslab.data.cache.images import ImageEncoder
 from losslab.data.deid import resolve_salt
 from losslab.data.integrity import ArrayRecord, CacheIntegrityError, damage, exclusive, verify_arrays
 from losslab.data.raw_data import ensure_raw_data_to_rebuild, hash_files
@@ -75,93 +77,12 @@ class NoUsableDataError(RuntimeError):
     """Raised when a source yields no usable case; the message carries the skip reasons."""
 
 
-@dataclass
-class CacheInfo:
-    cache_dir: Path
-    index: pd.DataFrame
-    report: dict[str, Any]
-    reused: bool
-    fingerprint: str
-    class_names: list[str] = field(default_factory=list)
-    resumed_tasks: int = 0  # read jobs taken from the journal of an interrupted build
-    total_tasks: int = 0
-    rebuilt_because: str = ""  # the damage found in the previous cache when this build replaced it
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def split_fingerprint(self) -> str:
-        """The folds and test split of the cache (:func:`losslab.data.splits.split_fingerprint`)."""
-        return str(self.report.get("split_fingerprint", ""))
-
-
-class CaseEncoder:
-    """What a task stores of each case; :func:`build_cache` does the rest (lock, fingerprint, journal,
-    workers, atomic writes, integrity records, folds, report, index).
-
-    A subclass is a frozen dataclass (it is pickled to the worker processes). :meth:`bind` resolves what
-    depends on the source (class names, a label mapping) and returns the encoder the build runs with.
-    """
-
-    #: recorded in ``report.json`` (``encoder``); a cache is opened only by the encoder that built it
-    name = "cases"
-
-    def check_source(self, source_name: str) -> None:
-        """Refuse a ``data.source`` this encoder cannot read, before anything is read (default: any)."""
-
-    def bind(self, data_cfg: Any, source: Source) -> CaseEncoder:
-        """This encoder with what depends on ``source`` resolved (default: itself)."""
-        return self
-
-    def settings(self) -> dict[str, Any]:
-        """What, beside the common data settings, makes a cache: hashed into its fingerprint."""
-        return {}
-
-    def read_jobs(self, source: Source) -> list[ReadJob]:
-        """The independent units of reading, in a fixed order (their position names them in the journal)."""
-        raise NotImplementedError
-
-    def worker_setup(self) -> None:
-        """Called once in each process that runs :meth:`encode` (default: nothing)."""
-
-    def encode(self, source: Source, job: ReadJob, arrays: Path, report: SkipReport) -> list[dict[str, Any]]:
-        """Run one read job: write its cases' arrays under ``arrays`` (atomically) and return their index
-        rows: ``case_id``, ``patient_id``, ``split_key`` (never written to the index) and, per array,
-        ``<key>_path``/``<key>_bytes``/``<key>_sha256`` (:func:`array_columns`). Problems go to ``report``."""
-        raise NotImplementedError
-
-    def fold_strata(self, index: pd.DataFrame, num_folds: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(labels (N,) the folds are stratified on, the source's own test cases (N,) bool or None)``."""
-        raise NotImplementedError
-
-    def report(self, index: pd.DataFrame, source: Source) -> dict[str, Any]:
-        """The encoder's keys of ``report.json`` (``modalities`` among them)."""
-        return {}
-
-    def view(self, info: CacheInfo) -> Any:
-        """What :func:`build_cache` and :func:`load_cache` hand the task (default: ``info`` itself)."""
-        return info
-
-
-def array_columns(key: str, record: ArrayRecord) -> dict[str, Any]:
-    """The index columns of one array of a case: ``<key>_path``, ``<key>_bytes``, ``<key>_sha256``."""
-    return {f"{key}_path": record.path, f"{key}_bytes": record.size, f"{key}_sha256": record.digest}
-
-
 def _array_keys(columns: Any) -> list[str]:
     return [c[: -len("_sha256")] for c in columns if c.endswith("_sha256")]
 
 
 def _row_records(row: dict[str, Any]) -> list[ArrayRecord]:
     return [ArrayRecord(row[f"{k}_path"], int(row[f"{k}_bytes"]), row[f"{k}_sha256"]) for k in _array_keys(row)]
-
-
-def _default_encoder() -> CaseEncoder:
-    from losslab.data.cache.images import ImageEncoder
-
-    return ImageEncoder()
 
 
 def _settings_fingerprint(data_cfg: Any, salt: str, encoder: CaseEncoder) -> str:
@@ -189,7 +110,7 @@ def load_cache(cache_dir: str | Path, check_hashes: bool | None = None, encoder:
             predates array hashes, or the folder holds an older losslab's segmentation cache.
         ValueError: the cache was built by another encoder (names both).
     """
-    cache_dir, encoder = Path(cache_dir), encoder or _default_encoder()
+    cache_dir, encoder = Path(cache_dir), encoder or ImageEncoder()
     index_path = cache_dir / "index.parquet"
     if not index_path.is_file():
         if (cache_dir / LEGACY_SEG_INDEX).is_file():
@@ -223,7 +144,7 @@ def build_cache(data_cfg: Any, force: bool = False, encoder: CaseEncoder | None 
         CacheIntegrityError: a damaged cache array (named) whose raw data is gone.
         ValueError: a source the encoder cannot read, duplicate case ids, too few patients for the folds.
     """
-    cache_dir, encoder = Path(data_cfg.cache_dir), encoder or _default_encoder()
+    cache_dir, encoder = Path(data_cfg.cache_dir), encoder or ImageEncoder()
     encoder.check_source(data_cfg.source)
     with exclusive(cache_dir / ".preprocess.lock"):  # one builder per cache folder at a time
         if source_reads_root(data_cfg.source):

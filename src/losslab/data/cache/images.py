@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from losslab.data.cache.build import CaseEncoder, array_columns
+from losslab.data.cache.base import CaseEncoder, array_columns
 from losslab.data.integrity import record_file, save_atomic
 from losslab.data.sources import Case, ReadJob, SkipReport, Source
 from losslab.data.splits import split_key

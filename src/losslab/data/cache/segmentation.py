@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from losslab.data.cache.build import CacheInfo, CaseEncoder, array_columns
+from losslab.data.cache.base import CacheInfo, CaseEncoder, array_columns
 from losslab.data.deid import salted_hash
 from losslab.data.integrity import record_file, save_atomic
 from losslab.data.sources import ReadJob, SkipReport, Source
