@@ -13,6 +13,23 @@ os.environ.setdefault("LOSSLAB_CONFIG_ROOT", str(REPO / "configs"))
 os.environ["LOSSLAB_TRACKING_STRICT"] = "1"  # tracking errors raise in tests instead of warning
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # several test processes share the cores (pytest-xdist): one torch thread each (and in the processes
+    # they start), instead of every process's pool fighting over every core
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one test process per core, at most 4 (each holds its own small
+    cohort, cache and MLflow store, and the slow tests start processes of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with slow tests first (stable: a file's tests stay together and in order), so that under
+    ``--dist loadfile`` the longest files start at once instead of ending the run alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(scope="session")
