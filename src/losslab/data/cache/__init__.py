@@ -8,11 +8,10 @@ The task supplies the per-case encoder: :class:`ImageEncoder` (:mod:`losslab.dat
 """
 
 from losslab.data.cache.base import CacheInfo, CaseEncoder
-from losslab.data.cache.build import CACHE_VERSION, JOURNAL, NoUsableDataError, build_cache, load_cache
-from losslab.data.cache.images import ImageEncoder, cache_dtype, channel_statistics
+from losslab.data.cache.build import JOURNAL, NoUsableDataError, build_cache, load_cache
+from losslab.data.cache.images import ImageEncoder
 from losslab.data.cache.segmentation import SegCacheInfo, SegmentationEncoder
 from losslab.data.raw_data import ensure_raw_data
 
-__all__ = ["CACHE_VERSION", "JOURNAL", "CacheInfo", "CaseEncoder", "ImageEncoder", "NoUsableDataError",
-           "SegCacheInfo", "SegmentationEncoder", "build_cache", "cache_dtype", "channel_statistics",
-           "ensure_raw_data", "load_cache"]
+__all__ = ["JOURNAL", "CacheInfo", "CaseEncoder", "ImageEncoder", "NoUsableDataError", "SegCacheInfo",
+           "SegmentationEncoder", "build_cache", "ensure_raw_data", "load_cache"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from losslab.data.sources import ReadJob, SkipReport, Source
 
 @dataclass
 class CacheInfo:
+    """A built (or reused) cache: ``index`` (``index.parquet``, one row per case), ``report``
+    (``report.json``), whether it was ``reused``, its ``fingerprint`` and ``class_names``."""
+
     cache_dir: Path
     index: pd.DataFrame
     report: dict[str, Any]
@@ -36,8 +40,8 @@ class CacheInfo:
         return str(self.report.get("split_fingerprint", ""))
 
 
-class CaseEncoder:
-    """What a task stores of each case; :func:`build_cache` does the rest (lock, fingerprint, journal,
+class CaseEncoder(ABC):
+    """What a task stores of each case; :func:`~losslab.data.cache.build.build_cache` does the rest (lock, fingerprint, journal,
     workers, atomic writes, integrity records, folds, report, index).
 
     A subclass is a frozen dataclass (it is pickled to the worker processes). :meth:`bind` resolves what
@@ -58,6 +62,7 @@ class CaseEncoder:
         """What, beside the common data settings, makes a cache: hashed into its fingerprint."""
         return {}
 
+    @abstractmethod
     def read_jobs(self, source: Source) -> list[ReadJob]:
         """The independent units of reading, in a fixed order (their position names them in the journal)."""
         raise NotImplementedError
@@ -65,12 +70,14 @@ class CaseEncoder:
     def worker_setup(self) -> None:
         """Called once in each process that runs :meth:`encode` (default: nothing)."""
 
+    @abstractmethod
     def encode(self, source: Source, job: ReadJob, arrays: Path, report: SkipReport) -> list[dict[str, Any]]:
         """Run one read job: write its cases' arrays under ``arrays`` (atomically) and return their index
         rows: ``case_id``, ``patient_id``, ``split_key`` (never written to the index) and, per array,
         ``<key>_path``/``<key>_bytes``/``<key>_sha256`` (:func:`array_columns`). Problems go to ``report``."""
         raise NotImplementedError
 
+    @abstractmethod
     def fold_strata(self, index: pd.DataFrame, num_folds: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``(labels (N,) the folds are stratified on, the source's own test cases (N,) bool or None)``."""
         raise NotImplementedError
@@ -80,7 +87,7 @@ class CaseEncoder:
         return {}
 
     def view(self, info: CacheInfo) -> Any:
-        """What :func:`build_cache` and :func:`load_cache` hand the task (default: ``info`` itself)."""
+        """What :func:`~losslab.data.cache.build.build_cache` and ``load_cache`` hand the task (default: ``info`` itself)."""
         return info
 
 
