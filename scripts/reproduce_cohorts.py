@@ -207,7 +207,7 @@ def run_distillation(args, mode: str) -> None:
     client = _client(args)
     for seed in args.seeds:
         marker = Run("distillation", "vanilla kd", CONFIGS / "distill_medpix.yaml", [], 0, seed)
-        if _done(client, marker, mode, "distill"):
+        if _done(client, marker, mode, "train"):
             continue
         print(f"[distillation] seed {seed}", flush=True)
         cfg = load_config(marker.config, [
@@ -456,7 +456,7 @@ def distill_frame(stores: list[str], mode: str) -> pd.DataFrame:
     from mlflow.tracking import MlflowClient
 
     rows = []
-    for store, run in study_runs(stores, "distillation", mode, "distill"):
+    for store, run in study_runs(stores, "distillation", mode, "train"):
         parent = MlflowClient(tracking_uri=store).get_run(run.data.tags["repro.parent_run"]).data.params
         if "test/mean_accuracy" not in run.data.metrics or "data.n_test" not in parent:
             raise SystemExit(f"distillation run {run.info.run_id} in {store} has no held-out test scores (test/*; "

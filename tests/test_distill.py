@@ -76,7 +76,7 @@ def test_every_loss_trains_a_student_with_per_task_metrics(distilled):
     for loss, run_id in result.student_run_ids.items():
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert run.data.tags["losslab.entry_point"] == "distill"
+        assert run.data.tags["losslab.entry_point"] == "train" and run.data.tags["losslab.task"] == "multitask"
         assert run.data.tags["losslab.loss"] == loss
         assert run.data.tags["losslab.role"] == ("student_alone" if loss == "none" else "student")
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
@@ -127,20 +127,31 @@ def test_distillation_table_matches_the_runs(distilled):
 
 
 @pytest.mark.slow
-def test_compare_on_a_distillation_experiment_prints_the_distillation_table(distilled):
+def test_compare_treats_the_teacher_and_students_as_any_runs(distilled):
+    """compare has no distill branch: the teacher and students are fold runs (train runs of the multitask
+    task), so its filter, metrics and group-by apply to them as to any runs."""
     from losslab.pipelines.compare import run_compare
 
     _, result = distilled
-    compared = run_compare(EXPERIMENT)
-    expected = distillation_table(EXPERIMENT, parent_run_id=result.parent_run_id).set_index("loss")
-    assert compared.table.index.tolist() == ["teacher", *LOSSES, "none"]
-    for task in TASKS:
-        pd.testing.assert_series_equal(compared.table[f"{task}/accuracy"], expected[f"{task}/accuracy"])
-    markdown = compared.markdown()
-    assert "latency/p50_ms" in markdown and "teacher" in markdown and "location/auc" in markdown
-    run = MlflowClient().get_run(compared.run_id)
-    assert run.data.tags["losslab.compare.kind"] == "distillation"
-    assert {a.path for a in MlflowClient().list_artifacts(compared.run_id)} >= {"distillation_table.csv", "distillation_table.md"}
+    client = MlflowClient()
+    students = f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.`losslab.role` = 'student'"
+    compared = run_compare(EXPERIMENT, students, metrics=["mean_accuracy", "best_val/location/auc"],
+                           group_by="losslab.loss")
+    assert sorted(compared.table.index) == sorted(LOSSES)  # the filter: no teacher, no student alone
+    assert compared.odd_runs.empty  # the loss settings (loss.*) are what the groups differ in
+    for loss, run_id in result.student_run_ids.items():
+        if loss == "none":
+            continue
+        metrics = client.get_run(run_id).data.metrics
+        assert compared.table.loc[loss, "mean_accuracy_mean"] == pytest.approx(metrics["best_val/mean_accuracy"])
+        assert compared.table.loc[loss, "location/auc_mean"] == pytest.approx(metrics["best_val/location/auc"])
+    by_role = run_compare(EXPERIMENT, f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+                          metrics=["mean_accuracy"], group_by="losslab.role", log_run=False)
+    assert set(by_role.table.index) | set(by_role.odd_runs["group"]) == {"teacher", "student", "student_alone"}
+    run = client.get_run(compared.run_id)
+    assert run.data.tags["losslab.compare.group_by"] == "losslab.loss"
+    assert "losslab.compare.kind" not in run.data.tags
+    assert run.data.tags["losslab.compare.filter"] == students
 
 
 @pytest.mark.slow

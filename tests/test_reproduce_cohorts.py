@@ -161,7 +161,7 @@ def _check_competition_score_from_predictions(uri: str, run) -> None:
 def test_distillation_table_matches_the_student_runs(quick):
     module, uri, text = quick
     section = _section(text, "distillation")
-    runs = _runs(uri, module.EXPERIMENTS["distillation"], "distill")
+    runs = _runs(uri, module.EXPERIMENTS["distillation"], "train")  # distill's students are train runs
     tagged = [r for r in runs if "repro.variant" in r.data.tags]
     assert sorted((r.data.tags["repro.variant"], r.data.tags["repro.seed"]) for r in tagged) == [
         ("student alone", "0"), ("student alone", "1"), ("vanilla kd", "0"), ("vanilla kd", "1")]
@@ -276,7 +276,7 @@ def test_budget_seeds_table_on_the_quick_store(quick, tmp_path):
     output = tmp_path / "results.md"
     module.main(["--study", "distillation", "--quick", "--seeds", "0", "1", "--budget-seeds", "2", "--tracking-uri", uri,
                  "--output", str(output), "--workdir", str(tmp_path / "unused")])
-    runs = [r for r in _runs(uri, module.EXPERIMENTS["distillation"], "distill") if "repro.variant" in r.data.tags]
+    runs = [r for r in _runs(uri, module.EXPERIMENTS["distillation"], "train") if "repro.variant" in r.data.tags]
     assert len(runs) == 4  # no seed was added: the budget was already reached
     value = {(r.data.tags["repro.variant"], int(r.data.tags["repro.seed"])): r.data.metrics["test/mean_accuracy"]
              for r in runs}

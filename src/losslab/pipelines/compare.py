@@ -454,8 +454,6 @@ def run_compare(experiment: str, filter_string: str | None = None, metrics: Sequ
         runs = runs[_tag(runs, "losslab.entry_point") != "compare"]
     result = compare_table(runs, metrics, group_by, prefix)
     group_by = result.table.index.name or group_by
-    if result.table.empty and not runs.empty and (_tag(runs, "losslab.entry_point") == "distill").any():
-        return _compare_distillation(experiment, log_run)
     if result.table.empty:
         log.warning("experiment %r has no finished fold runs (entry point train, tag losslab.fold)%s",
                     experiment, f" matching {filter_string!r}" if filter_string else "")
@@ -489,32 +487,6 @@ def log_comparison(result: CompareResult, metrics: Sequence[str], prefix: str = 
     for path, figure in comparison_figures(result, metrics, prefix).items():
         log_figure(figure, path)
     mlflow.set_tag("losslab.compare.n_not_pooled", str(len(result.odd_runs)))
-
-
-def _compare_distillation(experiment: str, log_run: bool) -> CompareResult:
-    """A distillation experiment: the distillation-loss study's table (one row per loss, per task Acc / F1 / AUC and
-    latency, plus the teacher's row and the student alone) from the latest distill run."""
-    from losslab.pipelines.distill import distillation_table
-
-    table = distillation_table(experiment)
-    display = table.drop(columns=["run_id"], errors="ignore").set_index("loss")
-    display = display.apply(lambda col: col.map(lambda v: MISSING if isinstance(v, float) and math.isnan(v)
-                                                 else (f"{v:.3f}" if isinstance(v, float) else v)))
-    result = CompareResult(table.set_index("loss"), display, table)
-    if not log_run:
-        return result
-    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    tags = {"losslab.entry_point": "compare", "losslab.compare.kind": "distillation"}
-    with managed_run(run_name="compare-distillation", tags=tags, nested=mlflow.active_run() is not None) as run:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            table.to_csv(root / "distillation_table.csv", index=False)
-            (root / "distillation_table.md").write_text(result.markdown() + "\n")
-            for name in ("distillation_table.csv", "distillation_table.md"):
-                mlflow.log_artifact(str(root / name))
-        result.run_id = run.info.run_id
-    return result
 
 
 __all__ = ["CompareResult", "DEFAULT_METRICS", "ExperimentNotFoundError", "GroupByError", "MISSING", "compare_table",

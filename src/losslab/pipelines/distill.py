@@ -11,6 +11,11 @@ One ``losslab distill`` (``mlflow run . -e distill``) opens a parent run ``disti
 * a **student alone** run (``losslab.role=student_alone``, ``losslab.loss=none``): the same student,
   the same initial weights and batch order, trained on the labels only (``distill.student_alone``).
 
+Each of them is a fold run of the ``multitask`` task (``losslab.entry_point=train``, ``losslab.task=multitask``,
+``losslab.fold``, ``losslab.seed``; the loss settings as ``loss.*`` params), so ``compare`` reads them as any
+runs: ``losslab compare -e <experiment> --group-by losslab.loss --metric mean_accuracy`` with a ``--filter`` on
+``tags.losslab.role`` or on the parent (``tags.mlflow.parentRunId``).
+
 The data are :mod:`losslab.pipelines.distill_data`'s: every ``data.*`` key the other tasks honour
 (the training cases with ``data.imbalance`` and ``data.train_cases``, ``data.sampler``,
 ``data.augment``, ``data.normalize``, ``data.num_workers``) is honoured there or refused when the
@@ -168,8 +173,8 @@ def _run_student(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, plan_i
             objective = LabelsOnly(d.tasks, ce_weight=1.0)
         mlflow.log_params({"model.spec": json.dumps(student_spec)[:6000], "epochs": epochs,
                            "lr": lr, "loss.params": json.dumps(params)[:6000],
-                           "ce_weight": ce_weight if distilling else 1.0,
-                           "distill_weight": distill_weight if distilling else 0.0,
+                           "loss.ce_weight": ce_weight if distilling else 1.0,
+                           "loss.distill_weight": distill_weight if distilling else 0.0,
                            "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
                            "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
         step = MultitaskTask(d.task_classes, teacher_train if distilling else None,

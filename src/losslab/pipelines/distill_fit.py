@@ -77,8 +77,10 @@ def run_latency(model: nn.Module, step: MultitaskTask, val_loader, cfg: Experime
 
 
 def run_tags(cfg: ExperimentConfig, role: str, loss: str) -> dict[str, str]:
-    return {"losslab.entry_point": "distill", "losslab.role": role, "losslab.loss": loss,
-            "losslab.dataset": cfg.data.source, "losslab.fold": str(cfg.data.fold)}
+    """The tags of a teacher or student run: a train run of the multitask task (``compare`` reads it as
+    any fold run), its role in the distillation and its loss (``teacher``, a loss name, ``none``)."""
+    return {"losslab.entry_point": "train", "losslab.task": "multitask", "losslab.role": role, "losslab.loss": loss,
+            "losslab.dataset": cfg.data.source, "losslab.fold": str(cfg.data.fold), "losslab.seed": str(cfg.train.seed)}
 
 
 def run_summary(fitted: Fitted, latency: dict[str, float]) -> dict[str, float]:
