@@ -92,7 +92,7 @@ def build_setting(name: str, args, work: Path):
     print(f"\n== {name}: {cfg.model.kind}/{cfg.model.backbone}, batch {cfg.data.batch_size}, "
           f"{len(setup.train_loader)} training batches; generate + preprocess {cache_s:.1f} s (0 when reused), "
           f"cache {cache_bytes / 2**30:.2f} GiB; datasets and model {time.perf_counter() - t0:.1f} s", flush=True)
-    return cfg, task, setup
+    return cfg, setup.step, setup
 
 
 @contextmanager
@@ -219,7 +219,7 @@ def run_fit(cfg, task, setup, device, samples_per_epoch: int):
 
     timer = FitTimer()
     fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, cfg.train, cfg.optim, setup.names,
-        callbacks=list(setup.callbacks) + [timer], step=task)
+        callbacks=list(setup.callbacks) + [timer], step=setup.step)
     timed = slice(2, None) if len(timer.train_s) > 2 else slice(-1, None)
     train_s, epoch_s = statistics.median(timer.train_s[timed]), statistics.median(timer.epoch_s[timed])
     extra = {"epoch samples/s": f"{samples_per_epoch / epoch_s:.1f}"}

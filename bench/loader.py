@@ -71,7 +71,7 @@ def model_step_rate(cfg, info, train_ds, loader, steps: int, repeats: int) -> fl
     loss_fn, model = build_components(cfg, counts)
     batches = [b for _, b in zip(range(steps), loader)]
     optimizer = build_optimizer(model, loss_fn, cfg.optim)
-    device, task = torch.device("cpu"), task_of(cfg)
+    device, task = torch.device("cpu"), task_of(cfg).step(cfg, loss_fn, info.class_names)
     model.train()
     rates = []
     for r in range(repeats + 1):

@@ -136,7 +136,7 @@ def run_engine(cfg, info, mlflow_mode: str | None) -> list[float]:
     callbacks.append(timer)  # last: its on_epoch_end runs after the MLflow logging
     try:
         fit(model, loss_fn, train_loader, val_loader, cfg.train, cfg.optim, info.class_names, callbacks=callbacks,
-            step=task_of(cfg))
+            step=task_of(cfg).step(cfg, loss_fn, info.class_names))
     finally:
         if run is not None:
             import mlflow

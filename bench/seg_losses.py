@@ -75,24 +75,34 @@ def _fit_once(cfg, info) -> tuple[dict, dict]:
     """``(val, test)`` metrics of one training run (no MLflow): the epoch is chosen on the validation fold
     (``val/mean_dice``), and that checkpoint is scored on the held-out test patients, which neither
     training nor the choice saw."""
-    from losslab.data.seg_datasets import make_seg_loaders, make_seg_test_loader
     from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
     from losslab.engine.loop import fit, seed_everything
     from losslab.pipelines.scoring import split_metrics
-    from losslab.tasks import build_task_model
+    from losslab.tasks import task_of
 
     seed_everything(cfg.train.seed)
-    task, model = build_task_model(cfg, info.channel_names, fractions=info.voxel_fractions(cfg.data.fold))
-    train, val = make_seg_loaders(info, cfg.data.fold, cfg.seg, cfg.model.spatial_dims, cfg.data.batch_size,
-                                  seed=cfg.train.seed)
-    fit(model, task.loss_fn, train, val, cfg.train, cfg.optim, task.metric_names, step=task)
+    task = task_of(cfg)
+    loss_fn, model = task.build(cfg, info.channel_names, fractions=info.voxel_fractions(cfg.data.fold))
+    step = task.step(cfg, loss_fn, info.channel_names)
+    train, val = _fold_loaders(cfg, info, cfg.data.fold, seed=cfg.train.seed)
+    fit(model, loss_fn, train, val, cfg.train, cfg.optim, step.metric_names, step=step)
     model.load_state_dict(evaluation_weights(load_checkpoint(Path(cfg.train.checkpoint_dir) / "best.pt")))
-    test = make_seg_test_loader(info)
+    test = task.test_loader(cfg, info)
     if test is None:
         raise SystemExit("the segmentation cache has no held-out test patients (data.test_fraction=0)")
     cpu = torch.device("cpu")
-    return tuple(split_metrics(task, task.predict(model, loader, cpu, task.loss_fn), task.metric_names, task.loss_fn,
+    return tuple(split_metrics(step, step.predict(model, loader, cpu, loss_fn), step.metric_names, loss_fn,
                                split) for split, loader in (("val", val), ("test", test)))
+
+
+def _fold_loaders(cfg, info, fold: int, seed: int, batch_size: int | None = None):
+    """The segmentation task's loaders of ``fold`` with the crops seeded by ``seed`` (the task seeds them
+    with ``train.seed + fold``), ``batch_size`` cases a training batch (default ``data.batch_size``)."""
+    from losslab.tasks import task_of
+
+    data = cfg.data if batch_size is None else cfg.data.model_copy(update={"batch_size": batch_size})
+    train = cfg.train.model_copy(update={"seed": seed - fold})
+    return task_of(cfg).fold_loaders(cfg.model_copy(update={"data": data, "train": train}), info, fold)
 
 
 def _fmt(values: list[float], digits: int) -> str:
@@ -232,22 +242,22 @@ def _direct_validation(model, loader, roi, sw_batch_size: int, overlap: float) -
 
 
 def _epoch_times(args, cfg, info) -> tuple[float, float]:
-    from losslab.data.seg_datasets import make_seg_loaders
     from losslab.engine.loop import FitState, _prepare, _train_epoch, build_optimizer, seed_everything
-    from losslab.tasks import build_task_model
+    from losslab.tasks import task_of
 
     times = {"losslab": [], "bare": []}
     for repeat in range(-1, args.repeats):  # epoch -1 warms both up and is not timed
         for variant in (("losslab", "bare") if repeat % 2 == 0 else ("bare", "losslab")):
             seed_everything(0)
-            task, model = build_task_model(cfg, info.channel_names, fractions=info.voxel_fractions(0))
-            train, _ = make_seg_loaders(info, 0, cfg.seg, 3, cfg.data.batch_size, seed=0)
+            loss_fn, model = task_of(cfg).build(cfg, info.channel_names, fractions=info.voxel_fractions(0))
+            step = task_of(cfg).step(cfg, loss_fn, info.channel_names)
+            train, _ = _fold_loaders(cfg, info, 0, seed=0)
             if variant == "bare":
-                optimizer = build_optimizer(model, task.loss_fn, cfg.optim)
+                optimizer = build_optimizer(model, loss_fn, cfg.optim)
                 t0 = time.perf_counter()
-                _bare_epoch(model, task.loss_fn, train, optimizer, cfg.train.grad_clip)
+                _bare_epoch(model, loss_fn, train, optimizer, cfg.train.grad_clip)
             else:
-                run = _prepare(model, task.loss_fn, train, cfg.train, cfg.optim, task, [])
+                run = _prepare(model, loss_fn, train, cfg.train, cfg.optim, step, [])
                 run.train_model = model
                 t0 = time.perf_counter()
                 _train_epoch(run, FitState(run=run), 0)
@@ -257,14 +267,14 @@ def _epoch_times(args, cfg, info) -> tuple[float, float]:
 
 
 def _validation_rates(args, cfg, info) -> tuple[float, float, float]:
-    from losslab.data.seg_datasets import make_seg_loaders
     from losslab.engine.loop import seed_everything
-    from losslab.tasks import build_task_model
+    from losslab.tasks import task_of
 
     seed_everything(0)
-    task, model = build_task_model(cfg.model_copy(update={"seg": cfg.seg.model_copy(update={"hd95": False})}),
-                                 info.channel_names)
-    _, val = make_seg_loaders(info, 0, cfg.seg, 3, 1, seed=0)
+    no_hd95 = cfg.model_copy(update={"seg": cfg.seg.model_copy(update={"hd95": False})})
+    loss_fn, model = task_of(cfg).build(no_hd95, info.channel_names)
+    task = task_of(cfg).step(no_hd95, loss_fn, info.channel_names)
+    _, val = _fold_loaders(cfg, info, 0, seed=0, batch_size=1)
     n = len(val.dataset)
     rates = {"losslab": [], "direct": []}
     for repeat in range(-1, args.val_repeats):  # pass -1 warms both up (allocator, oneDNN) and is not timed

@@ -182,7 +182,7 @@ def test_fit_on_the_device_split_ends_with_the_plain_loaders_weights(small_cache
         train_cfg = TrainConfig(epochs=2, device="cpu", checkpoint_dir=str(tmp_path / str(on_device)), progress=False)
         fit(model, torch.nn.CrossEntropyLoss(), build_loader(train_ds, data_cfg, True),
             build_loader(val_ds, data_cfg, False), train_cfg, OptimConfig(), ["HGG", "LGG"],
-            step=get_task("volume_classification"))
+            step=get_task("volume_classification").step(None, torch.nn.CrossEntropyLoss(), ["HGG", "LGG"]))
         weights[on_device] = model.linear.weight.detach().clone()
     torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=0)
     torch.manual_seed(0)

@@ -141,3 +141,33 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(make_config, tmp_
     assert run.info.status == "FAILED"
     assert run.data.tags["losslab.error"] == line[len("losslab: "):], run.data.tags["losslab.error"]
     assert elapsed < 120, elapsed
+
+
+def test_segmentation_trains_under_torchrun_and_validates_every_volume_like_one_process(tmp_path_factory, tmp_path):
+    """Segmentation under torchrun (2 CPU ranks, gloo) with ``data.num_workers: auto``: the training patients
+    are sharded over the ranks (``DistributedSampler``), rank 0 validates on every validation volume, so the
+    run's best-epoch metrics are the numbers one process gets from the same weights (``evaluate --split val``)."""
+    from _data_factories import generate_embedded_brats
+
+    root = generate_embedded_brats(tmp_path_factory, "ddp-seg", seed=5, num_cases=8, shape=(32, 32, 16))
+    overrides = [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_folds=2", "data.test_fraction=0",
+                 "data.salt=test-salt", "data.batch_size=1", "data.num_workers=auto", "seg.patch_size=[16, 16, 16]",
+                 "seg.samples_per_case=1", "seg.hd95=false", "train.epochs=2", "train.device=cpu",
+                 "train.progress=false", f"train.checkpoint_dir={tmp_path / 'ckpt'}", "tracking.experiment=ddp-seg",
+                 "tracking.log_model=false", "optim.lr=0.01"]
+    args = ["train", "-c", str(REPO / "configs" / "experiment" / "seg_dice.yaml")] + [a for o in overrides for a in ("-o", o)]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "losslab.cli", *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=480)
+    assert ddp.returncode == 0, ddp.stdout[-4000:] + ddp.stderr[-8000:]
+    assert "backend gloo" in ddp.stderr and "rank 1/2" in ddp.stderr
+    client = MlflowClient()
+    run = _only_run(client, "ddp-seg")
+    assert run.info.status == "FINISHED" and run.data.params["ddp.world_size"] == "2"
+    assert len(_history(client, run.info.run_id, "val/mean_dice")) == 2
+    one = subprocess.run([sys.executable, "-m", "losslab.cli", "evaluate", "--model", run.info.run_id, "--split", "val"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-8000:]
+    evaluated = next(r for r in client.search_runs([client.get_experiment_by_name("ddp-seg").experiment_id])
+                     if r.info.run_id != run.info.run_id).data.metrics
+    for key in ("mean_dice", "dice_wt", "dice_tc", "dice_et", "loss"):
+        assert evaluated[f"val/{key}"] == pytest.approx(run.data.metrics[f"best_val/{key}"], abs=1e-6), key

@@ -46,7 +46,7 @@ def test_experiment_config_builds_loss_and_model(path):
     if cfg.model.kind == "slices25d":
         batch["level"] = torch.tensor([0, 4])
     model.train()
-    task = task_of(cfg)
+    task = task_of(cfg).step(cfg, loss_fn, [str(c) for c in range(k)])
     out = task.forward(model, batch, torch.device("cpu"))
     expected_outputs = loss_fn.output_dim(k) if hasattr(loss_fn, "output_dim") else k
     assert out.logits.shape == (2, expected_outputs)
@@ -73,11 +73,12 @@ def _segmentation_step(cfg):
     """A segmentation config: its loss and network take one patch batch with targets and distance maps."""
     import numpy as np
 
-    from losslab.data.seg_cache import distance_maps, encode_target
-    from losslab.tasks import build_task_model
+    from losslab.data.cache.segmentation import distance_maps, encode_target
+    from losslab.tasks import task_of
 
     names = ["wt", "tc", "et"]
-    task, model = build_task_model(cfg, names)
+    loss_fn, model = task_of(cfg).build(cfg, names)
+    step = task_of(cfg).step(cfg, loss_fn, names)
     size = cfg.seg.patch_size
     rng = np.random.default_rng(0)
     masks = rng.choice([0, 1, 2, 4], size=(2, *size), p=[0.7, 0.1, 0.1, 0.1])
@@ -88,6 +89,6 @@ def _segmentation_step(cfg):
     model.train()
     logits = model(batch["image"])
     assert logits.shape == (2, 3, *size)
-    loss = task.batch_loss(logits, batch, torch.device("cpu"))
+    loss = step.batch_loss(logits, batch, torch.device("cpu"))
     assert torch.isfinite(loss)
     loss.backward()

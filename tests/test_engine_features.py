@@ -16,7 +16,8 @@ from torch import nn
 from losslab.config import ConfigError
 from losslab.engine import checkpoint
 from losslab.engine.callbacks import Callback
-from losslab.engine.ema import mixup_batch, update_bn
+from losslab.engine.ema import update_bn
+from losslab.engine.steps import ClassificationStep
 from losslab.engine.checkpoint import CheckpointDiskFullError
 from losslab.engine.callbacks import NonFiniteWeightsError
 from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
@@ -224,13 +225,13 @@ def test_mixup_batch_mixes_whole_bags_and_masks():
     lam = float(torch.distributions.Beta(conc, conc).sample())
     perm = torch.randperm(4)
     torch.manual_seed(7)
-    out, label_b, got_lam = mixup_batch({"image": image, "mask": mask, "label": label}, 0.4)
+    out, label_b, got_lam = ClassificationStep().mixup({"image": image, "mask": mask, "label": label}, 0.4)
     assert got_lam == lam and 0 < lam < 1
     torch.testing.assert_close(out["image"], lam * image + (1 - lam) * image[perm])
     assert torch.equal(out["mask"], mask | mask[perm]) and torch.equal(label_b, label[perm])
     assert torch.equal(out["label"], label)
     with pytest.raises(ValueError, match="alpha"):
-        mixup_batch({"image": image, "mask": mask, "label": label}, 0.0)
+        ClassificationStep().mixup({"image": image, "mask": mask, "label": label}, 0.0)
 
 
 def test_mixed_loss_equals_ce_with_mixed_soft_targets():

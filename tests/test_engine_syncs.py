@@ -40,7 +40,7 @@ def _host_reads(cfg, info, tmp_path, train_batches: int) -> dict[str, int]:
     batches = list(itertools.islice(itertools.cycle(train), train_batches))
     train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(tmp_path / f"run{train_batches}")})
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fit(model, loss_fn, batches, val, train_cfg, cfg.optim, info.class_names, step=task_of(cfg))
+        fit(model, loss_fn, batches, val, train_cfg, cfg.optim, info.class_names, step=task_of(cfg).step(cfg, loss_fn, info.class_names))
     counts = dict.fromkeys(HOST_READS + OPTIMIZER_READS, 0)
     for event in prof.events():
         if event.name in HOST_READS:

@@ -157,7 +157,8 @@ def test_collapsed_model_shows_a_large_before_after_gap():
         return {"logits": logits, "probs": probs, "labels": y, "index": np.arange(n), "loss": 0.0}
 
     val, test = outputs(400), outputs(400)
-    before = split_metrics(get_task("image_classification"), test, ["neg", "pos"], loss_fn, "test")
+    before = split_metrics(get_task("image_classification").step(None, loss_fn, ["neg", "pos"]), test, ["neg", "pos"],
+                           loss_fn, "test")
     calibrator = fit_calibrator(val, 2, CalibrationSettings())
     after, _, _ = calibrated_metrics(calibrator, test, ["neg", "pos"], "test_calibrated", rsna=False)
     gaps = calibration_summary(calibrator, before, after)

@@ -86,7 +86,8 @@ def _raw_weights_test_metrics(cfg, info, ckpt: dict) -> dict[str, float]:
     loss_fn, model = task.build(cfg, info.class_names, counts)
     model.load_state_dict(ckpt["model"])
     restore_loss(loss_fn, ckpt)  # the loss as validated: only the model's weights differ
-    return score_test_split(cfg, info, task, model.eval(), loss_fn, resolve_device("cpu"), train_ds.normalizer)
+    step = task.step(cfg, loss_fn, info.class_names)
+    return score_test_split(cfg, info, task, step, model.eval(), loss_fn, resolve_device("cpu"), train_ds.normalizer)
 
 
 @pytest.mark.parametrize("variant, overrides, eval_source", [

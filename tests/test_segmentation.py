@@ -295,7 +295,7 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
 
 
 def test_validation_dice_and_hd95_match_independent_computations():
-    from losslab.engine.segmentation import SegmentationStep
+    from losslab.tasks.segmentation import SegmentationStep
     from losslab.losses import build_loss
 
     rng = np.random.default_rng(0)

@@ -103,7 +103,7 @@ def test_multitask_is_refused_by_train_before_a_run_opens(make_config):
 
 
 def test_bag_task_averages_the_dual_stream_losses_and_reports_selection_confidence():
-    task = get_task("bag_classification")
+    task = get_task("bag_classification").step(None, torch.nn.CrossEntropyLoss(), ["a", "b"])
     logits, streams = torch.tensor([[2.0, 0.0]]), [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])]
     target = torch.tensor([0])
     got = task.loss(torch.nn.CrossEntropyLoss(), StepOutput(logits, None, {"stream_logits": streams}), target)
@@ -112,7 +112,8 @@ def test_bag_task_averages_the_dual_stream_losses_and_reports_selection_confiden
     instance = torch.tensor([[[0.0, 2.0], [0.0, 0.0]]])  # instance 0 is the critical one: p(pos) = sigmoid(2)
     diag = task.batch_diagnostics(StepOutput(logits, None, {"instance_logits": instance}), {"mask": torch.ones(1, 2, dtype=torch.bool)})
     assert diag["selection_confidence"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
-    assert get_task("volume_classification").batch_diagnostics(StepOutput(logits), {}) == {}
+    volume_step = get_task("volume_classification").step(None, torch.nn.CrossEntropyLoss(), ["a", "b"])
+    assert volume_step.batch_diagnostics(StepOutput(logits), {}) == {}
 
 
 def test_train_data_on_device_is_refused_at_load_time_where_it_cannot_apply():

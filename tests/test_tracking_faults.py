@@ -103,7 +103,7 @@ def test_checkpoints_stay_local_when_the_upload_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt"]
 
 
-def _plot_artifacts(per_class_plots: bool, class_names: list[str]) -> list[str]:
+def _plot_artifacts(figures, class_names: list[str]) -> list[str]:
     import numpy as np
 
     client = MlflowClient()
@@ -112,17 +112,17 @@ def _plot_artifacts(per_class_plots: bool, class_names: list[str]) -> list[str]:
                "val/recall_b": [0.5, 0.0]}
     outputs = {"labels": np.array([0, 1]), "probs": np.array([[0.9, 0.1], [0.6, 0.4]])}
     with mlflow.start_run(experiment_id=exp_id) as run:  # the pipeline's run: figures go to the active run
-        callback = MLflowCallback(run.info.run_id, class_names, per_class_plots=per_class_plots)
+        callback = MLflowCallback(run.info.run_id, class_names, figures=figures)
         callback.on_fit_end(FitState(epoch=1, history=history, last_val_outputs=outputs))
     return sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots"))
 
 
-def test_per_class_plots_are_drawn_only_when_asked_and_need_class_names():
-    assert _plot_artifacts(True, ["a", "b"]) == ["plots/confusion_matrix.png", "plots/curves.png",
-                                                 "plots/loss_curves.png", "plots/per_class_recall.png"]
-    assert _plot_artifacts(False, []) == ["plots/curves.png", "plots/loss_curves.png"]
-    with pytest.raises(ValueError, match="per_class_plots=True needs class_names"):
-        MLflowCallback("some-run", [])
+def test_the_task_draws_the_figures_and_without_one_only_the_learning_curves_are_drawn():
+    from losslab.tasks import classification_figures
+
+    assert _plot_artifacts(classification_figures, ["a", "b"]) == [
+        "plots/confusion_matrix.png", "plots/curves.png", "plots/loss_curves.png", "plots/per_class_recall.png"]
+    assert _plot_artifacts(None, []) == ["plots/curves.png", "plots/loss_curves.png"]
 
 
 def test_mlflow_run_parent_moves_to_the_config_experiment_and_the_alias_is_set(make_config, small_cache, monkeypatch):

@@ -104,7 +104,7 @@ def _fit3d(cfg, info, ckpt_dir, callbacks=None, resume_from=None):
     tl, vl = make_loaders(cfg, train_ds, val_ds)
     train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(ckpt_dir)})
     return fit(model, loss_fn, tl, vl, train_cfg, cfg.optim, info.class_names, callbacks=callbacks,
-               resume_from=resume_from, step=task_of(cfg))
+               resume_from=resume_from, step=task_of(cfg).step(cfg, loss_fn, info.class_names))
 
 
 def test_resumed_3d_run_matches_the_uninterrupted_one(make_config, small_cache, tmp_path):

@@ -190,7 +190,7 @@ class TrackingConfig(_Strict):
 
 class SegConfig(_Strict):
     """Segmentation targets, patches and validation (``model.kind: segmentation``); see
-    :mod:`losslab.data.seg_cache` and :mod:`losslab.engine.segmentation`."""
+    :mod:`losslab.data.cache.segmentation` and :mod:`losslab.tasks.segmentation`."""
 
     labels: Literal["regions", "classes"] = "regions"  # overlapping sigmoid regions | exclusive softmax classes
     regions: dict[str, list[int]] | None = None  # region -> raw labels; default: the source's (BraTS WT/TC/ET)

@@ -9,6 +9,10 @@
 * :class:`VolumeDataset` — whole volumes ``(C, D, H, W)`` for 3D models (resampled once with MONAI).
 * :class:`ImageDataset` — one 2D image per case. Item: ``image (C, H, W)`` float32, ``label``,
   ``index``; the cached array must be ``(1, C, H, W)``.
+* :class:`SegVolumeDataset` — the segmentation cache's cases. Item: ``image (C, X, Y, Z)``, ``label``
+  (the target: ``(R, X, Y, Z)`` multi-hot or ``(1, X, Y, Z)`` class indices), ``dist`` (signed distance
+  maps ``(R or K, X, Y, Z)``), ``spacing (3,)`` and ``index``; through its training transform
+  (:func:`losslab.data.transforms.segmentation_train_transforms`) a list of patches instead.
 
 Every case is read once (``np.load(mmap_mode="r")``) and normalised by a
 :class:`~losslab.data.normalization.Normalizer` (default: z-score per case and channel over non-zero
@@ -96,6 +100,32 @@ class _CaseArrays(Dataset):
         """Case ``i`` as :meth:`_prepare` returns it (prepared at construction when it fitted); read-only."""
         return self._prepared[i] if self._prepared is not None else self._prepare(i)
 
+    def prepared_cases(self) -> list[np.ndarray]:
+        """Every case as prepared at construction (read-only).
+
+        Raises:
+            ValueError: the split was too large to prepare in memory (names ``data.train_data_on_device``)."""
+        if self._prepared is None:
+            raise ValueError(f"data.train_data_on_device: the training split ({len(self)} cases) was too large to "
+                             "prepare in memory; set data.train_data_on_device=false")
+        return self._prepared
+
+    def device_arrays(self) -> dict[str, np.ndarray]:
+        """What :class:`losslab.data.loaders.DeviceBatchLoader` keeps on the device: ``cases (N, ...)`` as
+        the items are (or, for bags, ``instances``) and ``labels (N,)``; refused by a dataset whose items it
+        cannot gather."""
+        self.prepared_cases()
+        raise ValueError(f"data.train_data_on_device supports model.kind mil, image and volume3d, not "
+                         f"{type(self).__name__}")
+
+    def _stacked_cases(self) -> np.ndarray:
+        """The prepared cases stacked ``(N, ...)``; refused when their shapes differ."""
+        prepared = self.prepared_cases()
+        shapes = {p.shape for p in prepared}
+        if len(shapes) != 1:
+            raise ValueError(f"data.train_data_on_device needs one item shape; the cases have {sorted(shapes)}")
+        return np.stack(prepared)
+
 
 class BagDataset(_CaseArrays):
     """MIL bags of instances from the cache (shapes in the module docstring)."""
@@ -118,6 +148,22 @@ class BagDataset(_CaseArrays):
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(n, size=self.bag_size, replace=False))
 
+    def instance_rows(self, sizes: list[int]) -> np.ndarray:
+        """``(B, width)``: the instances drawn for cases of ``sizes`` instances, one case after another
+        (random sampling draws from torch's RNG), padded with -1 to the bag size (``all``: the largest)."""
+        chosen = [self._choose(n) for n in sizes]
+        width = max(len(rows) for rows in chosen) if self.sampling == "all" else self.bag_size
+        instance_index = np.full((len(sizes), width), -1, dtype=np.int64)
+        for row, rows in enumerate(chosen):
+            instance_index[row, : len(rows)] = rows
+        return instance_index
+
+    def device_arrays(self) -> dict[str, np.ndarray]:
+        """``instances (I + 1, C, H, W)``: every case's instances in order, then a row of zeros (padding)."""
+        prepared = self.prepared_cases()
+        blank = np.zeros((1,) + prepared[0].shape[1:], dtype=np.float32)
+        return {"instances": np.concatenate(list(prepared) + [blank]), "labels": self.labels}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.__getitems__([i])[0]
 
@@ -126,16 +172,14 @@ class BagDataset(_CaseArrays):
         of the chosen slices, no stacking afterwards); the items are views of it, and
         :func:`collate_padded` returns the stacked arrays as they are (the DataLoader hands a
         batch's indices here)."""
-        chosen = [self._choose(self._case(i).shape[0]) for i in indices]
-        width = max(len(rows) for rows in chosen) if self.sampling == "all" else self.bag_size
-        image = np.empty((len(indices), width) + self._case(indices[0]).shape[1:], dtype=np.float32)
-        instance_index = np.full((len(indices), width), -1, dtype=np.int64)
-        for row, (i, rows) in enumerate(zip(indices, chosen)):
+        instance_index = self.instance_rows([self._case(i).shape[0] for i in indices])
+        image = np.empty(instance_index.shape + self._case(indices[0]).shape[1:], dtype=np.float32)
+        for row, i in enumerate(indices):
+            rows = instance_index[row][instance_index[row] >= 0]
             np.take(self._case(i), rows, axis=0, out=image[row, : len(rows)])
             image[row, len(rows):] = 0
             if self.transform is not None:
                 image[row, : len(rows)] = self.transform(image[row, : len(rows)])
-            instance_index[row, : len(rows)] = rows
         stacked = {"image": torch.from_numpy(image), "mask": torch.from_numpy(instance_index >= 0),
                    "label": torch.from_numpy(self.labels[indices]), "index": torch.as_tensor(indices, dtype=torch.int64),
                    "instance_index": torch.from_numpy(instance_index)}
@@ -199,6 +243,9 @@ class VolumeDataset(_CaseArrays):
         voxels = [np.prod(self.output_shape(tuple(shape)[2:])) * int(shape[1]) for shape in self.index["shape"]]
         return int(4 * sum(voxels))
 
+    def device_arrays(self) -> dict[str, np.ndarray]:
+        return {"cases": self._stacked_cases(), "labels": self.labels}
+
     def _prepare(self, i: int) -> np.ndarray:
         """Case ``i`` normalised, as ``(C, depth, H, W)`` float32, resampled when its shape differs."""
         slices = super()._prepare(i)  # (D, C, H, W)
@@ -218,6 +265,12 @@ class VolumeDataset(_CaseArrays):
 class ImageDataset(_CaseArrays):
     """One 2D image per case: ``image (C, H, W)`` (the cached ``(1, C, H, W)`` array), ``label``, ``index``."""
 
+    def device_arrays(self) -> dict[str, np.ndarray]:
+        cases = self._stacked_cases()
+        if cases.shape[1] != 1:
+            raise ValueError(f"model.kind=image needs one image per case; the cases have {cases.shape[1]}")
+        return {"cases": cases[:, 0], "labels": self.labels}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         image = self._case(i)
         if image.shape[0] != 1:
@@ -229,6 +282,29 @@ class ImageDataset(_CaseArrays):
             "label": torch.tensor(self.labels[i]),
             "index": torch.tensor(i),
         }
+
+
+class SegVolumeDataset(Dataset):
+    """Cached segmentation cases (rows of the cache ``info``, read with ``info.arrays(row)``) as dicts of
+    tensors, through ``transform`` (a MONAI Compose, or None for whole volumes)."""
+
+    def __init__(self, info: Any, rows: list[dict[str, Any]], transform: Callable | None = None) -> None:
+        self.info = info
+        self.rows = list(rows)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        item = {k: np.array(v, dtype=np.float32) for k, v in self.info.arrays(row).items()}
+        if self.transform is not None:
+            return self.transform(item)
+        out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in item.items()}
+        out["spacing"] = torch.tensor(row["spacing"], dtype=torch.float64)
+        out["index"] = i
+        return out
 
 
 def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from losslab.data.datasets import BagDataset, ImageDataset, VolumeDataset
-
 #: batches each loader worker keeps ready (torch's default is 2)
 PREFETCH_FACTOR = 4
 #: share of the device's free memory the training split may take on the device
@@ -48,21 +46,36 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 def build_loader(dataset: Dataset, data_cfg: Any, train: bool, collate_fn: Callable | None = None,
                  sampler: Sampler | None = None, batch_sampler: Sampler | None = None,
-                 device: torch.device | None = None) -> Any:
-    """The training (``train=True``: shuffled unless a sampler is given) or evaluation loader of
-    ``dataset``; ``device`` is the training device (pinned memory on CUDA; the device of
-    ``data.train_data_on_device``)."""
+                 device: torch.device | None = None, *, batch_size: int | None = None, num_workers: int | None = None,
+                 generator: torch.Generator | None = None, loader_class: type[DataLoader] = DataLoader,
+                 persistent_workers: bool = True) -> Any:
+    """The one way every task builds a loader: the training (``train=True``: shuffled unless a sampler is
+    given) or evaluation loader of ``dataset``.
+
+    Args:
+        data_cfg: the ``data`` section: ``batch_size`` (unless ``batch_size`` is given), ``num_workers``
+            (unless ``num_workers`` is given; ``auto``: :func:`resolve_num_workers`) and
+            ``train_data_on_device`` (a training split on the device: :class:`DeviceBatchLoader`).
+        device: the training device (pinned memory on CUDA; the device of ``data.train_data_on_device``).
+        generator: the shuffle's own generator (else torch's global one).
+        loader_class: ``torch.utils.data.DataLoader`` or a subclass (MONAI's, for dictionary transforms).
+        persistent_workers: keep the workers between epochs (False when each epoch reseeds what the
+            workers draw: a persistent worker would not see it).
+    """
     device = torch.device("cpu") if device is None else torch.device(device)
+    batch_size = data_cfg.batch_size if batch_size is None else batch_size
     if train and data_cfg.train_data_on_device:
-        return DeviceBatchLoader(dataset, data_cfg.batch_size, device, sampler, batch_sampler)
-    workers = resolve_num_workers(data_cfg.num_workers)
+        return DeviceBatchLoader(dataset, batch_size, device, sampler, batch_sampler)
+    workers = resolve_num_workers(data_cfg.num_workers if num_workers is None else num_workers)
     options: dict[str, Any] = dict(num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
+    if generator is not None:
+        options["generator"] = generator
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+        options.update(persistent_workers=persistent_workers, prefetch_factor=PREFETCH_FACTOR)
     if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, **options)
+        return loader_class(dataset, batch_sampler=batch_sampler, **options)
     shuffle = train and sampler is None
-    return DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler, shuffle=shuffle, **options)
+    return loader_class(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, **options)
 
 
 class _Positions(Dataset):
@@ -78,29 +91,9 @@ class _Positions(Dataset):
         return i
 
 
-def _device_arrays(dataset: Dataset, device: torch.device) -> dict[str, torch.Tensor]:
-    """The dataset's prepared cases on ``device``: ``cases (N, ...)`` for images and volumes (as
-    their items are), or for bags every instance in one ``instances (I + 1, C, H, W)`` (the cases in
-    order, then a row of zeros for padding); plus ``labels (N,)``."""
-    prepared = dataset._prepared
-    if prepared is None:
-        raise ValueError(f"data.train_data_on_device: the training split ({len(dataset)} cases) was too large to "
-                         "prepare in memory; set data.train_data_on_device=false")
-    if isinstance(dataset, BagDataset):
-        blank = np.zeros((1,) + prepared[0].shape[1:], dtype=np.float32)
-        arrays = {"instances": np.concatenate(list(prepared) + [blank])}
-    elif isinstance(dataset, (VolumeDataset, ImageDataset)):
-        shapes = {p.shape for p in prepared}
-        if len(shapes) != 1:
-            raise ValueError(f"data.train_data_on_device needs one item shape; the cases have {sorted(shapes)}")
-        if isinstance(dataset, ImageDataset) and prepared[0].shape[0] != 1:
-            raise ValueError(f"model.kind=image needs one image per case; the cases have {prepared[0].shape[0]}")
-        cases = np.stack(prepared)
-        arrays = {"cases": cases[:, 0] if isinstance(dataset, ImageDataset) else cases}
-    else:
-        raise ValueError(f"data.train_data_on_device supports model.kind mil, image and volume3d, not "
-                         f"{type(dataset).__name__}")
-    arrays["labels"] = dataset.labels
+def _on_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A dataset's ``device_arrays()`` on ``device``; refused when they would take more than
+    :data:`DEVICE_MEMORY_SHARE` of its free memory."""
     size = sum(a.nbytes for a in arrays.values())
     if device.type == "cuda" and size > DEVICE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
         raise ValueError(f"data.train_data_on_device: the training split takes {size / 2**30:.2f} GiB, more than "
@@ -113,8 +106,9 @@ class DeviceBatchLoader:
 
     Iterating draws the batches' indices through a ``DataLoader`` of positions with the same
     ``sampler`` / ``batch_sampler`` / shuffling as the plain loader, then (bags) each case's
-    instances with the dataset's own ``_choose``, in the same order, so the torch RNG is consumed
-    exactly as by the plain loader with ``num_workers=0``."""
+    instances (the dataset's ``instance_rows``), in the same order, so the torch RNG is consumed
+    exactly as by the plain loader with ``num_workers=0``. The dataset gives the arrays kept on the
+    device (its ``device_arrays()``: ``cases`` as its items are, or the bags' ``instances``)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, sampler: Sampler | None = None,
                  batch_sampler: Sampler | None = None) -> None:
@@ -123,8 +117,8 @@ class DeviceBatchLoader:
                              "(augmentation runs per item in the plain loader)")
         self.dataset = dataset
         self.device = torch.device(device)
-        self.arrays = _device_arrays(dataset, self.device)
-        self.case_sizes = [len(p) for p in dataset._prepared]  # instances per case (bags)
+        self.arrays = _on_device(dataset.device_arrays(), self.device)
+        self.case_sizes = [len(p) for p in dataset.prepared_cases()]  # instances per case (bags)
         self.case_offsets = np.cumsum([0] + self.case_sizes[:-1]).astype(np.int64)  # each case's first row
         if batch_sampler is not None:
             self.positions = DataLoader(_Positions(len(dataset)), batch_sampler=batch_sampler, collate_fn=list)
@@ -161,12 +155,8 @@ class DeviceBatchLoader:
     def _bags(self, positions: list[int]) -> dict[str, torch.Tensor]:
         """``image``, ``mask`` and ``instance_index`` of the bags at ``positions``: the instance rows
         are chosen on the host (small integers), the images gathered on the device."""
-        dataset = self.dataset
-        chosen = [dataset._choose(self.case_sizes[i]) for i in positions]
-        width = max(len(c) for c in chosen) if dataset.sampling == "all" else dataset.bag_size
-        instance_index = np.full((len(positions), width), -1, dtype=np.int64)
-        for row, rows in enumerate(chosen):
-            instance_index[row, : len(rows)] = rows
+        instance_index = self.dataset.instance_rows([self.case_sizes[i] for i in positions])
+        width = instance_index.shape[1]
         offsets = self.case_offsets[positions][:, None]
         blank_row = self.arrays["instances"].shape[0] - 1
         rows = torch.from_numpy(np.where(instance_index >= 0, instance_index + offsets, blank_row))

@@ -22,6 +22,14 @@ and channel of the array — the ``N * C`` planes are transformed as one multi-c
 the slices of a 2.5D stack stay aligned and the windows of an image keep matching. With
 ``per_instance: true`` each instance draws its own parameters (more diversity for MIL bags). In
 both cases the channels of one instance share their parameters.
+
+Segmentation (:func:`segmentation_train_transforms`, MONAI dictionary transforms on ``image``, ``label``
+and ``dist`` of :class:`losslab.data.datasets.SegVolumeDataset`): ``seg.samples_per_case`` patches per
+case with ``RandCropByPosNegLabeld`` (foreground = any region / any non-background class, ``seg.pos`` :
+``seg.neg``), a flip of each spatial axis with ``seg.flip_prob`` and intensity jitter
+(``RandScaleIntensityd`` / ``RandShiftIntensityd``); in 2D (``model.spatial_dims: 2``) a patch is
+``(h, w, 1)`` and the last axis is squeezed. :func:`check_patch_fits` refuses a patch larger than the
+smallest cached volume.
 """
 
 from __future__ import annotations
@@ -150,3 +158,47 @@ def build_transforms(augment: Mapping[str, Any] | None, train: bool, seed: int |
     if seed is not None:
         pipeline.set_random_state(seed)
     return pipeline
+
+
+#: the keys of a segmentation item that the spatial transforms move together
+SEGMENTATION_KEYS = ("image", "label", "dist")
+
+
+def segmentation_train_transforms(seg_cfg: Any, spatial_dims: int):
+    """The MONAI ``Compose`` of random crops by label, flips and intensity jitter (module docstring)."""
+    from monai import transforms as T
+
+    keys = SEGMENTATION_KEYS
+    size = list(seg_cfg.patch_size) + ([1] if spatial_dims == 2 else [])
+    chain = [
+        T.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=size, pos=seg_cfg.pos, neg=seg_cfg.neg,
+                                 num_samples=seg_cfg.samples_per_case, allow_smaller=False),
+    ]
+    if spatial_dims == 2:
+        chain.append(T.SqueezeDimd(keys=keys, dim=-1))
+    chain += [T.RandFlipd(keys=keys, prob=seg_cfg.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)
+              if seg_cfg.flip_prob > 0]
+    if seg_cfg.intensity_scale > 0:
+        chain.append(T.RandScaleIntensityd(keys="image", factors=seg_cfg.intensity_scale, prob=seg_cfg.intensity_prob))
+    if seg_cfg.intensity_shift > 0:
+        chain.append(T.RandShiftIntensityd(keys="image", offsets=seg_cfg.intensity_shift, prob=seg_cfg.intensity_prob))
+    chain.append(T.EnsureTyped(keys=keys, track_meta=False))
+    return T.Compose(chain)
+
+
+def check_patch_fits(patch_size: list[int], spatial_dims: int, info: Any) -> None:
+    """Refuse a training patch larger than the smallest volume of the segmentation cache ``info``
+    (``RandCropByPosNegLabeld`` would fail mid-epoch): compared per axis with the smallest extent among
+    the cached cases; in 2D the patch is ``(h, w)`` of the first two axes.
+
+    Raises:
+        ValueError: names ``seg.patch_size``, the smallest extents and the cache.
+    """
+    shapes = np.array([row["shape"] for row in info.index], dtype=np.int64)
+    smallest = shapes.min(axis=0)[: len(patch_size)] if len(shapes) else None
+    if smallest is None or all(int(p) <= int(s) for p, s in zip(patch_size, smallest)):
+        return
+    fitting = [min(int(p), int(s)) for p, s in zip(patch_size, smallest)]
+    raise ValueError(f"seg.patch_size={list(patch_size)} is larger than the smallest volume in the segmentation "
+                     f"cache {info.cache_dir} ({' x '.join(str(int(s)) for s in shapes.min(axis=0))} voxels per "
+                     f"axis, over {len(shapes)} cases); set seg.patch_size to at most {fitting}")

@@ -1,4 +1,4 @@
-"""Weight averaging (EMA, SWA) and mixup for the training loop. MLflow-free.
+"""Weight averaging (EMA, SWA) for the training loop. MLflow-free.
 
 * :func:`build_ema` — an exponential moving average of the weights,
   ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimiser step (the first
@@ -7,11 +7,10 @@
 * :func:`build_swa` — the equal-weight average of the weights at the end of each of the last
   epochs (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
   UAI 2018, arXiv:1803.05407); its BatchNorm statistics are re-estimated by :func:`update_bn`.
-* :func:`update_bn` — :func:`torch.optim.swa_utils.update_bn` for our dict batches
-  (``image`` ``(B, N, C, H, W)``, ``mask`` ``(B, N)``, optional ``level`` ``(B,)``).
-* :func:`mixup_batch` — mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization",
-  ICLR 2018, arXiv:1710.09412) of whole bags: ``x = lam * x_a + (1 - lam) * x_b`` instance by
-  instance, mask ``m_a | m_b``; the loss is ``lam * L(y_a) + (1 - lam) * L(y_b)``.
+* :func:`update_bn` — :func:`torch.optim.swa_utils.update_bn` for our dict batches, fed through the
+  task's step.
+
+Mixup is the step's (:meth:`losslab.engine.steps.Step.mixup`): only the task knows its batch's keys.
 
 All state is tensors, so checkpoints load with ``torch.load(weights_only=True)``.
 """
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["averaged_weights", "build_ema", "build_swa", "mixup_batch", "update_bn", "update_ema"]
+__all__ = ["averaged_weights", "build_ema", "build_swa", "update_bn", "update_ema"]
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -76,10 +75,12 @@ def update_bn(loader, model: nn.Module, device: torch.device, max_batches: int |
     """Re-estimate BatchNorm running statistics with one pass over ``loader`` (dict batches).
 
     Same as :func:`torch.optim.swa_utils.update_bn` (reset statistics, cumulative average via
-    ``momentum=None``, restore the momenta and the train/eval mode) but it feeds
-    ``model(batch["image"], batch["mask"][, level=batch["level"]])``, or the task's forward when a
-    ``step`` (:class:`losslab.engine.steps.ClassificationStep`) is given.
+    ``momentum=None``, restore the momenta and the train/eval mode) but it feeds each batch through the
+    task's ``step`` (:class:`losslab.engine.steps.Step`; default the plain classifier's).
     """
+    from losslab.engine.steps import ClassificationStep
+
+    step = step or ClassificationStep()
     momenta = {}
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -94,38 +95,7 @@ def update_bn(loader, model: nn.Module, device: torch.device, max_batches: int |
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
-        if step is not None:
-            step.forward(model, batch, device)
-            continue
-        image = batch["image"].to(device)
-        mask = batch.get("mask")
-        kwargs = {"level": batch["level"].to(device)} if "level" in batch else {}
-        model(image, mask.to(device) if mask is not None else None, **kwargs)
+        step.forward(model, batch, device)
     for module, momentum in momenta.items():
         module.momentum = momentum
     model.train(was_training)
-
-
-def mixup_batch(batch: dict[str, Any], alpha: float) -> tuple[dict[str, Any], torch.Tensor, float]:
-    """Mix each bag with another bag of the batch; return ``(mixed batch, labels_b, lam)``.
-
-    ``lam ~ Beta(alpha, alpha)`` and the partner permutation come from torch's global generator
-    (checkpointed with the other RNG states). ``image`` ``(B, N, C, H, W)`` is mixed instance by
-    instance (bags are zero-padded, so a padded slot mixes with zeros), ``mask`` becomes the union,
-    ``level`` (categorical) stays that of the first bag. ``labels_b = label[perm]``.
-
-    Raises:
-        ValueError: ``alpha <= 0``.
-    """
-    if alpha <= 0:
-        raise ValueError(f"mixup alpha must be > 0, got {alpha!r}")
-    concentration = torch.tensor([float(alpha)])
-    lam = float(torch.distributions.Beta(concentration, concentration).sample())
-    label = batch["label"]
-    perm = torch.randperm(len(label))
-    out = dict(batch)
-    image = batch["image"]
-    out["image"] = lam * image + (1.0 - lam) * image[perm] if image.is_floating_point() else image
-    if batch.get("mask") is not None:
-        out["mask"] = batch["mask"] | batch["mask"][perm]
-    return out, label[perm], lam

@@ -9,20 +9,20 @@ import time
 import numpy as np
 import torch
 
-from losslab.engine.steps import ClassificationStep
+from typing import Any, Callable
+
+from losslab.engine.steps import Step
 
 __all__ = ["measure_latency"]
 
 
 def measure_latency(model, dataset, device: torch.device, batch_size: int, warmup: int = 5,
-                    repeats: int = 30, step=None) -> dict[str, float]:
+                    repeats: int = 30, *, step: Step, collate: Callable[[list[Any]], dict[str, Any]]
+                    ) -> dict[str, float]:
     """Per-sample latency at batch size 1 (p50, p95 in ms, after ``warmup`` calls) and throughput
-    (samples/s) of the model alone at ``batch_size`` (data loading excluded)."""
+    (samples/s) of the model alone at ``batch_size`` (data loading excluded): the task's ``step``
+    runs the forward pass on batches of ``dataset``'s items made by the task's ``collate``."""
     model.eval()
-    step = step or ClassificationStep()
-    collate = getattr(step, "collate", None)
-    if collate is None:
-        from losslab.data.datasets import collate_padded as collate
     one = collate([dataset[0]])
     batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

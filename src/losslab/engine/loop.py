@@ -1,7 +1,7 @@
 """fit(): the training loop. Knows nothing of MLflow; reports through callbacks.
 
 What a batch is and how it becomes a loss belongs to the task: a step object
-(:class:`losslab.engine.steps.ClassificationStep`, subclassed by the tasks of :mod:`losslab.tasks`)
+(:class:`losslab.engine.steps.Step`, built by the task of :mod:`losslab.tasks`)
 turns a batch dict into model inputs, runs the forward pass, computes the loss (e.g. over both
 streams of a dual-stream MIL model) and per-batch diagnostics. The loop owns time: epochs, steps,
 precision, clipping, validation, checkpoints.
@@ -55,8 +55,7 @@ from torch import nn
 from losslab.engine import distributed as ddp
 from losslab.engine.callbacks import Callback, CallbackList, ModelCheckpoint, training_callbacks
 from losslab.engine.checkpoint import CheckpointWriter, load_checkpoint, rng_state, set_rng_state
-from losslab.engine.ema import mixup_batch
-from losslab.engine.steps import ClassificationStep, StepOutput, autocast
+from losslab.engine.steps import ClassificationStep, Step, StepOutput, autocast
 
 __all__ = ["FitRun", "FitState", "HOST_READ", "NonFiniteLossError", "build_optimizer", "compute_mixed_loss",
            "cosine_with_warmup", "fit", "mixed_loss_and_terms", "resolve_device", "seed_everything"]
@@ -102,13 +101,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_mixed_loss(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
-                       lam: float, step: ClassificationStep | None = None) -> torch.Tensor:
+                       lam: float, step: Step | None = None) -> torch.Tensor:
     """Mixup loss ``lam * L(y_a) + (1 - lam) * L(y_b)``; plain ``L(y_a)`` when ``target_b`` is None."""
     return mixed_loss_and_terms(loss_fn, out, target, target_b, lam, step)[0]
 
 
 def mixed_loss_and_terms(loss_fn: nn.Module, out: StepOutput, target: torch.Tensor, target_b: torch.Tensor | None,
-                         lam: float, step: ClassificationStep | None = None
+                         lam: float, step: Step | None = None
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`compute_mixed_loss` and the loss's terms mixed the same way: ``lam * terms(y_a) +
     (1 - lam) * terms(y_b)`` (each forward overwrites the loss's last terms, so they are read after each)."""
@@ -177,7 +176,7 @@ class FitRun:
     loss_fn: nn.Module
     train_cfg: Any
     optim_cfg: Any
-    step: ClassificationStep
+    step: Step
     train_loader: Any
     device: torch.device
     distributed: bool
@@ -218,7 +217,7 @@ def fit(
     class_names: list[str],
     callbacks: list[Callback] | None = None,
     resume_from: str | Path | None = None,
-    step: ClassificationStep | None = None,
+    step: Step | None = None,
 ) -> FitState:
     """Train ``model`` with ``loss_fn``; validate every epoch; checkpoint ``best`` and ``last``.
 
@@ -429,7 +428,7 @@ def _train_epoch(run: FitRun, state: FitState, epoch: int) -> dict[str, Any]:
             break
         lam, target_b = 1.0, None
         if cfg.mixup_alpha > 0:
-            batch, target_b, lam = mixup_batch(batch, cfg.mixup_alpha)
+            batch, target_b, lam = step.mixup(batch, cfg.mixup_alpha)
             target_b = target_b.to(run.device, non_blocking=True)
         target = step.target(batch, run.device)
         with autocast(run.device, cfg.amp):

@@ -2,10 +2,10 @@
 
 The loop (:func:`losslab.engine.loop.fit`) owns time (epochs, steps, precision, clipping); a step
 object owns what differs between tasks (MONAI's ``prepare_batch`` + ``_iteration``, Lightning's
-``training_step``). :class:`ClassificationStep` is the plain classifier: ``model(image, mask)``
-returning ``logits (B, K)`` or ``(logits, attention[, aux])`` and ``loss_fn(logits, label)``. Tasks
-with more (the 2.5D ``level``, dual-stream logits, instance selection) subclass it in
-:mod:`losslab.tasks`; the engine itself knows no model by name.
+``training_step``): :class:`Step` is that contract. :class:`ClassificationStep` is the plain classifier:
+``model(image, mask)`` returning ``logits (B, K)`` or ``(logits, attention[, aux])`` and
+``loss_fn(logits, label)``; a task builds its step (:meth:`losslab.tasks.Task.step`) from its loss and
+output names, and hands it to the loop. The engine itself knows no model or task by name.
 
 The validation pass every step shares lives here too (:func:`predict`, :func:`validation_metrics`,
 :func:`autocast`), so that the callbacks and tasks use it without importing the loop.
@@ -13,6 +13,7 @@ The validation pass every step shares lives here too (:func:`predict`, :func:`va
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,44 @@ class StepOutput:
     aux: dict[str, Any] = field(default_factory=dict)
 
 
-class ClassificationStep:
+class Step(abc.ABC):
+    """What the loop asks of a task for one batch and one validation pass. A step holds everything it
+    needs from its constructor (the loss, the output names, inference settings): nothing is set on it
+    later, so its behaviour never depends on the order of calls."""
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> StepOutput:
+        """The model's forward pass on the batch's inputs, on ``device``."""
+
+    @abc.abstractmethod
+    def target(self, batch: dict[str, Any], device: torch.device) -> Any:
+        """The batch's target on ``device``."""
+
+    @abc.abstractmethod
+    def loss(self, loss_fn: nn.Module, out: StepOutput, target: Any) -> torch.Tensor:
+        """The training objective of one forward pass."""
+
+    @abc.abstractmethod
+    def predict(self, model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
+                amp: bool = False) -> dict[str, Any]:
+        """The validation outputs of ``model`` over ``loader`` (what :meth:`metrics` reads)."""
+
+    @abc.abstractmethod
+    def metrics(self, outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None
+                ) -> dict[str, float]:
+        """``val/*`` metrics of :meth:`predict`'s outputs."""
+
+    def size(self, target: Any) -> int:
+        """Samples in a batch's target (the weight of its loss in the epoch mean)."""
+        return len(target)
+
+    def mixup(self, batch: dict[str, Any], alpha: float) -> tuple[dict[str, Any], Any, float]:
+        """``(mixed batch, the partners' targets, lam)`` for ``train.mixup_alpha`` (the loss is then
+        ``lam * L(y_a) + (1 - lam) * L(y_b)``); refused by a step that cannot mix its batches."""
+        raise ValueError(f"train.mixup_alpha={alpha}: {type(self).__name__} does not mix its batches; set it to 0")
+
+
+class ClassificationStep(Step):
     """Batch dicts ``image``, optional ``mask``, ``label (B,)``; one loss on the logits."""
 
     def inputs(self, batch: dict[str, Any], device: torch.device) -> tuple[tuple, dict[str, Any]]:
@@ -56,10 +94,6 @@ class ClassificationStep:
         """Per-batch validation statistics averaged over samples into ``val/<name>`` (none here)."""
         return {}
 
-    def size(self, target: Any) -> int:
-        """Samples in a batch's target (the weight of its loss in the epoch mean)."""
-        return len(target)
-
     def predict(self, model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
                 amp: bool = False) -> dict[str, Any]:
         """The validation outputs over ``loader`` (:func:`predict`)."""
@@ -68,6 +102,31 @@ class ClassificationStep:
     def metrics(self, outputs: dict[str, Any], class_names: list[str], loss_fn: nn.Module | None = None) -> dict[str, float]:
         """``val/*`` metrics of :meth:`predict`'s outputs (:func:`validation_metrics`)."""
         return validation_metrics(outputs, class_names, loss_fn)
+
+    def mixup(self, batch: dict[str, Any], alpha: float) -> tuple[dict[str, Any], torch.Tensor, float]:
+        """Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018, arXiv:1710.09412)
+        of whole cases: each with another case of the batch; returns ``(mixed batch, labels_b, lam)``.
+
+        ``lam ~ Beta(alpha, alpha)`` and the partner permutation come from torch's global generator
+        (checkpointed with the other RNG states). ``image`` (bags ``(B, N, C, H, W)``: instance by
+        instance, a zero-padded slot mixing with zeros) is ``lam * x_a + (1 - lam) * x_b``, ``mask``
+        becomes the union, ``level`` (categorical) stays that of the first case. ``labels_b = label[perm]``.
+
+        Raises:
+            ValueError: ``alpha <= 0``.
+        """
+        if alpha <= 0:
+            raise ValueError(f"mixup alpha must be > 0, got {alpha!r}")
+        concentration = torch.tensor([float(alpha)])
+        lam = float(torch.distributions.Beta(concentration, concentration).sample())
+        label = batch["label"]
+        perm = torch.randperm(len(label))
+        out = dict(batch)
+        image = batch["image"]
+        out["image"] = lam * image + (1.0 - lam) * image[perm] if image.is_floating_point() else image
+        if batch.get("mask") is not None:
+            out["mask"] = batch["mask"] | batch["mask"][perm]
+        return out, label[perm], lam
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -31,17 +31,14 @@ def known_num_classes(cfg: ExperimentConfig) -> int | None:
 
 def check_loss(cfg: ExperimentConfig) -> None:
     """The loss exists, takes every configured parameter and (when the classes are known) builds."""
-    from losslab.losses import UnknownLossError, UnknownLossParamError, build_loss, check_loss_params
+    from losslab.losses import UnknownLossError, UnknownLossParamError, check_loss_params
 
     from losslab.tasks import task_of
 
     name, params = cfg.loss.name, cfg.loss.params
     try:
         check_loss_params(name, params)
-        # a loss the task sets up itself (segmentation: channels and activation) is checked by name only
-        num_classes = known_num_classes(cfg) if task_of(cfg).loss_takes_class_counts else None
-        if num_classes is not None:
-            build_loss(name, **params, class_counts=[1] * num_classes, num_classes=num_classes)
+        task_of(cfg).check_loss(cfg, known_num_classes(cfg))
     except UnknownLossError as exc:
         raise cfg.key_error("loss.name", name, str(exc)) from None
     except UnknownLossParamError as exc:

@@ -107,7 +107,7 @@ from losslab.pipelines.distill_fit import fit_run, log_distilled_model, run_late
 from losslab.pipelines.distill_resume import PreviousRuns, previous_runs
 from losslab.pipelines.distill_tables import distillation_table
 from losslab.pipelines.distill_teacher import run_teacher, teacher_outputs, teacher_train_outputs
-from losslab.tasks import MultitaskTask
+from losslab.tasks import MultitaskStep
 from losslab.tracking import log_config, log_metrics_batch, log_table_artifacts, managed_run, setup_tracking
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _run_student(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, plan_i
                            "loss.distill_weight": distill_weight if distilling else 0.0,
                            "teacher_uri": teacher_uri or "", "teacher_cache_key": key,
                            "student_label_fraction": s.student_label_fraction, "data.n_train_cases": len(cases)})
-        step = MultitaskTask(d.task_classes, teacher_train if distilling else None,
+        step = MultitaskStep(d.task_classes, teacher_train if distilling else None,
                              torch.as_tensor(labelled) if distilling and not labelled.all() else None)
         fitted = fit_run(cfg, student, objective, step, (train_loader, val_loader), epochs, lr, s.monitor, run_id,
                          resume_id is not None, previous.callbacks, distill_test_loader(cfg, student, d, d.batch_size))

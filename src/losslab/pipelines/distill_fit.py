@@ -11,7 +11,7 @@ from torch import nn
 
 from losslab.config import ExperimentConfig
 from losslab.engine.loop import resolve_device
-from losslab.tasks import MultitaskTask
+from losslab.tasks import MultitaskStep
 from losslab.tracking import log_and_register_model
 
 
@@ -22,14 +22,14 @@ class Fitted:
     test_metrics: dict[str, float] = field(default_factory=dict)  # test/*: the same weights on the test split
 
 
-def score_test(model: nn.Module, step: MultitaskTask, test_loader, device) -> dict[str, float]:
+def score_test(model: nn.Module, step: MultitaskStep, test_loader, device) -> dict[str, float]:
     """``test/<task>/…`` and ``test/mean_…`` of ``model`` on the held-out test split (``{}`` without one)."""
     if test_loader is None:
         return {}
     return {"test/" + k.split("/", 1)[1]: v for k, v in step.metrics(step.predict(model, test_loader, device), []).items()}
 
 
-def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskTask, loaders: tuple,
+def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step: MultitaskStep, loaders: tuple,
             epochs: int, lr: float, monitor: str, run_id: str, resume: bool = False,
             extra_callbacks: list | None = None, test_loader=None) -> Fitted:
     """Train through the engine's :func:`losslab.engine.loop.fit` (AMP, clipping, EMA, SWA, the frozen
@@ -51,7 +51,7 @@ def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step:
         "epochs": epochs, "monitor": monitor, "monitor_mode": default_mode(monitor),
         "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / run_id)})
     tracker = MLflowCallback(run_id, [], plot_every=cfg.train.plot_every, synchronous=False,
-                             checkpoint_every=cfg.train.upload_checkpoint_every, per_class_plots=False)
+                             checkpoint_every=cfg.train.upload_checkpoint_every)
     # the run's last.pt, local or downloaded from its artifacts (as `train --resume`)
     resume_from = resume_checkpoint(cfg, run_id) if resume else None
     reseed = ReseedEachEpoch(train_loader, cfg.train.seed)  # the loader shuffles with its own generator
@@ -64,14 +64,14 @@ def fit_run(cfg: ExperimentConfig, model: nn.Module, objective: nn.Module, step:
     return Fitted(scored, state.best_epoch, score_test(model, step, test_loader, device))
 
 
-def run_latency(model: nn.Module, step: MultitaskTask, val_loader, cfg: ExperimentConfig) -> dict[str, float]:
+def run_latency(model: nn.Module, step: MultitaskStep, val_loader, cfg: ExperimentConfig) -> dict[str, float]:
     """``latency/*`` of :func:`losslab.engine.latency.measure_latency` (the one ``evaluate`` reports),
     with the evaluate section's warm-up and repeats, at the distill batch size."""
     from losslab.engine.latency import measure_latency
 
     latency = cfg.evaluate.latency
     return measure_latency(model, val_loader.dataset, resolve_device(cfg.train.device), val_loader.batch_size,
-                           latency.warmup, latency.repeats, step=step)
+                           latency.warmup, latency.repeats, step=step, collate=val_loader.collate_fn)
 
 
 

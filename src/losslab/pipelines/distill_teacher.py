@@ -32,7 +32,7 @@ from losslab.pipelines.distill_fit import (Fitted, fit_run, log_distilled_model,
                                            score_test)
 from losslab.pipelines.distill_resume import PreviousRuns
 from losslab.pipelines.registry import load_registered_model
-from losslab.tasks import MultitaskTask
+from losslab.tasks import MultitaskStep
 from losslab.tracking import log_metrics_batch, managed_run
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def teacher_outputs(teacher: nn.Module, info: CacheInfo, index: pd.DataFrame, ta
     dataset = ImageTextDataset(index, info.cache_dir, task_classes, tokenizer, teacher.max_length,
                                preprocessing.get("image_mean"), preprocessing.get("image_std"))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text)
-    outputs = MultitaskTask(task_classes).predict(teacher.to(device), loader, device)
+    outputs = MultitaskStep(task_classes).predict(teacher.to(device), loader, device)
     arrays = {"case_id": np.asarray(index["case_id"].tolist()), "features": outputs["features"].astype(np.float32)}
     arrays.update({f"logits/{t}": v.astype(np.float32) for t, v in outputs["logits"].items()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def _teacher_from_registry(uri: str, allow_pickle: bool, d: DistillData, s: Dist
     _check_teacher_tasks(teacher, d.task_classes, uri)
     teacher_prep = getattr(teacher, "preprocessing", d.preprocessing)
     _, val_loader = distill_loaders(cfg, teacher, d, d.train_df, d.batch_size, teacher_prep)
-    step = MultitaskTask(d.task_classes)
+    step = MultitaskStep(d.task_classes)
     fitted = Fitted(step.metrics(step.predict(teacher.to(d.device), val_loader, d.device), []), -1,
                     score_test(teacher, step, distill_test_loader(cfg, teacher, d, d.batch_size, teacher_prep), d.device))
     log_metrics_batch(run_id, fitted.best_metrics, step=0)
@@ -158,11 +158,11 @@ def run_teacher(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, all_met
             train_loader, val_loader = distill_loaders(cfg, teacher, d, d.train_df, d.batch_size)
             epochs, lr = int(t.epochs or cfg.train.epochs), float(t.lr or cfg.optim.lr)
             mlflow.log_params({"model.spec": json.dumps(spec)[:6000], "epochs": epochs, "lr": lr})
-            fitted = fit_run(cfg, teacher, LabelsOnly(d.tasks), MultitaskTask(d.task_classes),
+            fitted = fit_run(cfg, teacher, LabelsOnly(d.tasks), MultitaskStep(d.task_classes),
                              (train_loader, val_loader), epochs, lr, s.monitor, teacher_run, resume_id is not None, previous.callbacks,
                              distill_test_loader(cfg, teacher, d, d.batch_size))
             teacher_uri = None
-        latency = run_latency(teacher, MultitaskTask(d.task_classes), val_loader, cfg)
+        latency = run_latency(teacher, MultitaskStep(d.task_classes), val_loader, cfg)
         summary = run_summary(fitted, latency)
         log_metrics_batch(teacher_run, summary, step=max(fitted.best_epoch, 0))
         all_metrics["teacher"] = summary

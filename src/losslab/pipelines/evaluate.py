@@ -65,8 +65,6 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import ValidationError
-from torch.utils.data import DataLoader
-
 from losslab.config import (CalibrationConfig, EvaluateConfig, ExperimentConfig, LatencyConfig, TTAConfig,
                             section_dict)
 from losslab.data.cache import CacheInfo, load_cache
@@ -75,7 +73,6 @@ from losslab.data.text import index_meta
 from losslab.engine.calibration import Calibrator
 from losslab.engine.latency import measure_latency
 from losslab.engine.loop import resolve_device
-from losslab.engine.steps import predict
 from losslab.engine.metrics import (confusion_matrix, dead_class_names, pred_counts, rsna_competition_score,
                                     rsna_weighted_log_loss)
 from losslab.pipelines.common import base_tags
@@ -156,8 +153,8 @@ def model_fold(cfg: ExperimentConfig, settings: EvaluateSettings) -> int:
     return cfg.data.fold
 
 
-def _loader(ds, batch_size: int, cfg: ExperimentConfig) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=task_of(cfg).collate)
+def _loader(ds, batch_size: int, cfg: ExperimentConfig):
+    return task_of(cfg).eval_loader(cfg, ds, batch_size)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -224,7 +221,7 @@ def calibration_summary(calibrator: Calibrator, before: dict[str, float], after:
     return out
 
 
-def _tta_outputs(model, cfg, info, rows, normalizer, loss_fn, device, settings: TTASettings, batch_size: int,
+def _tta_outputs(model, step, cfg, info, rows, normalizer, loss_fn, device, settings: TTASettings, batch_size: int,
                  plain: dict[str, Any]) -> dict[str, Any]:
     """Logits averaged over the identity pass and ``passes`` augmented passes (seeded)."""
     from losslab.data.transforms import build_transforms
@@ -233,8 +230,8 @@ def _tta_outputs(model, cfg, info, rows, normalizer, loss_fn, device, settings: 
     losses = [plain["loss"]]
     for i in range(settings.passes):
         transform = build_transforms(settings.augment, train=True, seed=settings.seed + i)
-        out = predict(model, _loader(_eval_dataset(cfg, info, rows, normalizer, transform), batch_size, cfg), device,
-                      loss_fn, step=task_of(cfg))
+        out = step.predict(model, _loader(_eval_dataset(cfg, info, rows, normalizer, transform), batch_size, cfg),
+                           device, loss_fn)
         logits_sum += out["logits"]
         losses.append(out["loss"])
     logits = torch.as_tensor(logits_sum / (settings.passes + 1), dtype=torch.float32)
@@ -375,8 +372,8 @@ def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> di
         if loader is None:
             raise ValueError(f"evaluate.split=test: the cache {info.cache_dir} has no held-out test cases "
                              f"(the run's data.test_fraction={cfg.data.test_fraction}); use --split val")
-    outputs = task.predict(loaded.model, loader, device, loaded.loss_fn, cfg.train.amp)
-    return split_metrics(task, outputs, loaded.class_names, loaded.loss_fn, settings.split) \
+    outputs = loaded.step.predict(loaded.model, loader, device, loaded.loss_fn, cfg.train.amp)
+    return split_metrics(loaded.step, outputs, loaded.class_names, loaded.loss_fn, settings.split) \
         | task.split_summary(outputs, loader.dataset, loaded.class_names, settings.split)
 
 
@@ -393,7 +390,7 @@ class _CaseArtifacts:
 def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tuple[dict[str, float], _CaseArtifacts]:
     """``test/*`` (the evaluated split, whatever it is) with intervals, ``test_calibrated/*``,
     ``test_tta/*`` and ``latency/*`` of a per-case model, and what its artifacts are written from."""
-    src_cfg, class_names, loss_fn, model, step = loaded.cfg, loaded.class_names, loaded.loss_fn, loaded.model, loaded.task
+    src_cfg, class_names, loss_fn, model, step = loaded.cfg, loaded.class_names, loaded.loss_fn, loaded.model, loaded.step
     batch_size = settings.batch_size or src_cfg.data.batch_size
     rsna = _use_rsna(settings.rsna_metric, src_cfg, loss_fn, len(class_names))
     val_ds, eval_ds, eval_info, rows = select_datasets(src_cfg, settings, class_names,
@@ -402,7 +399,7 @@ def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tu
     outputs = step.predict(model, _loader(eval_ds, batch_size, src_cfg), device, loss_fn, src_cfg.train.amp)
     cases = rsna_cases(rows) if rsna else None
     metrics = split_metrics(step, outputs, class_names, loss_fn, "test") | rsna_metrics(outputs, "test", rsna, cases) \
-        | step.split_summary(outputs, eval_ds, class_names, "test", settings.intervals)
+        | loaded.task.split_summary(outputs, eval_ds, class_names, "test", settings.intervals)
     calibrator, cal_probs, cal_pred = Calibrator(), outputs["probs"], None
     if settings.calibration.enabled:
         val_outputs = outputs if settings.split == "val" else step.predict(
@@ -412,13 +409,13 @@ def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tu
         metrics |= after | calibration_summary(calibrator, metrics, after)
     tta_pred = None
     if settings.tta.enabled:
-        tta = _tta_outputs(model, src_cfg, eval_info, rows, eval_ds.normalizer, loss_fn, device, settings.tta,
+        tta = _tta_outputs(model, step, src_cfg, eval_info, rows, eval_ds.normalizer, loss_fn, device, settings.tta,
                            batch_size, outputs)
         metrics |= split_metrics(step, tta, class_names, loss_fn, "test_tta") | rsna_metrics(tta, "test_tta", rsna, cases)
         tta_pred = loss_fn.predict(torch.as_tensor(tta["logits"])).numpy()
     if settings.latency.enabled:
         metrics |= measure_latency(model, eval_ds, device, batch_size, settings.latency.warmup,
-                                   settings.latency.repeats, step=step)
+                                   settings.latency.repeats, step=step, collate=loaded.task.collate)
     predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
     params = {"evaluate.n_cases": len(rows), "evaluate.batch_size": batch_size}
     return metrics, _CaseArtifacts(outputs, calibrator, cal_probs, cal_pred, predictions, params)

@@ -7,8 +7,6 @@ import logging
 import mlflow
 
 from losslab.config import ExperimentConfig
-import pandas as pd
-
 from losslab.data.cache import CacheInfo
 from losslab.pipelines.common import base_tags
 from losslab.tasks import task_of
@@ -41,10 +39,11 @@ def run_preprocess(cfg: ExperimentConfig, force: bool = False, log_to_mlflow: bo
         mlflow.log_metrics({"cases": float(len(info.index)), "skipped": float(info.report.get("skipped_count", 0))}
                            | metrics)
         mlflow.log_dict(info.report, "report.json")
-        if isinstance(info.index, pd.DataFrame):  # a tabular index is an MLflow dataset input
-            index_view = info.index[["case_id", "patient_id", "label", "class_name", "fold", "split", "n_instances"]]
+        table = task.dataset_input(info)
+        if table is not None:  # the cases as an MLflow dataset input
+            index_view, targets = table
             dataset = mlflow.data.from_pandas(index_view, source=str(info.cache_dir), name=f"{cfg.data.source}-cache",
-                                              targets="label", digest=info.fingerprint[:16])
+                                              targets=targets, digest=info.fingerprint[:16])
             mlflow.log_input(dataset, context="preprocess")
         log_config(cfg)
     return info

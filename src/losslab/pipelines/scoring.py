@@ -34,6 +34,7 @@ from torch import nn
 from losslab.config import ExperimentConfig, load_config
 from losslab.engine.checkpoint import restore_loss
 from losslab.engine.checkpoint import evaluation_weights, load_checkpoint
+from losslab.engine.steps import Step
 from losslab.pipelines.registry import load_registered_model
 from losslab.tasks import Task, task_of
 
@@ -51,8 +52,8 @@ class SourceNotFoundError(LookupError):
 
 @dataclass
 class LoadedSource:
-    """What a source resolved to: the model (evaluation weights, eval mode), its loss and task (set up
-    for that model), the run's config, the output names and provenance tags."""
+    """What a source resolved to: the model (evaluation weights, eval mode), its loss, task and the task's
+    step for that loss and those outputs, the run's config, the output names and provenance tags."""
 
     cfg: ExperimentConfig
     model: nn.Module
@@ -62,6 +63,11 @@ class LoadedSource:
     run_id: str | None
     experiment_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    step: Step | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            self.step = self.task.step(self.cfg, self.loss_fn, self.class_names)
 
 
 # --------------------------------------------------------------------------- the tracking store
@@ -240,24 +246,25 @@ def check_model_fold(own_fold: int, requested: int | None, use: str = "scored") 
     return own_fold
 
 
-def split_metrics(task: Task, outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str
+def split_metrics(step: Step, outputs: dict[str, Any], class_names: list[str], loss_fn, prefix: str
                   ) -> dict[str, float]:
-    """The metrics of training's validation (``task.metrics``) of ``task.predict`` ``outputs``, ``<prefix>/*``."""
-    return {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in task.metrics(outputs, class_names, loss_fn).items()}
+    """The metrics of training's validation (``step.metrics``) of ``step.predict`` ``outputs``, ``<prefix>/*``."""
+    return {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in step.metrics(outputs, class_names, loss_fn).items()}
 
 
-def score_test_split(cfg: ExperimentConfig, info, task: Task, model: nn.Module, loss_fn, device,
+def score_test_split(cfg: ExperimentConfig, info, task: Task, step: Step, model: nn.Module, loss_fn, device,
                      normalizer=None) -> dict[str, float]:
-    """``test/*`` metrics of ``model`` on the cache's held-out test split (fold -1) and the task's
-    summary beside them (patient-bootstrap intervals, case counts); ``{}`` and one log line when the
-    cache has no test split. ``normalizer``: the training run's (from its training cases)."""
+    """``test/*`` metrics of ``model`` (through the task's ``step``) on the cache's held-out test split
+    (fold -1) and the task's summary beside them (patient-bootstrap intervals, case counts); ``{}`` and
+    one log line when the cache has no test split. ``normalizer``: the training run's (from its training
+    cases)."""
     loader = task.test_loader(cfg, info, normalizer)
     if loader is None:
         log.warning("no held-out test split in the cache %s (data.test_fraction=%s): no test/* metrics",
                     info.cache_dir, cfg.data.test_fraction)
         return {}
-    outputs = task.predict(model, loader, device, loss_fn, cfg.train.amp)
-    return split_metrics(task, outputs, info.class_names, loss_fn, "test") \
+    outputs = step.predict(model, loader, device, loss_fn, cfg.train.amp)
+    return split_metrics(step, outputs, info.class_names, loss_fn, "test") \
         | task.split_summary(outputs, loader.dataset, info.class_names, "test")
 
 

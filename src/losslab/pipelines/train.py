@@ -125,13 +125,13 @@ def train_fold(cfg: ExperimentConfig, info: CacheInfo, fold: int, nested: bool =
         train_cfg = cfg.train.model_copy(update={"checkpoint_dir": str(_checkpoint_dir(cfg, run_id))})
         # async metric batches (flushed at the end; epochs lost to a kill are re-logged on resume)
         tracker = MLflowCallback(run_id, setup.names, plot_every=cfg.train.plot_every, synchronous=False,
-                                 checkpoint_every=cfg.train.upload_checkpoint_every, figures=setup.figures)
+                                 checkpoint_every=cfg.train.upload_checkpoint_every,
+                                 figures=task.epoch_figures)
         callbacks = setup.callbacks + [tracker] + list(extra_callbacks or [])
         state = fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, train_cfg, cfg.optim, setup.names,
-                    callbacks=callbacks, resume_from=resume_from, step=task)
+                    callbacks=callbacks, resume_from=resume_from, step=setup.step)
         _tag_fit_outcome(state)
-        best_metrics = _score_best_model(cfg, info, run_id, task, setup.model, setup.loss_fn, setup.val_loader, state,
-                                         Path(train_cfg.checkpoint_dir) / "best.pt")
+        best_metrics = _score_best_model(cfg, info, run_id, task, setup, state, Path(train_cfg.checkpoint_dir) / "best.pt")
         version = None
         if cfg.tracking.log_model:
             mv = log_and_register_model(setup.model, task.input_example(cfg, setup.val_loader),
@@ -165,18 +165,20 @@ def _tag_fit_outcome(state) -> None:
         mlflow.set_tag("losslab.dead_classes", ",".join(dead))
 
 
-def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, task, model, loss_fn, val_loader, state,
+def _score_best_model(cfg: ExperimentConfig, info: CacheInfo, run_id: str, task, setup, state,
                       best_path: Path) -> dict[str, float]:
-    """Load the best weights (EMA/SWA when those were validated) into ``model``; log ``best_val/*``
+    """Load the best weights (EMA/SWA when those were validated) into the fold's model; log ``best_val/*``
     and ``best_epoch``, then the one score on the held-out test split (``test/*``); return ``val/*``
     and ``test/*``."""
     device = resolve_device(cfg.train.device)
+    model, loss_fn, step, val_loader = setup.model, setup.loss_fn, setup.step, setup.val_loader
     load_evaluation_weights(model, best_path, loss_fn).to(device)
-    best_metrics = task.metrics(task.predict(model, val_loader, device, loss_fn, cfg.train.amp), info.class_names,
+    best_metrics = step.metrics(step.predict(model, val_loader, device, loss_fn, cfg.train.amp), info.class_names,
                                 loss_fn)
     summary = {f"best_{k}": v for k, v in best_metrics.items()}
     summary["best_epoch"] = float(state.best_epoch if state.best_epoch is not None else -1)
-    test_metrics = score_test_split(cfg, info, task, model, loss_fn, device, getattr(val_loader.dataset, "normalizer", None))
+    test_metrics = score_test_split(cfg, info, task, step, model, loss_fn, device,
+                                    getattr(val_loader.dataset, "normalizer", None))
     # at the best epoch's step: these numbers describe that epoch's weights
     step = int(state.best_epoch if state.best_epoch is not None else state.epoch)
     log_metrics_batch(run_id, summary | test_metrics, step=step)
@@ -189,7 +191,7 @@ def _train_fold_replica(cfg: ExperimentConfig, task, info: CacheInfo, fold: int)
     setup = task.setup_fold(cfg, info, fold)
     resume_from = ddp.broadcast_object(None)
     fit(setup.model, setup.loss_fn, setup.train_loader, setup.val_loader, cfg.train, cfg.optim, setup.names,
-        resume_from=resume_from, step=task)
+        callbacks=setup.callbacks, resume_from=resume_from, step=setup.step)
     return FoldResult(fold, "", "FINISHED")
 
 
@@ -238,15 +240,12 @@ def run_train(cfg: ExperimentConfig, resume_run_id: str | None = None, info: Cac
     CPU) and destroys it at the end, also on error; each rank trains ``data.batch_size`` samples per
     step (effective batch ``world_size × data.batch_size``, learning rate not scaled) and only rank 0
     builds the cache first, opens the MLflow run and logs. ``extra_callbacks`` run on rank 0 only.
-    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``), and so is torchrun
-    for a task that trains in one process (segmentation)."""
+    ``cv.folds`` is refused under torchrun (run one torchrun job per ``data.fold``)."""
     check_config(cfg)  # before any run opens or the cache is built
     task = task_of(cfg)
     task.check_entry_point("train")  # before any run opens
     if resume_run_id is not None and cfg.cv.is_multi_run:
         raise ValueError("--resume continues one run: resume each fold run by its own id (without cv.folds)")
-    if not task.distributed and ddp.world_size() > 1:
-        raise ValueError(f"task {task.name!r} trains in one process; run it without torchrun")
     if ddp.is_main_process():
         check_checkpoint_dir(cfg)
     with ddp.distributed_context(cfg.train.device) as distributed:

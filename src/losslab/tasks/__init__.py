@@ -1,11 +1,12 @@
 """Tasks: what differs between kinds of experiment, behind one training loop.
 
-A task owns the dataset and collate of its model kind, batch → forward → loss (including a model's
-extra outputs), the predictions and its validation diagnostics (:class:`losslab.engine.steps.ClassificationStep`
-is the part the engine calls); the loop owns time. It also builds what the pipelines ask of it, so
-that they never branch on the kind: its cache (:meth:`Task.build_cache`), a fold's loaders, loss and
-model (:meth:`Task.setup_fold`), the registry spec and the model back from it (:meth:`Task.spec`,
-:func:`build_from_spec`), the model of a run (:meth:`Task.rebuild`) and the held-out test loader.
+:class:`Task` is a contract (an abstract base) that every kind implements in full; the kinds are
+peers and none inherits another's data or step. A task builds what the pipelines ask of it, so that
+they never branch on the kind: its cache (:meth:`Task.build_cache`), a fold's loaders, loss, model and
+step (:meth:`Task.setup_fold`), the step of a loss (:meth:`Task.step`: batch → forward → loss,
+validation outputs and metrics, the part the engine's loop calls; the loop owns time), the registry
+spec and the model back from it (:meth:`Task.spec`, :func:`build_from_spec`), the model of a run
+(:meth:`Task.rebuild`), the held-out test loader and the figures of a fit (:meth:`Task.epoch_figures`).
 One registry, keyed by name:
 
 ============================  =====================  =====================================================
@@ -25,13 +26,16 @@ a model kind the task cannot train) when the config is loaded, before any MLflow
 the keys and the file that set them.
 """
 
-from losslab.tasks.base import (FoldSetup, Task, TaskError, build_from_spec, build_task_model, check_task, get_task,
-                                list_tasks, loss_tasks_of, register_task, task_name, task_of, task_of_kind)
-from losslab.tasks.classification import BagClassificationTask, ImageClassificationTask, VolumeClassificationTask
-from losslab.tasks.multitask import MultitaskTask
-from losslab.tasks.segmentation import SegmentationTask, plot_segmentation_overlay
+from losslab.tasks.base import (CaseCacheMixin, FoldSetup, Task, TaskError, build_from_spec, build_task_model,
+                                check_task, get_task, list_tasks, loss_tasks_of, register_task, task_name, task_of,
+                                task_of_kind)
+from losslab.tasks.classification import (BagClassificationTask, BagStep, ClassificationTask, ImageClassificationTask,
+                                          ImageStep, VolumeClassificationTask, classification_figures)
+from losslab.tasks.multitask import MultitaskStep, MultitaskTask
+from losslab.tasks.segmentation import SegmentationStep, SegmentationTask, plot_segmentation_overlay
 
-__all__ = ["BagClassificationTask", "FoldSetup", "ImageClassificationTask", "MultitaskTask",
+__all__ = ["BagClassificationTask", "BagStep", "CaseCacheMixin", "ClassificationTask", "FoldSetup",
+           "ImageClassificationTask", "ImageStep", "MultitaskStep", "MultitaskTask", "SegmentationStep",
            "SegmentationTask", "Task", "TaskError", "VolumeClassificationTask", "build_from_spec", "build_task_model",
-           "check_task", "get_task", "list_tasks", "loss_tasks_of", "plot_segmentation_overlay", "register_task",
-           "task_name", "task_of", "task_of_kind"]
+           "check_task", "classification_figures", "get_task", "list_tasks", "loss_tasks_of",
+           "plot_segmentation_overlay", "register_task", "task_name", "task_of", "task_of_kind"]

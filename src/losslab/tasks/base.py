@@ -1,14 +1,16 @@
-"""The task base class, its registry and the pairing rules (see :mod:`losslab.tasks`)."""
+"""The Task contract (an abstract base every kind implements in full), its registry and the pairing rules
+(see :mod:`losslab.tasks`)."""
 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from losslab.engine.steps import ClassificationStep
+from losslab.engine.steps import Step
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -25,13 +27,13 @@ class FoldSetup:
     val_loader: Any
     loss_fn: nn.Module
     model: nn.Module
+    step: Step  # the task's step for this loss and these names (:meth:`Task.step`)
     names: list[str]  # the names its metrics are reported for
     spec: dict[str, Any]  # what the registry rebuilds the model from (:func:`build_from_spec`)
     params: dict[str, Any]  # logged once, on a new run
     hashed_params: dict[str, Any] = field(default_factory=dict)  # resolved settings in the config fingerprint
     tags: dict[str, str] = field(default_factory=dict)
     callbacks: list = field(default_factory=list)  # engine callbacks the task needs (e.g. reseeded crops)
-    figures: Callable[[Any, bool], dict[str, Any]] | None = None  # per-epoch figures, when not the classifier's
 
 
 def register_task(cls: type["Task"]) -> type["Task"]:
@@ -54,8 +56,16 @@ def get_task(name: str) -> "Task":
         raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}") from None
 
 
-class Task(ClassificationStep):
-    """Base task: a classifier step plus the pairing rules and the datasets."""
+class Task(abc.ABC):
+    """The contract every kind of problem implements in full (a LightningModule + DataModule in one
+    object; MONAI's ``prepare_batch`` + handlers): its cache, a fold's loaders, loss, model and step,
+    the model a run or the registry rebuilds, the numbers and figures beside its metrics. The pipelines
+    call only these methods, so that they never branch on the kind; the classification, segmentation
+    and multitask kinds are peers (none inherits another's data or step).
+
+    Class attributes name the pairing rules (:func:`check_task`) and the defaults that follow the task
+    (:meth:`config_defaults`). A task instance holds no state that a call sets for a later one: the
+    step (:meth:`step`) is a new object built from the loss and the output names."""
 
     name: ClassVar[str] = ""
     model_kinds: ClassVar[tuple[str, ...]] = ()
@@ -69,23 +79,9 @@ class Task(ClassificationStep):
     default_tiebreak: ClassVar[tuple[str, ...]] = ("val/auc", "val/loss")
     default_model_name: ClassVar[str] = "losslab-mil"
     #: one probability vector per case: ``evaluate`` calibrates, averages TTA passes, bootstraps intervals
-    per_case_probabilities: ClassVar[bool] = True
-    #: trains under torchrun (DDP) too
-    distributed: ClassVar[bool] = True
-    #: its loss is built from the training class counts (checked with them when the classes are known)
-    loss_takes_class_counts: ClassVar[bool] = True
+    per_case_probabilities: ClassVar[bool] = False
 
-    def make_dataset(self, cfg: Any, info: Any, rows: Any, train: bool, transform: Callable | None = None,
-                     normalizer: Any = None):
-        """The dataset over the cache rows ``rows`` (training when ``train``, else evaluation);
-        ``normalizer`` (:class:`losslab.data.normalization.Normalizer`) defaults to the per-case z-score."""
-        raise TaskError(f"task {self.name!r} has no dataset yet")
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        from losslab.data.datasets import collate_padded
-
-        return collate_padded(items)
-
+    # ------------------------------------------------------------------ settings (shared)
     def config_defaults(self) -> dict[tuple[str, str], Any]:
         """``{(section, key): value}`` of the settings whose default is this task's: the config loader
         fills each one the config does not set (so a segmentation config that names no monitor picks
@@ -106,7 +102,7 @@ class Task(ClassificationStep):
         return False
 
     #: the model kinds whose training split ``data.train_data_on_device`` can hold on the device
-    device_batch_kinds: ClassVar[tuple[str, ...]] = ("mil", "image", "volume3d")
+    device_batch_kinds: ClassVar[tuple[str, ...]] = ()
 
     def check_settings(self, cfg: Any, where: Callable[[str], str] = lambda key: "") -> None:
         """Refuse settings this task cannot train with (when the config is loaded)."""
@@ -121,26 +117,101 @@ class Task(ClassificationStep):
             raise TaskError(f"{key}=true{where(key)}: a batch gathered on the device is not augmented; "
                             f"data.augment={cfg.data.augment} is set: drop one of them")
 
-    # ------------------------------------------------------------------ data, model and scores of a run
+    def check_loss(self, cfg: Any, num_classes: int | None) -> None:
+        """Build ``cfg.loss`` once when the config loads, where it can be built from the config alone
+        (``num_classes``: known from ``data.class_names`` or the source, else None); errors name the
+        parameter. By default nothing: a task that sets its loss up itself (segmentation: channels and
+        activation) has it checked by name and parameters only, and built with the fold."""
+
+    # ------------------------------------------------------------------ data
+    @abc.abstractmethod
     def build_cache(self, cfg: Any, force: bool = False) -> Any:
         """The case cache of ``cfg.data`` (built, or reused when its inputs are unchanged)."""
+
+    @abc.abstractmethod
+    def load_cache(self, cfg: Any) -> Any:
+        """The cache a trained model is scored on: read as it is when it was built (the raw files may be
+        gone), else built."""
+
+    @abc.abstractmethod
+    def cache_summary(self, info: Any) -> tuple[list[str], dict[str, float]]:
+        """What ``preprocess`` prints about a cache, and its metrics beside ``cases`` and ``skipped``."""
+
+    def dataset_input(self, info: Any) -> tuple[Any, str] | None:
+        """``(table of the cases, its target column)`` that ``preprocess`` logs as the run's MLflow dataset
+        input, or None (the default) to log none."""
+        return None
+
+    @abc.abstractmethod
+    def output_names(self, cfg: Any, info: Any = None) -> list[str]:
+        """The names of the model's outputs (classes, channels), from ``info`` when given."""
+
+    @abc.abstractmethod
+    def test_loader(self, cfg: Any, info: Any, normalizer: Any = None) -> Any:
+        """A loader over the cache's held-out test cases (fold -1), or None when it has none;
+        ``normalizer``: the training run's, when the task normalises with training statistics."""
+
+    # ------------------------------------------------------------------ model and step
+    @abc.abstractmethod
+    def build(self, cfg: Any, names: list[str], class_counts: list[int] | None = None,
+              fractions: list[float] | None = None) -> tuple[nn.Module, nn.Module]:
+        """``(loss, model)`` for ``cfg`` and the output ``names`` (random or pretrained weights)."""
+
+    @abc.abstractmethod
+    def step(self, cfg: Any, loss_fn: nn.Module, names: list[str]) -> Step:
+        """A new :class:`losslab.engine.steps.Step` (batch → forward → loss, validation outputs and
+        metrics) for ``loss_fn`` and the output ``names``."""
+
+    @abc.abstractmethod
+    def setup_fold(self, cfg: Any, info: Any, fold: int) -> FoldSetup:
+        """Everything one fold trains with (:class:`FoldSetup`)."""
+
+    @abc.abstractmethod
+    def rebuild(self, cfg: Any, run_tags: dict[str, str], run_params: dict[str, str]
+                ) -> tuple[nn.Module, nn.Module, list[str]]:
+        """``(loss, model, output names)`` of the model a run of this task trained (random weights,
+        no pretrained download)."""
+
+    @abc.abstractmethod
+    def spec(self, cfg: Any, names: list[str], class_counts: list[int] | None = None) -> dict[str, Any]:
+        """What :func:`build_from_spec` rebuilds the registered model from (``task``: this task's name)."""
+
+    @abc.abstractmethod
+    def input_example(self, cfg: Any, val_loader: Any) -> Any:
+        """One input ``(1, ...)`` as numpy: the signature of the registered model."""
+
+    # ------------------------------------------------------------------ reporting
+    @abc.abstractmethod
+    def split_summary(self, outputs: dict[str, Any], dataset: Any, names: list[str], prefix: str,
+                      intervals: Any = None) -> dict[str, float]:
+        """Numbers beside a split's metrics (``<prefix>/...``: intervals, case counts)."""
+
+    @abc.abstractmethod
+    def epoch_figures(self, state: Any, final: bool, names: list[str]) -> dict[str, Any]:
+        """``{artifact path: figure}`` of a fit so far (``state``: :class:`losslab.engine.loop.FitState`),
+        drawn every ``train.plot_every`` epochs and when it ends (``final``)."""
+
+
+def check_loss_with_counts(cfg: Any, num_classes: int | None) -> None:
+    """:meth:`Task.check_loss` of a loss built from the training class counts: built with one case per
+    class when the classes are known."""
+    from losslab.losses import build_loss
+
+    if num_classes is not None:
+        build_loss(cfg.loss.name, **cfg.loss.params, class_counts=[1] * num_classes, num_classes=num_classes)
+
+
+class CaseCacheMixin:
+    """The case cache (:mod:`losslab.data.cache`) for the kinds that read it (classification, multitask):
+    :meth:`Task.build_cache`, :meth:`Task.load_cache` and :meth:`Task.cache_summary`."""
+
+    def build_cache(self, cfg: Any, force: bool = False) -> Any:
         from losslab.data.cache import build_cache
 
         return build_cache(cfg.data, force=force)
 
-    def cache_summary(self, info: Any) -> tuple[list[str], dict[str, float]]:
-        """What ``preprocess`` prints about a cache, and its metrics beside ``cases`` and ``skipped``."""
-        line = (f"{'reused' if info.reused else 'wrote'} the cache at {info.cache_dir} "
-                f"({'inputs unchanged, ' if info.reused else ''}fingerprint {info.fingerprint[:12]})")
-        if info.resumed_tasks:
-            line += f"; resumed an interrupted build: {info.resumed_tasks} of {info.total_tasks} tasks were done"
-        counts = info.report.get("class_counts", {})
-        return [line], {"resumed_tasks": float(info.resumed_tasks)} | {
-            f"class_count_{k}": float(v) for k, v in counts.items()}
-
     def load_cache(self, cfg: Any) -> Any:
-        """The cache of ``cfg.data`` a trained model is scored on: read as it is when its index exists
-        (the raw files may be gone), else built."""
+        """Read as it is when its index exists (the raw files may be gone), else built."""
         from pathlib import Path
 
         from losslab.data.cache import load_cache
@@ -149,185 +220,19 @@ class Task(ClassificationStep):
             return load_cache(cfg.data.cache_dir)
         return self.build_cache(cfg)
 
-    def output_names(self, cfg: Any, info: Any = None) -> list[str]:
-        """The names of the model's outputs (the class names), from ``data.class_names`` or the cache."""
-        return list(cfg.data.class_names or (info or self.load_cache(cfg)).class_names)
+    def dataset_input(self, info: Any) -> tuple[Any, str] | None:
+        """The index's case, patient, label, fold and instance count columns; the label is the target."""
+        columns = ["case_id", "patient_id", "label", "class_name", "fold", "split", "n_instances"]
+        return info.index[columns], "label"
 
-    def fold_datasets(self, cfg: Any, info: Any, fold: int) -> tuple[Any, Any]:
-        """Training cases (every fold but ``fold``, never the held-out test split, then ``data.imbalance``
-        and ``data.train_cases``: :func:`losslab.data.splits.training_rows`) and validation cases, both
-        normalised by ``data.normalize`` (or the source's default) with statistics from the training cases."""
-        from losslab.data.normalization import build_normalizer
-        from losslab.data.sources import default_normalization
-        from losslab.data.splits import training_rows
-
-        index = info.index
-        val_df = index[index["fold"] == fold]
-        if fold < 0 or len(val_df) == 0:
-            raise ValueError(f"data.fold={fold} has no cases; the cache has folds "
-                             f"{sorted(f for f in index['fold'].unique().tolist() if f >= 0)}")
-        train_df = training_rows(cfg.data, index, fold, len(info.class_names))
-        spec = cfg.data.normalize if cfg.data.normalize is not None else default_normalization(cfg.data.source)
-        normalizer = build_normalizer(spec, train_df, info.cache_dir)
-        transform = None
-        if cfg.data.augment:
-            from losslab.data.transforms import build_transforms
-
-            transform = build_transforms(cfg.data.augment, train=True)
-        return (self.make_dataset(cfg, info, train_df, train=True, transform=transform, normalizer=normalizer),
-                self.make_dataset(cfg, info, val_df, train=False, normalizer=normalizer))
-
-    def loaders(self, cfg: Any, train_ds: Any, val_ds: Any) -> tuple[Any, Any]:
-        """Train and validation loaders. Under torchrun the training data is sharded over the ranks with
-        the same class sampling strategy (:func:`losslab.data.samplers.build_distributed_sampler`) and
-        ``data.batch_size`` is per rank; validation stays whole (rank 0 validates)."""
-        from losslab.data.loaders import build_loader
-        from losslab.data.samplers import build_distributed_sampler, build_sampler
-        from losslab.engine import distributed as ddp
-
-        batch_size = cfg.data.batch_size
-        if ddp.world_size() > 1:
-            sampler, batch_sampler = build_distributed_sampler(cfg.data.sampler, train_ds.labels, batch_size,
-                                                               ddp.world_size(), ddp.rank(), seed=cfg.train.seed)
-        else:
-            sampler, batch_sampler = build_sampler(cfg.data.sampler, train_ds.labels, batch_size)
-        device = ddp.distributed_device(cfg.train.device)
-        train_loader = build_loader(train_ds, cfg.data, True, self.collate, sampler, batch_sampler, device)
-        return train_loader, build_loader(val_ds, cfg.data, False, self.collate, device=device)
-
-    def fold_loaders(self, cfg: Any, info: Any, fold: int) -> tuple[Any, Any]:
-        """:meth:`loaders` of :meth:`fold_datasets`."""
-        return self.loaders(cfg, *self.fold_datasets(cfg, info, fold))
-
-    def build(self, cfg: Any, names: list[str], class_counts: list[int] | None = None,
-              fractions: list[float] | None = None) -> tuple[nn.Module, nn.Module]:
-        """``(loss, model)`` for ``cfg``: the loss decides the output size (e.g. K-1 for CORAL); the
-        classifier's bias starts at the log of the class distribution the batches are drawn from
-        (uniform under a balancing sampler), floored so that a class absent from the training fold gets
-        a finite bias. ``class_counts``: the training cases per class of ``names`` (required)."""
-        from losslab.data.samplers import sampled_class_distribution
-        from losslab.losses import build_loss
-        from losslab.models import build_model
-
-        if class_counts is None or len(class_counts) != len(names):
-            raise TaskError(f"task {self.name!r} builds its model from the training class counts of {names}; "
-                            f"got {class_counts}")
-        num_classes = len(class_counts)
-        loss_fn = build_loss(cfg.loss.name, **cfg.loss.params, class_counts=list(class_counts), num_classes=num_classes)
-        num_outputs = loss_fn.output_dim(num_classes) if hasattr(loss_fn, "output_dim") else num_classes
-        priors = [float(p) for p in sampled_class_distribution(cfg.data.sampler, [max(c, 1) for c in class_counts])]
-        model = build_model(cfg.model, num_outputs=num_outputs,
-                            class_priors=priors if num_outputs == num_classes else None)
-        if getattr(loss_fn, "head", "linear") == "normed_linear":
-            _use_cosine_classifier(model, cfg.loss.name)
-        return loss_fn, model
-
-    def setup_fold(self, cfg: Any, info: Any, fold: int) -> FoldSetup:
-        """The datasets of ``fold``, the loss and model built from its training class counts, the loaders."""
-        import numpy as np
-
-        from losslab.data.sources.channels import modality_params
-        from losslab.data.splits import TEST_FOLD
-
-        names = list(info.class_names)
-        train_ds, val_ds = self.fold_datasets(cfg, info, fold)
-        counts = np.bincount(train_ds.labels, minlength=len(names)).tolist()
-        loss_fn, model = self.build(cfg, names, counts)
-        train_loader, val_loader = self.loaders(cfg, train_ds, val_ds)
-        normalization = train_ds.normalizer.params()
-        params = {"data.class_counts_train": str(counts), "data.n_train": len(train_ds), "data.n_val": len(val_ds),
-                  "data.n_test": int((info.index["fold"] == TEST_FOLD).sum())} | normalization \
-            | modality_params(info.report)
-        return FoldSetup(train_loader, val_loader, loss_fn, model, names, self.spec(cfg, names, counts), params,
-                         normalization | modality_params(info.report),
-                         {"losslab.split_fingerprint": info.split_fingerprint})
-
-    def input_example(self, cfg: Any, val_loader: Any) -> Any:
-        """One validation input ``(1, ...)`` as numpy: the signature of the registered model."""
-        return val_loader.dataset[0]["image"].unsqueeze(0).numpy()
-
-    def rebuild(self, cfg: Any, run_tags: dict[str, str], run_params: dict[str, str]
-                ) -> tuple[nn.Module, nn.Module, list[str]]:
-        """``(loss, model, output names)`` of the model a run of this task trained (random weights, no
-        pretrained download): the class names from the run's tag ``losslab.class_names`` and the
-        training class counts from its param ``data.class_counts_train``, else both from the cache of
-        ``cfg.data`` (:func:`losslab.data.splits.training_rows`: every fold but ``data.fold``, never the test
-        split, then ``data.imbalance`` and ``data.train_cases``)."""
-        import ast
-
-        import numpy as np
-
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
-        tagged = run_tags.get("losslab.class_names")
-        info = None if tagged and "data.class_counts_train" in run_params else self.load_cache(cfg)
-        names = tagged.split(",") if tagged else self.output_names(cfg, info)
-        if "data.class_counts_train" in run_params:
-            counts = [int(c) for c in ast.literal_eval(run_params["data.class_counts_train"])]
-        else:  # the training cases as training chose them (data.imbalance, data.train_cases)
-            from losslab.data.splits import training_rows
-
-            train = training_rows(cfg.data, info.index, cfg.data.fold, len(names))
-            counts = np.bincount(train["label"].to_numpy(), minlength=len(names)).tolist()
-        loss_fn, model = self.build(cfg, names, counts)
-        return loss_fn, model, names
-
-    def spec(self, cfg: Any, names: list[str], class_counts: list[int] | None = None) -> dict[str, Any]:
-        """What :func:`build_from_spec` needs to rebuild the model a run registers: the ``model`` and
-        ``loss`` sections, the class names and the training class counts."""
-        return {"kind": "classifier", "task": self.name, "model": cfg.model.model_dump(mode="json"),
-                "loss": cfg.loss.model_dump(mode="json"), "class_names": list(names),
-                "class_counts": [int(c) for c in class_counts or []]}
-
-    def test_loader(self, cfg: Any, info: Any, normalizer: Any = None):
-        """A loader over the cache's held-out test cases (fold -1), or None when it has none;
-        ``normalizer``: the training run's (from its training cases)."""
-        from torch.utils.data import DataLoader
-
-        from losslab.data.splits import TEST_FOLD
-
-        rows = info.index[info.index["fold"] == TEST_FOLD]
-        if len(rows) == 0:
-            return None
-        dataset = self.make_dataset(cfg, info, rows, train=False, normalizer=normalizer)
-        return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0, collate_fn=self.collate)
-
-    def split_summary(self, outputs: dict[str, Any], dataset: Any, names: list[str], prefix: str,
-                      intervals: Any = None) -> dict[str, float]:
-        """Numbers beside a split's metrics: patient-bootstrap intervals (``<prefix>/<metric>_ci_low``,
-        ``_ci_high``; cases without a patient id each their own) as ``intervals`` (``enabled``,
-        ``n_resamples``, ``confidence``, ``seed``; default 1000 resamples, 95 %, seed 0) says."""
-        import numpy as np
-
-        from losslab.engine.intervals import interval_metrics
-
-        if intervals is not None and not intervals.enabled:
-            return {}
-        settings = {} if intervals is None else {"n_resamples": intervals.n_resamples,
-                                                 "confidence": intervals.confidence, "seed": intervals.seed}
-        rows = dataset.index
-        order = np.asarray(outputs["index"], dtype=int)
-        groups = (rows["patient_id"] if "patient_id" in rows else rows["case_id"]).to_numpy()[order]
-        return interval_metrics(outputs, groups, names, prefix, **settings)
-
-
-def _use_cosine_classifier(model: nn.Module, loss_name: str) -> None:
-    """Losses such as LDAM expect cosine logits in [-1, 1]: swap the model's linear classifier for
-    :class:`losslab.losses.NormedLinear` of the same size."""
-    from losslab.losses import NormedLinear
-
-    owner = getattr(model, "head", model)
-    if hasattr(owner, "use_cosine_classifiers"):  # a head with several classifiers (dual-stream MIL)
-        owner.use_cosine_classifiers()
-        return
-    classifier = getattr(owner, "classifier", None)
-    if not isinstance(classifier, nn.Linear):
-        raise ValueError(f"loss {loss_name!r} needs a cosine (normed_linear) classifier, but model "
-                         f"{type(model).__name__} has no linear `classifier` to replace")
-    owner.classifier = NormedLinear(classifier.in_features, classifier.out_features)
-
-
-def _normalizer_kwargs(normalizer: Any) -> dict[str, Any]:
-    return {} if normalizer is None else {"normalizer": normalizer}
+    def cache_summary(self, info: Any) -> tuple[list[str], dict[str, float]]:
+        line = (f"{'reused' if info.reused else 'wrote'} the cache at {info.cache_dir} "
+                f"({'inputs unchanged, ' if info.reused else ''}fingerprint {info.fingerprint[:12]})")
+        if info.resumed_tasks:
+            line += f"; resumed an interrupted build: {info.resumed_tasks} of {info.total_tasks} tasks were done"
+        counts = info.report.get("class_counts", {})
+        return [line], {"resumed_tasks": float(info.resumed_tasks)} | {
+            f"class_count_{k}": float(v) for k, v in counts.items()}
 
 
 def task_of_kind() -> dict[str, str]:

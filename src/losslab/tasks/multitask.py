@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 
-from losslab.engine.steps import StepOutput
-from losslab.tasks.base import Task, register_task
+from losslab.engine.steps import Step, StepOutput
+from losslab.tasks.base import CaseCacheMixin, Task, TaskError, check_loss_with_counts, register_task
 
-@register_task
-class MultitaskTask(Task):
-    """Image + text → one head per task (``model.kind: multimodal``); trained by ``losslab distill``
-    through the same :func:`losslab.engine.loop.fit` as the other tasks.
+
+class MultitaskStep(Step):
+    """Image + text batches → one head per task, for :func:`losslab.engine.loop.fit`.
 
     The model returns ``({task: logits (B, K_t)}, fused features (B, D))``; the objective is one of
     :mod:`losslab.losses.multitask`. A student distils from ``teacher``: the teacher's outputs on the
@@ -20,13 +19,6 @@ class MultitaskTask(Task):
     ``index`` (the row of the training set); ``labelled (N,)`` bool hides the labels of the other
     training cases from the objective (:data:`losslab.losses.multitask.UNLABELLED`). Validation
     scores every head (:func:`losslab.engine.metrics.multitask_metrics`)."""
-
-    name = "multitask"
-    model_kinds = ("multimodal",)
-    default_monitor = ("val/mean_accuracy", "max")
-    default_tiebreak = ("val/loss",)
-    default_model_name = "losslab-multitask"
-    entry_points = ("distill",)
 
     def __init__(self, task_classes: dict[str, list[str]] | None = None, teacher: dict[str, torch.Tensor] | None = None,
                  labelled: torch.Tensor | None = None) -> None:
@@ -97,8 +89,71 @@ class MultitaskTask(Task):
 
         return multitask_metrics(outputs["logits"], outputs["labels"], self.task_classes)
 
-    def collate(self, items):
-        from losslab.data.text import collate_image_text
 
-        return collate_image_text(items)
+@register_task
+class MultitaskTask(CaseCacheMixin, Task):
+    """Image + text → one head per task (``model.kind: multimodal``), trained by ``losslab distill``
+    through the same :func:`losslab.engine.loop.fit` as the other tasks with :class:`MultitaskStep`.
+
+    Its cache is the case cache every classification task reads; its splits, captions, preprocessing,
+    models and loaders are those of a distill invocation (:mod:`losslab.pipelines.distill_data`), which
+    builds them from the teacher and the tasks it distils: the contract's methods that would build them
+    from one config alone refuse, naming ``losslab distill``."""
+
+    name = "multitask"
+    model_kinds = ("multimodal",)
+    default_monitor = ("val/mean_accuracy", "max")
+    default_tiebreak = ("val/loss",)
+    default_model_name = "losslab-multitask"
+    entry_points = ("distill",)
+
+    def __init__(self, task_classes: dict[str, list[str]] | None = None) -> None:
+        self.task_classes = dict(task_classes or {})
+
+    def _distill_only(self, what: str):
+        return TaskError(f"task {self.name!r}: {what} come from a `losslab distill` invocation "
+                         "(losslab.pipelines.distill_data), not from one config")
+
+    def output_names(self, cfg, info=None):
+        """The heads (``distill.tasks``), when this task was made with them."""
+        if not self.task_classes:
+            raise self._distill_only("the heads")
+        return list(self.task_classes)
+
+    def check_loss(self, cfg, num_classes):
+        check_loss_with_counts(cfg, num_classes)
+
+    def test_loader(self, cfg, info, normalizer=None):
+        raise self._distill_only("the test loader and its preprocessing")
+
+    def build(self, cfg, names, class_counts=None, fractions=None):
+        raise self._distill_only("the models (their vocabulary and input channels)")
+
+    def step(self, cfg, loss_fn, names):
+        """A :class:`MultitaskStep` of the heads, without a teacher (distill makes its students' own)."""
+        return MultitaskStep(self.task_classes)
+
+    def setup_fold(self, cfg, info, fold):
+        raise self._distill_only("a fold's splits, models and loaders")
+
+    def rebuild(self, cfg, run_tags, run_params):
+        raise self._distill_only("the models of a run")
+
+    def spec(self, cfg, names, class_counts=None):
+        raise self._distill_only("the registered spec (models.export.multimodal_spec)")
+
+    def input_example(self, cfg, val_loader):
+        raise self._distill_only("the input example")
+
+    def split_summary(self, outputs, dataset, names, prefix, intervals=None):
+        return {}
+
+    def epoch_figures(self, state, final, names):
+        """The learning curves: losses and the mean accuracy and macro F1 over the heads."""
+        from losslab import plots
+
+        hist = state.history
+        keys = [k for k in ("train/loss", "val/loss", "val/mean_balanced_accuracy", "val/mean_f1_macro") if k in hist]
+        return {"plots/curves.png": plots.plot_curves(hist, keys),
+                "plots/loss_curves.png": plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist])}
 

@@ -50,17 +50,16 @@ class MLflowCallback(Callback):
 
     Args:
         run_id: the run to log to (the pipeline owns and ends it).
-        class_names: the classes of the model's one head, for the per-class plots.
-        per_class_plots: False for a model with one head per task (distill's multitask models):
-            only the learning curves are drawn, no per-class recall, confusion matrix or attention.
+        class_names: the model's output names, for ``figures``.
         plot_every: log plots every this many epochs (and at the end); 0 = only at the end.
         log_checkpoints: upload ``best``/``last`` checkpoints under ``checkpoints/``.
         checkpoint_every: upload them every this many epochs (1 = every epoch); 0 = only when the fit
             ends or fails (the local ``last.pt`` is what ``--resume`` uses first). Uploading a large
             checkpoint every epoch is the main per-epoch cost of tracking.
         synchronous: False = MLflow's async logging for the per-epoch batches (flushed at the end).
-        figures: the task's figures, ``figures(state, final) -> {artifact path: figure}``, drawn instead
-            of the classification plots (e.g. segmentation's prediction overlays).
+        figures: the task's figures (:meth:`losslab.tasks.Task.epoch_figures`), ``figures(state, final,
+            class_names) -> {artifact path: figure}``: per-class recall and confusion matrices of a
+            classifier, a segmentation's prediction overlays. Without it, only the learning curves.
 
     Every epoch where a class gets no validation prediction sets the tag
     ``losslab.zero_predictions.epoch_<k>`` to those classes (at once; the ``dead_class`` alarm
@@ -69,14 +68,10 @@ class MLflowCallback(Callback):
     """
 
     def __init__(self, run_id: str, class_names: list[str], plot_every: int = 0, log_checkpoints: bool = True,
-                 synchronous: bool = True, checkpoint_every: int = 1, per_class_plots: bool = True,
-                 figures: Callable[[Any, bool], dict[str, Any]] | None = None) -> None:
-        if per_class_plots and not class_names:
-            raise ValueError("MLflowCallback: per_class_plots=True needs class_names (got none); "
-                             "pass per_class_plots=False for a model with one head per task")
+                 synchronous: bool = True, checkpoint_every: int = 1,
+                 figures: Callable[[Any, bool, list[str]], dict[str, Any]] | None = None) -> None:
         self.run_id = run_id
-        self.class_names = class_names
-        self.per_class_plots = per_class_plots
+        self.class_names = list(class_names)
         self.figures = figures
         self.plot_every = plot_every
         self.log_checkpoints = log_checkpoints
@@ -174,30 +169,14 @@ class MLflowCallback(Callback):
             mlflow.flush_async_logging()
 
     def _plots(self, state, final: bool) -> None:
-        from losslab import plots
-        from losslab.engine.metrics import confusion_matrix
-
         if self.figures is not None:
-            for path, figure in self.figures(state, final).items():
-                log_figure(figure, path)
-            return
+            figures = self.figures(state, final, self.class_names)
+        else:
+            from losslab import plots
 
-        hist = state.history
-        curves = [k for k in ("train/loss", "val/loss", "val/balanced_accuracy", "val/min_class_recall",
-                              "val/mean_balanced_accuracy", "val/mean_f1_macro") if k in hist]
-        log_figure(plots.plot_curves(hist, curves), "plots/curves.png")
-        log_figure(plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist]), "plots/loss_curves.png")
-        if not self.per_class_plots:
-            return
-        log_figure(plots.plot_per_class_recall(hist, self.class_names), "plots/per_class_recall.png")
-        out = state.last_val_outputs
-        if out is not None:
-            y_pred = out["pred"] if "pred" in out else out["probs"].argmax(1)
-            cm = confusion_matrix(out["labels"], y_pred, len(self.class_names))
-            name = "plots/confusion_matrix.png" if final else f"plots/confusion_matrix_epoch_{state.epoch:03d}.png"
-            log_figure(plots.plot_confusion_matrix(cm, self.class_names), name)
-            if "attention" in out:
-                attn = [a[m] for a, m in zip(out["attention"][:4], out["mask"][:4])]
-                log_figure(plots.plot_attention(attn, [f"val bag {i} (label {self.class_names[int(l)]})"
-                                                       for i, l in enumerate(out["labels"][:4])]),
-                           "plots/attention.png")
+            hist = state.history
+            curves = [k for k in ("train/loss", "val/loss", "val/mean_balanced_accuracy", "val/mean_f1_macro") if k in hist]
+            figures = {"plots/curves.png": plots.plot_curves(hist, curves),
+                       "plots/loss_curves.png": plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist])}
+        for path, figure in figures.items():
+            log_figure(figure, path)
