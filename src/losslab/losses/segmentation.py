@@ -22,9 +22,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss as MonaiDiceLoss
-from monai.losses import FocalLoss as MonaiFocalLoss
-from monai.losses import TverskyLoss as MonaiTverskyLoss
 
 from .base import LossBase, check_bool, check_number, check_per_class
 from .registry import register_loss
@@ -96,6 +93,7 @@ class DiceLoss(_SegmentationLoss):
         ValueError: negative smoothing or bad ``reduction``. TypeError: non-bool flags.
 
     >>> z = torch.randn(2, 3, 4, 4); y = torch.randint(0, 3, (2, 1, 4, 4))
+    >>> from monai.losses import DiceLoss as MonaiDiceLoss
     >>> torch.allclose(DiceLoss()(z, y), MonaiDiceLoss(to_onehot_y=True, softmax=True)(z, y))
     True
 
@@ -117,6 +115,8 @@ class DiceLoss(_SegmentationLoss):
     ) -> None:
         super().__init__(reduction)
         check_bool(self.name, "squared_pred", squared_pred)
+        from monai.losses import DiceLoss as MonaiDiceLoss  # here: importing MONAI takes seconds (every submodule)
+
         self.dice = MonaiDiceLoss(squared_pred=squared_pred, reduction="none",
                                   **self._overlap_args(include_background, sigmoid, smooth_nr, smooth_dr))
 
@@ -219,6 +219,8 @@ class TverskyLoss(_SegmentationLoss):
         super().__init__(reduction)
         self.alpha = check_number(self.name, "alpha", alpha, minimum=0.0)
         self.beta = check_number(self.name, "beta", beta, minimum=0.0)
+        from monai.losses import TverskyLoss as MonaiTverskyLoss
+
         self.tversky = MonaiTverskyLoss(alpha=self.alpha, beta=self.beta, reduction="none",
                                         **self._overlap_args(include_background, sigmoid, smooth_nr, smooth_dr))
 
@@ -302,6 +304,7 @@ class FocalSegLoss(_SegmentationLoss):
         ValueError: γ < 0, α out of range, lists of the wrong length; bad ``reduction``.
 
     >>> z = torch.randn(2, 3, 4, 4); y = torch.randint(0, 3, (2, 1, 4, 4))
+    >>> from monai.losses import FocalLoss as MonaiFocalLoss
     >>> m = MonaiFocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0)
     >>> torch.allclose(FocalSegLoss()(z, y), m(z, y))
     True
@@ -334,6 +337,8 @@ class FocalSegLoss(_SegmentationLoss):
         if class_weights is not None:
             class_weights = check_per_class(self.name, "class_weights", class_weights, num_classes)
         self.alpha = alpha
+        from monai.losses import FocalLoss as MonaiFocalLoss
+
         self.focal = MonaiFocalLoss(gamma=self.gamma, alpha=alpha, weight=class_weights, use_softmax=not sigmoid,
                                     reduction="none", **channels)
 
