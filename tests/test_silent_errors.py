@@ -226,7 +226,7 @@ def test_distill_scores_every_run_on_the_held_out_test_split(tmp_path, mlflow_st
     from losslab.data.text import ImageTextDataset, collate_image_text
     from losslab.pipelines.distill import distillation_table, run_distill
     from losslab.pipelines.registry import load_registered_model
-    from losslab.tasks import MultitaskTask
+    from losslab.tasks import MultitaskStep
 
     experiment, student_name = f"silent-distill-{uuid.uuid4().hex[:6]}", f"silent-student-{uuid.uuid4().hex[:6]}"
     cfg = load_config(None, [
@@ -258,7 +258,7 @@ def test_distill_scores_every_run_on_the_held_out_test_split(tmp_path, mlflow_st
     prep = model.preprocessing
     data = ImageTextDataset(test_rows, cfg.data.cache_dir, task_classes, model.tokenizer, model.max_length,
                             prep["image_mean"], prep["image_std"])
-    outputs = MultitaskTask(task_classes).predict(model, DataLoader(data, batch_size=7, collate_fn=collate_image_text),
+    outputs = MultitaskStep(task_classes).predict(model, DataLoader(data, batch_size=7, collate_fn=collate_image_text),
                                                  torch.device("cpu"))
     for task in task_classes:
         expected = accuracy_score(data.labels[task], np.argmax(outputs["logits"][task], axis=1))
