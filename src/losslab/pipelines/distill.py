@@ -160,7 +160,7 @@ def _run_student(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, plan_i
                      tags=run_tags(cfg, role, label) | {"losslab.teacher_cache": cache_tag}, nested=True,
                      run_id=resume_id) as run:
         run_id = run.info.run_id
-        seed_everything(cfg.train.seed, cfg.train.deterministic)  # same init and order for every student
+        seed_everything(cfg.train.seed + cfg.data.fold, cfg.train.deterministic)  # as train_fold; same for every student
         student = build_multimodal_model(student_spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
         student.preprocessing = d.preprocessing
         cases = d.train_df if distilling else d.train_df[labelled].reset_index(drop=True)

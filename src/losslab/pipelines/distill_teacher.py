@@ -151,7 +151,7 @@ def run_teacher(cfg: ExperimentConfig, s: DistillConfig, d: DistillData, all_met
             teacher_uri = str(t.model_uri)
             teacher, fitted, val_loader, origin = _teacher_from_registry(teacher_uri, t.allow_pickle, d, s, cfg, teacher_run)
         else:
-            seed_everything(cfg.train.seed, cfg.train.deterministic)
+            seed_everything(cfg.train.seed + cfg.data.fold, cfg.train.deterministic)  # as train_fold
             spec = t.model
             teacher = build_multimodal_model(spec, d.task_classes, texts=d.texts, in_chans=d.in_chans)
             teacher.preprocessing = d.preprocessing
