@@ -114,7 +114,7 @@ def ensure_parent(worker: Worker, url: str, adopt: str | None, created: bool = T
         mine = found[0].info.run_id if found else adopt or client.create_run(
             worker.experiment_id, run_name=f"study-{spec.name}", tags={"losslab.entry_point": "study"}).info.run_id
         if parent is None:
-            recorded = set_if_absent(study, PARENT_ATTR, mine)
+            recorded = set_if_absent(worker.storage, study, PARENT_ATTR, mine)
         else:  # the recorded parent was deleted
             study.set_user_attr(PARENT_ATTR, mine)
             recorded = mine

@@ -130,11 +130,25 @@ def open_study(storage: Any, loaded: LoadedStudy) -> tuple[Any, bool]:
             return optuna.load_study(study_name=spec.name, storage=storage), False
 
 
-def set_if_absent(study: Any, key: str, value: Any) -> Any:
-    """The study's user attribute ``key``: set to ``value`` when absent; the value it holds."""
-    if key not in study.user_attrs:
-        study.set_user_attr(key, value)
-    return study.user_attrs.get(key, value)
+def set_if_absent(storage: Any, study: Any, key: str, value: Any) -> Any:
+    """The study's user attribute ``key``: set to ``value`` unless a worker set it first; the value it holds.
+
+    Atomic on an RDB storage: one INSERT into Optuna's ``study_user_attributes`` table, whose
+    ``(study_id, key)`` is unique, so of two workers racing the second insert fails and that worker reads the
+    first one's value (``set_user_attr`` updates an existing row: a check-then-set lets the later writer
+    win). Written here because Optuna has no insert-if-absent."""
+    import sqlalchemy
+
+    engine = getattr(storage, "engine", None)
+    if engine is None:  # an in-memory storage lives in one process
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+        return study.user_attrs.get(key, value)
+    study_id = study_id_of(storage, study)
+    insert = sqlalchemy.text("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (:s, :k, :v)")
+    with contextlib.suppress(sqlalchemy.exc.IntegrityError), engine.begin() as connection:
+        connection.execute(insert, {"s": study_id, "k": key, "v": json.dumps(value)})
+    return storage.get_study_user_attrs(study_id)[key]
 
 
 # ------------------------------------------------------------------------------------------ trials
@@ -273,16 +287,14 @@ class Worker:
         (:func:`data_key`; the first worker to build such a cache records it): refused in one line when
         the folds differ. Returns the fingerprint."""
         key, mine = data_key(cfg), info.split_fingerprint
-        recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {}
-        if not isinstance(recorded, dict):  # one fingerprint for the whole study (before f04cd57)
+        older = self.study.user_attrs.get(FINGERPRINT_ATTR)  # one attribute for every data setting (before)
+        if older is not None and not isinstance(older, dict):  # one fingerprint for the whole study (before f04cd57)
             raise ConfigError(f"study {self.spec.name} was created by an older losslab (one split fingerprint, "
-                              f"{recorded}, for every data setting); give the study a new name to start it again")
-        if key not in recorded:
-            self.study.set_user_attr(FINGERPRINT_ATTR, {**recorded, key: mine})
-            recorded = self.study.user_attrs.get(FINGERPRINT_ATTR) or {key: mine}  # a race: the first one wins
-        if recorded.get(key, mine) != mine:
+                              f"{older}, for every data setting); give the study a new name to start it again")
+        recorded = (older or {}).get(key) or set_if_absent(self.storage, self.study, f"{FINGERPRINT_ATTR}:{key}", mine)
+        if recorded != mine:
             raise ConfigError(f"study {self.spec.name}: this worker's folds differ from the study's (split fingerprint "
-                              f"{mine} of its cache {getattr(info, 'cache_dir', '')}, the study's {recorded[key]}): refusing to train; "
+                              f"{mine} of its cache {getattr(info, 'cache_dir', '')}, the study's {recorded}): refusing to train; "
                               "build the cache from the same data with the same data.seed, data.num_folds and "
                               "data.test_fraction")
         return mine
@@ -298,7 +310,7 @@ class Worker:
                               "a study pairs variants on the same folds (the variants may not change them)")
         mine = next(iter(fingerprints.values()))
         sigs = {v: dict(signature(config_params(cfg))) for v, cfg in self.loaded.variants.items()}
-        recorded = set_if_absent(self.study, SIGNATURES_ATTR, sigs)
+        recorded = set_if_absent(self.storage, self.study, SIGNATURES_ATTR, sigs)
         if set(sigs) - set(recorded):  # a variant new to the study: recorded from now on
             recorded = {**sigs, **recorded}
             self.study.set_user_attr(SIGNATURES_ATTR, recorded)
