@@ -11,8 +11,8 @@ sequential until decided, tables from the MLflow store.
 2. makes sure the study has one parent run (``study-<name>``, or the run ``mlflow run`` opened, or
    ``main``'s run) and queues the cells the plan needs (:mod:`losslab.pipelines.study_plan`); a re-run
    queues the cells that failed again;
-3. runs the cells: in this process (``--workers 1``) or in N worker processes (CPU threads divided among
-   them, spread over the visible GPUs; :mod:`losslab.pipelines.study_worker`), showing progress
+3. runs the cells: in this process (``--workers 1``), or in it and N - 1 worker processes (CPU threads
+   divided among them, spread over the visible GPUs; :mod:`losslab.pipelines.study_worker`), showing progress
    (:mod:`losslab.pipelines.study_progress`) until the study is complete: every planned pair decided or
    its seed budget spent;
 4. logs the tables, plots and ``study.md`` to the parent run (:mod:`losslab.pipelines.study_report`),
@@ -43,7 +43,7 @@ from losslab.pipelines.study_progress import progress
 from losslab.pipelines.study_report import log_report, paired_table, study_markdown, write_section
 from losslab.pipelines.study_store import PARENT_ATTR, ROLE_TAG, cells_frame, search
 from losslab.pipelines.study_worker import (Worker, cell_state, enqueue, open_storage, open_worker, set_if_absent,
-                                            trials_by_cell)
+                                            trials_by_cell, worker_id)
 from losslab.redaction import redact_text
 from losslab.tracking import STUDY_TAG
 
@@ -139,8 +139,10 @@ def _gpus() -> list[str]:
 
 
 def run_processes(loaded: LoadedStudy, url: str, worker: Worker, n: int, threads: int | None) -> list[str]:
-    """N worker processes (spawned) on this study; CPU threads divided among them, GPUs shared round
-    robin. Waits for all; returns their worker ids. A worker that dies leaves its cell to the others."""
+    """N workers on this study: this process and N - 1 spawned ones (start-up is an import of torch,
+    MLflow and the models per process: this one has paid it); CPU threads divided among them, GPUs shared
+    round robin (this process the first). Waits for all; returns their worker ids. A worker that dies
+    leaves its cell to the others."""
     import multiprocessing
 
     from losslab.pipelines.study_spawn import worker_process
@@ -153,10 +155,11 @@ def run_processes(loaded: LoadedStudy, url: str, worker: Worker, n: int, threads
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=worker_process, name=f"study-worker-{i}",
                              args=(payload | {"cuda_device": devices[i % len(devices)] if devices else None},))
-             for i in range(n)]
+             for i in range(1, n)]
     for proc in procs:
         proc.start()
     try:
+        _run_here(worker, per_worker)
         for proc in procs:
             proc.join()
     except BaseException:
@@ -168,7 +171,7 @@ def run_processes(loaded: LoadedStudy, url: str, worker: Worker, n: int, threads
     for proc in procs:
         if proc.exitcode:
             log.warning("study worker %s (pid %s) exited with %s", proc.name, proc.pid, proc.exitcode)
-    return [f"{socket.gethostname()}:{proc.pid}" for proc in procs]
+    return [worker_id()] + [f"{socket.gethostname()}:{proc.pid}" for proc in procs]
 
 
 def _retry_failed(worker: Worker) -> None:
