@@ -371,14 +371,18 @@ class SegmentationStep(Step):
     @torch.inference_mode()  # no autograd bookkeeping at all: the whole-volume loss costs ~30 % less than under no_grad
     def validate(self, model: nn.Module, loader, device: torch.device, amp: bool = False) -> tuple[dict[str, float], dict]:
         """``(metrics, overlay)``: the ``val/*`` metrics over the loader's volumes and, for the overlay plot,
-        the first volume's image, ground truth and prediction (numpy, ``(C or R, X, Y, Z)``)."""
+        the first volume's image, ground truth and prediction (numpy, ``(C or R, X, Y, Z)``).
+
+        The per-case values MONAI's metrics return are reduced here (``do_metric_reduction``, what their
+        ``aggregate()`` does), not by ``aggregate()``: under torchrun that gathers every rank's buffers,
+        and only rank 0 validates (every volume, so the numbers are those of one process)."""
         from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
         model.eval()
         self.loss_fn.eval()
         dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
         hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch")
-        loss_sum, n, overlay = 0.0, 0, {}
+        loss_sum, n, overlay, dice_rows, hd95_rows = 0.0, 0, {}, [], []
         for batch in loader:
             image = batch["image"].to(device)
             with autocast(device, amp):
@@ -386,22 +390,26 @@ class SegmentationStep(Step):
             logits = logits.float()
             loss_sum += float(self.batch_loss(logits, batch, device))
             pred, truth = self.discretise(logits), self.one_hot(batch["label"].to(device))
-            dice(pred, truth)
+            dice_rows.append(dice(pred, truth))
             if self.hd95:
-                hd95(pred, truth, spacing=[float(s) for s in batch["spacing"][0]])
+                hd95_rows.append(hd95(pred, truth, spacing=[float(s) for s in batch["spacing"][0]]))
             n += 1
             if not overlay:
                 overlay = {"image": image[0].cpu().numpy(), "truth": truth[0].cpu().numpy(),
                            "pred": pred[0].float().cpu().numpy(), "names": self.metric_names}
-        return self._metrics(dice, hd95 if self.hd95 else None, loss_sum / max(n, 1)), overlay
+        return self._metrics(dice_rows, hd95_rows if self.hd95 else None, loss_sum / max(n, 1)), overlay
 
-    def _metrics(self, dice, hd95, loss: float) -> dict[str, float]:
-        per_region = dice.aggregate().cpu().numpy().astype(float)
+    def _metrics(self, dice_rows: list[torch.Tensor], hd95_rows: list[torch.Tensor] | None, loss: float
+                 ) -> dict[str, float]:
+        """The mean over cases of each channel's Dice (and HD95), NaN (a case without that channel) skipped."""
+        from monai.metrics.utils import do_metric_reduction
+
+        per_region = do_metric_reduction(torch.cat(dice_rows), "mean_batch")[0].cpu().numpy().astype(float)
         out = {f"val/dice_{name}": float(v) for name, v in zip(self.metric_names, per_region)}
         finite = per_region[np.isfinite(per_region)]
         out["val/mean_dice"] = float(finite.mean()) if finite.size else float("nan")
-        if hd95 is not None:
-            values = hd95.aggregate().cpu().numpy().astype(float)
+        if hd95_rows is not None:
+            values = do_metric_reduction(torch.cat(hd95_rows), "mean_batch")[0].cpu().numpy().astype(float)
             out.update({f"val/hd95_{name}": float(v) if math.isfinite(v) else float("nan")
                         for name, v in zip(self.metric_names, values)})
         out["val/loss"] = float(loss)
