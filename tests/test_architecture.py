@@ -336,11 +336,6 @@ def test_no_isinstance_on_datasets_or_tasks_and_no_kind_flag_outside_tasks_and_m
 
 
 # --------------------------------------------------------------------- one loader builder (issue #30)
-#: distill still builds its own image + text loaders (its refactor into train runs of the multitask task
-#: removes them); named so that this list only shrinks
-PENDING_LOADER_BUILDERS = {"losslab.pipelines.distill_data", "losslab.pipelines.distill_teacher"}
-
-
 def loader_constructions(tree: ast.Module) -> int:
     """Calls that construct a loader class named ``*DataLoader`` (torch's, MONAI's, any alias of them)."""
     return sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call)
@@ -356,7 +351,7 @@ def test_the_loader_checker_counts_constructions():
 
 def test_one_loader_builder():
     builders = {module for module, tree in _modules().items() if loader_constructions(tree)}
-    assert builders - PENDING_LOADER_BUILDERS == {"losslab.data.loaders"}
+    assert builders == {"losslab.data.loaders"}
 
 
 # ----------------------------------------------------------------------------- distill is train runs
@@ -375,8 +370,5 @@ def test_the_distill_module_checker_counts_them(tmp_path):
     assert len(distill_modules(tmp_path)) > MAX_DISTILL_MODULES  # the bar below fails on such a folder
 
 
-@pytest.mark.xfail(strict=True, reason="issue #30, not done yet: distill_data/_fit/_resume/_tables/_teacher still "
-                                       "re-implement the multitask task's data and train's fit; strict, so this "
-                                       "marker must go when the bar is met")
 def test_at_most_two_distill_modules_in_pipelines():
     assert len(distill_modules(PACKAGE / "pipelines")) <= MAX_DISTILL_MODULES, distill_modules(PACKAGE / "pipelines")

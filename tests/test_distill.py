@@ -425,16 +425,16 @@ def test_evaluate_and_distill_time_models_with_one_function(monkeypatch):
     from types import SimpleNamespace
 
     from losslab.engine import latency
-    from losslab.pipelines import distill_fit, evaluate
-    from losslab.tasks import MultitaskTask
+    from losslab.pipelines import distill, evaluate
+    from losslab.tasks import MultitaskStep
 
     assert evaluate.measure_latency is latency.measure_latency
     calls = []
     monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: calls.append((a, k)) or {"latency/p50_ms": 1.0})
     cfg = load_config(None, ["train.device=cpu"])
-    loader = SimpleNamespace(dataset=["case"], batch_size=3)
-    step = MultitaskTask({"a": ["x", "y"]})
-    assert distill_fit.run_latency("model", step, loader, cfg) == {"latency/p50_ms": 1.0}
+    loader = SimpleNamespace(dataset=["case"], batch_size=3, collate_fn=list)
+    step = MultitaskStep({"a": ["x", "y"]})
+    assert distill.run_latency("model", step, loader, cfg) == {"latency/p50_ms": 1.0}
     (args, kwargs), = calls
     assert args[0] == "model" and args[1] == ["case"] and args[3] == 3 and kwargs["step"] is step
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from losslab.config import ConfigError, load_config
 from losslab.data.cache import build_cache
 from losslab.models.multimodal import build_multimodal_model
-from losslab.pipelines.distill_data import DistillData, distill_loaders, prepare_distill_data
+from losslab.tasks.multitask_data import InputPrep, MultitaskData, fold_loaders, prepare_multitask_data
 
 TASKS = ["modality", "location"]
 MODEL = ("{image: {backbone: test_vit, kwargs: {img_size: 32, patch_size: 8}}, "
@@ -40,10 +40,10 @@ def medpix(tmp_path_factory):
     return root, cache_dir, info
 
 
-def _data(medpix, *overrides) -> tuple[object, DistillData]:
+def _data(medpix, *overrides) -> tuple[object, MultitaskData]:
     root, cache_dir, info = medpix
     cfg = _config(root, cache_dir, *overrides)
-    return cfg, prepare_distill_data(cfg, TASKS, info)
+    return cfg, prepare_multitask_data(cfg, info)
 
 
 def _pool(info, fold: int = 0):
@@ -52,10 +52,10 @@ def _pool(info, fold: int = 0):
     return index[(index["fold"] != fold) & (index["fold"] >= 0)]
 
 
-def _loader_labels(cfg, d: DistillData, epochs: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _loader_labels(cfg, d: MultitaskData, epochs: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """The cache labels of the training cases the loader delivers over ``epochs`` epochs, and each batch's."""
     model = build_multimodal_model(cfg.distill.student.model, d.task_classes, texts=d.texts, in_chans=d.in_chans)
-    train_loader, _ = distill_loaders(cfg, model, d, d.train_df, cfg.data.batch_size)
+    train_loader, _ = fold_loaders(cfg, d, d.train_df, InputPrep.of(model, d.preprocessing))
     labels = d.train_df["label"].to_numpy()
     batches = [labels[batch["index"].numpy()] for _ in range(epochs) for batch in train_loader]
     return np.concatenate(batches), batches
@@ -107,7 +107,7 @@ def test_class_balanced_batches_hold_every_class(medpix):
 def test_augment_flips_training_images_only(medpix):
     cfg, d = _data(medpix, "data.augment={hflip: 1.0}")
     model = build_multimodal_model(cfg.distill.student.model, d.task_classes, texts=d.texts, in_chans=d.in_chans)
-    train_loader, val_loader = distill_loaders(cfg, model, d, d.train_df, cfg.data.batch_size)
+    train_loader, val_loader = fold_loaders(cfg, d, d.train_df, InputPrep.of(model, d.preprocessing))
     mean = np.asarray(d.preprocessing["image_mean"], np.float32)[:, None, None]
     std = np.asarray(d.preprocessing["image_std"], np.float32)[:, None, None]
     raw = np.load(d.info.cache_dir / d.train_df.at[0, "array_path"])[0].astype(np.float32)
@@ -124,7 +124,7 @@ def test_augment_flips_training_images_only(medpix):
 def test_normalize_sets_the_preprocessing(medpix, normalize, expected):
     cfg, d = _data(medpix, f"data.normalize={normalize}")
     model = build_multimodal_model(cfg.distill.student.model, d.task_classes, texts=d.texts, in_chans=d.in_chans)
-    _, val_loader = distill_loaders(cfg, model, d, d.train_df, cfg.data.batch_size)
+    _, val_loader = fold_loaders(cfg, d, d.train_df, InputPrep.of(model, d.preprocessing))
     raw = np.load(d.info.cache_dir / d.val_df.at[0, "array_path"])[0].astype(np.float32)
     np.testing.assert_allclose(val_loader.dataset[0]["image"].numpy(), expected(raw), atol=1e-5)
 
@@ -139,7 +139,7 @@ def test_dataset_normalisation_is_the_training_cases_channel_statistics(medpix):
 def test_num_workers_run_the_loaders(medpix):
     cfg, d = _data(medpix, "data.num_workers=2")
     model = build_multimodal_model(cfg.distill.student.model, d.task_classes, texts=d.texts, in_chans=d.in_chans)
-    train_loader, val_loader = distill_loaders(cfg, model, d, d.train_df, cfg.data.batch_size)
+    train_loader, val_loader = fold_loaders(cfg, d, d.train_df, InputPrep.of(model, d.preprocessing))
     assert (train_loader.num_workers, val_loader.num_workers) == (2, 2)
     seen = torch.cat([batch["index"] for batch in train_loader])
     assert sorted(seen.tolist()) == list(range(len(d.train_df)))  # the workers deliver every case once

@@ -391,6 +391,19 @@ class DistillStudentConfig(_Strict):
     registered_model_name: str | None = None
 
 
+class DistillRunConfig(_Strict):
+    """Which run of a distill invocation a config trains: ``losslab distill`` sets it on the config of each
+    of its child runs (a ``train_fold`` run of the ``multitask`` task); a config written by hand leaves it
+    unset. ``teacher``: the teacher on the labels; ``student``: the student with the loss ``loss`` (an entry
+    of ``losses``) distilling from ``teacher_outputs``; ``student_alone``: the student on the labelled
+    training cases only."""
+
+    role: Literal["teacher", "student", "student_alone"] = "teacher"
+    loss: str | None = None
+    teacher_outputs: str | None = None  # the teacher's cached outputs: <cache_dir>/<key>.npz
+    teacher_uri: str | None = None  # the registered teacher they come from (logged with the student)
+
+
 class DistillConfig(_Strict):
     """The ``distill:`` section (see :mod:`losslab.pipelines.distill`); ``cache_dir`` defaults to
     ``<data.cache_dir>/teacher_outputs`` and ``batch_size`` to ``data.batch_size``."""
@@ -409,6 +422,7 @@ class DistillConfig(_Strict):
     batch_size: int | None = Field(None, ge=1)
     teacher: DistillTeacherConfig = Field(default_factory=DistillTeacherConfig)
     student: DistillStudentConfig = Field(default_factory=DistillStudentConfig)
+    run: DistillRunConfig | None = None  # set by `losslab distill` on each child run's config
 
     @field_validator("losses")
     @classmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from losslab.engine.steps import Step, StepOutput
-from losslab.tasks.base import CaseCacheMixin, Task, TaskError, check_loss_with_counts, register_task
+from losslab.tasks.base import CaseCacheMixin, FoldSetup, Task, TaskError, check_loss_with_counts, register_task
 
 
 class MultitaskStep(Step):
@@ -92,13 +93,19 @@ class MultitaskStep(Step):
 
 @register_task
 class MultitaskTask(CaseCacheMixin, Task):
-    """Image + text → one head per task (``model.kind: multimodal``), trained by ``losslab distill``
-    through the same :func:`losslab.engine.loop.fit` as the other tasks with :class:`MultitaskStep`.
+    """Image + text → one head per task (``model.kind: multimodal``). The teacher and each student of a
+    ``losslab distill`` invocation are ``train_fold`` runs of this task (:mod:`losslab.pipelines.distill`
+    orchestrates them, as cross-validation does its folds), through the same
+    :func:`losslab.engine.loop.fit` as the other tasks, with :class:`MultitaskStep`.
 
-    Its cache is the case cache every classification task reads; its splits, captions, preprocessing,
-    models and loaders are those of a distill invocation (:mod:`losslab.pipelines.distill_data`), which
-    builds them from the teacher and the tasks it distils: the contract's methods that would build them
-    from one config alone refuse, naming ``losslab distill``."""
+    The config says which run it is (``distill.run``: :class:`losslab.schema.DistillRunConfig`): the
+    teacher (``distill.teacher.model`` on the labels), a student (``distill.student.model``; the loss
+    ``distill.run.loss`` of ``distill.losses`` distils from the teacher's cached outputs that
+    ``distill.run.teacher_outputs`` names) or the student alone (on the labelled training cases only).
+    The data are :mod:`losslab.tasks.multitask_data`'s; ``data.normalize`` unset means the training cases'
+    channel statistics. A model is rebuilt from the vocabulary of its training captions: the registry's
+    spec (:func:`losslab.models.export.multimodal_spec`) carries it, so :meth:`build` and :meth:`rebuild`
+    (from one config alone) refuse."""
 
     name = "multitask"
     model_kinds = ("multimodal",)
@@ -110,40 +117,86 @@ class MultitaskTask(CaseCacheMixin, Task):
     def __init__(self, task_classes: dict[str, list[str]] | None = None) -> None:
         self.task_classes = dict(task_classes or {})
 
-    def _distill_only(self, what: str):
-        return TaskError(f"task {self.name!r}: {what} come from a `losslab distill` invocation "
-                         "(losslab.pipelines.distill_data), not from one config")
+    def build_cache(self, cfg, force=False):
+        """The case cache; a manifest is first checked for its captions and ``distill.tasks`` columns."""
+        from losslab.tasks.multitask_data import check_manifest
+
+        check_manifest(cfg)
+        return super().build_cache(cfg, force)
 
     def output_names(self, cfg, info=None):
-        """The heads (``distill.tasks``), when this task was made with them."""
-        if not self.task_classes:
-            raise self._distill_only("the heads")
-        return list(self.task_classes)
+        """The heads: ``distill.tasks``, else every ``task_*`` column of the cache."""
+        if self.task_classes:
+            return list(self.task_classes)
+        from losslab.tasks.multitask_data import prepare_multitask_data
+
+        return list(prepare_multitask_data(cfg, info if info is not None else self.load_cache(cfg)).task_classes)
 
     def check_loss(self, cfg, num_classes):
         check_loss_with_counts(cfg, num_classes)
 
     def test_loader(self, cfg, info, normalizer=None):
-        raise self._distill_only("the test loader and its preprocessing")
+        """The held-out test cases prepared as the run's validation cases (``normalizer``: their
+        :class:`~losslab.tasks.multitask_data.InputPrep`); None without test cases."""
+        from losslab.data.splits import TEST_FOLD
+        from losslab.data.text import task_classes_from_index
+        from losslab.tasks.multitask_data import case_loader
+
+        if normalizer is None:
+            raise TaskError(f"task {self.name!r}: the test split is prepared with the model's tokenizer and "
+                            "preprocessing (the validation dataset's normalizer); none was given")
+        test = info.index[info.index["fold"] == TEST_FOLD].reset_index(drop=True)
+        if len(test) == 0:
+            return None
+        task_classes = task_classes_from_index(info.index, self.output_names(cfg, info))
+        return case_loader(cfg, normalizer.dataset(test, info.cache_dir, task_classes))
 
     def build(self, cfg, names, class_counts=None, fractions=None):
-        raise self._distill_only("the models (their vocabulary and input channels)")
+        raise self._needs_captions("build")
 
     def step(self, cfg, loss_fn, names):
-        """A :class:`MultitaskStep` of the heads, without a teacher (distill makes its students' own)."""
+        """A :class:`MultitaskStep` of the heads, without a teacher (:meth:`setup_fold` gives a student its own)."""
         return MultitaskStep(self.task_classes)
 
     def setup_fold(self, cfg, info, fold):
-        raise self._distill_only("a fold's splits, models and loaders")
+        """The run ``distill.run`` names: its model (random weights from the run's seed), its training
+        cases and loaders, its objective and a step with the teacher's outputs (a student)."""
+        from losslab.engine.callbacks import ReseedEachEpoch
+        from losslab.losses.multitask import labelled_subset
+        from losslab.models.export import multimodal_spec
+        from losslab.models.multimodal import build_multimodal_model
+        from losslab.tasks.multitask_data import InputPrep, fold_loaders, prepare_multitask_data
+
+        section, run = distill_run(cfg)
+        d = prepare_multitask_data(cfg, info)
+        student = run.role != "teacher"
+        model = build_multimodal_model((section.student if student else section.teacher).model, d.task_classes,
+                                       texts=d.texts, in_chans=d.in_chans)
+        model.preprocessing = d.preprocessing
+        labelled = labelled_subset(d.train_df["label"], section.student_label_fraction, cfg.data.seed)
+        cases = d.train_df[labelled].reset_index(drop=True) if run.role == "student_alone" else d.train_df
+        train_loader, val_loader = fold_loaders(cfg, d, cases, InputPrep.of(model, d.preprocessing))
+        loss_fn, step, params = _objective(cfg, section, run, d, model, labelled)
+        if student:
+            params |= {"data.n_train_cases": len(cases)}
+        return FoldSetup(train_loader, val_loader, loss_fn, model, step, list(d.task_classes),
+                         multimodal_spec(model, d.in_chans), params,
+                         tags={"losslab.split_fingerprint": d.info.split_fingerprint},
+                         callbacks=[ReseedEachEpoch(train_loader, cfg.train.seed)])
 
     def rebuild(self, cfg, run_tags, run_params):
-        raise self._distill_only("the models of a run")
+        raise self._needs_captions("rebuild")
 
     def spec(self, cfg, names, class_counts=None):
-        raise self._distill_only("the registered spec (models.export.multimodal_spec)")
+        raise self._needs_captions("spec")
 
     def input_example(self, cfg, val_loader):
-        raise self._distill_only("the input example")
+        """None: a multimodal model is logged without a signature (its inputs are an image and a caption)."""
+        return None
+
+    def _needs_captions(self, what: str) -> TaskError:
+        return TaskError(f"task {self.name!r}: {what} needs the vocabulary of the training captions; a run's model "
+                         "comes from setup_fold, a registered one from its spec (models.export.multimodal_spec)")
 
     def split_summary(self, outputs, dataset, names, prefix, intervals=None):
         return {}
@@ -157,3 +210,43 @@ class MultitaskTask(CaseCacheMixin, Task):
         return {"plots/curves.png": plots.plot_curves(hist, keys),
                 "plots/loss_curves.png": plots.plot_curves(hist, [k for k in ("train/loss", "val/loss") if k in hist])}
 
+
+
+def distill_run(cfg: Any) -> tuple[Any, Any]:
+    """``(the distill section, its run)``: which run of a distill invocation ``cfg`` trains
+    (:class:`losslab.schema.DistillRunConfig`; the teacher when unset)."""
+    from losslab.schema import DistillConfig, DistillRunConfig
+
+    section = cfg.distill if isinstance(cfg.distill, DistillConfig) else DistillConfig.model_validate(cfg.distill or {})
+    return section, section.run or DistillRunConfig()
+
+
+def _objective(cfg: Any, section: Any, run: Any, d: Any, model: Any, labelled: Any) -> tuple[Any, Any, dict]:
+    """``(objective, step, params)`` of the run: the labels only (the teacher, the student alone) or a
+    distillation loss of ``distill.losses`` from the teacher's outputs on the training cases."""
+    import json
+
+    from losslab.losses.multitask import LabelsOnly, MultiTaskDistillation
+    from losslab.tasks.multitask_data import teacher_rows
+
+    params = {"model.spec": json.dumps((section.teacher if run.role == "teacher" else section.student).model)[:6000],
+              "epochs": cfg.train.epochs, "lr": cfg.optim.lr}
+    if run.role == "teacher":
+        return LabelsOnly(d.tasks), MultitaskStep(d.task_classes), params
+    params |= {"teacher_uri": run.teacher_uri or "", "student_label_fraction": section.student_label_fraction,
+               "teacher_cache_key": Path(run.teacher_outputs).stem if run.teacher_outputs else ""}
+    if run.role == "student_alone":
+        params |= {"loss.params": "{}", "loss.ce_weight": 1.0, "loss.distill_weight": 0.0}
+        return LabelsOnly(d.tasks, ce_weight=1.0), MultitaskStep(d.task_classes), params
+    loss_params = dict(next(p for name, p in section.loss_specs() if name == run.loss))
+    ce_weight = float(loss_params.pop("ce_weight", section.ce_weight))
+    distill_weight = float(loss_params.pop("distill_weight", section.distill_weight))
+    if not run.teacher_outputs:
+        raise TaskError(f"distill.run: the student {run.loss!r} needs the teacher's outputs (teacher_outputs)")
+    teacher = teacher_rows(run.teacher_outputs, d.train_df)
+    objective = MultiTaskDistillation(run.loss, loss_params, d.tasks, model.feature_dim,
+                                      int(teacher["features"].shape[1]), num_data=len(d.train_df),
+                                      ce_weight=ce_weight, distill_weight=distill_weight)
+    params |= {"loss.params": json.dumps(loss_params)[:6000], "loss.ce_weight": ce_weight,
+               "loss.distill_weight": distill_weight}
+    return objective, MultitaskStep(d.task_classes, teacher, None if labelled.all() else torch.as_tensor(labelled)), params
