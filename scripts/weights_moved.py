@@ -38,7 +38,7 @@ def score_both(run_id: str) -> dict[str, dict[str, float]]:
     device = torch.device("cpu")
 
     def score() -> dict[str, float]:
-        return score_test_split(loaded.cfg, info, loaded.task, loaded.model, loaded.loss_fn, device)
+        return score_test_split(loaded.cfg, info, loaded.task, loaded.step, loaded.model, loaded.loss_fn, device)
 
     averaged = score()
     with tempfile.TemporaryDirectory() as tmp:

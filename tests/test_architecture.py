@@ -291,9 +291,6 @@ def test_one_cache_module():
 # ------------------------------------------- the kind is the task's: hooks, not flags (issue #30)
 #: attributes that say what kind a task is; read outside ``tasks/`` and ``models/`` they decide by kind
 TASK_KIND_FLAGS = {"per_case_probabilities", "loss_takes_class_counts", "distributed", "device_batch_kinds"}
-#: the reads left to a later change, named so that this list only shrinks: evaluate still picks its
-#: scoring by ``per_case_probabilities`` (the per-case scoring, calibration and TTA are not a task hook yet)
-PENDING_KIND_FLAG_READS = {"losslab.pipelines.evaluate": {"per_case_probabilities"}}
 
 
 def kind_decisions(tree: ast.Module) -> list[str]:
@@ -329,10 +326,7 @@ def test_the_kind_decision_checker_finds_isinstance_and_flags():
 def test_no_isinstance_on_datasets_or_tasks_and_no_kind_flag_outside_tasks_and_models():
     found = {module: names for module, tree in _modules().items()
              if not module.startswith(("losslab.tasks", "losslab.models")) and (names := kind_decisions(tree))}
-    unexpected = {m: n for m, n in found.items() if not set(n) <= PENDING_KIND_FLAG_READS.get(m, set())}
-    assert unexpected == {}
-    # the pending list names only what is still there
-    assert {m: set(n) for m, n in found.items()} == PENDING_KIND_FLAG_READS
+    assert found == {}
 
 
 # --------------------------------------------------------------------- one loader builder (issue #30)

@@ -58,7 +58,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -271,12 +271,13 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, data_override
                  **overrides: Any) -> EvaluateResult:
     """Evaluate ``source`` (or ``cfg.evaluate.source``) and log everything to a new run.
 
-    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``. What the
-    model can do is its own task's (the loaded model's, not the command line config's): a task without
-    per-case probabilities (segmentation) is scored on ``test`` or ``val`` only, and calibration, TTA,
-    latency, intervals, ``batch_size``, ``rsna_metric`` or another cache asked for it are refused in
-    one line (:func:`check_applicable`), as are ``data_overrides`` (the command line's ``-o data.*``)
-    for a run or a registered version, which is scored on its run's own data settings.
+    ``overrides`` are evaluate settings (e.g. ``split="val"``) that win over ``cfg.evaluate``. How the
+    model is scored is its own task's (the loaded model's, not the command line config's): the task picks
+    one of :data:`SCORERS` (:meth:`losslab.tasks.Task.score_evaluation`; a classifier's per-case scoring
+    with calibration, TTA, latency and intervals, else the step's metrics on ``test`` or ``val``) and
+    refuses in one line the settings that scoring would drop (:meth:`losslab.tasks.Task.check_evaluate`),
+    as :func:`check_applicable` refuses ``data_overrides`` (the command line's ``-o data.*``) for a run or
+    a registered version, which is scored on its run's own data settings.
     """
     settings = EvaluateSettings.from_config(cfg, source=source, **overrides)
     if not settings.source:
@@ -294,10 +295,7 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, data_override
     device = resolve_device(settings.device)
     loaded.model.to(device).eval()
     loaded.loss_fn.to(device)
-    if loaded.task.per_case_probabilities:
-        metrics, artifacts = _score_cases(loaded, settings, device)
-    else:
-        metrics, artifacts = _score_split(loaded, settings, device), None
+    metrics, artifacts = loaded.task.score_evaluation(SCORERS, loaded, settings, device)
     _experiment_for(settings, loaded, cfg)
     src_cfg = loaded.cfg
     loss_name = loaded.tags.get("losslab.loss", src_cfg.loss.name)
@@ -322,46 +320,21 @@ def run_evaluate(cfg: ExperimentConfig, source: str | None = None, data_override
                           artifacts.predictions if artifacts else pd.DataFrame(), tags)
 
 
-#: the evaluate settings that apply to a model without per-case probabilities (segmentation)
-_SPLIT_ONLY = ("source", "split", "fold", "experiment", "device", "run_name", "allow_pickle")
-
-
 def check_applicable(loaded: LoadedSource, settings: EvaluateSettings, explicit: dict[str, Any],
                      data_overrides: list[str] | None) -> None:
     """Refuse, in one line, what the loaded model's evaluation would drop: ``data.*`` overrides for a
-    run or registered version (scored on its run's ``config.yaml``), and for a task without per-case
-    probabilities another cache or any ``explicit`` setting (set in the config or on the command line)
-    other than :data:`_SPLIT_ONLY` that asks for something (a section with ``enabled: false`` or
-    ``rsna_metric`` false/auto asks for nothing)."""
+    run or registered version (scored on its run's ``config.yaml``), and the settings its task's scoring
+    does not take (:meth:`losslab.tasks.Task.check_evaluate`)."""
     if data_overrides and loaded.run_id is not None:
         raise ValueError(f"{' '.join(data_overrides)}: {settings.source} is scored on the data settings of its run's "
                          f"config.yaml (run {loaded.run_id}), so -o data.* does not apply; score another cache with "
                          "--split cache --cache-dir, or a checkpoint file with the config it needs")
-    task = loaded.task
-    if task.per_case_probabilities:
-        return
-    if settings.split == "cache":
-        raise ValueError(f"evaluate.split=cache: {settings.source} is a {task.name} model, scored on its own "
-                         "held-out test split or its validation fold only; use --split test or --split val")
-    asked = sorted(k for k, v in explicit.items() if k not in _SPLIT_ONLY and not _asks_for_nothing(k, v))
-    if asked:
-        raise ValueError(f"evaluate.{', evaluate.'.join(asked)}: {settings.source} is a {task.name} model, which has "
-                         "no per-case probabilities to calibrate, augment, time or bootstrap; evaluate takes only "
-                         f"{', '.join(_SPLIT_ONLY)} for it")
+    loaded.task.check_evaluate(settings.source, settings.split, explicit)
 
 
-def _asks_for_nothing(key: str, value: Any) -> bool:
-    if key == "rsna_metric":
-        return value in (False, "auto")
-    if key in ("calibration", "tta", "latency", "intervals"):
-        enabled = value.get("enabled") if isinstance(value, dict) else getattr(value, "enabled", None)
-        return enabled is False
-    return False
-
-
-def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> dict[str, float]:
-    """``<split>/*`` of a task without per-case probabilities on the held-out test cases or the model's
-    own validation fold (refused when the cache has no test cases)."""
+def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> tuple[dict[str, float], None]:
+    """``<split>/*`` of the step's metrics on the held-out test cases or the model's own validation fold
+    (refused when the cache has no test cases), and the task's summary beside them; no artifacts."""
     cfg, task = loaded.cfg, loaded.task
     info = task.load_cache(cfg)
     check_modalities(loaded, info.report, info.cache_dir)
@@ -374,7 +347,7 @@ def _score_split(loaded: LoadedSource, settings: EvaluateSettings, device) -> di
                              f"(the run's data.test_fraction={cfg.data.test_fraction}); use --split val")
     outputs = loaded.step.predict(loaded.model, loader, device, loaded.loss_fn, cfg.train.amp)
     return split_metrics(loaded.step, outputs, loaded.class_names, loaded.loss_fn, settings.split) \
-        | task.split_summary(outputs, loader.dataset, loaded.class_names, settings.split)
+        | task.split_summary(outputs, loader.dataset, loaded.class_names, settings.split), None
 
 
 @dataclass
@@ -419,6 +392,17 @@ def _score_cases(loaded: LoadedSource, settings: EvaluateSettings, device) -> tu
     predictions = _predictions_table(rows, outputs, class_names, loss_fn, cal_pred, tta_pred)
     params = {"evaluate.n_cases": len(rows), "evaluate.batch_size": batch_size}
     return metrics, _CaseArtifacts(outputs, calibrator, cal_probs, cal_pred, predictions, params)
+
+
+@dataclass(frozen=True)
+class Scorers:
+    """The two ways ``evaluate`` scores a model; its task picks one (:meth:`losslab.tasks.Task.score_evaluation`)."""
+
+    cases: Callable[..., tuple[dict[str, float], _CaseArtifacts]]
+    split: Callable[..., tuple[dict[str, float], None]]
+
+
+SCORERS = Scorers(cases=_score_cases, split=_score_split)
 
 
 def _log_case_artifacts(artifacts: _CaseArtifacts, loaded: LoadedSource) -> None:

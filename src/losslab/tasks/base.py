@@ -78,8 +78,6 @@ class Task(abc.ABC):
     default_monitor: ClassVar[tuple[str, str]] = ("val/balanced_accuracy", "max")
     default_tiebreak: ClassVar[tuple[str, ...]] = ("val/auc", "val/loss")
     default_model_name: ClassVar[str] = "losslab-mil"
-    #: one probability vector per case: ``evaluate`` calibrates, averages TTA passes, bootstraps intervals
-    per_case_probabilities: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ settings (shared)
     def config_defaults(self) -> dict[tuple[str, str], Any]:
@@ -122,6 +120,28 @@ class Task(abc.ABC):
         (``num_classes``: known from ``data.class_names`` or the source, else None); errors name the
         parameter. By default nothing: a task that sets its loss up itself (segmentation: channels and
         activation) has it checked by name and parameters only, and built with the fold."""
+
+    # ------------------------------------------------------------------ evaluate
+    def check_evaluate(self, source: str, split: str, explicit: dict[str, Any]) -> None:
+        """Refuse, in one line, the ``evaluate`` settings this task's scoring (:meth:`score_evaluation`) would
+        drop. By default a model is scored on its held-out test split or its validation fold only: another
+        cache, and any ``explicit`` setting (set in the config or on the command line) other than
+        :data:`SPLIT_SETTINGS` that asks for something (a section with ``enabled: false``, or ``rsna_metric``
+        false or auto, asks for nothing), are refused."""
+        if split == "cache":
+            raise ValueError(f"evaluate.split=cache: {source} is a {self.name} model, scored on its own held-out "
+                             "test split or its validation fold only; use --split test or --split val")
+        asked = sorted(k for k, v in explicit.items() if k not in SPLIT_SETTINGS and not _asks_for_nothing(k, v))
+        if asked:
+            raise ValueError(f"evaluate.{', evaluate.'.join(asked)}: {source} is a {self.name} model, which has no "
+                             "per-case probabilities to calibrate, augment, time or bootstrap; evaluate takes only "
+                             f"{', '.join(SPLIT_SETTINGS)} for it")
+
+    def score_evaluation(self, scorers: Any, *args: Any) -> Any:
+        """How ``evaluate`` scores a model of this task: one of its ``scorers`` called with ``args`` —
+        ``scorers.split`` (the default: the step's metrics on the test split or the validation fold) or
+        ``scorers.cases`` (per-case probabilities: calibrated, with TTA, latency, intervals, predictions)."""
+        return scorers.split(*args)
 
     # ------------------------------------------------------------------ data
     @abc.abstractmethod
@@ -190,6 +210,19 @@ class Task(abc.ABC):
     def epoch_figures(self, state: Any, final: bool, names: list[str]) -> dict[str, Any]:
         """``{artifact path: figure}`` of a fit so far (``state``: :class:`losslab.engine.loop.FitState`),
         drawn every ``train.plot_every`` epochs and when it ends (``final``)."""
+
+
+#: the ``evaluate`` settings that apply to every task's models: what to score, where, and where to log it
+SPLIT_SETTINGS = ("source", "split", "fold", "experiment", "device", "run_name", "allow_pickle")
+
+
+def _asks_for_nothing(key: str, value: Any) -> bool:
+    if key == "rsna_metric":
+        return value in (False, "auto")
+    if key in ("calibration", "tta", "latency", "intervals"):
+        enabled = value.get("enabled") if isinstance(value, dict) else getattr(value, "enabled", None)
+        return enabled is False
+    return False
 
 
 def check_loss_with_counts(cfg: Any, num_classes: int | None) -> None:

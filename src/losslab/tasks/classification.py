@@ -59,7 +59,6 @@ class ClassificationTask(CaseCacheMixin, Task):
 
     step_class: type[ClassificationStep] = ClassificationStep
     device_batch_kinds = ("mil", "image", "volume3d")
-    per_case_probabilities = True
 
     @abc.abstractmethod
     def make_dataset(self, cfg: Any, info: Any, rows: Any, train: bool, transform: Callable | None = None,
@@ -77,6 +76,13 @@ class ClassificationTask(CaseCacheMixin, Task):
 
     def check_loss(self, cfg, num_classes):
         check_loss_with_counts(cfg, num_classes)
+
+    def check_evaluate(self, source, split, explicit):
+        """Every ``evaluate`` setting applies to a classifier."""
+
+    def score_evaluation(self, scorers, *args):
+        """One probability vector per case: ``scorers.cases`` (calibration, TTA, latency, intervals)."""
+        return scorers.cases(*args)
 
     def output_names(self, cfg, info=None):
         """The class names, from ``data.class_names`` or the cache."""
