@@ -104,6 +104,36 @@ def test_the_study_tables_match_compare_and_live_on_the_parent_run(planted):
     assert "<!-- study:planted:start -->" in written and result.outcomes[0].line() in written
 
 
+def test_the_parent_runs_box_plot_draws_each_cells_metric_read_back_from_its_run(planted, tmp_path):
+    """plots/study_best_val_loss.png is drawn from study_cells.csv, logged beside it: the CSV's values are the
+    cell runs' own metrics read back from MLflow, each variant's points are exactly its cells' values, and
+    the logged image is, pixel for pixel, the figure drawn from that CSV."""
+    from matplotlib.collections import PathCollection
+    from PIL import Image
+
+    from losslab.pipelines.study_report import metric_figure
+
+    loaded, result, _ = planted
+    key = "best_val/loss"
+    cells = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path="study_cells.csv"))
+    runs = {r.info.run_id: r for r in _cell_runs("study-planted", "planted")}
+    assert sorted(cells["run_id"]) == sorted(runs)  # one row per finished cell run, each once
+    for row in cells.to_dict("records"):
+        run = runs[row["run_id"]]
+        assert row["variant"] == run.data.tags["losslab.variant"] and row[key] == run.data.metrics[key]
+    figure = metric_figure(loaded.spec, cells, key)
+    points = [c for c in figure.axes[0].collections if isinstance(c, PathCollection)]
+    assert len(points) == 2  # one scatter per variant, in the study file's order
+    for position, (variant, scatter) in enumerate(zip(("ce", "focal"), points), start=1):
+        xy = np.asarray(scatter.get_offsets())
+        expected = sorted(r.data.metrics[key] for r in runs.values() if r.data.tags["losslab.variant"] == variant)
+        assert sorted(xy[:, 1].tolist()) == expected and len(expected) == 4
+        assert np.all(np.abs(xy[:, 0] - position) <= 0.12)  # jittered around the variant's box
+    figure.savefig(tmp_path / "redrawn.png")
+    logged = mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path="plots/study_best_val_loss.png")
+    assert np.array_equal(np.asarray(Image.open(logged)), np.asarray(Image.open(tmp_path / "redrawn.png")))
+
+
 def test_running_the_study_again_reuses_every_cell(planted):
     from losslab.pipelines.study import run_study
 
