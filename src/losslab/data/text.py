@@ -13,7 +13,7 @@ and :func:`collate_image_text` stacks them into ``image (B, C, H, W)``, ``input_
 The ``data.*`` keys this path cannot honour are refused when an experiment with a ``distill``
 section is loaded (:func:`refused_data_key`); the others are honoured by the cache
 (``source``, ``root``, ``cache_*``, ``class_names``, ``image_size`` through ``source_kwargs``, folds,
-``test_fraction``, ``salt``, ``seed``) or by :mod:`losslab.pipelines.distill_data` (``fold``,
+``test_fraction``, ``salt``, ``seed``) or by :mod:`losslab.tasks.multitask_data` (``fold``,
 ``imbalance``, ``train_cases``, ``sampler``, ``augment``, ``normalize``, ``batch_size``,
 ``num_workers``).
 

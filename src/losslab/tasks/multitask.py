@@ -128,9 +128,9 @@ class MultitaskTask(CaseCacheMixin, Task):
         """The heads: ``distill.tasks``, else every ``task_*`` column of the cache."""
         if self.task_classes:
             return list(self.task_classes)
-        from losslab.tasks.multitask_data import prepare_multitask_data
+        from losslab.tasks.multitask_data import task_names
 
-        return list(prepare_multitask_data(cfg, info if info is not None else self.load_cache(cfg)).task_classes)
+        return task_names(cfg, info if info is not None else self.load_cache(cfg))
 
     def check_loss(self, cfg, num_classes):
         check_loss_with_counts(cfg, num_classes)

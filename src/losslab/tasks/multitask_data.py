@@ -67,22 +67,28 @@ class MultitaskData:
 def prepare_multitask_data(cfg: Any, info: CacheInfo | None = None) -> MultitaskData:
     """The cache (built when not given), the tasks (``distill.tasks``, default every ``task_*`` column),
     the training, validation and held-out test cases of ``data.fold`` and the image preprocessing."""
-    tasks = cfg.distill.tasks if cfg.distill is not None else None
     if info is None:
         check_manifest(cfg)
         info = build_cache(cfg.data)
-    tasks = tasks or sorted({k[len("task_"):] for m in index_meta(info.index) for k in m if k.startswith("task_")})
-    if not tasks:
-        raise ValueError("distill.tasks is not set and the cache has no task columns (manifest columns besides "
-                         "path,label,patient_id,text)")
+    tasks = task_names(cfg, info)
     task_classes = task_classes_from_index(info.index, tasks)
     train_df, val_df = fold_splits(cfg, info)
     probe = ImageTextDataset(train_df, info.cache_dir, task_classes)  # checks captions and task values
     mean, std = image_preprocessing(cfg.data.normalize, probe)
     test_df = info.index[info.index["fold"] == TEST_FOLD].reset_index(drop=True)
-    return MultitaskData(info, list(tasks), task_classes, train_df, val_df, test_df, probe.texts,
+    return MultitaskData(info, tasks, task_classes, train_df, val_df, test_df, probe.texts,
                          {"image_mean": mean, "image_std": std}, len(mean), resolve_device(cfg.train.device),
                          batch_size_of(cfg))
+
+
+def task_names(cfg: Any, info: CacheInfo) -> list[str]:
+    """The heads: ``distill.tasks``, default every ``task_*`` column of the cache."""
+    tasks = cfg.distill.tasks if cfg.distill is not None else None
+    tasks = tasks or sorted({k[len("task_"):] for m in index_meta(info.index) for k in m if k.startswith("task_")})
+    if not tasks:
+        raise ValueError("distill.tasks is not set and the cache has no task columns (manifest columns besides "
+                         "path,label,patient_id,text)")
+    return list(tasks)
 
 
 def check_manifest(cfg: Any) -> None:
