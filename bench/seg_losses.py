@@ -114,7 +114,7 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def run_losses(args, tmp: Path) -> str:
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import SegmentationEncoder, build_cache
     from losslab.data.splits import TEST_FOLD
 
     rows, info, by_seed = [], None, {}
@@ -122,7 +122,7 @@ def run_losses(args, tmp: Path) -> str:
         val, test = [], []
         for seed in args.seeds:
             cfg = _config(loss, tmp, args, seed, f"train.checkpoint_dir={tmp / 'ckpt' / f'{loss}-{seed}'}")
-            info = info or build_seg_cache(cfg.data, cfg.seg)
+            info = info or build_cache(cfg.data, encoder=SegmentationEncoder.from_config(cfg.seg))
             t0 = time.perf_counter()
             v, t = _fit_once(cfg, info)
             val.append(v)
@@ -305,10 +305,10 @@ def _peak_memory(args, tmp: Path) -> float:
 
 
 def run_speed(args, tmp: Path) -> None:
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import SegmentationEncoder, build_cache
 
     cfg = _config("compound", tmp, args, 0)
-    info = build_seg_cache(cfg.data, cfg.seg)
+    info = build_cache(cfg.data, encoder=SegmentationEncoder.from_config(cfg.seg))
     ours, bare = _epoch_times(args, cfg, info)
     print(f"training epoch: losslab {ours:.2f} s, bare MONAI loop {bare:.2f} s, ratio {ours / bare:.3f} (bar <= 1.05)")
     for loss in ("compound", "dice"):  # losslab also computes val/loss on whole volumes: the loss's cost shows

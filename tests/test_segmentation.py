@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -70,8 +71,8 @@ def _train(config: str, seg_root, seg_cache_dir, tmp_path, experiment: str, *ext
 def _counted_fractions(cache_dir: Path, fold: int) -> list[float]:
     """Per region, foreground voxels / voxels over the training volumes of ``fold``, counted from the
     cached target arrays (not from the index's counts)."""
-    index = json.loads((cache_dir / "index.json").read_text())
-    targets = [np.load(cache_dir / "cases" / f"{r['case_id']}_target.npy") for r in index
+    index = pd.read_parquet(cache_dir / "index.parquet").to_dict("records")
+    targets = [np.load(cache_dir / r["target_path"]) for r in index
                if r["fold"] >= 0 and r["fold"] != fold]
     fg = np.sum([t.reshape(t.shape[0], -1).sum(axis=1) for t in targets], axis=0)
     return [max(int(c), 1) / sum(t[0].size for t in targets) for c in fg]
@@ -143,8 +144,8 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     from monai.metrics import DiceMetric
 
     from losslab.config import load_config
-    from losslab.data.seg_cache import build_seg_cache
-    from losslab.data.seg_datasets import SegVolumeDataset
+    from losslab.data.cache import SegmentationEncoder, build_cache
+    from losslab.data.datasets import SegVolumeDataset
     from losslab.engine.checkpoint import load_checkpoint
     from losslab.tasks import build_task_model
 
@@ -154,7 +155,7 @@ def test_held_out_test_patients_are_scored_once_and_evaluate_reproduces_them(seg
     metrics = client.get_run(run_id).data.metrics
     cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml",
                       _overrides(seg_root, tmp_path / "cache", tmp_path / "ckpt", "seg-test-split", "data.test_fraction=0.25"))
-    info = build_seg_cache(cfg.data, cfg.seg)
+    info = build_cache(cfg.data, encoder=SegmentationEncoder.from_config(cfg.seg))
     rows = [r for r in info.index if r["fold"] == -1]
     assert metrics["test/n_cases"] == len(rows) == 2  # 25 % of 8 patients
     _, model = build_task_model(cfg, info.channel_names)
@@ -239,21 +240,21 @@ def test_bad_masks_are_named_in_the_preprocess_report_and_nothing_else_is_lost(s
     assert any(rel(empty) in n and "empty mask" in n for n in report["notes"])
     assert rel(bad_label) in out and rel(bad_shape) in out and rel(empty) in out
     assert report["read"] == len(cases) - 2
-    index = json.loads((cache / "index.json").read_text())
+    index = pd.read_parquet(cache / "index.parquet").to_dict("records")
     assert len(index) == len(cases) - 2 and sum(r["empty"] for r in index) == 1
 
 
 def test_distance_maps_are_cached_with_the_voxel_spacing(tmp_path):
     """The msd source (spacing 1 × 1 × 2.5 mm): cached maps equal a brute-force signed distance."""
     from losslab.config import DataConfig, SegConfig
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import SegmentationEncoder, build_cache
 
     root = tmp_path / "msd"
     from losslab.data.sources import run_generator
 
     run_generator("msd", str(root), seed=1, cases=4, size=12, depth=6, channels=2, positive_fraction=0.5)
-    info = build_seg_cache(DataConfig(source="msd", root=str(root), cache_dir=str(tmp_path / "c"), num_folds=2,
-                                      salt="s", generate=None), SegConfig())
+    info = build_cache(DataConfig(source="msd", root=str(root), cache_dir=str(tmp_path / "c"), num_folds=2,
+                                  salt="s", generate=None), encoder=SegmentationEncoder.from_config(SegConfig()))
     assert info.channel_names == ["lesion"]
     row = next(r for r in info.index if not r["empty"])
     assert row["spacing"] == [1.0, 1.0, 2.5]
@@ -416,16 +417,16 @@ def test_the_output_bias_is_the_last_layer_and_starts_at_the_prior(backbone, spa
 
 def test_voxel_fractions_count_the_training_volumes_for_regions_and_classes(seg_root, tmp_path):
     from losslab.config import load_config
-    from losslab.data.seg_cache import build_seg_cache
+    from losslab.data.cache import SegmentationEncoder, build_cache
 
     for labels in ("regions", "classes"):
         cache = tmp_path / labels
         cfg = load_config(REPO / "configs" / "experiment" / "seg_dice.yaml",
                           _overrides(seg_root, cache, tmp_path / "ckpt", "unused", f"seg.labels={labels}"))
-        info = build_seg_cache(cfg.data, cfg.seg)
-        index = json.loads((cache / "index.json").read_text())
+        info = build_cache(cfg.data, encoder=SegmentationEncoder.from_config(cfg.seg))
+        index = pd.read_parquet(cache / "index.parquet").to_dict("records")
         for fold in (0, 1):
-            targets = [np.load(cache / "cases" / f"{r['case_id']}_target.npy") for r in index
+            targets = [np.load(cache / r["target_path"]) for r in index
                        if r["fold"] >= 0 and r["fold"] != fold]
             size = sum(t[0].size for t in targets)
             if labels == "regions":
@@ -554,7 +555,7 @@ def test_a_killed_segmentation_run_resumes_and_ends_like_the_uninterrupted_one(s
 def test_cached_volumes_are_z_scored_per_channel_over_the_brain():
     """The segmentation cache's normalisation against a hand computation: per channel, mean and
     population std of the non-zero voxels; the background stays 0; a constant channel becomes 0."""
-    from losslab.data.seg_cache import _zscore
+    from losslab.data.cache.segmentation import _zscore
 
     rng = np.random.default_rng(1)
     image = rng.normal(100, 30, (3, 12, 12, 6)).astype(np.float32)
